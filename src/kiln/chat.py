@@ -1,0 +1,82 @@
+"""`kiln chat`: an interactive conversation that streams tokens and keeps its history.
+
+Commands: /reset forgets the conversation, /exit (or end of input) leaves. When the history no longer
+fits the context, the oldest exchanges are dropped.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from kiln.engine.generate import Generator
+from kiln.engine.sampler import SamplingParams
+from kiln.model.load import LoadedModel
+from kiln.model.tokenizer import Message
+
+HELP = "Type a message. /reset forgets the conversation, /exit leaves."
+
+
+class ChatSession:
+    """A conversation with one model: history in, streamed replies out."""
+
+    def __init__(self, loaded: LoadedModel, params: SamplingParams, system: str | None = None) -> None:
+        self.generator = Generator(loaded.model, loaded.tokenizer)
+        self.tokenizer = loaded.tokenizer
+        self.params = params
+        self.system: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.history: list[Message] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def reply(self, text: str, on_text: Callable[[str], None]) -> str:
+        """Add the user's message, stream the assistant's answer, and keep both in the history."""
+        self.history.append({"role": "user", "content": text})
+        prompt, dropped = self._fit_prompt()
+        if dropped:
+            on_text(f"[dropped the {dropped} oldest messages to fit the context]\n")
+        out = self.generator.generate([prompt], self.params, on_text=lambda _row, delta: on_text(delta))[0]
+        self.history.append({"role": "assistant", "content": out.text})
+        return out.text
+
+    def _fit_prompt(self) -> tuple[list[int], int]:
+        dropped = 0
+        limit = self.generator.context - min(self.params.max_tokens, self.generator.context // 2)
+        while True:
+            prompt = self.tokenizer.encode_chat(self.system + self.history)
+            if len(prompt) <= limit or len(self.history) <= 1:
+                return prompt, dropped
+            self.history = self.history[2:]  # one user message and its answer
+            dropped += 2
+
+
+def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    interactive = stdin.isatty()
+    if interactive:
+        print(HELP, file=stdout)
+
+    def write(delta: str) -> None:
+        stdout.write(delta)
+        stdout.flush()
+
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("[conversation reset]", file=stdout)
+            continue
+        session.reply(text, write)
+        stdout.write("\n")
+        stdout.flush()

@@ -1,0 +1,128 @@
+"""Choose the next token of each sequence in a batch, each with its own sampling parameters.
+
+Hand-written because it is the product's core (it runs once per decode step on every sequence):
+penalties (repetition as in arXiv 1909.05858, presence and frequency as OpenAI defines them), then
+temperature, top-k, top-p (arXiv 1904.09751) and min-p (arXiv 2407.01082). A per-sequence seeded
+generator makes sampling reproducible whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kiln.errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is generated. Defaults follow llama.cpp's command-line defaults."""
+
+    max_tokens: int = 256  # tokens to generate at most
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 40  # keep the k most likely tokens; 0 = off
+    top_p: float = 0.95  # keep the smallest set whose probability reaches p; 1 = off
+    min_p: float = 0.05  # drop tokens below min_p x the top probability; 0 = off
+    repetition_penalty: float = 1.0  # divide positive (multiply negative) logits of seen tokens; 1 = off
+    presence_penalty: float = 0.0  # subtract once from every generated token's logit
+    frequency_penalty: float = 0.0  # subtract per occurrence of a generated token
+    seed: int | None = None  # fixes the random stream of this sequence
+    stop: tuple[str, ...] = ()  # strings that end the generation (not included in the text)
+    ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
+
+    def __post_init__(self) -> None:
+        _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
+        _check("temperature", self.temperature, 0 <= self.temperature <= 100, "in [0, 100]")
+        _check("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 = off)")
+        _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        _check("min_p", self.min_p, 0 <= self.min_p <= 1, "in [0, 1]")
+        _check("repetition_penalty", self.repetition_penalty, 0 < self.repetition_penalty <= 10, "in (0, 10]")
+        _check("presence_penalty", self.presence_penalty, -2 <= self.presence_penalty <= 2, "in [-2, 2]")
+        _check("frequency_penalty", self.frequency_penalty, -2 <= self.frequency_penalty <= 2, "in [-2, 2]")
+        if any(not s for s in self.stop):
+            raise InvalidParameterError("stop strings must not be empty; drop the empty --stop value")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _check(name: str, value: float, ok: bool, allowed: str) -> None:
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        raise InvalidParameterError(f"{name}={value} is out of range; it must be {allowed}")
+
+
+class SamplerState:
+    """One sequence's sampling state: its parameters, random stream and token counts."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts: Tensor | None = None  # [V] generated-token counts, for presence/frequency
+        self.seen: Tensor | None = None  # [V] tokens in prompt or output, for repetition penalty
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.int32)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            if prompt_ids:
+                self.seen[torch.tensor(list(prompt_ids))] = True
+
+    def observe(self, token: int) -> None:
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+
+
+def apply_penalties(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
+    """Repetition, presence and frequency penalties, row by row where a row asks for them."""
+    for i, st in enumerate(states):
+        row = logits[i]
+        if st.seen is not None:
+            r = st.params.repetition_penalty
+            penalised = torch.where(row > 0, row / r, row * r)
+            logits[i] = torch.where(st.seen, penalised, row)
+        if st.counts is not None:
+            p = st.params
+            logits[i] -= p.frequency_penalty * st.counts + p.presence_penalty * (st.counts > 0)
+    return logits
+
+
+def filter_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
+    """Temperature, then top-k, top-p and min-p: removed tokens get -inf. logits: [n, V] fp32."""
+    params = [st.params for st in states]
+    logits = logits / torch.tensor([p.temperature for p in params]).unsqueeze(1)
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    min_p = torch.tensor([p.min_p for p in params])
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, V]
+    rank = torch.arange(vocab).unsqueeze(0)
+    remove = rank >= top_k.unsqueeze(1)
+    probs = sorted_logits.masked_fill(remove, -math.inf).softmax(dim=-1)
+    # top-p: drop a token when the tokens before it already reach p (the first always stays)
+    remove |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
+    remove |= probs < min_p.unsqueeze(1) * probs[:, :1]
+    filtered = sorted_logits.masked_fill(remove, -math.inf)
+    return torch.empty_like(logits).scatter_(1, order, filtered)
+
+
+def sample(logits: Tensor, states: Sequence[SamplerState]) -> list[int]:
+    """Next token of each row of logits [n, V], row i sampled with states[i]."""
+    logits = apply_penalties(logits.float().clone(), states)
+    tokens = logits.argmax(dim=-1).tolist()
+    sampled = [i for i, st in enumerate(states) if not st.params.is_greedy]
+    if sampled:
+        rows = torch.tensor(sampled)
+        probs = filter_logits(logits[rows], [states[i] for i in sampled]).softmax(dim=-1)
+        for j, i in enumerate(sampled):
+            tokens[i] = int(torch.multinomial(probs[j], 1, generator=states[i].generator))
+    for st, tok in zip(states, tokens, strict=True):
+        st.observe(tok)
+    return [int(t) for t in tokens]

@@ -1,0 +1,92 @@
+"""Describe a model from its files alone (no weights loaded): what `kiln info` prints."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ModelFormatError
+from kiln.model import gguf
+from kiln.model.source import resolve
+from kiln.model.spec import ModelSpec
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Architecture, sizes, dtypes, bytes on disk and sha256 of the model `name`."""
+    source = resolve(name)
+    if source.kind == "gguf":
+        header = gguf.read_header(source.path)
+        spec, dtypes, num_params = header.spec, dict(header.tensor_types), header.num_parameters
+    else:
+        spec, dtypes, num_params = _describe_folder(source.path)
+    return {
+        "name": name,
+        "path": str(source.path),
+        "format": source.kind,
+        "architecture": spec.architecture,
+        "parameters": num_params,
+        "layers": spec.num_layers,
+        "heads": spec.num_heads,
+        "kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "vocab_size": spec.vocab_size,
+        "context_length": spec.max_position,
+        "tie_embeddings": spec.tie_embeddings,
+        "rope_theta": spec.rope_theta,
+        "rope_scaling": spec.rope_scaling.kind,
+        "dtypes": dtypes,
+        "size_bytes": source.size_bytes,
+        "sha256": source.sha256,
+    }
+
+
+def _describe_folder(folder: Path) -> tuple[ModelSpec, dict[str, int], int]:
+    from safetensors import SafetensorError, safe_open
+
+    from kiln.model.load import read_config
+
+    spec = ModelSpec.from_hf_config(read_config(folder))
+    dtypes: Counter[str] = Counter()
+    num_params = 0
+    try:
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    tensor_slice = f.get_slice(key)
+                    dtypes[tensor_slice.get_dtype()] += 1
+                    count = 1
+                    for dim in tensor_slice.get_shape():
+                        count *= dim
+                    num_params += count
+    except (SafetensorError, OSError) as exc:
+        raise ModelFormatError(f"weights in {folder} cannot be read ({exc}); the files are corrupt") from exc
+    return spec, dict(dtypes), num_params
+
+
+def format_text(info: dict[str, Any]) -> str:
+    dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items(), key=lambda kv: -kv[1]))
+    rows = [
+        ("model", info["name"]),
+        ("path", info["path"]),
+        ("format", f"{info['format']} ({dtypes})"),
+        ("architecture", info["architecture"]),
+        ("parameters", f"{info['parameters'] / 1e6:.1f}M ({info['parameters']:,})"),
+        ("layers", info["layers"]),
+        ("heads", f"{info['heads']} (KV heads {info['kv_heads']}, head dim {info['head_dim']})"),
+        ("hidden", f"{info['hidden_size']} (MLP {info['intermediate_size']})"),
+        ("vocab", f"{info['vocab_size']:,}"),
+        ("context", f"{info['context_length']:,} tokens"),
+        ("embeddings", "tied to the output head" if info["tie_embeddings"] else "separate output head"),
+        ("rope", f"theta {info['rope_theta']:g}, scaling {info['rope_scaling']}"),
+        ("size on disk", f"{info['size_bytes'] / 1e6:.1f} MB ({info['size_bytes']:,} bytes)"),
+        ("sha256", info["sha256"]),
+    ]
+    return "\n".join(f"{k:<13} {v}" for k, v in rows)
+
+
+def format_json(info: dict[str, Any]) -> str:
+    return json.dumps(info, indent=2)

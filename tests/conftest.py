@@ -1,0 +1,57 @@
+"""Shared fixtures: the default model (loaded once), the transformers oracle, tiny random models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln import settings
+from kiln.model.load import LoadedModel, load
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    return load("default", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(default_model: LoadedModel):
+    """transformers' LlamaForCausalLM on the same (cached, dequantized) weights: the oracle."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(default_model.folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def mt_bench_prompts() -> list[str]:
+    path = settings.data_dir() / "prompts" / "mt_bench_question.jsonl"
+    if not path.is_file():
+        pytest.skip(f"MT-bench prompts not found at {path}; set KILN_DATA_DIR to the shared data folder")
+    with path.open() as f:
+        return [json.loads(line)["turns"][0] for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Llama with the real tokenizer and a 64-token context, saved as a HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=default_model.spec.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        eos_token_id=2, bos_token_id=1,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (default_model.folder / name).exists():
+            shutil.copy(default_model.folder / name, folder / name)
+    return folder

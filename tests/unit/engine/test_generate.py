@@ -1,0 +1,82 @@
+"""Generation on the default model: finish reasons, stop strings, streaming, limits, batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.engine.generate import Generator
+from kiln.engine.sampler import SamplingParams
+from kiln.errors import ContextLengthError, InvalidParameterError
+from kiln.model.load import LoadedModel
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def gen(default_model: LoadedModel) -> Generator:
+    return Generator(default_model.model, default_model.tokenizer)
+
+
+def chat(model: LoadedModel, text: str) -> list[int]:
+    return model.tokenizer.encode_chat([{"role": "user", "content": text}])
+
+
+def test_max_tokens_ends_with_length(gen: Generator, default_model: LoadedModel) -> None:
+    prompt = chat(default_model, "Write a long story about a dragon.")
+    out = gen.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5))[0]
+    assert out.finish_reason == "length" and out.completion_tokens == 5
+
+
+def test_eos_ends_with_stop_and_is_not_in_the_text(gen: Generator, default_model: LoadedModel) -> None:
+    out = gen.generate([chat(default_model, "What is the capital of France?")], GREEDY)[0]
+    assert out.finish_reason == "stop" and out.completion_tokens < 40
+    assert "<|im_end|>" not in out.text and "Paris" in out.text
+
+
+def test_stop_string_spanning_tokens_truncates(gen: Generator, default_model: LoadedModel) -> None:
+    prompt = chat(default_model, "What is the capital of France?")
+    full = gen.generate([prompt], GREEDY)[0].text
+    stop = "of Fr"  # spans several tokens of "The capital of France is Paris."
+    assert stop in full
+    out = gen.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, stop=(stop,)))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.index(stop)]
+
+
+def test_streamed_deltas_add_up_to_the_text(gen: Generator, default_model: LoadedModel) -> None:
+    prompts = [chat(default_model, "Name three fruits."), chat(default_model, "Count to five.")]
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    outs = gen.generate(prompts, GREEDY, on_text=lambda row, delta: pieces[row].append(delta))
+    for row, out in enumerate(outs):
+        assert "".join(pieces[row]) == out.text and out.text
+
+
+def test_same_seed_same_sample(gen: Generator, default_model: LoadedModel) -> None:
+    prompt = chat(default_model, "Tell me a short poem.")
+    params = SamplingParams(temperature=1.0, max_tokens=20, seed=1234)
+    first = gen.generate([prompt], params)[0].token_ids
+    assert gen.generate([prompt], params)[0].token_ids == first
+    other = gen.generate([prompt], SamplingParams(temperature=1.0, max_tokens=20, seed=4321))[0].token_ids
+    assert other != first
+
+
+def test_per_row_parameters(gen: Generator, default_model: LoadedModel) -> None:
+    prompt = chat(default_model, "What is the capital of France?")
+    outs = gen.generate([prompt, prompt], [GREEDY, SamplingParams(temperature=0.0, max_tokens=3)])
+    assert outs[0].finish_reason == "stop" and outs[1].finish_reason == "length"
+    assert outs[1].token_ids == outs[0].token_ids[:3]
+
+
+def test_prompt_longer_than_context_is_refused(gen: Generator) -> None:
+    with pytest.raises(ContextLengthError, match=r"8200 tokens.*context is 8192"):
+        gen.generate([[42] * 8200], GREEDY)
+
+
+def test_empty_prompt_is_refused(gen: Generator) -> None:
+    with pytest.raises(InvalidParameterError, match="empty"):
+        gen.generate([[]], GREEDY)
+
+
+def test_budget_is_clipped_to_the_context(gen: Generator) -> None:
+    out = gen.generate([[42] * 8190], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and out.completion_tokens == 2

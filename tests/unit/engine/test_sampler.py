@@ -1,0 +1,111 @@
+"""The sampler: parameter checks, each filter's support, penalties, seeds, per-row parameters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kiln.engine.sampler import SamplerState, SamplingParams, apply_penalties, sample
+from kiln.errors import InvalidParameterError
+
+V = 50
+
+
+def state(prompt: list[int] | None = None, **kw: object) -> SamplerState:
+    return SamplerState(SamplingParams(**{"top_k": 0, "top_p": 1.0, "min_p": 0.0, **kw}), prompt or [], V)
+
+
+def support(logits: torch.Tensor, n: int = 400, **kw: object) -> set[int]:
+    st = state(temperature=1.0, seed=0, **kw)
+    return {sample(logits.clone().unsqueeze(0), [st])[0] for _ in range(n)}
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("max_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+     ("min_p", 2.0), ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("temperature", math.nan)],
+)
+def test_out_of_range_parameter_is_named(field: str, value: float) -> None:
+    with pytest.raises(InvalidParameterError, match=f"{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_empty_stop_string_is_refused() -> None:
+    with pytest.raises(InvalidParameterError, match="stop"):
+        SamplingParams(stop=("",))
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(4, V)
+    got = sample(logits, [state(temperature=0.0) for _ in range(4)])
+    assert got == logits.argmax(-1).tolist()
+
+
+def test_top_k_keeps_k_tokens() -> None:
+    logits = torch.linspace(0, 1, V)
+    assert support(logits, top_k=3) <= {V - 1, V - 2, V - 3}
+    assert len(support(logits, top_k=3)) == 3
+
+
+def test_top_p_keeps_the_nucleus() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15] + [0.05 / (V - 3)] * (V - 3))
+    assert support(probs.log(), top_p=0.7) == {0, 1}
+    assert support(probs.log(), top_p=0.85) == {0, 1, 2}
+
+
+def test_min_p_drops_unlikely_tokens() -> None:
+    probs = torch.tensor([0.4, 0.3, 0.2] + [0.1 / (V - 3)] * (V - 3))
+    assert support(probs.log(), min_p=0.6) == {0, 1}
+
+
+def test_temperature_sharpens() -> None:
+    logits = torch.tensor([1.0, 0.5] + [-10.0] * (V - 2))
+    cold = [sample(logits.unsqueeze(0), [state(temperature=0.05, seed=s)])[0] for s in range(50)]
+    assert set(cold) == {0}
+
+
+def test_seed_reproduces_and_batch_does_not_matter() -> None:
+    logits = torch.randn(V)
+    alone = [sample(logits.unsqueeze(0), [st])[0] for st in [state(temperature=1.0, seed=7)] * 20]
+    a, b = state(temperature=1.0, seed=7), state(temperature=1.0, seed=99)
+    batched = [sample(torch.stack([logits, logits]), [a, b])[0] for _ in range(20)]
+    assert alone == batched
+    other = [sample(logits.unsqueeze(0), [st])[0] for st in [state(temperature=1.0, seed=8)] * 20]
+    assert other != alone
+
+
+def test_per_row_parameters_in_one_batch() -> None:
+    logits = torch.linspace(0, 1, V).repeat(2, 1)
+    greedy, wide = state(temperature=0.0), state(temperature=1.0, seed=1)
+    picks = [sample(logits.clone(), [greedy, wide]) for _ in range(100)]
+    assert {p[0] for p in picks} == {V - 1}
+    assert len({p[1] for p in picks}) > 10
+
+
+def test_repetition_penalty_on_prompt_and_output_tokens() -> None:
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 4] = 2.0, -2.0
+    st = state(prompt=[3, 4], repetition_penalty=2.0)
+    out = apply_penalties(logits.clone(), [st])
+    assert out[0, 3] == 1.0 and out[0, 4] == -4.0 and out[0, 5] == 0.0
+
+
+def test_presence_and_frequency_penalties_count_output_tokens() -> None:
+    st = state(prompt=[9], presence_penalty=0.5, frequency_penalty=0.25, temperature=0.0)
+    st.observe(3)
+    st.observe(3)
+    st.observe(4)
+    out = apply_penalties(torch.zeros(1, V), [st])
+    assert out[0, 3].item() == pytest.approx(-(0.5 + 2 * 0.25))
+    assert out[0, 4].item() == pytest.approx(-(0.5 + 0.25))
+    assert out[0, 9].item() == 0.0  # prompt tokens are not penalised by presence/frequency
+
+
+def test_greedy_repeats_are_broken_by_penalty() -> None:
+    logits = torch.zeros(1, V)
+    logits[0, 1], logits[0, 2] = 1.0, 0.9
+    st = state(temperature=0.0, repetition_penalty=1.5)
+    assert sample(logits.clone(), [st]) == [1]
+    assert sample(logits.clone(), [st]) == [2]

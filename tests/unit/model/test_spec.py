@@ -1,0 +1,70 @@
+"""ModelSpec from Hugging Face configs: variants, refusals, and the config round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.errors import ModelFormatError, UnsupportedArchitectureError
+from kiln.model.spec import ModelSpec
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+    "max_position_embeddings": 512, "tie_word_embeddings": True, "eos_token_id": [5, 7],
+}
+
+
+def test_llama_config_is_read() -> None:
+    spec = ModelSpec.from_hf_config(LLAMA)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim) == (8, 2, 8)
+    assert spec.eos_token_ids == (5, 7)
+    assert spec.tie_embeddings and not spec.qkv_bias and spec.sliding_window is None
+
+
+def test_transformers4_rope_layout_is_read() -> None:
+    cfg = {**LLAMA, "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    spec = ModelSpec.from_hf_config(cfg)
+    assert spec.rope_theta == 500000.0
+    assert (spec.rope_scaling.kind, spec.rope_scaling.factor) == ("linear", 2.0)
+
+
+def test_qwen2_defaults_to_qkv_bias_and_ignores_disabled_window() -> None:
+    cfg = {**LLAMA, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 32,
+           "use_sliding_window": False}
+    spec = ModelSpec.from_hf_config(cfg)
+    assert spec.qkv_bias and spec.sliding_window is None
+
+
+def test_unsupported_architecture_names_the_supported_ones() -> None:
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Qwen2ForCausalLM"):
+        ModelSpec.from_hf_config({**LLAMA, "architectures": ["GPT2LMHeadModel"]})
+
+
+def test_unsupported_rope_scaling_is_refused() -> None:
+    with pytest.raises(UnsupportedArchitectureError, match="yarn"):
+        ModelSpec.from_hf_config({**LLAMA, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_missing_field_is_named() -> None:
+    cfg = {k: v for k, v in LLAMA.items() if k != "hidden_size"}
+    with pytest.raises(ModelFormatError, match="hidden_size"):
+        ModelSpec.from_hf_config(cfg)
+
+
+def test_heads_must_divide() -> None:
+    with pytest.raises(ModelFormatError, match="not a multiple"):
+        ModelSpec.from_hf_config({**LLAMA, "num_key_value_heads": 3})
+
+
+def test_round_trip_through_hf_config() -> None:
+    spec = ModelSpec.from_hf_config(
+        {**LLAMA, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 128}}
+    )
+    assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
+
+
+def test_kv_bytes_per_token() -> None:
+    spec = ModelSpec.from_hf_config(LLAMA)
+    assert spec.kv_bytes_per_token(4) == 2 * 2 * 2 * 8 * 4

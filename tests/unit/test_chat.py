@@ -1,0 +1,43 @@
+"""Chat sessions keep their history, reset it, and drop the oldest turns when the context is full."""
+
+from __future__ import annotations
+
+import io
+
+from kiln.chat import ChatSession, run_repl
+from kiln.engine.sampler import SamplingParams
+from kiln.model.load import LoadedModel
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+def test_history_is_sent_with_each_turn(default_model: LoadedModel) -> None:
+    session = ChatSession(default_model, PARAMS, system="Be brief.")
+    first = session.reply("My name is Ada.", lambda _d: None)
+    session.reply("What is my name?", lambda _d: None)
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert session.history[1]["content"] == first
+    prompt = default_model.tokenizer.decode(session._fit_prompt()[0], skip_special_tokens=False)
+    assert "Be brief." in prompt and "My name is Ada." in prompt and first in prompt
+
+
+def test_reset_forgets(default_model: LoadedModel) -> None:
+    session = ChatSession(default_model, PARAMS)
+    session.reply("Hello", lambda _d: None)
+    session.reset()
+    assert session.history == []
+
+
+def test_oldest_turns_are_dropped_to_fit(default_model: LoadedModel) -> None:
+    session = ChatSession(default_model, SamplingParams(temperature=0.0, max_tokens=4000))
+    long_text = "word " * 1500
+    session.history = [{"role": "user", "content": long_text}, {"role": "assistant", "content": long_text}] * 2
+    session.history.append({"role": "user", "content": "Hi"})
+    prompt, dropped = session._fit_prompt()
+    assert dropped == 2 and len(prompt) <= 8192 - 4000
+
+
+def test_repl_streams_and_stops_at_exit(default_model: LoadedModel) -> None:
+    out = io.StringIO()
+    code = run_repl(ChatSession(default_model, PARAMS), io.StringIO("Hi\n/exit\nignored\n"), out)
+    assert code == 0 and out.getvalue().strip()
