@@ -102,7 +102,8 @@ def cell(values: list[float]) -> str:
 
 
 def render(results: dict[str, list[dict[str, float]]], runs: int) -> str:
-    keys = [("prefill", "prefill tok/s (512)"), ("decode_b1", "decode tok/s b1"), ("decode_b8", "decode tok/s b8 (total)")]
+    keys = [("prefill", "prefill tok/s (512)"), ("decode_b1", "decode tok/s b1"),
+            ("decode_b8", "decode tok/s b8 (total)")]
     lines = ["| system | " + " | ".join(label for _, label in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, rows in results.items():
         lines.append(f"| {name} | " + " | ".join(cell([r[k] for r in rows]) for k, _ in keys) + " |")
