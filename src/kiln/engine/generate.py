@@ -17,12 +17,10 @@ from kiln.engine.detokenize import IncrementalDetokenizer
 from kiln.engine.sampler import SamplerState, SamplingParams, sample
 from kiln.engine.stopping import StopMatcher
 from kiln.errors import ContextLengthError, InvalidParameterError
-from kiln.model.kv_cache import StaticKVCache
 from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
 from kiln.types import FinishReason
 
-PREFILL_CHUNK_TOKENS = 512  # bounds attention memory for long prompts
 TextCallback = Callable[[int, str], None]  # (row, text delta)
 
 
@@ -37,6 +35,7 @@ class GenerationOutput:
     ttft_ms: float  # start of the call to the first token sampled (prefill of the whole batch)
     prefill_tokens_per_s: float
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was sampled
 
     @property
     def completion_tokens(self) -> int:
@@ -52,6 +51,7 @@ class _Row:
     detok: IncrementalDetokenizer
     stops: StopMatcher
     tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
     text: str = ""
     finish: FinishReason | None = None
     finished_at: float = 0.0
@@ -90,7 +90,7 @@ class Generator:
         rows = [self._new_row(list(p), sp) for p, sp in zip(prompts, plist, strict=True)]
         cache = self.model.new_cache(len(rows), max(len(r.prompt) + r.budget for r in rows))
         start = time.perf_counter()
-        logits = self._prefill(rows, cache)
+        logits = self.model.prefill(cache, [r.prompt for r in rows], list(range(len(rows))))
         self._step(rows, list(range(len(rows))), logits, on_text, time.perf_counter())
         first_at = time.perf_counter()
         while active := [i for i, r in enumerate(rows) if r.finish is None]:
@@ -110,22 +110,6 @@ class Generator:
             stops=StopMatcher(params.stop),
         )
 
-    def _prefill(self, rows: list[_Row], cache: StaticKVCache) -> torch.Tensor:
-        """Feed all prompts in chunks; return each row's logits at its last prompt token [B, V]."""
-        longest = max(len(r.prompt) for r in rows)
-        last_logits = torch.empty(len(rows), self.model.spec.vocab_size, dtype=self.model.dtype)
-        for begin in range(0, longest, PREFILL_CHUNK_TOKENS):
-            part = [i for i, r in enumerate(rows) if len(r.prompt) > begin]
-            chunks = [rows[i].prompt[begin : begin + PREFILL_CHUNK_TOKENS] for i in part]
-            width = max(len(c) for c in chunks)
-            tokens = torch.zeros(len(part), width, dtype=torch.long)
-            for j, c in enumerate(chunks):
-                tokens[j, : len(c)] = torch.tensor(c)
-            logits = self.model(tokens, cache, num_tokens=[len(c) for c in chunks], rows=part)
-            for j, i in enumerate(part):
-                last_logits[i] = logits[j]
-        return last_logits
-
     def _step(
         self, rows: list[_Row], active: list[int], logits: torch.Tensor, on_text: TextCallback | None,
         now: float,
@@ -138,6 +122,7 @@ class Generator:
                 self._finish(i, row, "stop", now, on_text)
                 continue
             row.tokens.append(tok)
+            row.token_times.append(now)
             released, stopped = row.stops.feed(row.detok.push(tok))
             self._emit(i, row, released, on_text)
             if stopped:
@@ -174,4 +159,5 @@ class Generator:
             ttft_ms=prefill_s * 1000,
             prefill_tokens_per_s=len(row.prompt) / prefill_s if prefill_s > 0 else 0.0,
             decode_tokens_per_s=later / decode_s if later > 0 and decode_s > 0 else 0.0,
+            token_times=row.token_times,
         )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import ModelFormatError
 from kiln.model import gguf
 from kiln.model.source import resolve
 from kiln.model.spec import ModelSpec
@@ -44,26 +44,31 @@ def describe(name: str) -> dict[str, Any]:
     }
 
 
-def _describe_folder(folder: Path) -> tuple[ModelSpec, dict[str, int], int]:
-    from safetensors import SafetensorError, safe_open
+def spec_of(name: str) -> ModelSpec:
+    """The spec of a model from its config alone: a config.json file, a GGUF header, or a folder's config."""
+    path = Path(name).expanduser()
+    if name != "default" and path.suffix == ".json" and path.is_file():
+        from kiln.model.load import read_config
 
+        return ModelSpec.from_hf_config(read_config(path.parent, path.name))
+    source = resolve(name)
+    if source.kind == "gguf":
+        return gguf.read_header(source.path).spec
     from kiln.model.load import read_config
+
+    return ModelSpec.from_hf_config(read_config(source.path))
+
+
+def _describe_folder(folder: Path) -> tuple[ModelSpec, dict[str, int], int]:
+    from kiln.model.load import read_config, read_safetensors_header
 
     spec = ModelSpec.from_hf_config(read_config(folder))
     dtypes: Counter[str] = Counter()
     num_params = 0
-    try:
-        for path in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    tensor_slice = f.get_slice(key)
-                    dtypes[tensor_slice.get_dtype()] += 1
-                    count = 1
-                    for dim in tensor_slice.get_shape():
-                        count *= dim
-                    num_params += count
-    except (SafetensorError, OSError) as exc:
-        raise ModelFormatError(f"weights in {folder} cannot be read ({exc}); the files are corrupt") from exc
+    for path in sorted(folder.glob("*.safetensors")):
+        for entry in read_safetensors_header(path).values():
+            dtypes[entry.dtype] += 1
+            num_params += math.prod(entry.shape)
     return spec, dict(dtypes), num_params
 
 

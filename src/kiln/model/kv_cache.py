@@ -91,6 +91,15 @@ class StaticKVCache:
         for r in range(self.batch_size) if rows is None else rows:
             self.lengths[r] = 0
 
+    def fork(self, src: int, dst: Sequence[int]) -> None:
+        """Give rows `dst` a copy of row `src`'s tokens (a shared prompt computed once)."""
+        n = self.lengths[src]
+        index = torch.tensor(list(dst))
+        self.k[:, index, :, :n] = self.k[:, src : src + 1, :, :n]
+        self.v[:, index, :, :n] = self.v[:, src : src + 1, :, :n]
+        for r in dst:
+            self.lengths[r] = n
+
     def begin(
         self, num_tokens: Sequence[int], seq_len: int, rows: Sequence[int] | None = None
     ) -> AttentionBatch:

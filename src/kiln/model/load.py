@@ -6,7 +6,10 @@ A GGUF goes through kiln.model.gguf's cache first; from then on every source is 
 from __future__ import annotations
 
 import json
+import math
+import struct
 import time
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,35 +50,102 @@ def hf_folder(source: ModelSource) -> Path:
     return source.path
 
 
-def read_config(folder: Path) -> dict[str, Any]:
+def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
+    path = folder / name
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"{folder / 'config.json'} cannot be read ({exc}); fix or re-export it") from exc
+        raise ModelFormatError(f"{path} cannot be read ({exc}); fix or re-export it") from exc
     if not isinstance(config, dict):
-        raise ModelFormatError(f"{folder / 'config.json'} is not a JSON object; fix or re-export it")
+        raise ModelFormatError(f"{path} is not a JSON object; fix or re-export it")
     return config
 
 
-def read_weights(folder: Path, progress: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of the folder's *.safetensors files (memory-mapped), with a progress bar."""
-    from safetensors import SafetensorError, safe_open
+# safetensors dtype names -> torch dtypes (the format's own spelling)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelFormatError(f"folder {folder} has no *.safetensors weights")
-    tensors: dict[str, torch.Tensor] = {}
+
+@dataclass(frozen=True)
+class TensorEntry:
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensor index of one .safetensors file, checked against the file's size."""
+    size = path.stat().st_size
     try:
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        names = [(h, k) for h in handles for k in h.keys()]  # noqa: SIM118 (safe_open has no __iter__)
-        for handle, name in tqdm(names, desc="loading weights", unit="tensor", disable=None if progress else True,
-                                 leave=False):
-            tensors[name] = handle.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ModelFormatError(
-            f"weights in {folder} cannot be read ({exc}); the files are truncated or corrupt"
-        ) from exc
-    return tensors
+        with path.open("rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file")
+            header = json.loads(f.read(header_len))
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (8 + header_len + int(o) for o in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            itemsize = torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
+            if end > size or end - begin != itemsize * math.prod(shape):
+                raise ValueError(f"tensor {name} lies outside the file or has the wrong length")
+            entries[name] = TensorEntry(path, info["dtype"], shape, begin, end)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise ModelFormatError(f"{path} is truncated or corrupt ({exc}); re-download or re-export it") from exc
+    return entries
+
+
+class SafetensorsReader(MutableMapping[str, torch.Tensor]):
+    """Tensors of a folder's *.safetensors files, each read from disk when it is taken (`pop`).
+
+    Written here rather than using safetensors' safe_open because safe_open memory-maps the whole
+    file: every tensor read stays resident while the converted copy is built, so a load held the
+    checkpoint twice. Reading tensor by tensor keeps peak memory near one copy of the weights.
+    """
+
+    def __init__(self, folder: Path, progress: bool = True) -> None:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelFormatError(f"folder {folder} has no *.safetensors weights")
+        self._entries: dict[str, TensorEntry] = {}
+        for f in files:
+            self._entries.update(read_safetensors_header(f))
+        self._bar = tqdm(total=len(self._entries), desc="loading weights", unit="tensor", leave=False,
+                         disable=None if progress else True)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        raw = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        with entry.path.open("rb") as f:
+            f.seek(entry.start)
+            if f.readinto(raw.numpy().data) != raw.numel():
+                raise ModelFormatError(f"{entry.path} is truncated; re-download or re-export it")
+        self._bar.update(1)
+        return raw.view(SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        raise TypeError("SafetensorsReader is read-only")
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+        if not self._entries:
+            self._bar.close()
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def load(name: str = "default", precision: Precision = "fp32", progress: bool = True) -> LoadedModel:
@@ -85,7 +155,7 @@ def load(name: str = "default", precision: Precision = "fp32", progress: bool = 
     folder = hf_folder(source)
     spec = ModelSpec.from_hf_config(read_config(folder))
     tokenizer = Tokenizer(folder, spec)
-    model = build_model(spec, read_weights(folder, progress), TORCH_DTYPES[precision])
+    model = build_model(spec, SafetensorsReader(folder, progress), TORCH_DTYPES[precision])
     return LoadedModel(
         spec=spec,
         model=model,

@@ -35,6 +35,18 @@ class Tokenizer:
         self.vocab_size = len(self.hf)
 
     @property
+    def prefix_token_id(self) -> int:
+        """The token that stands for an empty context: BOS, or EOS when the model has none."""
+        bos = self.hf.bos_token_id
+        return int(bos if bos is not None else self.hf.eos_token_id)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether encoding with special tokens puts BOS first (llama.cpp's add_bos)."""
+        bos = self.hf.bos_token_id
+        return bos is not None and self.encode("a")[:1] == [bos]
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
