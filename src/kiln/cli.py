@@ -10,6 +10,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from kiln import __version__
 from kiln.errors import KilnError
@@ -114,6 +115,127 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_repl(ChatSession(loaded, params, system=args.system))
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kiln import runs
+    from kiln.benchmark.machine import machine_info
+    from kiln.evaluate import summary
+    from kiln.evaluate.runner import EvalOptions, run
+    from kiln.model.load import load
+
+    options = EvalOptions(
+        task=args.task, limit=args.limit, ctx=args.ctx, limit_tokens=args.limit_tokens, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, data_dir=args.data, resume=args.resume,
+    )
+    loaded = load(args.model, precision=args.dtype)
+    baseline = load(args.baseline, precision=args.dtype) if args.baseline else None
+    outcome = run(loaded, options, baseline)
+    settings = {**outcome.settings, "precision": args.dtype,
+                **({"baseline": args.baseline, "baseline_sha256": baseline.sha256} if baseline else {})}
+    runs.add(runs.Run(
+        kind="eval", model=args.model, model_sha256=loaded.sha256, model_size_bytes=loaded.source.size_bytes,
+        task=outcome.task, settings=settings, metrics=outcome.metrics, versions=machine_info("transformers"),
+        duration_s=outcome.seconds, worst=outcome.worst(),
+    ))
+    if args.samples:
+        summary.write_samples(outcome, args.samples)
+    if args.json:
+        print(summary.as_json(outcome, args.model, loaded.sha256))
+    else:
+        print(summary.text(outcome))
+        print(summary.worst_text(outcome))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from kiln import runs
+
+    found = runs.query(model=args.model, kind=args.kind)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in found]))
+        return 0
+    if not found:
+        print(f"no runs recorded in {runs.db_path()}" + (f" for {args.model!r}" if args.model else ""))
+        return 0
+    for r in found:
+        keys = [k for k in ("ppl", "kld", "acc", "acc_norm", "exact_match", "f1", "bleu", "rouge_l") if k in r.metrics]
+        shown = ", ".join(f"{k} {r.metrics[k]:.4g}" for k in keys)
+        if r.kind == "bench":
+            shown = ", ".join(f"b{x['batch_size']} {x['decode_tokens_per_s']:.1f} tok/s" for x in r.metrics["results"])
+        print(f"{r.id:>4}  {r.created_at}  {r.kind:<5} {r.task:<14} {r.model[:40]:<40} {r.model_sha256[:12]}  {shown}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kiln import runs
+    from kiln.benchmark import latency
+    from kiln.model.load import load
+
+    options = latency.BenchOptions(
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs, data_dir=args.data,
+        batch_sizes=tuple(_int_list(args.batch_sizes, "--batch-sizes")),
+    )
+    loaded = load(args.model, precision=args.dtype)
+    report = latency.run(loaded, options)
+    runs.add(runs.Run(
+        kind="bench", model=args.model, model_sha256=loaded.sha256, model_size_bytes=loaded.source.size_bytes,
+        task="bench", settings={k: report[k] for k in ("precision", "prompt_tokens", "new_tokens", "runs")},
+        metrics={k: report[k] for k in ("load_seconds", "bytes_on_disk", "bytes_in_memory", "results")},
+        versions=report["machine"], duration_s=0.0,
+    ))
+    print(json.dumps(report) if args.json else latency.format_table(report))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from kiln.errors import InvalidParameterError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidParameterError(f"{flag} {text!r} must be comma-separated integers, e.g. 1,4,16") from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kiln.model.info import spec_of
+    from kiln.plan import estimate, profile
+
+    if args.calibrate:
+        machine = profile.calibrate()
+        print(f"kiln: calibrated this machine; profile cached in {profile.profile_path()}", file=sys.stderr)
+    else:
+        machine = profile.load_cached() or _calibrate_first(profile)
+    spec = spec_of(args.model)
+    context = args.context or spec.max_position
+    plan = estimate.estimate(spec, args.precision, context, args.concurrency, machine)
+    advice = (estimate.recommend(spec, context, args.concurrency, args.target_tokens_per_s, machine)
+              if args.target_tokens_per_s else [])
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "recommendation": advice}))
+        return 0
+    gb = 1e9
+    print(f"plan for {args.model} ({spec.architecture}, {spec.num_parameters / 1e6:.1f}M parameters), "
+          f"{args.precision}, context {context}, {args.concurrency} concurrent\n")
+    for label, value in (("weights", plan.weights_bytes), ("KV cache", plan.kv_cache_bytes),
+                         ("activations", plan.activations_bytes), ("runtime", plan.runtime_bytes),
+                         ("total", plan.total_bytes)):
+        print(f"  {label:<12} {value / gb:8.3f} GB")
+    print(f"\n  prefill      ~{plan.prefill_tokens_per_s:,.0f} tok/s")
+    print(f"  decode       ~{plan.decode_tokens_per_s:,.1f} tok/s per sequence, "
+          f"~{plan.total_decode_tokens_per_s:,.1f} tok/s in total\n\nhow:")
+    for line in plan.explanation:
+        print(f"  - {line}")
+    if advice:
+        print(f"\nto reach {args.target_tokens_per_s:g} tok/s in total at {args.concurrency} concurrent:")
+        for line in advice:
+            print(f"  - {line}")
+    return 0
+
+
+def _calibrate_first(profile):  # noqa: ANN001, ANN202 (module passed to keep the import lazy)
+    print("kiln: no machine profile yet; measuring this machine once (about half a minute)...", file=sys.stderr)
+    return profile.calibrate()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description="Plan, compress, evaluate and serve language models on the hardware you have."
@@ -134,6 +256,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", parents=[common, sampling], help="talk to a model interactively")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", parents=[common], help="perplexity, multiple-choice accuracy, generation metrics")
+    p.add_argument("--task", required=True,
+                   help="wikitext2, hellaswag, arc_easy, arc_challenge, piqa, squad, mc:FILE.jsonl or gen:FILE.jsonl")
+    p.add_argument("--limit", type=int, default=None, help="first N items (multiple choice, generation)")
+    p.add_argument("--ctx", type=int, default=512, help="perplexity: tokens per chunk (llama.cpp's -c)")
+    p.add_argument("--limit-tokens", type=int, default=None, help="perplexity: only chunks in the first N tokens")
+    p.add_argument("--baseline", default=None, help="perplexity: KL divergence and Δppl against this model")
+    p.add_argument("--batch-size", type=int, default=None, help="chunks / choice rows / prompts per forward pass")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation tasks: tokens per answer")
+    p.add_argument("--data", type=Path, default=None, help="data folder (default: KILN_DATA_DIR or ../shared/data)")
+    p.add_argument("--samples", type=Path, default=None, help="write one JSON record per item to this file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same evaluation")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute precision")
+    p.add_argument("--json", action="store_true", help="print one JSON object of metrics")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", parents=[common], help="latency, throughput and memory at several batch sizes")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated, e.g. 1,4,16")
+    p.add_argument("--runs", type=int, default=5, help="repetitions per batch size (median and range are shown)")
+    p.add_argument("--data", type=Path, default=None, help="data folder for the prompts")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute precision")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", parents=[common], help="memory and speed before deploying (config or header only)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8", "int4"], default="fp32")
+    p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--concurrency", type=int, default=1, help="sequences served at once")
+    p.add_argument("--target-tokens-per-s", type=float, default=None, help="total decode rate to reach")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine again")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("runs", help="list recorded eval and bench results")
+    p.add_argument("--model", default=None, help="only runs of this model (name or sha256 prefix)")
+    p.add_argument("--kind", choices=["eval", "bench"], default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_runs)
     return parser
 
 

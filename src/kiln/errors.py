@@ -28,3 +28,11 @@ class ContextLengthError(KilnError):
 
 class InvalidParameterError(KilnError):
     """A generation or command parameter is out of its allowed range."""
+
+
+class DataNotFoundError(KilnError):
+    """An evaluation or calibration data file is not where kiln looks for it."""
+
+
+class DataFormatError(KilnError):
+    """A data file has a malformed line or record."""

@@ -94,7 +94,9 @@ class StaticKVCache:
     def fork(self, src: int, dst: Sequence[int]) -> None:
         """Give rows `dst` a copy of row `src`'s tokens (a shared prompt computed once)."""
         n = self.lengths[src]
-        index = torch.tensor(list(dst))
+        if not dst:
+            return
+        index = torch.tensor(list(dst), dtype=torch.long)
         self.k[:, index, :, :n] = self.k[:, src : src + 1, :, :n]
         self.v[:, index, :, :n] = self.v[:, src : src + 1, :, :n]
         for r in dst:

@@ -1,0 +1,154 @@
+"""`kiln bench`: load time, memory, time to first token, prefill and decode speed, inter-token latency.
+
+Each batch size runs `runs` times on real WikiText-2 prompts (random token ids if the data is missing,
+which the result says); every figure is the median over runs with its [min, max].
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from kiln.benchmark.machine import machine_info
+from kiln.engine.generate import GenerationOutput, Generator
+from kiln.engine.sampler import SamplingParams
+from kiln.errors import DataNotFoundError, InvalidParameterError
+from kiln.evaluate.data import data_file
+from kiln.model.load import LoadedModel
+
+METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "total_decode_tokens_per_s", "ttft_ms",
+           "itl_ms_p50", "itl_ms_p90", "itl_ms_p99")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    runs: int = 5
+    data_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.new_tokens < 2 or self.runs < 1 or not self.batch_sizes:
+            raise InvalidParameterError(
+                "--prompt-tokens and --runs must be at least 1, --new-tokens at least 2, --batch-sizes non-empty"
+            )
+        if min(self.batch_sizes) < 1:
+            raise InvalidParameterError(f"--batch-sizes {self.batch_sizes} must all be at least 1")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def model_bytes(loaded: LoadedModel) -> int:
+    """Bytes the weights occupy in memory (a tied embedding counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in loaded.model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def prompts(loaded: LoadedModel, count: int, length: int, data_dir: Path | None) -> tuple[list[list[int]], str]:
+    """`count` different prompts of `length` tokens, cut from WikiText-2 test text."""
+    try:
+        text = data_file("wikitext-2-raw/wiki.test.raw", data_dir).read_text(encoding="utf-8")
+    except DataNotFoundError:
+        rng = random.Random(0)
+        vocab = loaded.spec.vocab_size
+        return [[rng.randrange(vocab) for _ in range(length)] for _ in range(count)], "random token ids"
+    ids = loaded.tokenizer.encode(text[: 12 * length * count + 10_000], add_special_tokens=False)
+    if len(ids) < count * length:
+        ids = ids * (count * length // max(1, len(ids)) + 1)
+    return [ids[i * length : (i + 1) * length] for i in range(count)], "WikiText-2 test text"
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (pos - low) * (ordered[high] - ordered[low])
+
+
+def measure_once(outputs: Sequence[GenerationOutput], batch_size: int) -> dict[str, float]:
+    gaps = [(b - a) * 1000 for out in outputs for a, b in zip(out.token_times, out.token_times[1:], strict=False)]
+    per_seq = statistics.median(o.decode_tokens_per_s for o in outputs)
+    return {
+        "prefill_tokens_per_s": sum(o.prompt_tokens for o in outputs) / (outputs[0].ttft_ms / 1000),
+        "decode_tokens_per_s": per_seq,
+        "total_decode_tokens_per_s": per_seq * batch_size,
+        "ttft_ms": outputs[0].ttft_ms,
+        "itl_ms_p50": _percentile(gaps, 0.5),
+        "itl_ms_p90": _percentile(gaps, 0.9),
+        "itl_ms_p99": _percentile(gaps, 0.99),
+    }
+
+
+def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> dict[str, Any]:
+    generator = Generator(loaded.model, loaded.tokenizer)
+    prompt_set, prompt_source = prompts(loaded, max(options.batch_sizes), options.prompt_tokens, options.data_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=options.new_tokens, ignore_eos=True)
+    generator.generate(prompt_set[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up
+    results = []
+    total = len(options.batch_sizes) * options.runs
+    with tqdm(total=total, desc="bench", unit="run", disable=None if progress else True) as bar:
+        for batch_size in options.batch_sizes:
+            samples = []
+            for _ in range(options.runs):
+                outputs = generator.generate(prompt_set[:batch_size], params)
+                samples.append(measure_once(outputs, batch_size))
+                bar.update(1)
+            row: dict[str, Any] = {"batch_size": batch_size}
+            for key in METRICS:
+                values = [s[key] for s in samples]
+                row[key] = statistics.median(values)
+                row[f"{key}_range"] = [min(values), max(values)]
+            row["peak_rss_bytes"] = peak_rss_bytes()
+            results.append(row)
+    return {
+        "model": loaded.source.name,
+        "model_sha256": loaded.sha256,
+        "precision": str(loaded.model.dtype).removeprefix("torch."),
+        "load_seconds": loaded.load_seconds,
+        "bytes_on_disk": loaded.source.size_bytes,
+        "bytes_in_memory": model_bytes(loaded),
+        "prompt_tokens": options.prompt_tokens,
+        "new_tokens": options.new_tokens,
+        "runs": options.runs,
+        "prompts": prompt_source,
+        "machine": machine_info("transformers"),
+        "results": results,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"model {report['model']} ({report['model_sha256'][:12]}), {report['precision']}; load "
+        f"{report['load_seconds']:.2f} s; {report['bytes_on_disk'] / 1e6:.1f} MB on disk, "
+        f"{report['bytes_in_memory'] / 1e6:.1f} MB of weights in memory",
+        f"{report['prompt_tokens']}-token prompts ({report['prompts']}), {report['new_tokens']} new tokens, "
+        f"median [min-max] of {report['runs']} runs",
+        "",
+        "| batch | TTFT ms | prefill tok/s | decode tok/s/seq | decode tok/s total | ITL p50 ms | ITL p90 ms "
+        "| ITL p99 ms | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        cells = [f"{r[k]:.1f} [{r[k + '_range'][0]:.1f}-{r[k + '_range'][1]:.1f}]" for k in
+                 ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "total_decode_tokens_per_s")]
+        cells += [f"{r[k]:.1f}" for k in ("itl_ms_p50", "itl_ms_p90", "itl_ms_p99")]
+        lines.append(f"| {r['batch_size']} | " + " | ".join(cells) + f" | {r['peak_rss_bytes'] / 1e6:.0f} |")
+    m = report["machine"]
+    lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} threads; torch {m['torch']}")
+    return "\n".join(lines)

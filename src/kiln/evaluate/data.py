@@ -1,0 +1,54 @@
+"""Find evaluation data files and read them, with one-line errors for missing files and bad lines."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kiln import settings
+from kiln.errors import DataFormatError, DataNotFoundError
+
+
+def data_file(relative: str, data_dir: Path | None = None) -> Path:
+    """The path of a shared data file; a missing one says where it was expected and how to point elsewhere."""
+    root = data_dir or settings.data_dir()
+    path = root / relative
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"data file {relative} not found under {root}; pass --data DIR or set KILN_DATA_DIR "
+            "to the folder that holds it"
+        )
+    return path
+
+
+def user_file(path: Path) -> Path:
+    if not path.is_file():
+        raise DataNotFoundError(f"data file {path} does not exist; check the path")
+    return path
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a malformed line names its file and line."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFormatError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove the line") from exc
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
+def require(path: Path, number: int, record: dict[str, Any], field: str, kind: type | tuple[type, ...]) -> Any:
+    """record[field], checked to be of `kind`, or an error naming the file, line and field."""
+    if field not in record:
+        raise DataFormatError(f"{path}:{number}: missing field {field!r}")
+    value = record[field]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise DataFormatError(f"{path}:{number}: field {field!r} has the wrong type ({type(value).__name__})")
+    return value

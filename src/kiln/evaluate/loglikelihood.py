@@ -1,0 +1,126 @@
+"""Log-likelihood of continuations given a context, with each context computed once.
+
+A request is one context and its candidate continuations (the choices of a multiple-choice item).
+The context is prefilled into one cache row, copied to one row per continuation, and all
+continuations of several requests run as one ragged batch. lm-evaluation-harness instead runs every
+(context + continuation) pair in full; sharing the context is where kiln's speed comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kiln.model.kv_cache import StaticKVCache
+from kiln.model.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    context: list[int]  # non-empty token ids
+    continuations: list[list[int]]  # each non-empty
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    logprob: float  # sum of the continuation tokens' log-probabilities
+    is_greedy: bool  # every continuation token was the model's top choice
+    num_tokens: int
+
+
+def _pack(requests: Sequence[ScoreRequest], max_rows: int) -> list[list[int]]:
+    """Group request indices so that each group holds at most max_rows continuations (at least one request)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for i, req in enumerate(requests):
+        n = len(req.continuations)
+        if current and rows + n > max_rows:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+@torch.inference_mode()
+def score(
+    model: LlamaModel,
+    requests: Sequence[ScoreRequest],
+    max_rows: int = 32,
+    on_done: Callable[[int], None] | None = None,
+) -> list[list[ContinuationScore]]:
+    """Score every continuation of every request; on_done(n) reports requests finished, in order.
+
+    Requests are packed in order of length, so rows of one batch need little padding; one KV cache,
+    sized for the largest group, is reused by every group.
+    """
+    order = sorted(range(len(requests)), key=lambda i: (max(map(len, requests[i].continuations)),
+                                                         len(requests[i].context)))
+    groups = _pack([requests[i] for i in order], max_rows)
+    rows = max(sum(len(requests[order[j]].continuations) for j in g) for g in groups) if groups else 0
+    longest = max((len(r.context) + max(map(len, r.continuations)) for r in requests), default=0)
+    cache = model.new_cache(rows, longest) if groups else None
+    results: list[list[ContinuationScore]] = [[] for _ in requests]
+    finished = [False] * len(requests)
+    reported = 0
+    for group in groups:
+        members = [order[j] for j in group]
+        assert cache is not None
+        cache.reset()
+        for i, scores in zip(members, _score_group(model, cache, [requests[i] for i in members]), strict=True):
+            results[i] = scores
+            finished[i] = True
+        while reported < len(requests) and finished[reported]:  # report in request order
+            reported += 1
+            if on_done is not None:
+                on_done(1)
+    return results
+
+
+def _score_group(
+    model: LlamaModel, cache: StaticKVCache, requests: list[ScoreRequest]
+) -> list[list[ContinuationScore]]:
+    first_rows: list[int] = []  # cache row holding each request's context
+    row_of: list[tuple[int, int]] = []  # (request, continuation) of each cache row
+    for r, req in enumerate(requests):
+        first_rows.append(len(row_of))
+        row_of += [(r, c) for c in range(len(req.continuations))]
+
+    # 1. every context once; its last logits predict each continuation's first token
+    first_logits = model.prefill(cache, [req.context for req in requests], first_rows)
+    first_logprobs = torch.log_softmax(first_logits.float(), dim=-1)  # [R, V]
+    for r, row in enumerate(first_rows):
+        cache.fork(row, range(row + 1, row + len(requests[r].continuations)))
+
+    # 2. every continuation but its last token, all rows in one ragged batch, one lm_head matmul
+    inputs = [requests[r].continuations[c][:-1] for r, c in row_of]
+    active = [row for row, ids in enumerate(inputs) if ids]
+    rest: dict[int, tuple[float, bool]] = {}
+    if active:
+        lengths = [len(inputs[row]) for row in active]
+        tokens = torch.zeros(len(active), max(lengths), dtype=torch.long)
+        for j, row in enumerate(active):
+            tokens[j, : lengths[j]] = torch.tensor(inputs[row])
+        hidden, _ = model.hidden_states(tokens, cache, lengths, active)
+        real = torch.arange(tokens.shape[1]).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [n, T]
+        logprobs = torch.log_softmax(model.lm_head(hidden[real]).float(), dim=-1)  # [sum(lengths), V]
+        conts = [requests[r].continuations[c] for r, c in (row_of[row] for row in active)]
+        targets = torch.tensor([t for cont in conts for t in cont[1:]])
+        picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        hits = logprobs.argmax(dim=-1) == targets
+        for row, part, hit in zip(active, picked.split(lengths), hits.split(lengths), strict=True):
+            rest[row] = (float(part.sum()), bool(hit.all()))
+
+    out: list[list[ContinuationScore]] = [[] for _ in requests]
+    for row, (r, c) in enumerate(row_of):
+        cont = requests[r].continuations[c]
+        head = first_logprobs[r]
+        logprob, greedy = float(head[cont[0]]), bool(head.argmax() == cont[0])
+        more_logprob, more_greedy = rest.get(row, (0.0, True))
+        out[r].append(ContinuationScore(logprob + more_logprob, greedy and more_greedy, len(cont)))
+    return out

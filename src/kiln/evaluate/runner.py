@@ -1,0 +1,184 @@
+"""Run one evaluation task on a loaded model: items in batches, a progress bar, resumable on Ctrl-C.
+
+Scoring lives in perplexity.py, multiple_choice.py and generation.py; this module feeds them, keeps
+the checkpoint of finished items, and turns per-item records into the task's metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+from kiln.engine.generate import Generator
+from kiln.errors import InvalidParameterError, KilnError
+from kiln.evaluate import generation, multiple_choice, perplexity
+from kiln.evaluate.checkpoint import Checkpoint
+from kiln.evaluate.data import data_file
+from kiln.evaluate.tasks import TaskKind, TaskRef, resolve
+from kiln.evaluate.tasks import generation as gen_tasks
+from kiln.evaluate.tasks import multiple_choice as mc_tasks
+from kiln.model.load import LoadedModel
+
+WORST_ITEMS = 10
+T = TypeVar("T")
+Records = list[dict[str, Any]]
+TaskResult = tuple[Records, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate and how much of it."""
+
+    task: str  # a built-in task name, mc:FILE.jsonl or gen:FILE.jsonl
+    limit: int | None = None  # first N items (multiple choice, generation)
+    ctx: int = 512  # perplexity: tokens per chunk
+    limit_tokens: int | None = None  # perplexity: only the chunks within the first N tokens
+    batch_size: int | None = None  # chunks (perplexity), choice rows (multiple choice), prompts (generation)
+    max_new_tokens: int = 32  # generation
+    data_dir: Path | None = None  # default: KILN_DATA_DIR or ../shared/data
+    resume: bool = False  # continue an interrupted run with the same model, task and settings
+
+    def __post_init__(self) -> None:
+        resolve(self.task)  # unknown tasks fail before any model is loaded
+        for name in ("limit", "limit_tokens", "batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidParameterError(f"--{name.replace('_', '-')} {value} must be at least 1")
+        if self.ctx < 16 or self.ctx % 2:
+            raise InvalidParameterError(f"--ctx {self.ctx} must be an even number of tokens, at least 16")
+
+    def settings(self) -> dict[str, Any]:
+        keep = {"task", "limit", "ctx", "limit_tokens", "max_new_tokens"}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass
+class EvalOutcome:
+    task: str
+    kind: TaskKind
+    metrics: dict[str, float]
+    records: list[dict[str, Any]]
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def worst(self, n: int = WORST_ITEMS) -> list[dict[str, Any]]:
+        return sorted(self.records, key=lambda r: r["score"])[:n]
+
+
+class EvalInterrupted(KilnError):
+    exit_code = 130
+
+
+def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None = None,
+        progress: bool = True) -> EvalOutcome:
+    """Evaluate `loaded` on options.task; finished items survive Ctrl-C for --resume."""
+    ref = resolve(options.task)
+    if baseline is not None and ref.kind != "perplexity":
+        raise InvalidParameterError(f"--baseline applies to perplexity tasks, not {ref.name!r}")
+    if baseline is not None and baseline.spec.vocab_size != loaded.spec.vocab_size:
+        raise InvalidParameterError(
+            f"--baseline has a vocabulary of {baseline.spec.vocab_size} tokens, the model {loaded.spec.vocab_size}; "
+            "KL divergence needs the same tokenizer"
+        )
+    checkpoint = Checkpoint({"model": loaded.sha256, "baseline": baseline.sha256 if baseline else None,
+                             "precision": str(loaded.model.dtype), **options.settings()})
+    done = checkpoint.load() if options.resume else {}
+    if not options.resume:
+        checkpoint.discard()
+    start = time.perf_counter()
+    runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice, "generation": _run_generation}
+    records, metrics = runners[ref.kind](loaded, options, ref, baseline, checkpoint, done, progress)
+    checkpoint.discard()
+    return EvalOutcome(ref.name, ref.kind, metrics, records, time.perf_counter() - start, options.settings())
+
+
+def _process(
+    items: Sequence[T], done: dict[int, dict[str, Any]], index: Callable[[T], int], batch_size: int,
+    work: Callable[[list[T]], list[dict[str, Any]]], checkpoint: Checkpoint, desc: str, unit: str, progress: bool,
+) -> list[dict[str, Any]]:
+    """Run `work` on the items not yet done, batch by batch, checkpointing each batch's records."""
+    records = [done[index(it)] for it in items if index(it) in done]
+    todo = [it for it in items if index(it) not in done]
+    bar = tqdm(total=len(items), initial=len(records), desc=desc, unit=unit, disable=None if progress else True)
+    try:
+        for batch in _batched(todo, batch_size):
+            new = work(batch)
+            checkpoint.append(new)
+            records += new
+            bar.update(len(batch))
+    except KeyboardInterrupt:
+        raise EvalInterrupted(
+            f"interrupted after {len(records)} of {len(items)} {unit}s; rerun the same command with --resume "
+            "to continue"
+        ) from None
+    finally:
+        bar.close()
+    return sorted(records, key=lambda r: r["index"])
+
+
+def _batched(items: Iterable[T], size: int) -> Iterable[list[T]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _run_perplexity(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
+                    checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
+    tok = loaded.tokenizer
+    text = data_file("wikitext-2-raw/wiki.test.raw", options.data_dir).read_text(encoding="utf-8")
+    bos = tok.hf.bos_token_id if tok.adds_bos else None
+    tokens = ([bos] if bos is not None else []) + tok.encode(text, add_special_tokens=False)
+    chunks = perplexity.chunks(tokens, options.ctx, bos, options.limit_tokens)
+    if not chunks:
+        raise InvalidParameterError(f"the text has {len(tokens)} tokens, fewer than one chunk of --ctx {options.ctx}")
+    base_model = baseline.model if baseline is not None else None
+
+    def work(batch: list[int]) -> list[dict[str, Any]]:
+        sums = perplexity.score_chunks(loaded.model, [chunks[i] for i in batch], base_model)
+        return [{"index": i, "sums": s.to_dict(), "score": -s.nll / s.count} for i, s in zip(batch, sums, strict=True)]
+
+    records = _process(list(range(len(chunks))), done, lambda i: i, options.batch_size or 4, work, checkpoint,
+                       "wikitext2", "chunk", progress)
+    total = perplexity.Sums()
+    for r in records:
+        total.add(perplexity.Sums.from_dict(r.pop("sums")))
+        first = options.ctx // 2
+        r["input"] = tok.decode(chunks[r["index"]][first : first + 48])
+        r["target"] = ""
+        r["nll"] = -r["score"]
+    metrics = perplexity.statistics(total)
+    metrics["chunks"] = float(len(chunks))
+    return records, metrics
+
+
+def _run_multiple_choice(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
+                         checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
+    items = list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit))
+    rows = options.batch_size or 32
+
+    def work(batch: list[mc_tasks.MCItem]) -> list[dict[str, Any]]:
+        return multiple_choice.evaluate_items(loaded.model, loaded.tokenizer, batch, max_rows=rows)
+
+    records = _process(items, done, lambda it: it.index, 64, work, checkpoint, ref.name, "item", progress)
+    return records, multiple_choice.metrics(records)
+
+
+def _run_generation(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
+                    checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
+    source = gen_tasks.squad(options.data_dir) if ref.name == "squad" else gen_tasks.custom(ref.path or Path())
+    items = list(itertools.islice(source, options.limit))
+    generator = Generator(loaded.model, loaded.tokenizer)
+    stop = ("\n",) if ref.name == "squad" else ()
+
+    def work(batch: list[gen_tasks.GenItem]) -> list[dict[str, Any]]:
+        return generation.evaluate_items(generator, batch, options.max_new_tokens, len(batch), stop)
+
+    records = _process(items, done, lambda it: it.index, options.batch_size or 8, work, checkpoint, ref.name,
+                       "item", progress)
+    return records, generation.metrics(records, with_overlap=ref.name != "squad")

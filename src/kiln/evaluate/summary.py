@@ -1,0 +1,57 @@
+"""Turn an evaluation outcome into what `kiln eval` prints: a line of metrics, the worst items, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kiln.evaluate.runner import EvalOutcome
+
+
+def _pm(metrics: dict[str, float], key: str, scale: float = 1.0, digits: int = 2) -> str:
+    value = metrics[key] * scale
+    err = metrics.get(f"{key}_stderr")
+    return f"{value:.{digits}f}" + (f" ± {err * scale:.{digits}f}" if err is not None else "")
+
+
+def text(outcome: EvalOutcome) -> str:
+    m = outcome.metrics
+    if outcome.kind == "perplexity":
+        head = (f"{outcome.task}: ppl {_pm(m, 'ppl', digits=4)} ({int(m['chunks'])} chunks x "
+                f"{outcome.settings['ctx']} tokens, {int(m['tokens_scored']):,} scored)")
+        if "kld" in m:
+            head += (f"\n  baseline ppl {_pm(m, 'ppl_base', digits=4)}; Δppl {_pm(m, 'delta_ppl', digits=4)} "
+                     f"({m['delta_ppl_pct']:+.2f}%)\n  mean KLD {_pm(m, 'kld', digits=6)}, "
+                     f"median {m['kld_median']:.6f}, 99% {m['kld_p99']:.6f}; "
+                     f"same top-1 {_pm(m, 'same_top1', 100, 2)} %")
+    elif outcome.kind == "multiple_choice":
+        head = (f"{outcome.task}: acc {_pm(m, 'acc', 100)}  acc_norm {_pm(m, 'acc_norm', 100)}  "
+                f"({len(outcome.records)} items)")
+    else:
+        parts = [f"{k} {m[k]:.2f}" for k in ("exact_match", "f1", "bleu", "rouge_l") if k in m]
+        head = f"{outcome.task}: " + "  ".join(parts) + f"  ({len(outcome.records)} items)"
+    rate = len(outcome.records) / outcome.seconds if outcome.seconds > 0 else 0.0
+    return head + f"\n  {outcome.seconds:.1f} s, {rate:.2f} items/s"
+
+
+def worst_text(outcome: EvalOutcome, n: int = 5) -> str:
+    lines = [f"worst {n} items:"]
+    for r in outcome.worst(n):
+        shown = " ".join(str(r.get("input", "")).split())[:90]
+        detail = f"output {r['output']!r}" if "output" in r else f"target {str(r.get('target', ''))[:40]!r}"
+        lines.append(f"  #{r['index']:<5} score {r['score']:+.3f}  {shown!r}  {detail}")
+    return "\n".join(lines)
+
+
+def as_json(outcome: EvalOutcome, model: str, sha256: str) -> str:
+    data: dict[str, Any] = {"task": outcome.task, "model": model, "model_sha256": sha256,
+                            **outcome.metrics, "num_items": len(outcome.records), "seconds": round(outcome.seconds, 3)}
+    return json.dumps(data)
+
+
+def write_samples(outcome: EvalOutcome, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in outcome.records:
+            f.write(json.dumps({"task": outcome.task, **r}) + "\n")

@@ -1,0 +1,143 @@
+"""`kiln plan`: memory and speed of a model before it is loaded, as a roofline with measured efficiency.
+
+Decode is memory-bound: each step streams every weight once, so a step costs weight bytes times the
+measured seconds per byte of a streamed matmul at that batch size, plus the KV cache it reads, plus
+the measured fixed cost of each layer's small ops. Prefill is compute-bound: FLOPs per token over
+the measured matmul rate. Other hardware classes use their nominal bandwidth and FLOP rate with
+this machine's measured efficiency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kiln.model.spec import ModelSpec
+from kiln.plan import memory
+from kiln.plan.memory import PRECISIONS, PlanPrecision
+from kiln.plan.profile import MachineProfile
+
+PREFILL_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class HardwareClass:
+    name: str
+    bandwidth_gbs: float  # nominal memory bandwidth
+    memory_gib: float
+    gflops: dict[str, float]  # nominal dense matmul rate per compute dtype
+    layer_overhead_s: float  # assumed fixed cost per layer per decode step
+
+
+# Nominal figures of common classes; a plan for them is an estimate, not a measurement.
+HARDWARE_CLASSES = (
+    HardwareClass("laptop CPU, dual-channel DDR5", 80, 16, {"fp32": 500, "bf16": 1000}, 5e-5),
+    HardwareClass("server CPU, 12-channel DDR5", 400, 384, {"fp32": 4000, "bf16": 8000}, 5e-5),
+    HardwareClass("consumer GPU, 24 GB GDDR6X", 1000, 24, {"fp32": 80_000, "bf16": 160_000}, 1e-5),
+    HardwareClass("datacenter GPU, 80 GB HBM3", 3300, 80, {"fp32": 60_000, "bf16": 900_000}, 1e-5),
+)
+
+
+@dataclass
+class Plan:
+    precision: PlanPrecision
+    context: int
+    concurrency: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    activations_bytes: int
+    runtime_bytes: int
+    total_bytes: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float  # per sequence
+    total_decode_tokens_per_s: float
+    explanation: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _compute_dtype(precision: PlanPrecision) -> str:
+    # int8/int4 weights are widened to fp32 for the matmul until dedicated kernels land
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def _flops_per_token(spec: ModelSpec, position: int) -> float:
+    """Matmul FLOPs of one token: every weight but the embedding lookup, plus attention over `position` keys."""
+    matmul_params = spec.num_parameters - spec.vocab_size * spec.hidden_size * (1 if spec.tie_embeddings else 2)
+    attention = 4 * spec.num_layers * spec.num_heads * spec.head_dim * position
+    return 2 * matmul_params + attention
+
+
+def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int,
+             profile: MachineProfile) -> Plan:
+    weights = memory.weights_bytes(spec, precision)
+    kv = memory.kv_cache_bytes(spec, precision, context, concurrency)
+    activations = memory.activations_bytes(spec, precision, context, concurrency)
+    dtype = _compute_dtype(precision)
+
+    prompt = min(PREFILL_TOKENS, context)
+    prefill_s = prompt * _flops_per_token(spec, prompt // 2) / (profile.prefill_gflops[dtype] * 1e9)
+    prefill_s += spec.num_layers * profile.overhead(1)
+
+    # decode speed at a full context (the slowest step a sequence of this length takes)
+    kv_read = concurrency * spec.kv_bytes_per_token(memory.kv_bytes_per_element(precision)) * context
+    weight_s = weights * profile.per_byte(dtype, concurrency)
+    kv_s = kv_read / (profile.read_bandwidth_gbs * 1e9)
+    overhead_s = spec.num_layers * profile.overhead(concurrency)
+    step_s = weight_s + kv_s + overhead_s
+    effective = weights / weight_s / 1e9
+    kv_per_token = spec.kv_bytes_per_token(memory.kv_bytes_per_element(precision))
+    explanation = [
+        f"weights: {spec.num_parameters / 1e6:.1f}M parameters x {memory.bytes_per_weight(precision):g} B"
+        + (" + one fp32 scale per output row" if precision == "int8" else ""),
+        f"KV cache: {concurrency} x {context} tokens x {kv_per_token:,} B/token ({spec.num_layers} layers x "
+        f"{spec.num_kv_heads} KV heads x {spec.head_dim} x 2 (K and V) x {memory.kv_bytes_per_element(precision)} B)",
+        f"activations: one {min(memory.PREFILL_CHUNK, context)}-token prefill chunk per sequence, mask and logits",
+        f"runtime: torch and the tokenizer stack, {profile.runtime_bytes / 1e6:.0f} MB measured",
+        f"decode step: {weights / 1e6:.0f} MB of weights streamed at {effective:.1f} GB/s effective "
+        f"({100 * effective / profile.read_bandwidth_gbs:.0f}% of the {profile.read_bandwidth_gbs:.1f} GB/s read "
+        f"bandwidth, {dtype} matmul at batch {concurrency}) = {1000 * weight_s:.1f} ms, + reading a full KV cache "
+        f"{1000 * kv_s:.1f} ms, + {spec.num_layers} layers x {1e3 * profile.overhead(concurrency):.3f} ms of "
+        f"small ops = {1000 * step_s:.1f} ms",
+        f"prefill: {_flops_per_token(spec, prompt // 2) / 1e9:.3f} GFLOP/token at "
+        f"{profile.prefill_gflops[dtype]:.0f} GFLOP/s ({dtype} matmul, measured)",
+    ]
+    if precision in ("int8", "int4"):
+        explanation.append(f"{precision}: assumes the weights are widened to fp32 inside the matmul")
+    return Plan(
+        precision=precision, context=context, concurrency=concurrency, weights_bytes=weights, kv_cache_bytes=kv,
+        activations_bytes=activations, runtime_bytes=profile.runtime_bytes,
+        total_bytes=weights + kv + activations + profile.runtime_bytes,
+        prefill_tokens_per_s=prompt / prefill_s, decode_tokens_per_s=1 / step_s,
+        total_decode_tokens_per_s=concurrency / step_s, explanation=explanation,
+    )
+
+
+def for_class(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int,
+              hw: HardwareClass, profile: MachineProfile) -> tuple[float, bool]:
+    """(total decode tok/s, fits in memory) on a nominal hardware class, with this machine's efficiency."""
+    dtype = _compute_dtype(precision)
+    efficiency = 1 / (profile.per_byte(dtype, concurrency) * profile.read_bandwidth_gbs * 1e9)
+    weights = memory.weights_bytes(spec, precision)
+    weight_s = weights / (hw.bandwidth_gbs * 1e9 * efficiency)
+    compute_s = concurrency * _flops_per_token(spec, context // 2) / (hw.gflops[dtype] * 1e9)
+    step_s = max(weight_s, compute_s) + spec.num_layers * hw.layer_overhead_s
+    total = weights + memory.kv_cache_bytes(spec, precision, context, concurrency) + profile.runtime_bytes
+    return concurrency / step_s, total <= hw.memory_gib * 2**30
+
+
+def recommend(spec: ModelSpec, context: int, concurrency: int, target: float,
+              profile: MachineProfile) -> list[str]:
+    """For this machine and each hardware class, the highest precision that meets `target` tok/s in total."""
+    plans = [estimate(spec, p, context, concurrency, profile) for p in PRECISIONS]
+    ok = [pl for pl in plans if pl.total_decode_tokens_per_s >= target]
+    best = max(plans, key=lambda pl: pl.total_decode_tokens_per_s)
+    lines = [f"this machine: {ok[0].precision} (~{ok[0].total_decode_tokens_per_s:.0f} tok/s)" if ok else
+             f"this machine: does not meet it (best: {best.precision}, ~{best.total_decode_tokens_per_s:.0f} tok/s)"]
+    for hw in HARDWARE_CLASSES:
+        meets = [(p, speed) for p in PRECISIONS
+                 for speed, fits in [for_class(spec, p, context, concurrency, hw, profile)] if fits and speed >= target]
+        lines.append(f"{hw.name}: " + (f"{meets[0][0]} (~{meets[0][1]:.0f} tok/s, nominal)" if meets
+                                       else "does not meet it"))
+    return lines

@@ -1,0 +1,104 @@
+"""The runs database: every eval and bench result, with the model's identity, settings and versions.
+
+One SQLite file ($KILN_HOME/runs.sqlite); each result is written in a single transaction at the end
+of its run, so an interrupted run leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kiln import settings
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at TEXT NOT NULL,          -- UTC, ISO 8601
+    kind TEXT NOT NULL,                -- 'eval' or 'bench'
+    model TEXT NOT NULL,               -- as given with -m
+    model_sha256 TEXT NOT NULL,
+    model_size_bytes INTEGER NOT NULL,
+    task TEXT NOT NULL,                -- the eval task, or 'bench'
+    settings TEXT NOT NULL,            -- JSON
+    metrics TEXT NOT NULL,             -- JSON
+    versions TEXT NOT NULL,            -- JSON: machine and software versions
+    duration_s REAL NOT NULL,
+    worst TEXT NOT NULL DEFAULT '[]'   -- JSON: the worst items, for the report
+);
+CREATE INDEX IF NOT EXISTS runs_model ON runs (model_sha256, task);
+"""
+
+
+@dataclass
+class Run:
+    kind: str
+    model: str
+    model_sha256: str
+    model_size_bytes: int
+    task: str
+    settings: dict[str, Any]
+    metrics: dict[str, Any]
+    versions: dict[str, Any]
+    duration_s: float
+    worst: list[dict[str, Any]] = field(default_factory=list)
+    created_at: str = ""
+    id: int | None = None
+
+
+def db_path() -> Path:
+    return settings.home_dir() / "runs.sqlite"
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def add(run: Run, path: Path | None = None) -> int:
+    """Store one finished run (one transaction) and return its id."""
+    run.created_at = run.created_at or datetime.now(UTC).isoformat(timespec="seconds")
+    conn = _connect(path or db_path())
+    try:
+        with conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (created_at, kind, model, model_sha256, model_size_bytes, task, settings, metrics,"
+                " versions, duration_s, worst) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.created_at, run.kind, run.model, run.model_sha256, run.model_size_bytes, run.task,
+                 json.dumps(run.settings), json.dumps(run.metrics), json.dumps(run.versions), run.duration_s,
+                 json.dumps(run.worst)),
+            )
+        run.id = int(cursor.lastrowid or 0)
+        return run.id
+    finally:
+        conn.close()
+
+
+def query(model: str | None = None, kind: str | None = None, path: Path | None = None) -> list[Run]:
+    """Runs, oldest first; `model` matches the name given with -m or a prefix of the sha256."""
+    sql, args = "SELECT * FROM runs WHERE 1=1", []
+    if model:
+        sql += " AND (model = ? OR model_sha256 LIKE ?)"
+        args += [model, f"{model}%"]
+    if kind:
+        sql += " AND kind = ?"
+        args.append(kind)
+    conn = _connect(path or db_path())
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+    finally:
+        conn.close()
+    return [
+        Run(kind=r["kind"], model=r["model"], model_sha256=r["model_sha256"],
+            model_size_bytes=r["model_size_bytes"], task=r["task"], settings=json.loads(r["settings"]),
+            metrics=json.loads(r["metrics"]), versions=json.loads(r["versions"]), duration_s=r["duration_s"],
+            worst=json.loads(r["worst"]), created_at=r["created_at"], id=r["id"])
+        for r in rows
+    ]

@@ -1,0 +1,61 @@
+"""Multiple-choice scoring follows lm-evaluation-harness: tokenization, acc / acc_norm, standard errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kiln.evaluate.multiple_choice import encode_choice, evaluate_items, mean_and_stderr, metrics, record
+from kiln.evaluate.tasks.multiple_choice import MCItem
+from kiln.model.load import LoadedModel
+
+
+def test_trailing_context_space_moves_to_the_continuation(default_model: LoadedModel) -> None:
+    tok = default_model.tokenizer
+    ctx, cont = encode_choice(tok, "The answer is ", "Paris")
+    assert ctx == tok.encode("The answer is")
+    assert ctx + cont == tok.encode("The answer is Paris")
+
+
+def test_continuation_is_the_tail_of_the_whole_encoding(default_model: LoadedModel) -> None:
+    tok = default_model.tokenizer
+    ctx, cont = encode_choice(tok, "Question: 2+2\nAnswer:", " four")
+    assert ctx + cont == tok.encode("Question: 2+2\nAnswer: four")
+
+
+def test_empty_context_uses_the_prefix_token(default_model: LoadedModel) -> None:
+    tok = default_model.tokenizer
+    ctx, cont = encode_choice(tok, "", "hello world")
+    assert ctx == [tok.prefix_token_id] and cont == tok.encode("hello world", add_special_tokens=False)
+
+
+def test_acc_norm_divides_by_choice_length_without_delimiter() -> None:
+    item = MCItem(0, "ctx", ["ab", "abcdef"], gold=1)
+    r = record(item, [-4.0, -6.0])
+    assert r["prediction"] == 0  # raw log-likelihood prefers the short choice
+    assert r["prediction_norm"] == 1  # -6/6 > -4/2
+    assert r["correct_norm"] and not r["correct"]
+
+
+def test_ties_go_to_the_first_choice_like_numpy_argmax() -> None:
+    r = record(MCItem(0, "c", ["x", "y"], gold=1), [-1.0, -1.0])
+    assert r["prediction"] == 0 and r["prediction_norm"] == 0
+
+
+def test_standard_error_is_sample_std_over_sqrt_n() -> None:
+    mean, se = mean_and_stderr([1, 0, 1, 1])
+    assert mean == 0.75 and se == pytest.approx(math.sqrt(0.25 / 4))
+    out = metrics([{"correct": True, "correct_norm": False}, {"correct": False, "correct_norm": False}])
+    assert out["acc"] == 0.5 and out["acc_norm"] == 0.0
+
+
+def test_clear_answers_are_right(default_model: LoadedModel) -> None:
+    items = [
+        MCItem(0, "The capital of France is", ["Paris", "banana", "seventeen"], gold=0),
+        MCItem(1, "One, two, three, four,", ["purple", "five"], gold=1),
+        MCItem(2, "", ["The cat sat on the mat.", "mat the on sat cat The."], gold=0, delimiter=""),
+    ]
+    records = evaluate_items(default_model.model, default_model.tokenizer, items)
+    assert [r["prediction"] for r in records] == [0, 1, 0]
+    assert all(len(r["loglikelihoods"]) == len(it.choices) for r, it in zip(records, items, strict=True))

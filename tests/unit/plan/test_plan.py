@@ -1,0 +1,79 @@
+"""Planning: memory formulas, the roofline estimate on a fixed profile, and specs from configs alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kiln.model.info import spec_of
+from kiln.model.spec import ModelSpec
+from kiln.plan import estimate, memory
+from kiln.plan.profile import MachineProfile, _interpolate
+
+SMOL = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "max_position_embeddings": 8192, "tie_word_embeddings": True}
+PROFILE = MachineProfile(
+    cpu="test", threads=2, read_bandwidth_gbs=25.0,
+    seconds_per_weight_byte={d: {"1": 4e-11, "4": 6e-11, "16": 8e-11} for d in ("fp32", "bf16")},
+    prefill_gflops={"fp32": 300.0, "bf16": 600.0}, layer_overhead_s={"1": 1e-4, "4": 1.2e-4, "16": 2e-4},
+    runtime_bytes=250_000_000,
+)
+
+
+@pytest.fixture
+def spec() -> ModelSpec:
+    return ModelSpec.from_hf_config(SMOL)
+
+
+def test_weights_by_precision(spec: ModelSpec) -> None:
+    assert spec.num_parameters == 134_515_008
+    assert memory.weights_bytes(spec, "fp32") == 4 * 134_515_008
+    assert memory.weights_bytes(spec, "bf16") == 2 * 134_515_008
+    assert memory.weights_bytes(spec, "int4") == int(134_515_008 * (0.5 + 8 / 128))
+    assert 134_515_008 < memory.weights_bytes(spec, "int8") < 1.01 * 134_515_008
+
+
+def test_kv_cache(spec: ModelSpec) -> None:
+    per_token = 30 * 3 * 64 * 2 * 4  # layers x KV heads x head dim x (K, V) x fp32
+    assert memory.kv_cache_bytes(spec, "fp32", 1000, 4) == per_token * 1000 * 4
+    assert memory.kv_cache_bytes(spec, "bf16", 1000, 4) == per_token * 1000 * 2
+
+
+def test_decode_estimate_is_the_roofline_sum(spec: ModelSpec) -> None:
+    plan = estimate.estimate(spec, "fp32", 640, 1, PROFILE)
+    step = plan.weights_bytes * 4e-11 + 46080 * 640 / 25e9 + 30 * 1e-4
+    assert plan.decode_tokens_per_s == pytest.approx(1 / step)
+    assert plan.total_bytes == plan.weights_bytes + plan.kv_cache_bytes + plan.activations_bytes + 250_000_000
+    assert any("effective" in line for line in plan.explanation)
+
+
+def test_fewer_bits_decode_faster_and_batches_add_up(spec: ModelSpec) -> None:
+    speeds = [estimate.estimate(spec, p, 2048, 1, PROFILE).decode_tokens_per_s for p in ("fp32", "int8", "int4")]
+    assert speeds == sorted(speeds)
+    one, sixteen = (estimate.estimate(spec, "fp32", 2048, c, PROFILE) for c in (1, 16))
+    assert sixteen.total_decode_tokens_per_s > one.total_decode_tokens_per_s > sixteen.decode_tokens_per_s
+
+
+def test_recommendation_names_every_class(spec: ModelSpec) -> None:
+    lines = estimate.recommend(spec, 2048, 8, 500.0, PROFILE)
+    assert lines[0].startswith("this machine:") and len(lines) == 1 + len(estimate.HARDWARE_CLASSES)
+    assert "datacenter GPU" in lines[-1] and "does not meet" not in lines[-1]
+
+
+def test_interpolation_between_batches() -> None:
+    points = {1: 1.0, 4: 3.0}
+    assert _interpolate(points, 1) == 1.0 and _interpolate(points, 2) == pytest.approx(2.0)
+    assert _interpolate(points, 8) == pytest.approx(6.0)  # past the last point: grows with the batch
+
+
+def test_spec_from_a_bare_config(tmp_path: Path) -> None:
+    path = tmp_path / "my-config.json"
+    path.write_text(json.dumps(SMOL))
+    assert spec_of(str(path)).num_parameters == 134_515_008
+
+
+def test_spec_from_the_default_gguf_header() -> None:
+    assert spec_of("default").num_layers == 30

@@ -1,0 +1,25 @@
+"""The runs database stores each result in one transaction and finds it by model name or hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln import runs
+
+
+def make(model: str, sha: str, task: str) -> runs.Run:
+    return runs.Run(kind="eval", model=model, model_sha256=sha, model_size_bytes=10, task=task,
+                    settings={"limit": 5}, metrics={"acc": 0.5}, versions={"torch": "x"}, duration_s=1.5,
+                    worst=[{"index": 3}])
+
+
+def test_add_and_query(tmp_path: Path) -> None:
+    db = tmp_path / "runs.sqlite"
+    first = runs.add(make("default", "abc123", "piqa"), db)
+    runs.add(make("other", "def456", "hellaswag"), db)
+    assert first == 1
+    assert [r.task for r in runs.query(path=db)] == ["piqa", "hellaswag"]
+    found = runs.query(model="abc", path=db)
+    assert len(found) == 1 and found[0].metrics == {"acc": 0.5} and found[0].worst == [{"index": 3}]
+    assert runs.query(model="other", path=db)[0].model_sha256 == "def456"
+    assert runs.query(kind="bench", path=db) == []
