@@ -41,7 +41,8 @@ def test_multiple_choice_json_samples_and_runs(env: dict[str, str], tmp_path: Pa
     assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "model_sha256", "num_items"} <= set(out)
     assert out["num_items"] == 2
     records = [json.loads(line) for line in samples.read_text().splitlines()]
-    assert [r["index"] for r in records] == [0, 1] and {"input", "target", "loglikelihoods", "correct"} <= set(records[0])
+    assert [r["index"] for r in records] == [0, 1]
+    assert {"input", "target", "loglikelihoods", "correct"} <= set(records[0])
     listed = json.loads(run(env, "runs", "--json").stdout)
     assert len(listed) == 1 and listed[0]["task"] == f"mc:{items}" and listed[0]["metrics"]["acc"] == out["acc"]
 
