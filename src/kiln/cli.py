@@ -236,6 +236,14 @@ def _calibrate_first(profile):  # noqa: ANN001, ANN202 (module passed to keep th
     return profile.calibrate()
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from kiln.report import html
+
+    path = html.write(args.output, args.model or None, args.reference)
+    print(f"kiln: report written to {path.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description="Plan, compress, evaluate and serve language models on the hardware you have."
@@ -291,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="measure this machine again")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="one HTML page comparing models: table, Pareto plots, worst items")
+    p.add_argument("--model", action="append", default=[], help="include this model (repeatable; default: all)")
+    p.add_argument("--reference", default=None, help="the model Δppl is measured against (default: the first)")
+    p.add_argument("-o", "--output", type=Path, default=Path("report.html"))
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("runs", help="list recorded eval and bench results")
     p.add_argument("--model", default=None, help="only runs of this model (name or sha256 prefix)")

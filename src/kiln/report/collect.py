@@ -1,0 +1,59 @@
+"""Gather, per model, the latest result of every eval task and the latest bench from the runs database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln import runs
+
+TASK_COLUMNS = ("hellaswag", "arc_easy", "arc_challenge", "piqa")
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    sha256: str
+    size_bytes: int
+    evals: dict[str, runs.Run] = field(default_factory=dict)  # task -> latest run
+    bench: runs.Run | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. distillation loss curves
+
+    def metric(self, task: str, key: str) -> float | None:
+        run = self.evals.get(task)
+        value = run.metrics.get(key) if run else None
+        return float(value) if isinstance(value, int | float) else None
+
+    def bench_at(self, batch_size: int, key: str) -> float | None:
+        if self.bench is None:
+            return None
+        for row in self.bench.metrics.get("results", []):
+            if row["batch_size"] == batch_size:
+                return float(row[key])
+        return None
+
+    @property
+    def peak_rss(self) -> float | None:
+        if self.bench is None:
+            return None
+        return max(float(r["peak_rss_bytes"]) for r in self.bench.metrics.get("results", [{"peak_rss_bytes": 0}]))
+
+    @property
+    def mean_accuracy(self) -> float | None:
+        values = [v for t in TASK_COLUMNS if (v := self.metric(t, "acc_norm")) is not None]
+        return sum(values) / len(values) if values else None
+
+
+def collect(models: list[str] | None = None) -> list[ModelSummary]:
+    """One summary per model (in order of first appearance); `models` filters by name or sha256 prefix."""
+    found: dict[str, ModelSummary] = {}
+    for run in runs.query():
+        if models and not any(run.model == m or run.model_sha256.startswith(m) for m in models):
+            continue
+        summary = found.setdefault(run.model_sha256, ModelSummary(run.model, run.model_sha256, run.model_size_bytes))
+        summary.name = run.model  # the latest name given for this hash
+        if run.kind == "bench":
+            summary.bench = run
+        else:
+            summary.evals[run.task] = run
+    return list(found.values())

@@ -1,0 +1,80 @@
+"""The report: Pareto fronts, a self-contained page from the runs database, and a real browser rendering it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kiln import runs
+from kiln.errors import InvalidParameterError
+from kiln.report import html
+from kiln.report.plots import pareto_front
+
+
+def test_pareto_front() -> None:
+    # (size, ppl): lower is better on both
+    points = [(100, 20.0), (50, 25.0), (120, 21.0), (60, 24.0), (40, 40.0)]
+    assert sorted(pareto_front(points, True, True)) == [0, 1, 3, 4]
+    # (speed, ppl): higher speed better, lower ppl better
+    assert sorted(pareto_front([(10, 20.0), (20, 22.0), (15, 25.0)], False, True)) == [0, 1]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    for name, sha, size, ppl, speed in (("fp32", "a" * 64, 538e6, 23.5, 36.0), ("int8", "b" * 64, 140e6, 23.6, 90.0),
+                                        ("int4", "c" * 64, 80e6, 26.0, 120.0)):
+        common = dict(model=name, model_sha256=sha, model_size_bytes=int(size), versions={}, duration_s=1.0)
+        runs.add(runs.Run(kind="eval", task="wikitext2", settings={}, metrics={"ppl": ppl, "ppl_stderr": 0.4},
+                          worst=[{"index": 7, "score": -3.5, "input": "a <b>bold</b> chunk", "target": ""}],
+                          **common))
+        runs.add(runs.Run(kind="eval", task="piqa", settings={}, metrics={"acc": 0.65, "acc_norm": 0.66}, **common))
+        runs.add(runs.Run(kind="bench", task="bench", settings={}, metrics={"results": [
+            {"batch_size": 1, "decode_tokens_per_s": speed, "ttft_ms": 500.0, "peak_rss_bytes": 9e8}]}, **common))
+    return tmp_path
+
+
+def test_page_is_self_contained(home: Path) -> None:
+    page = html.render()
+    assert page.count("<svg") == 2 and "<tr>" in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page must not fetch anything"
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page  # item text is escaped
+    assert "+0.43%" in page  # Δppl of int8 against the first model
+    only = html.render(models=["int4"])
+    assert "int4" in only and "(aaaaaaaaaa)" not in only
+
+
+def test_nothing_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    with pytest.raises(InvalidParameterError, match="no runs recorded"):
+        html.render()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("KILN_REQUIRE_BROWSER"),
+                    reason="chromium not installed (.ci/run installs Debian's chromium)")
+def test_headless_chromium_renders_the_report(home: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    page = html.write(tmp_path / "report.html")
+    base = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<tr>") >= 4 and "quality against size" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1280,1600", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 1600)
+    colours = image.getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 50, "the screenshot is blank"
+    orange = sum(n for n, (r, g, b) in colours if r > 200 and 60 < g < 110 and b < 60)
+    assert orange > 20, "the Pareto front markers are not drawn"
