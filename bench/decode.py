@@ -14,17 +14,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from common import update_section
 from kiln import settings
 from kiln.benchmark.machine import describe, machine_info, read_bandwidth_gbs
 from kiln.engine.generate import Generator
 from kiln.engine.sampler import SamplingParams
 from kiln.model.load import load
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS, DECODE_PROMPT_TOKENS, NEW_TOKENS = 512, 128, 128
 Runner = Callable[[list[list[int]], int], None]
 
@@ -94,7 +93,7 @@ def main() -> None:
     table = render(results, args.runs) + roofline(weight_bytes)
     print(table)
     if args.update:
-        update_benchmarks(table)
+        update_section("bench/decode.py", table)
 
 
 def cell(values: list[float]) -> str:
@@ -119,18 +118,6 @@ def roofline(weight_bytes: int) -> str:
     return (f"\n\nMemory roofline, measured after the runs: read bandwidth {bandwidth:.1f} GB/s; fp32 weights "
             f"{weight_bytes / 1e6:.0f} MB read per decode step, so batch-1 decode cannot exceed "
             f"{bandwidth * 1e9 / weight_bytes:.0f} tok/s.")
-
-
-def update_benchmarks(table: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    start, end = "<!-- bench/decode.py:start -->", "<!-- bench/decode.py:end -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{start}\n{table}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text += f"\n{block}\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

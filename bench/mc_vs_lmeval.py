@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import update_section  # noqa: E402
 from kiln.benchmark.machine import describe, machine_info  # noqa: E402
 from kiln.evaluate.runner import EvalOptions, run  # noqa: E402
 from kiln.model.load import load  # noqa: E402
@@ -30,7 +31,6 @@ from peers import lmeval  # noqa: E402
 
 TASKS = {"hellaswag": "kiln_hellaswag", "arc_easy": "kiln_arc_easy", "arc_challenge": "kiln_arc_challenge",
          "piqa": "kiln_piqa"}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def scoring_seconds(samples_jsonl: str | None) -> float:
@@ -89,7 +89,7 @@ def main() -> None:
     table = render(rows, args.limit, args.batch_size)
     print(table)
     if args.update:
-        update(table)
+        update_section("bench/mc_vs_lmeval.py", table)
 
 
 def render(rows: list[tuple[str, Any, float, dict[str, Any], str]], limit: int, batch_size: int) -> str:
@@ -113,16 +113,6 @@ def render(rows: list[tuple[str, Any, float, dict[str, Any], str]], limit: int, 
         f"\n\nFirst {limit} items of each task, fp32, 2 threads; lm-eval {versions.get('lm_eval', '?')} `hf` backend, "
         f"batch size {batch_size}. Machine: {info}."
     )
-
-
-def update(table: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    start, end = "<!-- bench/mc_vs_lmeval.py:start -->", "<!-- bench/mc_vs_lmeval.py:end -->"
-    text = path.read_text()
-    block = f"{start}\n{table}\n{end}"
-    text = text[: text.index(start)] + block + text[text.index(end) + len(end):] if start in text else (
-        text + f"\n{block}\n")
-    path.write_text(text)
 
 
 if __name__ == "__main__":
