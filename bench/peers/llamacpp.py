@@ -500,11 +500,16 @@ def _cli_perplexity(args: argparse.Namespace) -> None:
     model, text = args.model or _default_model(), args.text or _default_text()
     result = run_perplexity(tools, model, text, ctx=args.ctx, threads=args.threads, chunks=args.chunks,
                             kl_base_out=args.kl_base_out, kl_base_in=args.kl_base_in, batch=args.batch)
-    print(f"model: {model}\ntext: {text}\nllama.cpp: {tools.commit} ({tools.build_info})")
-    rate = f"{result.eval_tokens_per_s:.1f}" if result.eval_tokens_per_s else "?"
+    mode = "-kl" if args.kl_base_in else ""
+    log_path = scratch_dir() / "logs" / f"perplexity-{model.stem}-{text.stem}-c{args.ctx}{mode}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(f"$ {' '.join(result.command)}\n{result.log}")
+    print(f"model: {model}\ntext: {text}\nllama.cpp: {tools.commit} ({tools.build_info})\nlog: {log_path}")
+    speed = "eval time not printed"
+    if result.eval_s is not None and result.eval_tokens_per_s is not None:
+        speed = f"eval {result.eval_s:.1f} s at {result.eval_tokens_per_s:.1f} tokens/s"
     print(f"PPL = {result.ppl:.4f} +/- {result.ppl_stderr:.5f}  ctx {result.ctx}, {result.num_chunks} chunks, "
-          f"{result.num_scored_tokens} tokens scored; eval {result.eval_s} s at {rate} tokens/s; "
-          f"wall {result.wall_s:.1f} s")
+          f"{result.num_scored_tokens} tokens scored; {speed}; wall {result.wall_s:.1f} s")
     if tools.tokenize is not None and args.count_tokens:
         print(f"file tokens: {count_tokens(tools, model, text)}")
     if result.kl is not None:

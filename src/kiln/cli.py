@@ -244,6 +244,86 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the import lazy)
+    from kiln.compress.recipe import LowRank, Prune, Quantize, Recipe, RecipeError
+
+    steps: list = []
+    if args.prune is not None:
+        steps.append(Prune(sparsity=args.prune, method=args.prune_method))
+    if args.lowrank_rank is not None or args.lowrank_energy is not None:
+        steps.append(LowRank(rank=args.lowrank_rank, energy=args.lowrank_energy))
+    if args.quantize is not None:
+        bits = {"int8": 8, "int4": 4, "w8a8": 8}[args.quantize]
+        method = "smoothquant" if args.quantize == "w8a8" else args.method
+        steps.append(Quantize(bits=bits, method=method, group_size=args.group_size, symmetric=args.symmetric,
+                              keep_embeddings=not args.quantize_embeddings, alpha=args.alpha))
+    if not steps:
+        raise RecipeError("nothing to do: pass --recipe FILE, --sweep FILE, or --quantize / --prune / --lowrank-*")
+    return Recipe(tuple(steps))
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from kiln.compress.pipeline import compress
+    from kiln.compress.recipe import Recipe, RecipeError
+
+    if args.sweep:
+        try:
+            sweep = tomllib.loads(args.sweep.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise RecipeError(f"{args.sweep}: cannot read the sweep ({exc})") from exc
+        entries = sweep.get("artifact", [])
+        if not entries or not all(isinstance(e, dict) and e.get("name") for e in entries):
+            raise RecipeError(f"{args.sweep}: expected [[artifact]] tables, each with a name and [[artifact.step]]s")
+        recipes = [(e["name"], Recipe.from_dict({k: v for k, v in e.items() if k != "name"},
+                                                f"{args.sweep} artifact {e['name']!r}")) for e in entries]
+        outputs = [(args.output / name, recipe) for name, recipe in recipes]
+    else:
+        recipe = Recipe.from_toml(args.recipe) if args.recipe else _recipe_from_flags(args)
+        outputs = [(args.output, recipe)]
+    for out, recipe in outputs:  # every recipe is validated above, before any work
+        manifest = compress(args.model, recipe, out, data_dir=args.data)
+        size = (out / "model.safetensors").stat().st_size
+        print(f"kiln: wrote {out} ({size / 1e6:.1f} MB, {manifest.history.get('seconds', 0):.0f} s)")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from kiln.compress.pipeline import distill_to_artifact
+    from kiln.compress.recipe import Distill, RecipeError
+
+    layers = None
+    if args.student_config:
+        try:
+            layers = _json.loads(args.student_config.read_text())["layers"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RecipeError(
+                f"{args.student_config}: expected {{\"layers\": [teacher layer indices]}} ({exc})"
+            ) from exc
+    cfg = Distill(student_layers=args.student_layers or (len(layers) if layers else None), steps=args.steps,
+                  time_budget_s=args.time_budget, lr=args.lr, temperature=args.temperature, ce_weight=args.ce_weight,
+                  batch_size=args.batch_size, seq_len=args.seq_len)
+    manifest = distill_to_artifact(args.teacher, cfg, args.output, layers, args.data, args.resume,
+                                   args.checkpoint_every)
+    info = manifest.history["distillation"]
+    print(f"kiln: wrote {args.output} ({len(info['teacher_layers'])} layers, {info['steps']} steps, "
+          f"{info['tokens']:,} tokens, {info['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kiln.artifact.gguf_export import export
+    from kiln.model.load import load
+
+    loaded = load(args.model, precision="fp32")
+    path = export(loaded, args.output)
+    print(f"kiln: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description="Plan, compress, evaluate and serve language models on the hardware you have."
@@ -306,6 +386,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("report.html"))
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compress", parents=[common], help="quantize, prune, factorise, distil into an artifact")
+    p.add_argument("-o", "--output", type=Path, required=True, help="artifact folder (a folder of them with --sweep)")
+    p.add_argument("--recipe", type=Path, default=None, help="a TOML recipe of [[step]] tables")
+    p.add_argument("--sweep", type=Path, default=None, help="a TOML file of [[artifact]] recipes, each with a name")
+    p.add_argument("--quantize", choices=["int8", "int4", "w8a8"], default=None)
+    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn", help="quantization method")
+    p.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale (32, 64, 128)")
+    p.add_argument("--symmetric", action="store_true", help="int4: symmetric grid")
+    p.add_argument("--quantize-embeddings", action="store_true", help="also quantize the embedding / lm_head")
+    p.add_argument("--alpha", type=float, default=0.5, help="w8a8: SmoothQuant migration strength")
+    p.add_argument("--prune", type=float, default=None, help="sparsity to reach, e.g. 0.5")
+    p.add_argument("--prune-method", choices=["magnitude", "wanda", "2:4", "heads", "channels", "layers"],
+                   default="magnitude")
+    p.add_argument("--lowrank-rank", type=int, default=None)
+    p.add_argument("--lowrank-energy", type=float, default=None)
+    p.add_argument("--data", type=Path, default=None, help="data folder for calibration text")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("distill", help="train a smaller student on a teacher's logits")
+    p.add_argument("--teacher", default="default")
+    p.add_argument("--student-layers", type=int, default=None, help="keep this many teacher layers, evenly spaced")
+    p.add_argument("--student-config", type=Path, default=None, help='JSON {"layers": [teacher layer indices]}')
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--ce-weight", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --output")
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", parents=[common], help="write a model or artifact as GGUF for llama.cpp")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("runs", help="list recorded eval and bench results")
     p.add_argument("--model", default=None, help="only runs of this model (name or sha256 prefix)")

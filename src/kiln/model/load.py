@@ -153,9 +153,15 @@ def load(name: str = "default", precision: Precision = "fp32", progress: bool = 
     start = time.perf_counter()
     source = resolve(name)
     folder = hf_folder(source)
-    spec = ModelSpec.from_hf_config(read_config(folder))
-    tokenizer = Tokenizer(folder, spec)
-    model = build_model(spec, SafetensorsReader(folder, progress), TORCH_DTYPES[precision])
+    if source.kind == "artifact":
+        from kiln.artifact.io import load_graph
+
+        spec, model, _ = load_graph(folder, TORCH_DTYPES[precision], progress)
+        tokenizer = Tokenizer(folder, spec)
+    else:
+        spec = ModelSpec.from_hf_config(read_config(folder))
+        tokenizer = Tokenizer(folder, spec)
+        model = build_model(spec, SafetensorsReader(folder, progress), TORCH_DTYPES[precision])
     return LoadedModel(
         spec=spec,
         model=model,

@@ -21,7 +21,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MAGIC = b"GGUF"
 
-SourceKind = Literal["gguf", "hf"]
+SourceKind = Literal["gguf", "hf", "artifact"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,10 @@ class ModelSource:
 
 
 def resolve(name: str) -> ModelSource:
-    """Turn a -m value into a ModelSource, or raise a one-line error saying what to pass instead."""
+    """Turn a -m value into a ModelSource, or raise a one-line error saying what to pass instead.
+
+    A folder with a manifest.json is a kiln artifact (kiln.artifact); its files are checked when it loads.
+    """
     if name == DEFAULT_MODEL:
         return ModelSource(name, "gguf", default_gguf_path())
     path = Path(name).expanduser()
@@ -70,6 +73,8 @@ def resolve(name: str) -> ModelSource:
                 "or a Hugging Face folder"
             )
         return ModelSource(name, "gguf", path.resolve())
+    if (path / "manifest.json").is_file():
+        return ModelSource(name, "artifact", path.resolve())
     if not (path / "config.json").is_file():
         raise ModelFormatError(
             f"folder {name!r} has no config.json; a Hugging Face model folder needs config.json, "

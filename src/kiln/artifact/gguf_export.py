@@ -1,0 +1,180 @@
+"""`kiln export --format gguf`: write a model or artifact as a GGUF file that llama.cpp loads and runs.
+
+int4 layers map exactly onto llama.cpp's blocks of 32 (a symmetric group's scale is Q4_0's d; an
+asymmetric one's scale and zero give Q4_1's d and m); int8 per-channel and W8A8 weights are
+re-blocked as Q8_0; other matrices are written as F32 (kiln's compute precision), norms as F32.
+q/k rows are permuted to llama.cpp's rotary layout, as its own converter does. The tokenizer and
+chat template are copied from the source GGUF when the model came from one; the GGUF writer is
+gguf-py's (llama.cpp's own Python package).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from kiln.artifact.manifest import Manifest, is_artifact
+from kiln.compress.quantize import grid
+from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, W8A8Linear
+from kiln.errors import InvalidParameterError, ModelFormatError
+from kiln.model.llama import Block
+from kiln.model.load import LoadedModel
+from kiln.model.source import resolve
+
+BLOCK = 32  # llama.cpp's block for Q4_0, Q4_1 and Q8_0
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+
+def _permute(w: Tensor, heads: int) -> Tensor:
+    """HF rotary layout (halves) -> llama.cpp's (interleaved pairs), per head, on the rows."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _q4_blocks(weight: grid.Int4Weight) -> tuple[np.ndarray, Any]:
+    """Exact Q4_0 (symmetric) or Q4_1 blocks from kiln's int4 groups."""
+    from gguf import GGMLQuantizationType
+
+    out, in_features = weight.q.shape[0], weight.in_features
+    if in_features % BLOCK:
+        raise InvalidParameterError(f"{in_features} inputs are not a multiple of {BLOCK}; GGUF int4 needs that")
+    per_group = weight.group_size // BLOCK
+    q = weight.q[:, :in_features].reshape(out, -1, BLOCK).numpy()  # [out, blocks, 32]
+    scales = weight.scales.repeat_interleave(per_group, dim=1)[:, : q.shape[1]].numpy()
+    offsets = weight.offsets.repeat_interleave(per_group, dim=1)[:, : q.shape[1]].numpy()
+    nibbles = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)  # llama.cpp: low nibbles first half
+    d = scales.astype(np.float16)[..., None].view(np.uint8)
+    if weight.symmetric:  # w = d (q - 8)
+        return np.concatenate([d, nibbles], axis=-1).reshape(out, -1), GGMLQuantizationType.Q4_0
+    m = offsets.astype(np.float16)[..., None].view(np.uint8)  # w = d q + m
+    return np.concatenate([d, m, nibbles], axis=-1).reshape(out, -1), GGMLQuantizationType.Q4_1
+
+
+def _int4_rows(layer: Int4Linear, rows: slice | None, heads: int | None) -> grid.Int4Weight:
+    weight = layer.unpacked()
+    q, scales, offsets = weight.q, weight.scales, weight.offsets
+    if rows is not None:
+        q, scales, offsets = q[rows], scales[rows], offsets[rows]
+    if heads is not None:
+        q, scales, offsets = (_permute(t, heads) for t in (q, scales, offsets))
+    return grid.Int4Weight(q.contiguous(), scales.contiguous(), offsets.contiguous(), weight.group_size,
+                           weight.in_features)
+
+
+def _tensor(module: nn.Module, heads: int | None = None, rows: slice | None = None) -> tuple[np.ndarray, Any]:
+    """(data, raw GGML type or None for F32) of one linear layer, a row slice of it, rotary-permuted."""
+    from gguf import GGMLQuantizationType, quants
+
+    if isinstance(module, Int4Linear):
+        return _q4_blocks(_int4_rows(module, rows, heads))
+    if isinstance(module, Int8Linear | W8A8Linear | LowRankLinear):
+        w = module.dequantized()
+    else:
+        assert isinstance(module, nn.Linear)
+        w = module.weight.detach().float()
+    if rows is not None:
+        w = w[rows]
+    if heads is not None:
+        w = _permute(w, heads)
+    if isinstance(module, Int8Linear | W8A8Linear):
+        return quants.quantize(w.contiguous().numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    return w.contiguous().numpy().astype(np.float32), None
+
+
+def _source_gguf(loaded: LoadedModel) -> Path | None:
+    """The GGUF this model (or the artifact's source) was made from, for its tokenizer metadata."""
+    if loaded.source.kind == "gguf":
+        return loaded.source.path
+    if is_artifact(loaded.folder):
+        source = Manifest.read(loaded.folder).source
+        if source.get("kind") == "gguf":
+            try:
+                origin = resolve(source["name"])
+            except (ModelFormatError, OSError):
+                return None
+            return origin.path if origin.kind == "gguf" and origin.sha256 == source["sha256"] else None
+    return None
+
+
+def _copy_tokenizer(writer: Any, gguf_path: Path) -> None:
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(gguf_path)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        kind = GGUFValueType(field.types[0])
+        if kind == GGUFValueType.ARRAY:
+            writer.add_key_value(key, field.contents(), kind, sub_type=GGUFValueType(field.types[-1]))
+        else:
+            writer.add_key_value(key, field.contents(), kind)
+
+
+def export(loaded: LoadedModel, out: Path) -> Path:
+    """Write `loaded` as the GGUF file `out`."""
+    from gguf import GGUFWriter
+
+    spec, model = loaded.spec, loaded.model
+    source = _source_gguf(loaded)
+    if source is None:
+        raise InvalidParameterError(
+            "GGUF export copies the tokenizer from the GGUF the model came from, and this model has none; "
+            "export models made from a .gguf (such as the default)"
+        )
+    arch = GGUF_ARCH[spec.model_type]
+    writer = GGUFWriter(str(out), arch)
+    writer.add_name(f"{loaded.source.name} (kiln)")
+    writer.add_block_count(spec.num_layers)
+    writer.add_context_length(spec.max_position)
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_feed_forward_length(spec.intermediate_size)
+    writer.add_head_count(spec.num_heads)
+    writer.add_head_count_kv(spec.num_kv_heads)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
+    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    writer.add_vocab_size(spec.vocab_size)
+    _copy_tokenizer(writer, source)
+    permute = arch == "llama"  # llama.cpp's llama uses interleaved rotary pairs; qwen2 keeps halves
+
+    def add(name: str, data: np.ndarray, raw: Any) -> None:
+        writer.add_tensor(name, data, raw_dtype=raw) if raw is not None else writer.add_tensor(name, data)
+
+    head = model.lm_head
+    embed = model.embed
+    if isinstance(embed, nn.Embedding):
+        add("token_embd.weight", embed.weight.detach().float().numpy(), None)
+    else:  # a quantized tied embedding is the quantized head
+        add("token_embd.weight", *_tensor(head))
+    if not spec.tie_embeddings:
+        add("output.weight", *_tensor(head))
+    add("output_norm.weight", model.norm.weight.detach().float().numpy(), None)
+    h, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    for i, block in enumerate(model.layers):
+        assert isinstance(block, Block)
+        qkv = block.attn.qkv_proj
+        rows = {"q": slice(0, h * d), "k": slice(h * d, (h + hkv) * d), "v": slice((h + hkv) * d, (h + 2 * hkv) * d)}
+        add(f"blk.{i}.attn_q.weight", *_tensor(qkv, h if permute else None, rows["q"]))
+        add(f"blk.{i}.attn_k.weight", *_tensor(qkv, hkv if permute else None, rows["k"]))
+        add(f"blk.{i}.attn_v.weight", *_tensor(qkv, None, rows["v"]))
+        bias = getattr(qkv, "bias", None)
+        if bias is not None:
+            for part, name in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v")):
+                add(f"blk.{i}.{name}.bias", bias.detach().float()[rows[part]].numpy(), None)
+        add(f"blk.{i}.attn_output.weight", *_tensor(block.attn.o_proj))
+        inter = spec.intermediate_size
+        add(f"blk.{i}.ffn_gate.weight", *_tensor(block.mlp.gate_up_proj, None, slice(0, inter)))
+        add(f"blk.{i}.ffn_up.weight", *_tensor(block.mlp.gate_up_proj, None, slice(inter, 2 * inter)))
+        add(f"blk.{i}.ffn_down.weight", *_tensor(block.mlp.down_proj))
+        add(f"blk.{i}.attn_norm.weight", block.input_norm.weight.detach().float().numpy(), None)
+        add(f"blk.{i}.ffn_norm.weight", block.post_attn_norm.weight.detach().float().numpy(), None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+

@@ -1,0 +1,131 @@
+"""Walk a model's decoder blocks one at a time over calibration data, collecting what each linear layer sees.
+
+Calibration-based methods (GPTQ, AWQ, SmoothQuant, Wanda) change block i using inputs produced by the
+already-changed blocks before it, as their papers do. The hidden states of all calibration samples at
+the current block's input are kept in memory ([samples, tokens, hidden]); blocks run without a cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from kiln.model.kv_cache import uncached_batch
+from kiln.model.llama import Block, LlamaModel
+
+# The linear layers of a block and where their input comes from.
+LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+@dataclass
+class InputStats:
+    """Statistics of the inputs [tokens, in] one linear layer received."""
+
+    in_features: int
+    hessian: bool = False  # accumulate X^T X (GPTQ)
+    keep_rows: int = 0  # keep a random sample of input rows (AWQ's search)
+    count: int = 0
+    abs_sum: Tensor = field(init=False)
+    sq_sum: Tensor = field(init=False)
+    abs_max: Tensor = field(init=False)
+    xtx: Tensor | None = field(init=False, default=None)
+    rows: list[Tensor] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
+        self.sq_sum = torch.zeros(self.in_features, dtype=torch.float64)
+        self.abs_max = torch.zeros(self.in_features)
+        if self.hessian:
+            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+
+    def update(self, x: Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()
+        self.count += x.shape[0]
+        self.abs_sum += x.abs().sum(0).double()
+        self.sq_sum += (x * x).sum(0).double()
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
+        if self.xtx is not None:
+            self.xtx += (x.T @ x).double()
+        if self.keep_rows and sum(r.shape[0] for r in self.rows) < self.keep_rows:
+            self.rows.append(x[torch.randperm(x.shape[0])[: max(1, self.keep_rows // 16)]].clone())
+
+    @property
+    def mean_abs(self) -> Tensor:
+        return (self.abs_sum / max(1, self.count)).float()
+
+    @property
+    def norm(self) -> Tensor:
+        """Per-input-channel L2 norm over all tokens (Wanda's ||X_j||)."""
+        return self.sq_sum.sqrt().float()
+
+    def hessian_matrix(self) -> Tensor:
+        assert self.xtx is not None, "collect with hessian=True"
+        return (2 * self.xtx / max(1, self.count)).float()
+
+    def sample(self) -> Tensor:
+        return torch.cat(self.rows)[: self.keep_rows]
+
+
+class BlockWalker:
+    """Feeds calibration tokens through the blocks; `collect` gathers inputs, `advance` moves on."""
+
+    def __init__(self, model: LlamaModel, tokens: Tensor, batch_size: int = 8) -> None:
+        self.model = model
+        self.batches = list(tokens.split(batch_size))
+        with torch.inference_mode():
+            self.hidden = [model.embed(b).float().clone() for b in self.batches]  # block 0's inputs
+        seq = tokens.shape[1]
+        self.meta = {b.shape[0]: uncached_batch([seq] * b.shape[0], seq, model.spec.sliding_window)
+                     for b in self.batches}
+        positions = self.meta[self.batches[0].shape[0]].positions[0]
+        self.cos = model.cos_table[positions].view(1, 1, seq, -1)
+        self.sin = model.sin_table[positions].view(1, 1, seq, -1)
+
+    def block(self, index: int) -> Block:
+        layer = self.model.layers[index]
+        assert isinstance(layer, Block)
+        return layer
+
+    @torch.inference_mode()
+    def run(self, index: int) -> list[Tensor]:
+        """Outputs of block `index` for every batch."""
+        block = self.block(index)
+        return [block(h, self.cos, self.sin, self.meta[h.shape[0]], None) for h in self.hidden]
+
+    @torch.inference_mode()
+    def collect(self, index: int, names: tuple[str, ...], hessian: bool = False,
+                keep_rows: int = 0) -> dict[str, InputStats]:
+        """Run block `index` and return the input statistics of its linear layers `names`."""
+        block = self.block(index)
+        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian, keep_rows) for n in names}
+        with _hooks(block, {n: s.update for n, s in stats.items()}):
+            self.run(index)
+        return stats
+
+    def advance(self, index: int) -> None:
+        """Replace the held hidden states by block `index`'s outputs (call after changing the block)."""
+        self.hidden = self.run(index)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.model.layers)))
+
+
+def _in_features(module: nn.Module) -> int:
+    features = getattr(module, "in_features", None)
+    assert isinstance(features, int)
+    return features
+
+
+@contextmanager
+def _hooks(block: nn.Module, callbacks: dict[str, Callable[[Tensor], None]]) -> Iterator[None]:
+    handles = [block.get_submodule(name).register_forward_pre_hook(lambda _m, args, cb=cb: cb(args[0]))
+               for name, cb in callbacks.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,188 @@
+"""Knowledge distillation: a student (chosen teacher layers, or a smaller config) learns the teacher's logits.
+
+loss = T^2 KL(softmax(teacher / T) || softmax(student / T)) + ce_weight * CE(student, next token)
+(arXiv 1503.02531), AdamW with a linear warm-up and cosine decay, gradient clipping at 1. Checkpoints
+(student, optimizer, step, loss curve) are written atomically every N steps; a run resumes from one.
+Hand-written because it is one of kiln's compression methods; torch supplies autograd and AdamW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kiln.compress.recipe import Distill
+from kiln.model.llama import Block, LlamaModel
+
+WARMUP = 0.05  # fraction of steps for the linear warm-up
+CLIP = 1.0
+
+
+def layer_choice(teacher_layers: int, student_layers: int) -> list[int]:
+    """`student_layers` teacher layers, evenly spaced, always including the first and the last."""
+    if student_layers >= teacher_layers:
+        return list(range(teacher_layers))
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return sorted({round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)})
+
+
+def make_student(teacher: LlamaModel, layers: list[int]) -> LlamaModel:
+    """A copy of the teacher keeping only `layers` (embedding, final norm and head are copied too)."""
+    spec = teacher.spec
+    sliding = tuple(spec.sliding_layers[i] for i in layers) if spec.sliding_layers else ()
+    student_spec = dataclasses.replace(spec, num_layers=len(layers), sliding_layers=sliding)
+    with torch.device("meta"):
+        student = LlamaModel(student_spec)
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
+    for new, old in enumerate(layers):
+        for k, v in teacher.layers[old].state_dict().items():
+            state[f"layers.{new}.{k}"] = v
+    student.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False, assign=True)
+    if spec.tie_embeddings:
+        student.tie_weights()
+    for i, block in enumerate(student.layers):
+        assert isinstance(block, Block)
+        block.attn.layer = i
+    student._rope_table(teacher.dtype)
+    return student
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
+            ce_weight: float) -> tuple[Tensor, Tensor]:
+    """(total loss, KL term) over all positions; logits [B, T, V], targets [B, T]."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                  log_target=True, reduction="none").sum(-1).mean() * t * t
+    if ce_weight == 0:
+        return kl, kl
+    ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
+    return kl + ce_weight * ce, kl
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    warm = max(1, int(WARMUP * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batches(tokens: Tensor, batch_size: int, seq_len: int, seed: int) -> Iterator[Tensor]:
+    """Endless random windows of seq_len + 1 tokens from one long token stream."""
+    rng = random.Random(seed)
+    while True:
+        starts = [rng.randrange(0, tokens.numel() - seq_len - 1) for _ in range(batch_size)]
+        yield torch.stack([tokens[s : s + seq_len + 1] for s in starts])
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last point)
+
+
+def save_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict()}, tmp / "weights.pt")
+    (tmp / "state.json").write_text(json.dumps(state.__dict__))
+    (tmp / "spec.json").write_text(json.dumps(student.spec.to_hf_config()))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer) -> TrainState:
+    data = torch.load(folder / "weights.pt", weights_only=True)  # kiln's own file; tensors and plain types only
+    student.load_state_dict(data["student"])
+    optimizer.load_state_dict(data["optimizer"])
+    raw = json.loads((folder / "state.json").read_text())
+    raw["losses"] = [tuple(x) for x in raw["losses"]]
+    return TrainState(**raw)
+
+
+def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill, checkpoint: Path | None = None,
+          resume: bool = False, every: int = 50, log_every: int = 10, progress: bool = True,
+          on_step: Callable[[TrainState], None] | None = None) -> TrainState:
+    """Train `student` in place on windows of `tokens`; stops at cfg.steps or cfg.time_budget_s."""
+    for p in student.parameters():
+        p.requires_grad_(True)
+    teacher.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    state = TrainState()
+    if resume and checkpoint is not None and (checkpoint / "state.json").is_file():
+        state = load_checkpoint(checkpoint, student, optimizer)
+    stream = batches(tokens, cfg.batch_size, cfg.seq_len, seed=state.step)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=None if progress else True)
+    running, count = 0.0, 0
+    start = time.perf_counter() - state.seconds
+    try:
+        while state.step < cfg.steps and (cfg.time_budget_s is None or state.seconds < cfg.time_budget_s):
+            batch = next(stream)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            with torch.no_grad():
+                teacher_logits = teacher(inputs, logits="all")
+            student.train()
+            loss, _ = kd_loss(student(inputs, logits="all"), teacher_logits.float(), targets, cfg.temperature,
+                              cfg.ce_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, cfg.steps, cfg.lr)
+            optimizer.step()
+            state.step += 1
+            state.tokens += inputs.numel()
+            state.seconds = time.perf_counter() - start
+            running, count = running + float(loss), count + 1
+            if state.step % log_every == 0:
+                state.losses.append((state.step, running / count))
+                running, count = 0.0, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
+            if checkpoint is not None and state.step % every == 0:
+                save_checkpoint(checkpoint, student, optimizer, state)
+            if on_step is not None:
+                on_step(state)
+    finally:
+        bar.close()
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+    if count:
+        state.losses.append((state.step, running / count))
+    return state
+
+
+def validation_loss(model: LlamaModel, tokens: Tensor, seq_len: int = 256, windows: int = 16) -> float:
+    """Mean next-token cross-entropy over the first `windows` windows of `tokens` (for reporting)."""
+    with torch.inference_mode():
+        losses = []
+        for i in range(windows):
+            chunk = tokens[i * seq_len : (i + 1) * seq_len + 1]
+            if chunk.numel() < seq_len + 1:
+                break
+            logits = model(chunk[:-1].unsqueeze(0), logits="all")[0]
+            losses.append(float(F.cross_entropy(logits.float(), chunk[1:])))
+    return sum(losses) / len(losses)
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

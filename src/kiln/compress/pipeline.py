@@ -1,0 +1,276 @@
+"""`kiln compress`: load a model, run a recipe's steps in order, write a self-describing artifact.
+
+Each step changes the graph in place: pruning zeroes or removes weights, low-rank factorisation and
+quantization swap in compressed layers (kiln.compress.quantize.qlinear), distillation replaces the
+model by a trained student. Calibration-based steps walk the blocks in order (kiln.compress.blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kiln.artifact import io
+from kiln.artifact.manifest import Manifest
+from kiln.compress import calibration, distill, lowrank
+from kiln.compress.blocks import LINEARS, BlockWalker
+from kiln.compress.calibration import CalibrationSet
+from kiln.compress.prune import structured, unstructured
+from kiln.compress.quantize import awq, gptq, smoothquant
+from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, QuantEmbedding, W8A8Linear
+from kiln.compress.recipe import Distill, LowRank, Prune, Quantize, Recipe, kind_of
+from kiln.errors import InvalidParameterError
+from kiln.model.llama import Block, LlamaModel
+from kiln.model.load import LoadedModel, load
+
+AWQ_SAMPLE_ROWS = 2048  # calibration input rows kept per layer for AWQ's searches
+
+
+@dataclass
+class Context:
+    """What the steps share: the model being compressed, its tokenizer, calibration data, a log."""
+
+    loaded: LoadedModel
+    recipe: Recipe
+    data_dir: Path | None
+    progress: bool
+    calibration: CalibrationSet | None = None
+    history: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> LlamaModel:
+        return self.loaded.model
+
+    def calib(self) -> CalibrationSet:
+        if self.calibration is None:
+            self.calibration = calibration.load(self.recipe.calibration, self.loaded.tokenizer, self.data_dir)
+        return self.calibration
+
+    def walker(self) -> BlockWalker:
+        return BlockWalker(self.model, self.calib().tokens)
+
+    def blocks(self, desc: str) -> tqdm:
+        return tqdm(range(len(self.model.layers)), desc=desc, unit="block", disable=None if self.progress else True)
+
+
+def _block(model: LlamaModel, i: int) -> Block:
+    block = model.layers[i]
+    assert isinstance(block, Block)
+    return block
+
+
+def _linear(block: Block, name: str) -> nn.Linear:
+    layer = block.get_submodule(name)
+    assert isinstance(layer, nn.Linear), f"{name} is already compressed"
+    return layer
+
+
+def _set(block: Block, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(block.get_submodule(parent), attr, module)
+
+
+# --- quantization -------------------------------------------------------------------------------------
+
+
+def _quantized(layer: nn.Linear, step: Quantize) -> nn.Module:
+    if step.bits == 8:
+        return Int8Linear.from_float(layer)
+    return Int4Linear.from_float(layer, step.group_size, step.symmetric)
+
+
+def _quantize_head(ctx: Context, step: Quantize) -> None:
+    model = ctx.model
+    head = model.lm_head
+    assert isinstance(head, nn.Linear)
+    bits_step = step if step.method != "smoothquant" else Quantize(bits=8)
+    model.lm_head = _quantized(head, bits_step)
+    if model.spec.tie_embeddings:
+        assert isinstance(model.lm_head, Int8Linear | Int4Linear)
+        model.embed = QuantEmbedding(model.lm_head)
+
+
+def quantize(ctx: Context, step: Quantize) -> None:
+    model = ctx.model
+    if step.method == "rtn":
+        for i in ctx.blocks("quantize rtn"):
+            block = _block(model, i)
+            for name in LINEARS:
+                _set(block, name, _quantized(_linear(block, name), step))
+    else:
+        walker = ctx.walker()
+        for i in ctx.blocks(f"quantize {step.method}"):
+            block = _block(model, i)
+            if step.method == "gptq":
+                for name in LINEARS:  # true-sequential: each layer sees the already-quantized ones before it
+                    seen = walker.collect(i, (name,), hessian=True)[name]
+                    layer = _linear(block, name)
+                    _, packed = gptq.gptq(layer.weight.detach(), seen.hessian_matrix(), step.bits, step.group_size,
+                                          step.symmetric, step.damp)
+                    bias = None if layer.bias is None else layer.bias.detach().float()
+                    _set(block, name, Int8Linear(*packed, bias) if isinstance(packed, tuple) else
+                         Int4Linear(packed, bias))
+            elif step.method == "awq":
+                stats = walker.collect(i, LINEARS, keep_rows=AWQ_SAMPLE_ROWS)
+                awq.apply_to_block(block, stats, step.group_size, step.symmetric)
+                for name in LINEARS:
+                    _set(block, name, _quantized(_linear(block, name), step))
+            else:  # smoothquant: W8A8
+                stats = walker.collect(i, LINEARS)
+                smoothquant.smooth_block(block, stats, step.alpha)
+                for name in LINEARS:
+                    _set(block, name, W8A8Linear.from_float(_linear(block, name)))
+            walker.advance(i)
+    if not step.keep_embeddings:
+        _quantize_head(ctx, step)
+
+
+# --- pruning ------------------------------------------------------------------------------------------
+
+
+def prune(ctx: Context, step: Prune) -> None:
+    model = ctx.model
+    if step.method in ("heads", "channels", "layers"):
+        _prune_structured(ctx, step)
+        return
+    needs_norms = step.method == "wanda" or (step.method == "2:4" and step.score == "wanda")
+    walker = ctx.walker() if needs_norms else None
+    for i in ctx.blocks(f"prune {step.method}"):
+        block = _block(model, i)
+        stats = walker.collect(i, LINEARS) if walker else {}
+        for name in LINEARS:
+            layer = _linear(block, name)
+            w = layer.weight.detach().float()
+            if step.method == "magnitude":
+                mask = unstructured.magnitude_mask(w, step.sparsity)
+            elif step.method == "wanda":
+                mask = unstructured.wanda_mask(w, stats[name].norm, step.sparsity)
+            else:
+                score = w.abs() * (stats[name].norm.unsqueeze(0) if stats else 1)
+                mask = unstructured.two_four_mask(score)
+            unstructured.apply(layer, mask)
+        if walker:
+            walker.advance(i)
+    layers = [_linear(_block(model, i), n) for i in range(len(model.layers)) for n in LINEARS]
+    ctx.history.setdefault("sparsity", []).append(round(unstructured.sparsity_of(layers), 4))
+
+
+def _prune_structured(ctx: Context, step: Prune) -> None:
+    model = ctx.model
+    walker = ctx.walker()
+    n = len(model.layers)
+    if step.method == "layers":
+        influence = []
+        for i in ctx.blocks("layer influence"):
+            before = walker.hidden
+            walker.advance(i)
+            influence.append(structured.block_influence(before, walker.hidden))
+        count = min(n - 1, round(step.sparsity * n))
+        drop = set(sorted(range(n), key=lambda i: influence[i])[:count])
+        structured.remove_layers(model, drop)
+        ctx.history["pruned_layers"] = sorted(drop)
+        return
+    for i in ctx.blocks(f"prune {step.method}"):
+        block = _block(model, i)
+        if step.method == "heads":
+            stats = walker.collect(i, ("attn.o_proj",), hessian=True)["attn.o_proj"]
+            importance = structured.head_importance(block, stats)
+            per_group = block.attn.num_heads // block.attn.num_kv_heads
+            remove = min(per_group - 1, round(step.sparsity * per_group))
+            walker.advance(i)
+            structured.prune_heads(block, importance, remove)
+        else:
+            stats = walker.collect(i, ("mlp.down_proj",))["mlp.down_proj"]
+            importance = structured.channel_importance(block, stats)
+            keep = max(1, round((1 - step.sparsity) * importance.numel()))
+            walker.advance(i)
+            structured.prune_channels(block, importance, keep)
+    structured.update_spec(model)
+
+
+# --- low rank and distillation ------------------------------------------------------------------------
+
+
+def factorise(ctx: Context, step: LowRank) -> None:
+    teacher = copy.deepcopy(ctx.model) if step.recover_steps else None
+    ranks = lowrank.apply(ctx.model, step.targets, step.rank, step.energy)
+    if not ranks:
+        raise InvalidParameterError("lowrank: no layer gets smaller at that rank or energy; lower it")
+    ctx.history["lowrank_ranks"] = ranks
+    if teacher is not None:
+        cfg = Distill(steps=step.recover_steps)
+        _train(ctx, teacher, ctx.model, cfg, "lowrank_recovery")
+
+
+def _stream(ctx: Context) -> torch.Tensor:
+    tokens, path, sha = calibration.stream(ctx.recipe.calibration, ctx.loaded.tokenizer, ctx.data_dir)
+    ctx.history.setdefault("distill_data", {"file": str(path), "sha256": sha})
+    return tokens
+
+
+def _train(ctx: Context, teacher: LlamaModel, student: LlamaModel, cfg: Distill, key: str,
+           checkpoint: Path | None = None, resume: bool = False, every: int = 50) -> None:
+    state = distill.train(teacher, student, _stream(ctx), cfg, checkpoint=checkpoint, resume=resume, every=every,
+                          progress=ctx.progress)
+    ctx.history[key] = {"steps": state.step, "tokens": state.tokens, "seconds": round(state.seconds, 1),
+                        "loss_curve": state.losses}
+
+
+def distil(ctx: Context, step: Distill, layers: list[int] | None = None, checkpoint: Path | None = None,
+           resume: bool = False, every: int = 50) -> None:
+    teacher = ctx.model
+    wanted = step.student_layers or teacher.spec.num_layers // 2
+    chosen = layers or distill.layer_choice(teacher.spec.num_layers, wanted)
+    student = distill.make_student(teacher, chosen)
+    _train(ctx, teacher, student, step, "distillation", checkpoint, resume, every)
+    ctx.history["distillation"]["teacher_layers"] = chosen
+    ctx.loaded.model = student
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------
+
+
+def compress(model: str, recipe: Recipe, out: Path, data_dir: Path | None = None, progress: bool = True) -> Manifest:
+    """Run `recipe` on `model` and write the artifact folder `out`; returns its manifest."""
+    start = time.perf_counter()
+    loaded = load(model, precision="fp32", progress=progress)
+    ctx = Context(loaded, recipe, data_dir, progress)
+    runners = {"quantize": quantize, "prune": prune, "lowrank": factorise, "distill": distil}
+    for step in recipe.steps:
+        runners[kind_of(step)](ctx, step)  # type: ignore[operator]
+    return _write(ctx, model, out, start)
+
+
+def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int] | None = None,
+                        data_dir: Path | None = None, resume: bool = False, every: int = 50,
+                        progress: bool = True) -> Manifest:
+    """`kiln distill`: train a student from the teacher's layers, checkpointing next to `out`."""
+    start = time.perf_counter()
+    ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    distil(ctx, cfg, layers, checkpoint, resume, every)
+    manifest = _write(ctx, teacher, out, start)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return manifest
+
+
+def _write(ctx: Context, model: str, out: Path, start: float) -> Manifest:
+    loaded = ctx.loaded
+    ctx.history["seconds"] = round(time.perf_counter() - start, 1)
+    manifest = Manifest(
+        source={"name": model, "sha256": loaded.sha256, "kind": loaded.source.kind},
+        recipe=ctx.recipe.to_dict(),
+        calibration=ctx.calibration.describe() if ctx.calibration else None,
+        history=ctx.history,
+    )
+    io.save(ctx.model, loaded.folder, out, manifest)
+    return Manifest.read(out)
+

@@ -1,0 +1,99 @@
+"""Quantization grids: int8 per output channel (symmetric), int4 per group of inputs (symmetric or not).
+
+int8: s = max|w| / 127 per output row, q = round(w / s) in [-127, 127].
+int4: per row and per group of g inputs, w ~ s q + m with q in [0, 15]: asymmetric s = (max - min) / 15,
+m = min (llama.cpp's Q4_1 grid); symmetric s = max|w| / 7, m = -8 s (Q4_0's). A float offset m keeps
+the grid where the weights are instead of forcing it through zero. Rows whose length is not a
+multiple of g are padded with zeros (SmolLM's 576 inputs give a last group of 64 at g = 128).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Int4Weight:
+    q: Tensor  # [out, in_padded] uint8 values 0..15 (unpacked)
+    scales: Tensor  # [out, groups] fp32
+    offsets: Tensor  # [out, groups] fp32: w = q * scale + offset
+    group_size: int
+    in_features: int
+
+    def dequantize(self) -> Tensor:
+        out = self.q.shape[0]
+        groups = self.scales.shape[1]
+        q = self.q.view(out, groups, self.group_size).float()
+        w = q * self.scales.unsqueeze(-1) + self.offsets.unsqueeze(-1)
+        return w.reshape(out, -1)[:, : self.in_features]
+
+    @property
+    def symmetric(self) -> bool:
+        return bool(torch.allclose(self.offsets, -8 * self.scales))
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(q int8 [out, in], scales fp32 [out]) with w ~ q * scales[:, None]."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
+    return q.float() * scales[:, None]
+
+
+def pad_inputs(w: Tensor, group_size: int) -> Tensor:
+    pad = (-w.shape[1]) % group_size
+    return torch.nn.functional.pad(w, (0, pad)) if pad else w
+
+
+def int4_params(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scales and offsets [out, groups] for weights [out, in] (padded inside)."""
+    g = pad_inputs(w.float(), group_size).view(w.shape[0], -1, group_size)
+    if symmetric:
+        scales = (g.abs().amax(dim=-1) / 7).clamp(min=1e-10)
+        return scales, -8 * scales
+    low, high = g.amin(dim=-1), g.amax(dim=-1)
+    return ((high - low) / 15).clamp(min=1e-10), low
+
+
+def quantize_int4_with(w: Tensor, scales: Tensor, offsets: Tensor, group_size: int) -> Tensor:
+    """q [out, in_padded] in 0..15 for given per-group scales and offsets."""
+    g = pad_inputs(w.float(), group_size).view(w.shape[0], -1, group_size)
+    q = torch.round((g - offsets.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp(0, 15)
+    return q.reshape(w.shape[0], -1).to(torch.uint8)
+
+
+def quantize_int4(w: Tensor, group_size: int, symmetric: bool) -> Int4Weight:
+    scales, offsets = int4_params(w, group_size, symmetric)
+    q = quantize_int4_with(w, scales, offsets, group_size)
+    return Int4Weight(q, scales, offsets, group_size, w.shape[1])
+
+
+def fake_quantize(w: Tensor, bits: int, group_size: int, symmetric: bool) -> Tensor:
+    """Quantize then dequantize: the weights the quantized model will compute with."""
+    if bits == 8:
+        return dequantize_int8(*quantize_int8(w))
+    return quantize_int4(w, group_size, symmetric).dequantize()
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Two 4-bit values per byte, even column in the low nibble: [out, in] -> [out, in / 2]."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.uint8)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out
+
+
+def groups_of(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size)

@@ -1,0 +1,203 @@
+"""Compression recipes: an ordered list of steps, each with validated parameters, read from TOML or flags.
+
+    [calibration]            # optional; defaults shown
+    file = "wikitext-2-raw/wiki.valid.raw"
+    samples = 64
+    tokens = 512
+    seed = 0
+
+    [[step]]
+    kind = "quantize"        # quantize | prune | lowrank | distill
+    bits = 4                 # 8 or 4
+    method = "gptq"          # rtn | gptq | awq | smoothquant (W8A8)
+    group_size = 128
+    symmetric = false
+    keep_embeddings = true   # embeddings and lm_head stay in full precision
+
+Validation happens before any work: an error names the field, the value and the allowed values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError
+
+
+class RecipeError(KilnError):
+    """A recipe field has a value kiln cannot use."""
+
+
+def _choice(where: str, name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{where}: {name} = {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}")
+
+
+def _range(where: str, name: str, value: Any, low: float, high: float, kind: type = float) -> None:
+    ok = isinstance(value, kind | int) and not isinstance(value, bool) if kind is float else (
+        isinstance(value, int) and not isinstance(value, bool))
+    if not ok or not low <= value <= high:
+        raise RecipeError(f"{where}: {name} = {value!r} is not allowed; use a {kind.__name__} in [{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Text the calibration-based steps (GPTQ, AWQ, SmoothQuant, Wanda, importance) read."""
+
+    file: str = "wikitext-2-raw/wiki.valid.raw"  # under the data folder, or an absolute path
+    samples: int = 64  # sequences
+    tokens: int = 512  # tokens per sequence
+    seed: int = 0
+
+    def check(self) -> None:
+        _range("calibration", "samples", self.samples, 1, 100_000, int)
+        _range("calibration", "tokens", self.tokens, 8, 65_536, int)
+
+
+@dataclass(frozen=True)
+class Quantize:
+    bits: int = 8  # 8: per-output-channel symmetric; 4: group-wise
+    method: str = "rtn"  # rtn | gptq | awq | smoothquant (W8A8: int8 weights and dynamic int8 activations)
+    group_size: int = 128  # int4 only: inputs per scale
+    symmetric: bool = False  # int4 only: symmetric grid (no zero point)
+    keep_embeddings: bool = True  # keep the embedding and lm_head unquantized
+    alpha: float = 0.5  # smoothquant: migration strength
+    damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added for stability
+
+    def check(self, where: str) -> None:
+        _choice(where, "bits", self.bits, (8, 4))
+        _choice(where, "method", self.method, ("rtn", "gptq", "awq", "smoothquant"))
+        if self.bits == 4:
+            _choice(where, "group_size", self.group_size, (32, 64, 128))
+        if self.method == "smoothquant" and self.bits != 8:
+            raise RecipeError(f"{where}: method = 'smoothquant' is W8A8; set bits = 8")
+        if self.method == "awq" and self.bits != 4:
+            raise RecipeError(f"{where}: method = 'awq' protects salient channels at 4 bits; set bits = 4")
+        _range(where, "alpha", self.alpha, 0.0, 1.0)
+        _range(where, "damp", self.damp, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Prune:
+    sparsity: float = 0.5  # fraction removed (unstructured), ignored for 2:4
+    method: str = "magnitude"  # magnitude | wanda | 2:4 | heads | channels | layers
+    score: str = "wanda"  # 2:4 only: which score picks the 2 kept of every 4 (magnitude | wanda)
+
+    def check(self, where: str) -> None:
+        _choice(where, "method", self.method, ("magnitude", "wanda", "2:4", "heads", "channels", "layers"))
+        _choice(where, "score", self.score, ("magnitude", "wanda"))
+        _range(where, "sparsity", self.sparsity, 0.0, 0.95)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    rank: int | None = None  # keep this many singular values ...
+    energy: float | None = None  # ... or the fewest whose squared sum reaches this fraction
+    targets: tuple[str, ...] = ("mlp",)  # which linear layers: mlp | attn | all
+    recover_steps: int = 0  # distillation steps afterwards (0 = none)
+
+    def check(self, where: str) -> None:
+        if (self.rank is None) == (self.energy is None):
+            raise RecipeError(f"{where}: set exactly one of rank or energy")
+        if self.rank is not None:
+            _range(where, "rank", self.rank, 1, 65_536, int)
+        if self.energy is not None:
+            _range(where, "energy", self.energy, 0.01, 1.0)
+        for t in self.targets:
+            _choice(where, "targets", t, ("mlp", "attn", "all"))
+        _range(where, "recover_steps", self.recover_steps, 0, 10_000_000, int)
+
+
+@dataclass(frozen=True)
+class Distill:
+    student_layers: int | None = None  # keep this many teacher layers, evenly spaced
+    steps: int = 200
+    time_budget_s: float | None = None  # stop when this many seconds have passed
+    lr: float = 1e-4
+    temperature: float = 2.0
+    ce_weight: float = 0.0  # weight of the cross-entropy on the data next to the KL term
+    batch_size: int = 4
+    seq_len: int = 256
+    data: str = "calibration"  # calibration | generated (the teacher writes the text from prompts)
+
+    def check(self, where: str) -> None:
+        if self.student_layers is not None:
+            _range(where, "student_layers", self.student_layers, 1, 1024, int)
+        _range(where, "steps", self.steps, 1, 10_000_000, int)
+        _range(where, "lr", self.lr, 1e-8, 1.0)
+        _range(where, "temperature", self.temperature, 0.1, 100.0)
+        _range(where, "ce_weight", self.ce_weight, 0.0, 100.0)
+        _range(where, "batch_size", self.batch_size, 1, 4096, int)
+        _range(where, "seq_len", self.seq_len, 8, 65_536, int)
+        _choice(where, "data", self.data, ("calibration", "generated"))
+
+
+STEP_TYPES: dict[str, type] = {"quantize": Quantize, "prune": Prune, "lowrank": LowRank, "distill": Distill}
+Step = Quantize | Prune | LowRank | Distill
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple[Step, ...]
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise RecipeError("the recipe has no steps; add at least one [[step]] with a kind")
+        self.calibration.check()
+        for i, step in enumerate(self.steps, start=1):
+            step.check(f"step {i} ({kind_of(step)})")
+        quantized = [i for i, s in enumerate(self.steps) if isinstance(s, Quantize)]
+        if len(quantized) > 1 or (quantized and quantized[0] != len(self.steps) - 1):
+            raise RecipeError("quantize must be the one last step: prune, lowrank and distill come before it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calibration": asdict(self.calibration),
+                "steps": [{"kind": kind_of(s), **asdict(s)} for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> Recipe:
+        unknown = set(data) - {"step", "steps", "calibration"}
+        if unknown:
+            raise RecipeError(f"{where}: unknown table {sorted(unknown)[0]!r}; use [calibration] and [[step]]")
+        raw_steps = data.get("step", data.get("steps", []))
+        if not isinstance(raw_steps, list):
+            raise RecipeError(f"{where}: steps must be an array of tables ([[step]])")
+        steps = [_build_step(s, f"{where} step {i}") for i, s in enumerate(raw_steps, start=1)]
+        calibration = _build(Calibration, data.get("calibration", {}), f"{where} [calibration]")
+        return cls(tuple(steps), calibration)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Recipe:
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} does not exist; pass a TOML file with [[step]] tables")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"{path}: not valid TOML ({exc})") from exc
+        return cls.from_dict(data, str(path))
+
+
+def kind_of(step: Step) -> str:
+    return next(k for k, t in STEP_TYPES.items() if isinstance(step, t))
+
+
+def _build_step(raw: Any, where: str) -> Step:
+    if not isinstance(raw, dict) or "kind" not in raw:
+        raise RecipeError(f"{where}: each step needs a kind ({', '.join(STEP_TYPES)})")
+    kind = raw["kind"]
+    _choice(where, "kind", kind, tuple(STEP_TYPES))
+    return _build(STEP_TYPES[kind], {k: v for k, v in raw.items() if k != "kind"}, where)
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        name = sorted(unknown)[0]
+        raise RecipeError(f"{where}: unknown field {name!r}; the fields are {', '.join(sorted(names))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return cls(**values)
