@@ -3,6 +3,8 @@
 The llama.cpp source comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp), so a pinned
 package version pins the llama.cpp commit. Everything is built under $KILN_BENCH_DIR (default
 ~/.cache/kiln-bench); nothing here is a kiln dependency. Comparing the numbers is left to the bench scripts.
+Bench on an idle machine: llama.cpp's OpenMP threads spin-wait, and on 2 cores shared with one busy process its
+decode fell to 0.4 tokens/s (57 with OMP_WAIT_POLICY=PASSIVE, which the environment passes through).
 
     .venv/bin/python bench/peers/llamacpp.py build [--python]
     .venv/bin/python bench/peers/llamacpp.py perplexity [--model X.gguf] [--ctx 512] [--chunks N]
@@ -328,11 +330,12 @@ def start_server(
     """
     log_dir = scratch_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = (log_dir / f"llama-server-{port}.log").open("wb")
+    log_path = log_dir / f"llama-server-{port}.log"
     cmd = [str(tools.server), "-m", str(model_gguf), "--host", "127.0.0.1", "--port", str(port),
            "-np", str(parallel), "-c", str(ctx), "-t", str(threads)]
-    _log(f"starting {' '.join(cmd)} (log: {log_file.name})")
-    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    _log(f"starting {' '.join(cmd)} (log: {log_path})")
+    with log_path.open("wb") as log_file:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def wait_ready(port: int, timeout_s: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -446,11 +449,10 @@ def _amx_fix_vars() -> list[str]:
 
 
 def _check_toolchain() -> None:
-    if shutil.which("cmake") is None:
-        raise PeerSetupError("cmake not found on PATH; install it (apt-get install cmake) and retry")
-    compiler = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-    if compiler is None:
-        raise PeerSetupError("no C++ compiler (c++, g++, clang++ or $CXX) on PATH; apt-get install g++ and retry")
+    for tool, env in (("cmake", None), ("cc", "CC"), ("c++", "CXX")):
+        name = (os.environ.get(env) if env else None) or tool
+        if shutil.which(name) is None:
+            raise PeerSetupError(f"{name} not found on PATH; install it (apt-get install cmake g++) and retry")
 
 
 def _run_streamed(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:

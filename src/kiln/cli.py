@@ -241,6 +241,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = html.write(args.output, args.model or None, args.reference)
     print(f"kiln: report written to {path.resolve()}")
+    choice = html.best(args.model or None, args.reference)
+    if choice:
+        print(f"kiln: best model: {choice[0]} ({choice[1]})\nkiln: serve it with: kiln serve -m {choice[0]}")
     return 0
 
 

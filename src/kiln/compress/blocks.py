@@ -106,6 +106,25 @@ class BlockWalker:
             self.run(index)
         return stats
 
+    @torch.inference_mode()
+    def inputs_of(self, index: int, name: str, hessian: bool = True) -> InputStats:
+        """Statistics of one linear layer's inputs, running the block only as far as that layer."""
+        block = self.block(index)
+        stats = InputStats(_in_features(block.get_submodule(name)), hessian)
+        for h in self.hidden:
+            meta = self.meta[h.shape[0]]
+            x = block.input_norm(h)
+            if name != "attn.qkv_proj":
+                mixed = block.attn.mix(x, self.cos, self.sin, meta, None)
+                if name == "attn.o_proj":
+                    stats.update(mixed)
+                    continue
+                x = block.post_attn_norm(h + block.attn.o_proj(mixed))
+                if name == "mlp.down_proj":
+                    x = block.mlp.act(x)
+            stats.update(x)
+        return stats
+
     def advance(self, index: int) -> None:
         """Replace the held hidden states by block `index`'s outputs (call after changing the block)."""
         self.hidden = self.run(index)

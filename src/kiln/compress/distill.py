@@ -151,12 +151,13 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
             state.step += 1
             state.tokens += inputs.numel()
             state.seconds = time.perf_counter() - start
-            running, count = running + float(loss), count + 1
+            value = loss.item()
+            running, count = running + value, count + 1
             if state.step % log_every == 0:
                 state.losses.append((state.step, running / count))
                 running, count = 0.0, 0
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
             if checkpoint is not None and state.step % every == 0:
                 save_checkpoint(checkpoint, student, optimizer, state)
             if on_step is not None:

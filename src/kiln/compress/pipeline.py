@@ -111,7 +111,7 @@ def quantize(ctx: Context, step: Quantize) -> None:
             block = _block(model, i)
             if step.method == "gptq":
                 for name in LINEARS:  # true-sequential: each layer sees the already-quantized ones before it
-                    seen = walker.collect(i, (name,), hessian=True)[name]
+                    seen = walker.inputs_of(i, name)
                     layer = _linear(block, name)
                     _, packed = gptq.gptq(layer.weight.detach(), seen.hessian_matrix(), step.bits, step.group_size,
                                           step.symmetric, step.damp)

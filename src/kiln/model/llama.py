@@ -78,9 +78,10 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(spec.hidden_size, qkv_out, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
-    def forward(
+    def mix(
         self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, cache: StaticKVCache | None
     ) -> Tensor:
+        """The attention heads' outputs [B, T, H * D], before o_proj."""
         b, t, _ = x.shape
         h, hkv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)  # [B, H+2Hkv, T, D]
@@ -94,7 +95,12 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and batch.causal, enable_gqa=hkv != h
         )  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
+        return out.transpose(1, 2).reshape(b, t, h * self.head_dim)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, cache: StaticKVCache | None
+    ) -> Tensor:
+        return self.o_proj(self.mix(x, cos, sin, batch, cache))
 
 
 class MLP(nn.Module):
@@ -105,9 +111,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def act(self, x: Tensor) -> Tensor:
+        """The gated activation [..., intermediate], down_proj's input."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(x))
 
 
 class Block(nn.Module):

@@ -137,6 +137,26 @@ def render(models: list[str] | None = None, reference: str | None = None) -> str
     )
 
 
+def best(models: list[str] | None = None, reference: str | None = None,
+         max_delta_pct: float = 2.0) -> tuple[str, str] | None:
+    """(name, reason) of the smallest model whose perplexity is within max_delta_pct of the reference."""
+    found = collect(models)
+    ref = next((m for m in found if reference in (m.name, m.sha256[: len(reference or '')])), None) or (
+        found[0] if found else None)
+    ref_ppl = ref.metric("wikitext2", "ppl") if ref else None
+    if not ref_ppl:
+        return None
+    ok = []
+    for m in found:
+        ppl = m.metric("wikitext2", "ppl")
+        if ppl is not None and 100 * (ppl / ref_ppl - 1) <= max_delta_pct:
+            ok.append((m.size_bytes, m.name, 100 * (ppl / ref_ppl - 1)))
+    if not ok:
+        return None
+    size, name, delta = min(ok)
+    return name, f"smallest within {max_delta_pct:g}% perplexity of the reference ({delta:+.2f}%, {size / 1e6:.0f} MB)"
+
+
 def write(path: Path, models: list[str] | None = None, reference: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(models, reference), encoding="utf-8")

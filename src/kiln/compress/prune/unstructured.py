@@ -35,7 +35,7 @@ def wanda_mask(weight: Tensor, input_norm: Tensor, sparsity: float) -> Tensor:
 def two_four_mask(score: Tensor) -> Tensor:
     """True for the 2 highest scores of every 4 consecutive inputs of each row (inputs padded to x4)."""
     rows, cols = score.shape
-    padded = torch.nn.functional.pad(score, (0, (-cols) % 4), value=float("inf"))
+    padded = torch.nn.functional.pad(score, (0, (-cols) % 4), value=float("-inf"))
     groups = padded.view(rows, -1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(2, groups.topk(2, dim=2).indices, True)

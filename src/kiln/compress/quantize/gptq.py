@@ -2,8 +2,10 @@
 error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
 
 Hand-written because it is one of kiln's compression algorithms (the core of the product); it follows
-the paper's lazy-batch form with a Cholesky factor of H^-1, and computes int4 group parameters when a
-group is reached (on the already-updated weights), as the reference implementation does.
+the paper's lazy-batch form with a Cholesky factor of H^-1. Columns go in order of decreasing Hessian
+diagonal ("act order": the inputs with the largest activations first, while most columns are still free
+to absorb their error); int4 group parameters are then fixed up front from the original weights
+("static groups"), so groups stay contiguous and the artifact needs no column permutation.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
 
 
 def gptq(weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool,
-         damp: float = 0.01) -> tuple[Tensor, tuple[Tensor, Tensor] | grid.Int4Weight]:
+         damp: float = 0.01, act_order: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor] | grid.Int4Weight]:
     """Returns (dequantized weight, packed form): (q int8, scales) for 8 bits, an Int4Weight for 4."""
     w = weight.float().clone()
     out_features, in_features = w.shape
@@ -39,13 +41,13 @@ def gptq(weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric:
     dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    hinv = _inverse_hessian_factor(h, damp)
 
-    if bits == 8:
-        int8_scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-    n_groups = grid.groups_of(in_features, group_size)
-    scales = torch.zeros(out_features, n_groups)
-    offsets = torch.zeros(out_features, n_groups)
+    int8_scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    scales, offsets = grid.int4_params_mse(w, group_size, symmetric)  # static groups, from the original weights
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features)
+    group_of = order // group_size  # group of each column, in processing order
+    w, h = w[:, order], h[order][:, order]
+    hinv = _inverse_hessian_factor(h, damp)
     q_all = torch.zeros(out_features, in_features)
     deq = torch.zeros_like(w)
 
@@ -61,12 +63,7 @@ def gptq(weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric:
                 q = torch.round(column / int8_scales).clamp(-127, 127)
                 d = q * int8_scales
             else:
-                g = col // group_size
-                if col % group_size == 0:  # entering a group: its grid comes from the updated weights
-                    # (groups never straddle a lazy batch: BLOCK is a multiple of every group size)
-                    g1 = min(col + group_size, in_features)
-                    s, m = grid.int4_params(w_block[:, i : g1 - b0], group_size, symmetric)
-                    scales[:, g], offsets[:, g] = s[:, 0], m[:, 0]
+                g = int(group_of[col])
                 q = torch.round((column - offsets[:, g]) / scales[:, g]).clamp(0, 15)
                 d = q * scales[:, g] + offsets[:, g]
             q_all[:, col] = q
@@ -76,7 +73,10 @@ def gptq(weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric:
             err_block[:, i] = err
         w[:, b1:] -= err_block @ hinv[b0:b1, b1:]
 
+    inverse = torch.argsort(order)
+    deq, q_all = deq[:, inverse], q_all[:, inverse]
     if bits == 8:
         return deq, (q_all.to(torch.int8), int8_scales)
-    q_padded = torch.nn.functional.pad(q_all, (0, n_groups * group_size - in_features)).to(torch.uint8)
+    padding = scales.shape[1] * group_size - in_features
+    q_padded = torch.nn.functional.pad(q_all, (0, padding)).to(torch.uint8)
     return deq, grid.Int4Weight(q_padded, scales, offsets, group_size, in_features)

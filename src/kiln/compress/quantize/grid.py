@@ -63,6 +63,32 @@ def int4_params(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor, Te
     return ((high - low) / 15).clamp(min=1e-10), low
 
 
+def int4_params_mse(w: Tensor, group_size: int, symmetric: bool,
+                    ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)) -> tuple[Tensor, Tensor]:
+    """Scales and offsets whose grid, shrunk by the best of `ratios` per group, gives the least squared error.
+
+    Clipping the largest weights of a group buys a finer step for all the others; GPTQ's reference code
+    searches the same way for its group grids.
+    """
+    g = pad_inputs(w.float(), group_size).view(w.shape[0], -1, group_size)
+    best_err = torch.full(g.shape[:2], float("inf"))
+    best_s = torch.zeros(g.shape[:2])
+    best_m = torch.zeros(g.shape[:2])
+    for ratio in ratios:
+        if symmetric:
+            s = (g.abs().amax(dim=-1) * ratio / 7).clamp(min=1e-10)
+            m = -8 * s
+        else:
+            low, high = g.amin(dim=-1) * ratio, g.amax(dim=-1) * ratio
+            s, m = ((high - low) / 15).clamp(min=1e-10), low
+        q = torch.round((g - m.unsqueeze(-1)) / s.unsqueeze(-1)).clamp(0, 15)
+        err = (q * s.unsqueeze(-1) + m.unsqueeze(-1) - g).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+    return best_s, best_m
+
+
 def quantize_int4_with(w: Tensor, scales: Tensor, offsets: Tensor, group_size: int) -> Tensor:
     """q [out, in_padded] in 0..15 for given per-group scales and offsets."""
     g = pad_inputs(w.float(), group_size).view(w.shape[0], -1, group_size)

@@ -1,0 +1,105 @@
+"""kiln artifacts exported to GGUF, run by llama.cpp: same greedy tokens as kiln, perplexity within 1%.
+
+For each artifact recipe: `kiln compress`, `kiln export --format gguf`, then
+- greedy generation of 32 tokens on 5 MT-bench prompts (chat template) in kiln and in llama-cpp-python;
+- wikitext2 perplexity (ctx 512, first N chunks) with `kiln eval` on the artifact and `llama-perplexity`
+  on the GGUF.
+llama.cpp is built by bench/peers/llamacpp.py outside the repository.
+
+    .venv/bin/python bench/gguf_roundtrip.py [--chunks 40] [--update]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import update_section
+from kiln import settings
+from kiln.engine.generate import Generator
+from kiln.engine.sampler import SamplingParams
+from kiln.model.load import load
+from peers import llamacpp
+
+KILN = str(Path(sys.executable).parent / "kiln")
+RECIPES = {
+    "int8": ["--quantize", "int8"],
+    "int4-g32 asym": ["--quantize", "int4", "--group-size", "32"],
+    "int4-g128 sym gptq": ["--quantize", "int4", "--group-size", "128", "--symmetric", "--method", "gptq"],
+}
+NEW_TOKENS = 32
+
+
+def prompts(count: int = 5) -> list[str]:
+    path = settings.data_dir() / "prompts" / "mt_bench_question.jsonl"
+    return [json.loads(line)["turns"][0] for line in path.read_text().splitlines()[:count]]
+
+
+def kiln_tokens(folder: Path, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    loaded = load(str(folder), progress=False)
+    ids = [loaded.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    gen = Generator(loaded.model, loaded.tokenizer)
+    outs = gen.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    return ids, [o.token_ids for o in outs]
+
+
+def llama_tokens(gguf: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
+    sys.path.insert(0, str(llamacpp.ensure_python_binding()))
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=2, verbose=False, logits_all=False)
+    out = []
+    for ids in prompt_ids:
+        llm.reset()
+        tokens = []
+        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            tokens.append(int(tok))
+            if len(tokens) == NEW_TOKENS:
+                break
+        out.append(tokens)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--update", action="store_true")
+    args = parser.parse_args()
+    tools = llamacpp.ensure_tools()
+    text = settings.data_dir() / "wikitext-2-raw" / "wiki.test.raw"
+    lines = ["| artifact | GGUF types | same greedy tokens (5 prompts x 32) | kiln ppl | llama.cpp ppl | diff |",
+             "|---" * 6 + "|"]
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, flags in RECIPES.items():
+            folder = Path(scratch) / name.replace(" ", "_")
+            gguf = folder.with_suffix(".gguf")
+            subprocess.run([KILN, "compress", *flags, "-o", str(folder)], check=True, capture_output=True)
+            subprocess.run([KILN, "export", "-m", str(folder), "-o", str(gguf)], check=True, capture_output=True)
+            info = json.loads(subprocess.run([KILN, "info", "-m", str(gguf), "--json"], check=True,
+                                             capture_output=True, text=True).stdout)
+            ids, ours = kiln_tokens(folder, prompts())
+            theirs = llama_tokens(gguf, ids)
+            same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+            kiln_ppl = json.loads(subprocess.run(
+                [KILN, "eval", "-m", str(folder), "--task", "wikitext2", "--limit-tokens", str(512 * args.chunks),
+                 "--json"], check=True, capture_output=True, text=True).stdout)["ppl"]
+            llama_ppl = llamacpp.run_perplexity(tools, gguf, text, chunks=args.chunks).ppl
+            types = ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items()))
+            lines.append(f"| {name} | {types} | {same}/5 | {kiln_ppl:.4f} | {llama_ppl:.4f} "
+                         f"| {100 * (llama_ppl / kiln_ppl - 1):+.2f}% |")
+            print(lines[-1], file=sys.stderr)
+    table = "\n".join(lines) + (
+        f"\n\nllama.cpp {tools.commit} (llama-cpp-python {tools.version}); ppl on the first {args.chunks} chunks "
+        "of wiki.test.raw at ctx 512; greedy tokens compared prompt by prompt (whole 32-token sequences)."
+    )
+    print(table)
+    if args.update:
+        update_section("bench/gguf_roundtrip.py", table)
+
+
+if __name__ == "__main__":
+    main()

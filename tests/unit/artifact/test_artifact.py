@@ -1,0 +1,97 @@
+"""Artifacts: a compressed graph survives the round trip; tampered, truncated or partial folders are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.artifact import io
+from kiln.artifact.manifest import Manifest
+from kiln.compress.prune import unstructured
+from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, QuantEmbedding, W8A8Linear
+from kiln.errors import ModelFormatError
+from kiln.model.llama import Block, LlamaModel
+
+from ..compress.conftest import tiny_model
+
+
+def compressed() -> LlamaModel:
+    model = tiny_model()
+    blocks = [b for b in model.layers if isinstance(b, Block)]
+    blocks[0].attn.qkv_proj = Int8Linear.from_float(blocks[0].attn.qkv_proj)
+    blocks[0].mlp.down_proj = Int4Linear.from_float(blocks[0].mlp.down_proj, 32, False)
+    blocks[1].attn.o_proj = W8A8Linear.from_float(blocks[1].attn.o_proj)
+    w = blocks[1].mlp.gate_up_proj.weight.detach()
+    blocks[1].mlp.down_proj = LowRankLinear(torch.randn(4, 128), torch.randn(64, 4), None)
+    unstructured.apply(blocks[2].mlp.gate_up_proj, unstructured.magnitude_mask(w, 0.5))
+    head = model.lm_head
+    assert isinstance(head, nn.Linear)
+    model.lm_head = Int4Linear.from_float(head, 64, True)
+    model.embed = QuantEmbedding(model.lm_head)
+    return model
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[LlamaModel, Path]:
+    model = compressed()
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "tokenizer.json").write_text("{}")
+    out = io.save(model, tokenizer_dir, tmp_path / "artifact", Manifest(source={"name": "tiny"}, recipe={}))
+    return model, out
+
+
+def test_round_trip(saved: tuple[LlamaModel, Path]) -> None:
+    model, folder = saved
+    manifest = Manifest.read(folder)
+    assert set(manifest.files) == {"model.safetensors", "config.json", "tokenizer.json"}
+    formats = {v["format"] for v in manifest.tensors.values()}
+    assert formats == {"int8", "int4", "w8a8", "lowrank", "sparse", "tied_head"}
+    spec, loaded, _ = io.load_graph(folder, torch.float32, progress=False)
+    tokens = torch.randint(0, 128, (2, 16))
+    assert torch.allclose(loaded(tokens, logits="all"), model(tokens, logits="all"), atol=1e-5)
+    assert isinstance(loaded.embed, QuantEmbedding) and spec == model.spec
+
+
+def test_sparse_matrix_is_stored_compactly(saved: tuple[LlamaModel, Path]) -> None:
+    _, folder = saved
+    info = Manifest.read(folder).tensors["layers.2.mlp.gate_up_proj.weight"]
+    assert info["format"] == "sparse" and info["density"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_flipped_byte_is_refused(saved: tuple[LlamaModel, Path]) -> None:
+    _, folder = saved
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="model.safetensors does not match its sha256"):
+        io.load_graph(folder, torch.float32, progress=False)
+
+
+def test_truncated_and_missing_files_are_refused(saved: tuple[LlamaModel, Path], tmp_path: Path) -> None:
+    _, folder = saved
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelFormatError, match="does not match its sha256"):
+        io.load_graph(cut, torch.float32, progress=False)
+    (cut / "config.json").unlink()
+    with pytest.raises(ModelFormatError, match="config.json is missing"):
+        io.load_graph(cut, torch.float32, progress=False)
+
+
+def test_damaged_manifest(saved: tuple[LlamaModel, Path]) -> None:
+    _, folder = saved
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="manifest.json cannot be read"):
+        io.load_graph(folder, torch.float32, progress=False)
+    (folder / "manifest.json").write_text(json.dumps({"format": "kiln-artifact", "format_version": 99}))
+    with pytest.raises(ModelFormatError, match="upgrade kiln"):
+        io.load_graph(folder, torch.float32, progress=False)

@@ -1,0 +1,74 @@
+"""GGUF export: tensor types and values as llama.cpp will read them, the tokenizer copied from the source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kiln.artifact.gguf_export import _permute, export
+from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear
+from kiln.model.llama import Block
+from kiln.model.load import LoadedModel
+
+
+@pytest.fixture(scope="module")
+def exported(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, Path]:
+    import copy
+
+    loaded = copy.copy(default_model)
+    model = copy.deepcopy(default_model.model)
+    block = model.layers[0]
+    assert isinstance(block, Block)
+    block.attn.qkv_proj = Int4Linear.from_float(block.attn.qkv_proj, 32, symmetric=False)
+    block.mlp.down_proj = Int4Linear.from_float(block.mlp.down_proj, 128, symmetric=True)
+    block.mlp.gate_up_proj = Int8Linear.from_float(block.mlp.gate_up_proj)
+    loaded.model = model
+    out = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    return loaded, export(loaded, out)
+
+
+def tensors(path: Path) -> dict[str, object]:
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def dequantized(t: object) -> np.ndarray:
+    from gguf import quants
+
+    return quants.dequantize(t.data, t.tensor_type).reshape(list(reversed([int(x) for x in t.shape])))
+
+
+def test_types_follow_the_layers(exported: tuple[LoadedModel, Path]) -> None:
+    _, path = exported
+    found = tensors(path)
+    assert found["blk.0.attn_q.weight"].tensor_type.name == "Q4_1"
+    assert found["blk.0.ffn_down.weight"].tensor_type.name == "Q4_0"
+    assert found["blk.0.ffn_gate.weight"].tensor_type.name == "Q8_0"
+    assert found["blk.1.attn_q.weight"].tensor_type.name == "F32"
+    assert len(found) == 2 + 9 * 30  # embedding, final norm, 9 per layer (tied head: no output.weight)
+
+
+def test_int4_values_are_kept_exactly(exported: tuple[LoadedModel, Path]) -> None:
+    loaded, path = exported
+    block = loaded.model.layers[0]
+    assert isinstance(block, Block)
+    found = tensors(path)
+    q_rows = block.attn.qkv_proj.dequantized()[: 9 * 64]
+    expected = _permute(q_rows, 9).numpy()  # llama.cpp's rotary row order
+    assert np.allclose(dequantized(found["blk.0.attn_q.weight"]), expected, atol=2e-3)
+    down = block.mlp.down_proj.dequantized().numpy()
+    assert np.allclose(dequantized(found["blk.0.ffn_down.weight"]), down, atol=2e-3)
+
+
+def test_tokenizer_comes_from_the_source(exported: tuple[LoadedModel, Path], default_model: LoadedModel) -> None:
+    from gguf import GGUFReader
+
+    _, path = exported
+    ours = GGUFReader(path).fields
+    theirs = GGUFReader(default_model.source.path).fields
+    assert ours["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(ours["tokenizer.ggml.tokens"].contents()) == 49152
+    assert ours["tokenizer.chat_template"].contents() == theirs["tokenizer.chat_template"].contents()

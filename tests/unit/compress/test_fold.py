@@ -1,0 +1,39 @@
+"""Folding a scale into the producing operation leaves a block's output unchanged (before quantization)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.compress.blocks import LINEARS, BlockWalker
+from kiln.compress.fold import fold, group_shared
+from kiln.compress.quantize import awq, smoothquant
+from kiln.model.llama import Block, LlamaModel
+
+
+@pytest.mark.parametrize("target", LINEARS)
+def test_fold_preserves_the_block(tiny: LlamaModel, tokens: torch.Tensor, target: str) -> None:
+    walker = BlockWalker(tiny, tokens)
+    before = walker.run(0)
+    block = tiny.layers[0]
+    assert isinstance(block, Block)
+    s = torch.rand(block.get_submodule(target).in_features) + 0.5
+    if target == "attn.o_proj":
+        s = group_shared(s, block.attn.num_heads, block.attn.num_kv_heads, block.attn.head_dim)
+    fold(block, target, s)
+    after = walker.run(0)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(before, after, strict=True))
+
+
+def test_smoothquant_and_awq_keep_the_float_block(tiny: LlamaModel, tokens: torch.Tensor) -> None:
+    walker = BlockWalker(tiny, tokens)
+    before = walker.run(1)
+    block = tiny.layers[1]
+    assert isinstance(block, Block)
+    smoothquant.smooth_block(block, walker.collect(1, LINEARS), alpha=0.5)
+    after = walker.run(1)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(before, after, strict=True))
+    stats = walker.collect(2, LINEARS, keep_rows=256)
+    layer = tiny.layers[2].mlp.down_proj
+    s = awq.search_scale(layer, stats["mlp.down_proj"], 32, False)
+    assert s.shape == (layer.in_features,) and torch.isfinite(s).all() and (s > 0).all()

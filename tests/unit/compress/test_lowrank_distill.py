@@ -1,0 +1,74 @@
+"""Low-rank factorisation and distillation on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.compress import distill, lowrank
+from kiln.compress.quantize.qlinear import LowRankLinear
+from kiln.compress.recipe import Distill
+from kiln.model.llama import LlamaModel
+
+
+def test_exact_low_rank_matrix_is_recovered() -> None:
+    layer = nn.Linear(32, 48, bias=False)
+    layer.weight.data = torch.randn(48, 3) @ torch.randn(3, 32)
+    factor = lowrank.factorise(layer, rank=None, energy=0.999)
+    assert isinstance(factor, LowRankLinear) and factor.rank == 3
+    x = torch.randn(5, 32)
+    assert torch.allclose(factor(x), layer(x), atol=1e-4)
+    assert lowrank.factorise(layer, rank=40, energy=None) is None  # no saving at that rank
+
+
+def test_apply_replaces_mlp_layers(tiny: LlamaModel, tokens: torch.Tensor) -> None:
+    ranks = lowrank.apply(tiny, ("mlp",), rank=8, energy=None)
+    assert len(ranks) == 8 and set(ranks.values()) == {8}
+    assert tiny(tokens).shape == (8, 128)
+
+
+def test_layer_choice_spreads_evenly() -> None:
+    chosen = distill.layer_choice(30, 15)
+    gaps = {b - a for a, b in zip(chosen, chosen[1:], strict=False)}
+    assert len(chosen) == 15 and chosen[0] == 0 and chosen[-1] == 29 and gaps <= {2, 3}
+    assert distill.layer_choice(4, 2) == [0, 3] and distill.layer_choice(4, 8) == [0, 1, 2, 3]
+
+
+def test_student_copies_the_chosen_layers(tiny: LlamaModel, tokens: torch.Tensor) -> None:
+    student = distill.make_student(tiny, [0, 1, 2, 3])
+    assert torch.allclose(student(tokens, logits="all"), tiny(tokens, logits="all"), atol=1e-6)
+    small = distill.make_student(tiny, [0, 3])
+    assert small.spec.num_layers == 2 and torch.equal(small.layers[1].mlp.down_proj.weight,
+                                                       tiny.layers[3].mlp.down_proj.weight)
+
+
+def test_kd_loss_is_zero_for_identical_logits() -> None:
+    logits = torch.randn(2, 5, 11)
+    total, kl = distill.kd_loss(logits, logits, torch.zeros(2, 5, dtype=torch.long), 2.0, 0.0)
+    assert float(kl) == pytest.approx(0.0, abs=1e-6) and float(total) == float(kl)
+
+
+def test_training_lowers_the_loss_and_resumes(tiny: LlamaModel, tmp_path: Path) -> None:
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    student = distill.make_student(tiny, [0, 3])
+    cfg = Distill(steps=24, lr=3e-3, batch_size=4, seq_len=32)
+    checkpoint = tmp_path / "ckpt"
+    first = distill.train(tiny, student, text, Distill(**{**cfg.__dict__, "steps": 12}), checkpoint=checkpoint,
+                          every=6, log_every=2, progress=False)
+    assert first.step == 12 and (checkpoint / "state.json").is_file()
+    resumed_student = distill.make_student(tiny, [0, 3])
+    state = distill.train(tiny, resumed_student, text, cfg, checkpoint=checkpoint, resume=True, log_every=2,
+                          progress=False)
+    assert state.step == 24 and state.losses[0] == first.losses[0]
+    assert state.losses[-1][1] < state.losses[0][1]
+    assert not any(p.requires_grad for p in resumed_student.parameters())
+
+
+def test_time_budget_stops_training(tiny: LlamaModel) -> None:
+    text = torch.randint(0, 128, (2000,))
+    state = distill.train(tiny, distill.make_student(tiny, [0, 3]), text,
+                          Distill(steps=10_000, time_budget_s=0.5, batch_size=2, seq_len=16), progress=False)
+    assert 0 < state.step < 10_000

@@ -1,0 +1,61 @@
+"""Compressed linear layers compute what their dequantized weights compute, and store/restore exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.compress.quantize import grid
+from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, QuantEmbedding, W8A8Linear
+
+
+@pytest.fixture
+def layer() -> nn.Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=True)
+    return lin
+
+
+def roundtrip(module: nn.Module) -> nn.Module:
+    return type(module).from_tensors({k: v.clone() for k, v in module.tensors().items()}, module.meta())
+
+
+def test_int8(layer: nn.Linear) -> None:
+    q = Int8Linear.from_float(layer)
+    x = torch.randn(3, 5, 96)
+    expected = torch.nn.functional.linear(x, grid.fake_quantize(layer.weight.detach(), 8, 0, True), layer.bias)
+    assert torch.allclose(q(x), expected, atol=1e-5)
+    assert torch.allclose(roundtrip(q)(x), q(x))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4(layer: nn.Linear, symmetric: bool) -> None:
+    q = Int4Linear.from_float(layer, 32, symmetric)
+    x = torch.randn(2, 96)
+    expected = torch.nn.functional.linear(x, grid.fake_quantize(layer.weight.detach(), 4, 32, symmetric), layer.bias)
+    assert torch.allclose(q(x), expected, atol=1e-5)
+    assert torch.allclose(roundtrip(q)(x), q(x))
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (40, 48)
+
+
+def test_w8a8_uses_int8_activations(layer: nn.Linear) -> None:
+    q = W8A8Linear.from_float(layer)
+    x = torch.randn(4, 96)
+    exact = layer(x)
+    assert (q(x) - exact).abs().max() < 0.05 * exact.abs().max()
+    assert torch.allclose(roundtrip(q)(x), q(x))
+    assert q.qweight_t.dtype == torch.int8
+
+
+def test_lowrank_and_tied_embedding(layer: nn.Linear) -> None:
+    a, b = torch.randn(4, 96), torch.randn(40, 4)
+    low = LowRankLinear(a, b, None)
+    x = torch.randn(2, 96)
+    assert torch.allclose(low(x), x @ (b @ a).T, atol=1e-5)
+    head = Int8Linear.from_float(layer)
+    embed = QuantEmbedding(head)
+    ids = torch.tensor([[0, 39, 7]])
+    assert torch.allclose(embed(ids)[0], head.dequantized()[ids[0]], atol=1e-6)
+    head4 = Int4Linear.from_float(layer, 32, False)
+    assert torch.allclose(QuantEmbedding(head4)(ids)[0], head4.dequantized()[ids[0]], atol=1e-6)

@@ -1,0 +1,66 @@
+"""Recipes are validated before any work; errors name the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.compress.recipe import Distill, LowRank, Prune, Quantize, Recipe, RecipeError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_recipe_round_trips(tmp_path: Path) -> None:
+    recipe = Recipe.from_toml(write(tmp_path, """
+[calibration]
+samples = 16
+tokens = 128
+
+[[step]]
+kind = "prune"
+method = "wanda"
+sparsity = 0.5
+
+[[step]]
+kind = "quantize"
+bits = 4
+method = "gptq"
+group_size = 64
+symmetric = true
+"""))
+    assert isinstance(recipe.steps[0], Prune) and isinstance(recipe.steps[1], Quantize)
+    assert recipe.steps[1].group_size == 64 and recipe.calibration.samples == 16
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[step]]\nkind = "quantize"\nbits = 3', r"step 1 \(quantize\): bits = 3 is not allowed; use one of 8, 4"),
+    ('[[step]]\nkind = "quantize"\nbits = 4\ngroup_size = 100', r"group_size = 100 .* 32, 64, 128"),
+    ('[[step]]\nkind = "quantize"\nmethod = "hqq"', r"method = 'hqq' .* 'rtn', 'gptq', 'awq', 'smoothquant'"),
+    ('[[step]]\nkind = "prune"\nsparsity = 1.5', r"sparsity = 1.5 .* \[0.0, 0.95\]"),
+    ('[[step]]\nkind = "shrink"', r"kind = 'shrink' .* 'quantize', 'prune', 'lowrank', 'distill'"),
+    ('[[step]]\nkind = "quantize"\nbitz = 4', r"unknown field 'bitz'; the fields are"),
+    ('[[step]]\nkind = "lowrank"', r"set exactly one of rank or energy"),
+    ('[[step]]\nkind = "quantize"\n[[step]]\nkind = "prune"', r"quantize must be the one last step"),
+    ('[[step]]\nkind = "quantize"\nbits = 4\nmethod = "smoothquant"', r"set bits = 8"),
+    ("", r"no steps"),
+    ("[[step]\n", r"not valid TOML"),
+])
+def test_bad_recipes_are_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_toml(write(tmp_path, text))
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="does not exist"):
+        Recipe.from_toml(tmp_path / "nope.toml")
+
+
+def test_steps_in_code() -> None:
+    recipe = Recipe((LowRank(energy=0.9), Distill(steps=10), Quantize(bits=8)))
+    assert [type(s).__name__ for s in recipe.steps] == ["LowRank", "Distill", "Quantize"]
