@@ -1,8 +1,7 @@
-"""Generate text for a batch of prompts on kiln's graph: chunked prefill, then one decode step per token.
+"""Generate text for a batch of prompts through the engine, and report each sequence's timings.
 
-Each row has its own prompt length, sampling parameters, stop strings and token budget; finished rows
-leave the batch. This static batch is what `kiln generate` and `kiln chat` run on; the continuous-
-batching engine (requests joining mid-flight, paged cache) builds on the same graph and sampler.
+What `kiln generate`, `kiln chat`, `kiln bench` and generation tasks call: every prompt becomes an
+engine request; text is streamed per row through `on_text` as it settles.
 """
 
 from __future__ import annotations
@@ -13,15 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.engine.detokenize import IncrementalDetokenizer
-from kiln.engine.sampler import SamplerState, SamplingParams, sample
-from kiln.engine.stopping import StopMatcher
-from kiln.errors import ContextLengthError, InvalidParameterError
+from kiln.engine.engine import Engine, EngineConfig
+from kiln.engine.request import FinishReason, Request
+from kiln.engine.sampler import SamplingParams
+from kiln.errors import InvalidParameterError
 from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
-from kiln.types import FinishReason
 
 TextCallback = Callable[[int, str], None]  # (row, text delta)
+MIN_BUDGET_BYTES = 64 << 20
 
 
 @dataclass
@@ -32,49 +31,40 @@ class GenerationOutput:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: FinishReason
-    ttft_ms: float  # start of the call to the first token sampled (prefill of the whole batch)
-    prefill_tokens_per_s: float
+    ttft_ms: float  # start of the call to this sequence's first token
+    prefill_tokens_per_s: float  # prompt tokens over the time to first token
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
     token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was sampled
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
 
-@dataclass
-class _Row:
-    prompt: list[int]
-    params: SamplingParams
-    budget: int
-    sampler: SamplerState
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    tokens: list[int] = field(default_factory=list)
-    token_times: list[float] = field(default_factory=list)
-    text: str = ""
-    finish: FinishReason | None = None
-    finished_at: float = 0.0
-
-
 class Generator:
-    """Runs batches of prompts through one model with its tokenizer."""
+    """Runs batches of prompts through one model; keeps its engine (and prefix cache) between calls."""
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.config = config
         self.context = model.spec.max_position
+        self.engine: Engine | None = None
 
-    def check_prompt(self, prompt: Sequence[int]) -> None:
-        if not prompt:
-            raise InvalidParameterError("the prompt is empty; pass some text")
-        if len(prompt) >= self.context:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
-                "shorten the prompt"
-            )
+    def _engine_for(self, prompts: Sequence[Sequence[int]], plist: Sequence[SamplingParams]) -> Engine:
+        """An engine whose KV budget holds every sequence at full length (unless a config fixes it)."""
+        if self.config is not None:
+            self.engine = self.engine or Engine(self.model, self.tokenizer, self.config)
+            return self.engine
+        tokens = sum(min(len(p) + sp.max_tokens, self.context) + 32 for p, sp in zip(prompts, plist, strict=True))
+        per_token = self.model.spec.kv_bytes_per_token(torch.empty(0, dtype=self.model.dtype).element_size())
+        if self.engine is None or self.engine.cache.capacity_tokens < tokens:
+            budget = max(MIN_BUDGET_BYTES, tokens * per_token)
+            self.engine = Engine(self.model, self.tokenizer, EngineConfig(kv_budget_bytes=budget,
+                                                                         max_running=max(64, len(prompts))))
+        return self.engine
 
-    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -85,79 +75,35 @@ class Generator:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise InvalidParameterError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
-        for p in prompts:
-            self.check_prompt(p)
-        rows = [self._new_row(list(p), sp) for p, sp in zip(prompts, plist, strict=True)]
-        cache = self.model.new_cache(len(rows), max(len(r.prompt) + r.budget for r in rows))
+        engine = self._engine_for(prompts, plist)
         start = time.perf_counter()
-        logits = self.model.prefill(cache, [r.prompt for r in rows], list(range(len(rows))))
-        self._step(rows, list(range(len(rows))), logits, on_text, time.perf_counter())
-        first_at = time.perf_counter()
-        while active := [i for i, r in enumerate(rows) if r.finish is None]:
-            last = torch.tensor([[rows[i].tokens[-1]] for i in active])
-            logits = self.model(last, cache, rows=active)
-            self._step(rows, active, logits, on_text, time.perf_counter())
-        prefill_s = first_at - start
-        return [self._output(r, prefill_s, first_at) for r in rows]
+        requests = [engine.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        row_of = {r.request_id: i for i, r in enumerate(requests)}
+        try:
+            while any(not r.status.finished for r in requests):
+                for out in engine.step():
+                    if on_text is not None and out.text and out.request.request_id in row_of:
+                        on_text(row_of[out.request.request_id], out.text)
+        except BaseException:
+            for r in requests:
+                engine.abort(r.request_id)
+            raise
+        return [self._output(r, start) for r in requests]
 
-    def _new_row(self, prompt: list[int], params: SamplingParams) -> _Row:
-        return _Row(
-            prompt=prompt,
-            params=params,
-            budget=min(params.max_tokens, self.context - len(prompt)),
-            sampler=SamplerState(params, prompt, self.model.spec.vocab_size),
-            detok=IncrementalDetokenizer(self.tokenizer, prompt),
-            stops=StopMatcher(params.stop),
-        )
-
-    def _step(
-        self, rows: list[_Row], active: list[int], logits: torch.Tensor, on_text: TextCallback | None,
-        now: float,
-    ) -> None:
-        """Sample one token for each active row and settle its text, stop strings and budget."""
-        tokens = sample(logits, [rows[i].sampler for i in active])
-        for i, tok in zip(active, tokens, strict=True):
-            row = rows[i]
-            if tok in self.tokenizer.eos_token_ids and not row.params.ignore_eos:
-                self._finish(i, row, "stop", now, on_text)
-                continue
-            row.tokens.append(tok)
-            row.token_times.append(now)
-            released, stopped = row.stops.feed(row.detok.push(tok))
-            self._emit(i, row, released, on_text)
-            if stopped:
-                self._finish(i, row, "stop", now, on_text, flush=False)
-            elif len(row.tokens) >= row.budget:
-                self._finish(i, row, "length", now, on_text)
-
-    def _emit(self, i: int, row: _Row, text: str, on_text: TextCallback | None) -> None:
-        if text:
-            row.text += text
-            if on_text is not None:
-                on_text(i, text)
-
-    def _finish(
-        self, i: int, row: _Row, reason: FinishReason, now: float, on_text: TextCallback | None,
-        flush: bool = True,
-    ) -> None:
-        if flush:
-            tail, stopped = row.stops.feed(row.detok.flush())
-            self._emit(i, row, tail if stopped else tail + row.stops.flush(), on_text)
-            reason = "stop" if stopped else reason
-        row.finish = reason
-        row.finished_at = now
-
-    def _output(self, row: _Row, prefill_s: float, first_at: float) -> GenerationOutput:
-        assert row.finish is not None
-        decode_s = row.finished_at - first_at
-        later = len(row.tokens) - 1
+    @staticmethod
+    def _output(r: Request, start: float) -> GenerationOutput:
+        first = r.first_token_at or time.perf_counter()
+        ttft = first - start
+        later = len(r.output) - 1
+        decode_s = (r.finished_at or first) - first
         return GenerationOutput(
-            text=row.text,
-            token_ids=row.tokens,
-            prompt_tokens=len(row.prompt),
-            finish_reason=row.finish,
-            ttft_ms=prefill_s * 1000,
-            prefill_tokens_per_s=len(row.prompt) / prefill_s if prefill_s > 0 else 0.0,
+            text=r.text,
+            token_ids=list(r.output),
+            prompt_tokens=len(r.prompt),
+            finish_reason=r.finish_reason or "stop",
+            ttft_ms=ttft * 1000,
+            prefill_tokens_per_s=len(r.prompt) / ttft if ttft > 0 else 0.0,
             decode_tokens_per_s=later / decode_s if later > 0 and decode_s > 0 else 0.0,
-            token_times=row.token_times,
+            token_times=list(r.token_times),
+            cached_tokens=r.cached_tokens,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -32,6 +33,19 @@ class AttentionBatch:
     block_start: int | None = None  # rows 0..B-1 all write T tokens from this slot: a plain slice
     write_rows: Tensor | None = None  # [B, T] cache row of each token
     write_pos: Tensor | None = None  # [B, T] cache slot of each token; padding -> a scratch slot
+
+
+class KVCache(Protocol):
+    """What the graph asks of a cache: plan a forward pass, store and return keys/values, advance."""
+
+    def begin(self, num_tokens: Sequence[int], seq_len: int, rows: Sequence[int] | None = None) -> AttentionBatch:
+        ...
+
+    def update(self, layer: int, k: Tensor, v: Tensor, batch: AttentionBatch) -> tuple[Tensor, Tensor]:
+        ...
+
+    def commit(self, batch: AttentionBatch) -> None:
+        ...
 
 
 def build_masks(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln.errors import ModelFormatError
-from kiln.model.kv_cache import AttentionBatch, StaticKVCache, uncached_batch
+from kiln.model.kv_cache import AttentionBatch, KVCache, StaticKVCache, uncached_batch
 from kiln.model.spec import ModelSpec
 
 LogitsMode = Literal["last", "all"]
@@ -79,7 +79,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
     def mix(
-        self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, cache: StaticKVCache | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, cache: KVCache | None
     ) -> Tensor:
         """The attention heads' outputs [B, T, H * D], before o_proj."""
         b, t, _ = x.shape
@@ -98,7 +98,7 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, t, h * self.head_dim)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, cache: StaticKVCache | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, cache: KVCache | None
     ) -> Tensor:
         return self.o_proj(self.mix(x, cos, sin, batch, cache))
 
@@ -129,7 +129,7 @@ class Block(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, cache: StaticKVCache | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, cache: KVCache | None
     ) -> Tensor:
         x = x + self.attn(self.input_norm(x), cos, sin, batch, cache)
         return x + self.mlp(self.post_attn_norm(x))
@@ -172,7 +172,7 @@ class LlamaModel(nn.Module):
     def forward(
         self,
         tokens: Tensor,
-        cache: StaticKVCache | None = None,
+        cache: KVCache | None = None,
         num_tokens: Sequence[int] | None = None,
         rows: Sequence[int] | None = None,
         logits: LogitsMode = "last",
@@ -190,7 +190,7 @@ class LlamaModel(nn.Module):
     def hidden_states(
         self,
         tokens: Tensor,
-        cache: StaticKVCache | None = None,
+        cache: KVCache | None = None,
         num_tokens: Sequence[int] | None = None,
         rows: Sequence[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -211,7 +211,7 @@ class LlamaModel(nn.Module):
         return self.norm(x), batch.last_index
 
     def prefill(
-        self, cache: StaticKVCache, prompts: Sequence[Sequence[int]], rows: Sequence[int],
+        self, cache: KVCache, prompts: Sequence[Sequence[int]], rows: Sequence[int],
         chunk_tokens: int = PREFILL_CHUNK_TOKENS,
     ) -> Tensor:
         """Append prompts[i] to cache row rows[i], in chunks that bound attention memory.

@@ -1,0 +1,187 @@
+"""The continuous-batching engine: requests in, token streams out.
+
+`step()` is the loop body, in three calls as vLLM's: schedule (which sequences run), execute (one forward
+pass for the decoding sequences, one for the prompt chunks), update (sample, detokenize, stop, finish,
+free). Requests can join or be cancelled between any two steps; a cancelled request's cache blocks are
+freed at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kiln.engine.detokenize import IncrementalDetokenizer
+from kiln.engine.kv_cache import PagedKVCache
+from kiln.engine.request import Request, RequestStatus
+from kiln.engine.sampler import SamplerState, SamplingParams, sample
+from kiln.engine.scheduler import Scheduler, SchedulerConfig
+from kiln.engine.stopping import StopMatcher
+from kiln.errors import ContextLengthError, InvalidParameterError
+from kiln.model.llama import LlamaModel
+from kiln.model.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How much memory the KV cache may use and how work is batched."""
+
+    kv_budget_bytes: int = 1 << 30  # the paged KV cache's pool
+    block_size: int = 16  # tokens per KV block
+    max_batch_tokens: int = 256  # prompt tokens prefilled per step
+    max_running: int = 64  # sequences in flight at once
+    prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.kv_budget_bytes < 1:
+            raise InvalidParameterError("block_size and kv_budget_bytes must be positive")
+
+
+@dataclass
+class StepOutput:
+    request: Request
+    tokens: list[int]  # tokens sampled in this step (0 or 1)
+    text: str  # text released in this step
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.cache = PagedKVCache(model.spec, self.config.kv_budget_bytes, model.dtype, self.config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_batch_tokens, self.config.max_running, self.config.prefix_caching),
+            self.cache,
+        )
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count(1)
+        self.context = model.spec.max_position
+
+    # --- requests in -------------------------------------------------------------------------------
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """Queue a prompt (token ids); raises a one-line error if it cannot ever run."""
+        if not prompt:
+            raise InvalidParameterError("the prompt is empty; pass some text")
+        if len(prompt) >= self.context:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; shorten the prompt"
+            )
+        if len(prompt) + 1 > self.cache.capacity_tokens:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens but the KV cache budget holds {self.cache.capacity_tokens}; "
+                "raise the KV budget or shorten the prompt"
+            )
+        seq_id = next(self._seq_ids)
+        request = Request(
+            request_id=request_id or f"req-{seq_id}", seq_id=seq_id, prompt=list(prompt), params=params,
+            budget=min(params.max_tokens, self.context - len(prompt)),
+            sampler=SamplerState(params, prompt, self.model.spec.vocab_size),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt), stops=StopMatcher(params.stop),
+        )
+        if request.request_id in self.requests:
+            raise InvalidParameterError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a queued or running request and free its cache now; False if it is unknown or done."""
+        request = self.requests.get(request_id)
+        if request is None or request.status.finished:
+            return False
+        self.scheduler.remove(request)
+        request.finish(RequestStatus.FINISHED_ABORTED, time.perf_counter())
+        del self.requests[request_id]
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    # --- the loop body -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        self._finish_overlong()
+        scheduled = self.scheduler.schedule()
+        outputs: list[StepOutput] = []
+        if scheduled.empty:
+            return outputs
+        if scheduled.decode:
+            logits = self._forward([(r, 1) for r in scheduled.decode])
+            outputs += self._update(scheduled.decode, logits)
+        if scheduled.prefill:
+            logits = self._forward(scheduled.prefill)
+            done = [i for i, (r, _) in enumerate(scheduled.prefill) if r.pending == 0]
+            for r, _ in scheduled.prefill:
+                if r.num_computed >= len(r.prompt) and self.config.prefix_caching:
+                    self.cache.register_prefix(r.seq_id, r.prompt)
+            if done:
+                outputs += self._update([scheduled.prefill[i][0] for i in done], logits[torch.tensor(done)])
+        return outputs
+
+    def _forward(self, items: Sequence[tuple[Request, int]]) -> torch.Tensor:
+        """Feed each request its next n tokens; returns the logits after each one's last token [B, V]."""
+        width = max(n for _, n in items)
+        tokens = torch.zeros(len(items), width, dtype=torch.long)
+        for i, (r, n) in enumerate(items):
+            tokens[i, :n] = torch.tensor(r.tokens[r.num_computed : r.num_computed + n])
+        logits = self.model(tokens, self.cache, num_tokens=[n for _, n in items], rows=[r.seq_id for r, _ in items])
+        for r, n in items:
+            r.num_computed += n
+        return logits
+
+    def _update(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+        now = time.perf_counter()
+        tokens = sample(logits, [r.sampler for r in requests])
+        outputs = []
+        for r, tok in zip(requests, tokens, strict=True):
+            r.first_token_at = r.first_token_at or now
+            if tok in self.tokenizer.eos_token_ids and not r.params.ignore_eos:
+                outputs.append(self._finish(r, RequestStatus.FINISHED_STOPPED, now, [], ""))
+                continue
+            r.output.append(tok)
+            r.token_times.append(now)
+            released, stopped = r.stops.feed(r.detok.push(tok))
+            r.text += released
+            if stopped:
+                outputs.append(self._finish(r, RequestStatus.FINISHED_STOPPED, now, [tok], released, flush=False))
+            elif len(r.output) >= r.budget:
+                outputs.append(self._finish(r, RequestStatus.FINISHED_LENGTH, now, [tok], released))
+            else:
+                outputs.append(StepOutput(r, [tok], released, False))
+        return outputs
+
+    def _finish(self, r: Request, status: RequestStatus, now: float, tokens: list[int], text: str,
+                flush: bool = True) -> StepOutput:
+        if flush:
+            tail, stopped = r.stops.feed(r.detok.flush())
+            tail = tail if stopped else tail + r.stops.flush()
+            status = RequestStatus.FINISHED_STOPPED if stopped else status
+            r.text += tail
+            text += tail
+        r.finish(status, now)
+        self.scheduler.remove(r)
+        self.requests.pop(r.request_id, None)
+        return StepOutput(r, tokens, text, True)
+
+    def _finish_overlong(self) -> None:
+        """A sequence that outgrows the whole KV cache stops with finish reason 'length'."""
+        for r in [*self.scheduler.running, *self.scheduler.waiting]:
+            if len(r.tokens) + 1 > self.cache.capacity_tokens:
+                self._finish(r, RequestStatus.FINISHED_LENGTH, time.perf_counter(), [], "")
+
+    # --- offline use -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.has_work:
+            self.step()
+

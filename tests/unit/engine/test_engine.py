@@ -1,0 +1,117 @@
+"""The continuous-batching engine: same tokens as running alone, cancellation, budgets, preemption,
+prefix caching and chunked prefill (no timings asserted)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kiln.engine.engine import Engine, EngineConfig
+from kiln.engine.generate import Generator
+from kiln.engine.sampler import SamplingParams
+from kiln.errors import ContextLengthError
+from kiln.model.load import LoadedModel
+
+
+def alone(model: LoadedModel, prompt: list[int], params: SamplingParams) -> list[int]:
+    engine = Engine(model.model, model.tokenizer, EngineConfig(kv_budget_bytes=64 << 20))
+    request = engine.add_request(prompt, params)
+    engine.run()
+    return request.output
+
+
+@pytest.fixture(scope="module")
+def prompts(default_model: LoadedModel, mt_bench_prompts: list[str]) -> list[list[int]]:
+    tok = default_model.tokenizer
+    return [tok.encode_chat([{"role": "user", "content": p}]) for p in mt_bench_prompts[:32]]
+
+
+def test_32_requests_arriving_over_time_match_each_alone(default_model: LoadedModel, prompts) -> None:
+    rng = random.Random(0)
+    settings = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 20),
+                               repetition_penalty=rng.choice([1.0, 1.3]), stop=rng.choice([(), ("\n\n",)]))
+                for _ in prompts]
+    arrival_step = sorted(rng.randint(0, 40) for _ in prompts)
+    engine = Engine(default_model.model, default_model.tokenizer,
+                    EngineConfig(kv_budget_bytes=256 << 20, max_batch_tokens=128))
+    requests, step = {}, 0
+    while len(requests) < len(prompts) or engine.has_work:
+        for i in range(len(prompts)):
+            if i not in requests and arrival_step[i] <= step:
+                requests[i] = engine.add_request(prompts[i], settings[i])
+        engine.step()
+        step += 1
+    for i, prompt in enumerate(prompts):
+        assert requests[i].output == alone(default_model, prompt, settings[i]), f"request {i}"
+        assert requests[i].status.finished
+
+
+def test_cancel_frees_blocks_at_once(default_model: LoadedModel, prompts) -> None:
+    engine = Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_budget_bytes=64 << 20))
+    free = engine.cache.free_count
+    running = engine.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=50))
+    queued = engine.add_request(prompts[1], SamplingParams(temperature=0.0, max_tokens=50))
+    engine.step()
+    engine.step()
+    assert engine.cache.free_count < free
+    assert engine.abort(running.request_id) and engine.abort(queued.request_id)
+    assert engine.cache.free_count == free and not engine.has_work
+    assert running.finish_reason == "abort" and not engine.abort(running.request_id)
+
+
+def test_budget_too_small_for_the_prompt(default_model: LoadedModel, prompts) -> None:
+    per_block = 16 * default_model.spec.kv_bytes_per_token(4)
+    engine = Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_budget_bytes=3 * per_block))
+    with pytest.raises(ContextLengthError, match=r"KV cache budget holds 32; raise the KV budget"):
+        engine.add_request(list(range(100, 150)), SamplingParams())
+    with pytest.raises(ContextLengthError, match="holds no block"):
+        Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_budget_bytes=1000))
+
+
+def test_preemption_loses_no_request(default_model: LoadedModel, prompts) -> None:
+    per_block = 16 * default_model.spec.kv_bytes_per_token(4)
+    engine = Engine(default_model.model, default_model.tokenizer,
+                    EngineConfig(kv_budget_bytes=14 * per_block, max_batch_tokens=64))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    chosen = [p for p in prompts if len(p) < 60][:6]
+    requests = [engine.add_request(p, params) for p in chosen]
+    engine.run()
+    assert sum(r.num_preemptions for r in requests) > 0, "the budget should force preemption"
+    for r, p in zip(requests, chosen, strict=True):
+        assert r.finish_reason == "length" and r.output == alone(default_model, p, params)
+    assert engine.cache.used_blocks == 0
+
+
+def test_prefix_cache_reuses_a_shared_prompt(default_model: LoadedModel, prompts) -> None:
+    engine = Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_budget_bytes=64 << 20))
+    system = default_model.tokenizer.encode_chat([{"role": "system", "content": "You are terse. " * 30},
+                                                  {"role": "user", "content": "Name a colour."}])
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    first = engine.add_request(system, params)
+    engine.run()
+    second = engine.add_request(system, params)
+    engine.run()
+    assert first.cached_tokens == 0 and second.cached_tokens >= len(system) - 16
+    assert second.output == first.output
+
+
+def test_long_prompt_is_chunked_between_decode_steps(default_model: LoadedModel, prompts) -> None:
+    engine = Engine(default_model.model, default_model.tokenizer,
+                    EngineConfig(kv_budget_bytes=128 << 20, max_batch_tokens=64))
+    short = engine.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    long = engine.add_request(list(range(1000, 1600)), SamplingParams(temperature=0.0, max_tokens=4))
+    produced_while_prefilling = 0
+    while long.num_computed < len(long.prompt):
+        before = len(short.output)
+        engine.step()
+        produced_while_prefilling += len(short.output) - before
+    assert produced_while_prefilling >= 8  # the short request kept decoding during the 600-token prefill
+
+
+def test_generator_reports_timings(default_model: LoadedModel, prompts) -> None:
+    outs = Generator(default_model.model, default_model.tokenizer).generate(
+        prompts[:3], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    assert all(o.completion_tokens == 6 and o.ttft_ms > 0 and len(o.token_times) == 6 for o in outs)
