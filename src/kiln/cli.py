@@ -327,6 +327,57 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from kiln.serve.feedback import FeedbackStore
+
+    count = FeedbackStore().export(args.output, only_rated=args.rated_only)
+    print(f"kiln: wrote {count} records to {args.output}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kiln.serve.app import serve
+    from kiln.serve.state import ServeConfig
+
+    config = ServeConfig(
+        models=tuple(args.model or ["default"]), registry=args.registry, host=args.host, port=args.port,
+        api_key_file=args.api_key_file, requests_per_min=args.rate_limit_requests,
+        tokens_per_min=args.rate_limit_tokens, max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout, log_requests=args.log_requests, guardrails=tuple(args.guardrails),
+        precision=args.dtype, kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_running=args.max_running,
+        max_batch_tokens=args.max_batch_tokens,
+    )
+    if args.api_key_file is not None:  # refuse a bad key file before loading anything
+        from kiln.serve.auth import load_digests
+
+        load_digests(args.api_key_file)
+    return serve(config)
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from kiln.serve.registry import Registry
+
+    registry = Registry()
+    if args.action == "add":
+        v = registry.add(args.name, args.path, args.version)
+        print(f"kiln: {v.name} {v.version} added ({v.state}), sha256 {v.sha256[:16]}")
+    elif args.action == "promote":
+        v = registry.promote(args.name, args.version)
+        print(f"kiln: {v.name} {v.version} is live")
+    elif args.action == "rollback":
+        v = registry.rollback(args.name)
+        print(f"kiln: {v.name} {v.version} is live again")
+    elif args.action == "canary":
+        v = registry.canary(args.name, args.version, args.share)
+        print(f"kiln: {v.name} {v.version} takes {v.canary_share:.0%} of the traffic")
+    else:
+        for v in registry.versions(args.name):
+            share = f" {v.canary_share:.0%}" if v.state == "canary" else ""
+            print(f"{v.name:<20} {v.version:<14} {v.state + share:<12} {v.sha256[:16]}  {v.created_at}  {v.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description="Plan, compress, evaluate and serve language models on the hardware you have."
@@ -430,6 +481,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["gguf"], default="gguf")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("feedback", help="served requests and their ratings, for the next distillation round")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("export", help="write logged requests (PII redacted) as JSONL")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the .jsonl file to write")
+    p.add_argument("--rated-only", action="store_true", help="only responses that received a rating")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_feedback)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the continuous-batching engine")
+    p.add_argument("-m", "--model", action="append", default=[], help="model to serve (repeatable); default: default")
+    p.add_argument("--registry", action="store_true", help="serve the registry's live versions, following changes")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", type=Path, default=None, help="sha256 hex digests of accepted keys, one a line")
+    p.add_argument("--rate-limit-requests", type=float, default=None, help="requests per minute per key")
+    p.add_argument("--rate-limit-tokens", type=float, default=None, help="tokens per minute per key")
+    p.add_argument("--max-queue", type=int, default=256, help="requests queued or running at once; more get 429")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds; 0 = none")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument("--log-requests", action="store_true", help="keep requests and responses (redacted) for feedback")
+    p.add_argument("--guardrails", action="append", default=[], help="filters: FILE, or NAME=FILE for one model")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--kv-budget-mb", type=float, default=1024, help="KV cache per model version, MiB")
+    p.add_argument("--max-running", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-batch-tokens", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("registry", help="named model versions: add, list, promote, rollback, canary")
+    reg = p.add_subparsers(dest="action", required=True)
+    q = reg.add_parser("add", help="register a model version")
+    q.add_argument("name")
+    q.add_argument("path", help="artifact folder, .gguf, Hugging Face folder or 'default'")
+    q.add_argument("--version", default=None, help="version label (default: the first 12 hex of its sha256)")
+    q = reg.add_parser("list", help="list versions")
+    q.add_argument("name", nargs="?", default=None)
+    q = reg.add_parser("promote", help="make a version live")
+    q.add_argument("name")
+    q.add_argument("version")
+    q = reg.add_parser("rollback", help="make the previous live version live again")
+    q.add_argument("name")
+    q = reg.add_parser("canary", help="send a share of traffic to a version")
+    q.add_argument("name")
+    q.add_argument("version")
+    q.add_argument("--share", type=float, required=True, help="fraction in [0, 1]; 0 ends the canary")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_registry)
 
     p = sub.add_parser("runs", help="list recorded eval and bench results")
     p.add_argument("--model", default=None, help="only runs of this model (name or sha256 prefix)")

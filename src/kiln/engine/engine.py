@@ -17,7 +17,7 @@ import torch
 
 from kiln.engine.detokenize import IncrementalDetokenizer
 from kiln.engine.kv_cache import PagedKVCache
-from kiln.engine.request import Request, RequestStatus
+from kiln.engine.request import Request, RequestStatus, TokenLogprob
 from kiln.engine.sampler import SamplerState, SamplingParams, sample
 from kiln.engine.scheduler import Scheduler, SchedulerConfig
 from kiln.engine.stopping import StopMatcher
@@ -47,6 +47,14 @@ class StepOutput:
     tokens: list[int]  # tokens sampled in this step (0 or 1)
     text: str  # text released in this step
     finished: bool
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """log-softmax of one row of logits [V]: the token's value and the `top` best alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = logprobs.topk(top) if top else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 class Engine:
@@ -142,8 +150,10 @@ class Engine:
         now = time.perf_counter()
         tokens = sample(logits, [r.sampler for r in requests])
         outputs = []
-        for r, tok in zip(requests, tokens, strict=True):
+        for i, (r, tok) in enumerate(zip(requests, tokens, strict=True)):
             r.first_token_at = r.first_token_at or now
+            if r.params.logprobs is not None:
+                r.logprobs.append(token_logprob(logits[i], tok, r.params.logprobs))
             if tok in self.tokenizer.eos_token_ids and not r.params.ignore_eos:
                 outputs.append(self._finish(r, RequestStatus.FINISHED_STOPPED, now, [], ""))
                 continue
@@ -177,6 +187,17 @@ class Engine:
         for r in [*self.scheduler.running, *self.scheduler.waiting]:
             if len(r.tokens) + 1 > self.cache.capacity_tokens:
                 self._finish(r, RequestStatus.FINISHED_LENGTH, time.perf_counter(), [], "")
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, tokens: Sequence[int], top: int) -> list[TokenLogprob | None]:
+        """Log-probability of each prompt token given the ones before it (None for the first), for echo."""
+        if len(tokens) > self.context:
+            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the model's context is {self.context}")
+        logits = self.model(torch.tensor([list(tokens)]), logits="all")[0]  # [T, V]
+        out: list[TokenLogprob | None] = [None]
+        for i in range(1, len(tokens)):
+            out.append(token_logprob(logits[i - 1], tokens[i], top))
+        return out
 
     # --- offline use -------------------------------------------------------------------------------
 

@@ -19,6 +19,15 @@ from kiln.engine.stopping import StopMatcher
 FinishReason = Literal["stop", "length", "abort"]
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits, before penalties and temperature)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their log-probabilities
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -59,6 +68,7 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     token_times: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when params.logprobs is set
 
     @property
     def tokens(self) -> list[int]:

@@ -34,6 +34,7 @@ class SamplingParams:
     seed: int | None = None  # fixes the random stream of this sequence
     stop: tuple[str, ...] = ()  # strings that end the generation (not included in the text)
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
+    logprobs: int | None = None  # report each sampled token's log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
         _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
@@ -46,6 +47,8 @@ class SamplingParams:
         _check("frequency_penalty", self.frequency_penalty, -2 <= self.frequency_penalty <= 2, "in [-2, 2]")
         if any(not s for s in self.stop):
             raise InvalidParameterError("stop strings must not be empty; drop the empty --stop value")
+        if self.logprobs is not None:
+            _check("logprobs", self.logprobs, 0 <= self.logprobs <= 20, "in [0, 20]")
 
     @property
     def is_greedy(self) -> bool:

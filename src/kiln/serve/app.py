@@ -1,0 +1,243 @@
+"""`kiln serve`: the FastAPI app (create_app) and the uvicorn server around it.
+
+Middleware, outermost first: access log with X-Request-Id (JSON lines), API keys (fail-closed), body
+size limit. Probes: /health is live as soon as the process answers; /ready is 503 until every model is
+loaded and warmed up, and again while draining. SIGTERM stops admitting (503), lets in-flight requests
+finish within --drain-timeout, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiln.errors import KilnError
+from kiln.serve.auth import ApiKeyMiddleware, load_digests
+from kiln.serve.deploy import Router
+from kiln.serve.limits import BodyLimitMiddleware
+from kiln.serve.protocol import error_body
+from kiln.serve.registry import Registry
+from kiln.serve.routes import ApiError, router
+from kiln.serve.state import ServeConfig, ServerState
+
+access_log = logging.getLogger("kiln.access")
+
+
+class AccessLogMiddleware:
+    """One JSON line per request on stderr, and the request id echoed in X-Request-Id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            state = scope.get("state", {})
+            access_log.info(json.dumps({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "request_id": request_id, "method": scope["method"],
+                "path": scope["path"], "status": status, "ms": round(1000 * (time.perf_counter() - start), 1),
+                "key": state.get("key_id"), "client": scope["client"][0] if scope.get("client") else None,
+            }))
+
+
+def _param_of(error: dict[str, Any]) -> str | None:
+    location = [str(p) for p in error.get("loc", ()) if p != "body"]
+    return ".".join(location) or None
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = _param_of(first)
+        # the message is built from the error's fields, never str(exc), so nothing internal leaks
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}" if first else "invalid request body"
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+
+    @app.exception_handler(KilnError)
+    async def kiln_error(_: Request, exc: KilnError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "invalid_request_error"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        logging.getLogger("kiln.serve").exception("unhandled error")
+        return JSONResponse(error_body("internal error; the server log has the details", "server_error"), 500)
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    registry = Registry() if config.registry else None
+    state = ServerState(config=config, router=Router(config.engine(), config.precision, registry))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load(state))
+        follower = asyncio.create_task(_follow_registry(state)) if registry else None
+        try:
+            yield
+        finally:
+            state.draining = True
+            for task in (loader, follower):
+                if task is not None:
+                    task.cancel()
+            state.router.stop()
+
+    app = FastAPI(title="kiln", version="1", lifespan=lifespan)
+    app.state.kiln = state
+    if config.guardrails:
+        from kiln.serve.guardrails import load_guardrails
+
+        for spec in config.guardrails:  # FILE for every model, or NAME=FILE for one
+            name, _, path = spec.rpartition("=") if "=" in spec else ("*", "", spec)
+            state.guardrails[name] = load_guardrails(Path(path))
+    if config.log_requests:
+        from kiln.serve.feedback import FeedbackStore
+
+        state.feedback = FeedbackStore()
+    install_handlers(app)
+    app.include_router(router)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if state.ready and not state.draining:
+            return JSONResponse({"status": "ready", "models": list(state.router.routes)})
+        reason = "draining" if state.draining else "loading"
+        return JSONResponse(error_body(f"not ready: {reason}", "unavailable_error", code=reason), 503,
+                            {"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        for dep in state.router.deployments():
+            labels = (dep.name, dep.version)
+            stats = dep.worker.stats
+            state.metrics.queue_depth.labels(*labels).set(stats.waiting)
+            state.metrics.running.labels(*labels).set(stats.running)
+            state.metrics.kv_usage.labels(*labels).set(stats.kv_used_fraction)
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # added innermost first: access log (outermost), counting, API keys, body limit, then the routes
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_key_file is not None:
+        app.add_middleware(ApiKeyMiddleware, digests=load_digests(config.api_key_file))
+    app.add_middleware(_Counting, state=state)
+    app.add_middleware(AccessLogMiddleware)
+    return app
+
+
+class _Counting:
+    """Counts every response by route and status (after auth and limits, so refusals count too)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+                self.state.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/health",
+                          "/ready", "/metrics"})
+
+
+async def _load(state: ServerState) -> None:
+    config = state.config
+    if config.registry:
+        changes = await asyncio.to_thread(state.router.sync_registry)
+        if not state.router.routes:
+            logging.getLogger("kiln.serve").error("the registry has no live model; `kiln registry add` one")
+    else:
+        for name in config.models:
+            await asyncio.to_thread(state.router.add_static, name)
+        changes = list(config.models)
+    logging.getLogger("kiln.serve").info("serving %s", ", ".join(changes))
+    state.ready = bool(state.router.routes)
+
+
+async def _follow_registry(state: ServerState) -> None:
+    log = logging.getLogger("kiln.serve")
+    while True:
+        await asyncio.sleep(state.config.registry_poll_s)
+        if not state.ready or state.draining:
+            continue
+        try:
+            for change in await asyncio.to_thread(state.router.sync_registry):
+                log.info("registry: %s", change)
+        except KilnError as exc:
+            log.error("registry: %s", exc)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that, on SIGTERM/SIGINT, first marks the app as draining so /ready and new requests get 503."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.kiln_state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.kiln_state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    app = create_app(config)
+    state: ServerState = app.state.kiln
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                           timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
+                                           access_log=False), state)
+    server.run()
+    return 0

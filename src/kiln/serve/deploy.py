@@ -1,0 +1,140 @@
+"""What the server serves: deployments (a loaded model version with its engine thread) and the router that
+picks one per request: the live version of a name, or its canary for a set share of the traffic.
+
+A new live version is loaded and warmed up next to the old one and swapped in by replacing one
+reference, so no request sees a gap; the old deployment stops once its in-flight requests are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from dataclasses import dataclass, field
+
+from kiln.engine.engine import Engine, EngineConfig
+from kiln.engine.sampler import SamplingParams
+from kiln.model.load import LoadedModel, load
+from kiln.serve.registry import Registry
+from kiln.serve.worker import EngineWorker
+from kiln.types import Precision
+
+
+@dataclass
+class Deployment:
+    name: str  # what clients send as "model"
+    version: str
+    loaded: LoadedModel
+    worker: EngineWorker
+    in_flight: int = 0
+    retired: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def enter(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            done = self.retired and self.in_flight == 0
+        if done:
+            self.worker.stop()
+
+    def retire(self) -> None:
+        with self.lock:
+            self.retired = True
+            done = self.in_flight == 0
+        if done:
+            self.worker.stop()
+
+
+def start(name: str, version: str, source: str, engine: EngineConfig, precision: Precision) -> Deployment:
+    """Load a model, start its engine thread, and warm it up with one short generation."""
+    loaded = load(source, precision=precision, progress=False)
+    worker = EngineWorker(Engine(loaded.model, loaded.tokenizer, engine), name=f"engine-{name}-{version}")
+    worker.start()
+    deployment = Deployment(name, version, loaded, worker)
+    asyncio.run(_warm_up(deployment))
+    return deployment
+
+
+async def _warm_up(deployment: Deployment) -> None:
+    prompt = deployment.loaded.tokenizer.encode("Hello")
+    async for _ in deployment.worker.stream(prompt, SamplingParams(temperature=0.0, max_tokens=2), "warm-up"):
+        pass
+
+
+@dataclass
+class Route:
+    live: Deployment
+    canary: Deployment | None = None
+    share: float = 0.0
+
+
+class Router:
+    """Model name -> deployments; swaps are single assignments, safe while requests are routed."""
+
+    def __init__(self, engine: EngineConfig, precision: Precision, registry: Registry | None = None) -> None:
+        self.routes: dict[str, Route] = {}
+        self.engine_config = engine
+        self.precision = precision
+        self.registry = registry
+        self.default: str | None = None
+
+    def add_static(self, name: str) -> None:
+        """Serve the model `name` (any -m value) under that name, outside the registry."""
+        source_version = load_version(name)
+        self._set(name, Route(start(name, source_version, name, self.engine_config, self.precision)))
+
+    def _set(self, name: str, route: Route) -> None:
+        old = self.routes.get(name)
+        self.routes[name] = route
+        self.default = self.default or name
+        if old is not None:
+            keep = {id(route.live), id(route.canary)}
+            for dep in (old.live, old.canary):
+                if dep is not None and id(dep) not in keep:
+                    dep.retire()
+
+    def pick(self, name: str | None) -> Deployment | None:
+        route = self.routes.get(name or self.default or "")
+        if route is None:
+            return None
+        if route.canary is not None and random.random() < route.share:
+            return route.canary
+        return route.live
+
+    def sync_registry(self) -> list[str]:
+        """Load what the registry says should be served and swap it in; returns what changed."""
+        if self.registry is None:
+            return []
+        changes = []
+        for name, (live, canary) in self.registry.serving().items():
+            route = self.routes.get(name)
+            current = {d.version: d for d in ((route.live, route.canary) if route else ()) if d is not None}
+            live_dep = current.get(live.version) or start(name, live.version, live.path, self.engine_config,
+                                                          self.precision)
+            canary_dep = None
+            if canary is not None:
+                canary_dep = current.get(canary.version) or start(name, canary.version, canary.path,
+                                                                  self.engine_config, self.precision)
+            share = canary.canary_share if canary else 0.0
+            if route is None or route.live is not live_dep or route.canary is not canary_dep or route.share != share:
+                self._set(name, Route(live_dep, canary_dep, share))
+                changes.append(f"{name}: live {live.version}" + (f", canary {canary.version} {share:.0%}"
+                                                                 if canary else ""))
+        return changes
+
+    def deployments(self) -> list[Deployment]:
+        return [d for r in self.routes.values() for d in (r.live, r.canary) if d is not None]
+
+    def stop(self) -> None:
+        for dep in self.deployments():
+            dep.worker.stop()
+
+
+def load_version(source: str) -> str:
+    from kiln.model.source import resolve
+
+    return resolve(source).sha256[:12]

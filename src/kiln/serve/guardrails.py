@@ -1,0 +1,160 @@
+"""Optional per-model input and output filters: regex patterns, whole-word blocklists and a PII check.
+
+Rules come from a small TOML file validated at load, so a bad regex fails at startup, not on a request.
+This module only says whether text violates the rules; refusing the request (and how) is the server's job.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kiln.errors import KilnError
+from kiln.serve import redact
+
+_RULE_KEYS = ("patterns", "blocklist", "pii")
+_SECTIONS = ("input", "output")
+
+
+class GuardrailConfigError(KilnError):
+    """The guardrails file is missing, is not valid TOML, or holds an unknown key, wrong type or bad regex."""
+
+
+@dataclass(frozen=True)
+class FilterRules:
+    """What one direction (input or output) refuses; the default refuses nothing."""
+
+    patterns: tuple[str, ...] = ()
+    """Regexes searched case-insensitively anywhere in the text."""
+    blocklist: tuple[str, ...] = ()
+    """Phrases matched as whole words, case-insensitively; inner spaces match any run of whitespace."""
+    pii: bool = False
+    """Refuse text in which redact.find_pii finds an e-mail address, phone number or card number."""
+    _compiled: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+    _phrases: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        compiled = []
+        for pattern in self.patterns:
+            try:
+                compiled.append(re.compile(pattern, re.IGNORECASE))
+            except re.error as exc:
+                raise GuardrailConfigError(
+                    f"guardrail pattern {pattern!r} is not a valid regex ({exc}); fix or remove it"
+                ) from None
+        phrases = []
+        for phrase in self.blocklist:
+            words = phrase.split()
+            if not words:
+                raise GuardrailConfigError("guardrail blocklist holds an empty phrase; remove it")
+            # (?<!\w) / (?!\w) rather than \b so phrases that start or end with punctuation still match.
+            phrases.append(re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)", re.IGNORECASE))
+        # Frozen: the compiled forms are derived once here, never assigned later.
+        object.__setattr__(self, "_compiled", tuple(compiled))
+        object.__setattr__(self, "_phrases", tuple(phrases))
+
+    @property
+    def is_active(self) -> bool:
+        """Whether any rule is set, so callers can skip checking entirely."""
+        return bool(self.patterns or self.blocklist or self.pii)
+
+
+@dataclass(frozen=True)
+class GuardrailConfig:
+    """The rules for one model: `input` checks prompts and messages, `output` checks generated text."""
+
+    input: FilterRules = field(default_factory=FilterRules)
+    output: FilterRules = field(default_factory=FilterRules)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """Why text was refused; `detail` is safe to show the user (a rule, never their text)."""
+
+    kind: Literal["pattern", "blocklist", "pii"]
+    detail: str
+
+
+def _string_tuple(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise GuardrailConfigError(f"{where} must be a list of strings, got {value!r}; e.g. [\"first\", \"second\"]")
+    return tuple(value)
+
+
+def rules_from_dict(data: Mapping[str, Any], where: str) -> FilterRules:
+    """FilterRules from one TOML table; `where` (file and section) prefixes every error."""
+    unknown = sorted(set(data) - set(_RULE_KEYS))
+    if unknown:
+        raise GuardrailConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {', '.join(_RULE_KEYS)}")
+    pii = data.get("pii", False)
+    if not isinstance(pii, bool):
+        raise GuardrailConfigError(f"{where}.pii must be true or false, got {pii!r}")
+    patterns = _string_tuple(data.get("patterns", []), f"{where}.patterns")
+    blocklist = _string_tuple(data.get("blocklist", []), f"{where}.blocklist")
+    try:
+        return FilterRules(patterns=patterns, blocklist=blocklist, pii=pii)
+    except GuardrailConfigError as exc:  # add the file and section to the bad regex or phrase
+        raise GuardrailConfigError(f"{where}: {exc}") from None
+
+
+def load_guardrails(path: Path) -> GuardrailConfig:
+    """Read and validate a guardrails TOML file with optional [input] and [output] tables."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GuardrailConfigError(f"guardrails file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GuardrailConfigError(f"guardrails file {path} cannot be read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GuardrailConfigError(f"guardrails file {path} is not valid TOML ({exc}); fix the syntax") from None
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise GuardrailConfigError(f"{path}: unknown key {unknown[0]!r}; expected [input] and/or [output] tables")
+    sections = {}
+    for name in _SECTIONS:
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise GuardrailConfigError(f"{path}: {name} must be a table ([{name}]), got {table!r}")
+        sections[name] = rules_from_dict(table, f"{path} [{name}]")
+    return GuardrailConfig(input=sections["input"], output=sections["output"])
+
+
+def check(rules: FilterRules, text: str) -> Violation | None:
+    """The first rule the text breaks (patterns, then blocklist, then PII), or None if it passes."""
+    for pattern in rules._compiled:
+        if pattern.search(text):
+            return Violation("pattern", f"matches blocked pattern {pattern.pattern!r}")
+    for phrase, compiled in zip(rules.blocklist, rules._phrases, strict=True):
+        if compiled.search(text):
+            return Violation("blocklist", f"contains blocked phrase {phrase!r}")
+    if rules.pii:
+        counts = redact.find_pii(text)
+        for kind in redact.KINDS:
+            if counts[kind]:
+                return Violation("pii", f"contains {redact.DESCRIPTIONS[kind]}")
+    return None
+
+
+def _message_texts(content: Any) -> list[str]:
+    # OpenAI content is a string or a list of parts; only {"type": "text", "text": ...} parts carry text.
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+    return []
+
+
+def check_messages(rules: FilterRules, messages: Sequence[Mapping[str, Any]]) -> Violation | None:
+    """The first violation in any chat message's content, in message order, or None."""
+    if not rules.is_active:
+        return None
+    for message in messages:
+        for text in _message_texts(message.get("content")):
+            violation = check(rules, text)
+            if violation:
+                return violation
+    return None

@@ -1,0 +1,121 @@
+"""The OpenAI-compatible wire format: request schemas (validated with pydantic) and the error envelope.
+
+Only the HTTP edge uses pydantic; everything behind it takes kiln's own SamplingParams. Fields kiln
+does not support are refused by name rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kiln.engine.sampler import SamplingParams
+
+MAX_STOP = 4  # as OpenAI: up to four stop sequences
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=8)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+        seed = None if self.seed is None else self.seed + seed_offset
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=0, min_p=0.0,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=seed,
+            stop=tuple(self.stop or ()), logprobs=logprobs,
+        )
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    suffix: None = None  # not supported: refused if set to anything
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | list[str] | list[int] | list[list[int]]) -> Any:
+        prompts: list[Any] = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else list(value)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("the prompt is empty")
+        if len(prompts) > 64:
+            raise ValueError(f"at most 64 prompts per request, got {len(prompts)}")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: a string, a token list, or a list of either (one choice set each)."""
+        value = self.prompt
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]  # type: ignore[list-item]
+        return list(value)  # type: ignore[arg-type]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        # "developer" is OpenAI's newer name for the system role
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(..., min_length=1, max_length=200)
+    rating: float
+    comment: str | None = Field(default=None, max_length=10_000)

@@ -1,0 +1,464 @@
+"""The OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models, /v1/feedback.
+
+Order of work for a generation request, cheapest refusal first: admission to the bounded queue, the
+per-key request rate, model lookup, guardrails on the input, tokenization, the context limit, the
+per-key token rate; then the engine. Every way out of the engine (done, client gone, deadline) frees
+the request's slot and cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kiln.engine.engine import StepOutput
+from kiln.engine.request import TokenLogprob
+from kiln.engine.sampler import SamplingParams
+from kiln.serve.deploy import Deployment
+from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest, error_body
+from kiln.serve.state import ServerState
+
+router = APIRouter()
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class ApiError(Exception):
+    """Raised inside a handler to answer with OpenAI's error envelope (mapped in app.py)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, self.headers)
+
+
+@dataclass
+class Job:
+    """One generation as the handler sees it."""
+
+    state: ServerState
+    deployment: Deployment
+    key: str
+    prompts: list[list[int]]  # one per choice (a prompt repeats for n > 1)
+    params: list[SamplingParams]
+    deadline: float | None
+    request_id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    reserved_tokens: int = 0
+
+
+# --- admission -------------------------------------------------------------------------------------------
+
+
+def _key(request: Request) -> str:
+    key = request.scope.get("state", {}).get("key_id")
+    return str(key) if key else (request.client.host if request.client else "anonymous")
+
+
+def _admit(state: ServerState, request: Request) -> str:
+    if not state.ready and not state.draining:
+        raise ApiError(503, "the server is still loading its models; retry shortly", "unavailable_error",
+                       code="loading", headers={"Retry-After": "2"})
+    if state.draining:
+        raise ApiError(503, "the server is shutting down; retry on another instance", "unavailable_error",
+                       code="draining", headers={"Retry-After": "1"})
+    if not state.admission.try_enter():
+        state.metrics.rejections.labels("queue_full").inc()
+        raise ApiError(429, f"the server is at its limit of {state.admission.limit} queued requests; retry later",
+                       "overloaded_error", code="queue_full", headers={"Retry-After": "1"})
+    key = _key(request)
+    wait = state.limiter.take(key, requests=1)
+    if wait is not None:
+        state.admission.leave()
+        state.metrics.rejections.labels("rate_limit_requests").inc()
+        raise ApiError(429, f"request rate limit reached for this key; retry in {wait:.1f} s", "rate_limit_error",
+                       code="rate_limit_requests", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+    return key
+
+
+def _deployment(state: ServerState, model: str | None) -> Deployment:
+    deployment = state.router.pick(model)
+    if deployment is None:
+        known = ", ".join(state.router.routes) or "none"
+        raise ApiError(404, f"model {model!r} is not served here; models: {known}", param="model",
+                       code="model_not_found")
+    return deployment
+
+
+def _check_input(state: ServerState, deployment: Deployment, texts: Sequence[str]) -> None:
+    rules = state.guardrails_for(deployment.name)
+    if rules is None:
+        return
+    from kiln.serve.guardrails import check
+
+    for text in texts:
+        violation = check(rules.input, text)
+        if violation is not None:
+            state.metrics.guardrail_blocks.labels(deployment.name, "input", violation.kind).inc()
+            raise ApiError(400, f"the request was blocked by the input guardrail ({violation.kind}: "
+                           f"{violation.detail})", "guardrail_error", code="input_blocked")
+
+
+def _max_tokens(state: ServerState, deployment: Deployment, prompt: list[int], asked: int | None,
+                default: int | None) -> int:
+    context = deployment.loaded.spec.max_position
+    wanted = asked if asked is not None else (default if default is not None else context - len(prompt))
+    if len(prompt) + wanted > context:
+        raise ApiError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {wanted}, more than the "
+                       f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    return max(1, wanted)
+
+
+def _reserve_tokens(state: ServerState, key: str, tokens: int) -> None:
+    wait = state.limiter.take(key, tokens=tokens)
+    if wait is not None:
+        state.metrics.rejections.labels("rate_limit_tokens").inc()
+        raise ApiError(429, f"token rate limit reached for this key; retry in {wait:.1f} s", "rate_limit_error",
+                       code="rate_limit_tokens", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+
+async def _run_one(job: Job, index: int) -> AsyncIterator[StepOutput]:
+    dep = job.deployment
+    async for out in dep.worker.stream(job.prompts[index], job.params[index], f"{job.request_id}-{index}",
+                                       job.deadline):
+        yield out
+
+
+def _record(job: Job, outs: Sequence[StepOutput]) -> None:
+    metrics, dep = job.state.metrics, job.deployment
+    labels = (dep.name, dep.version)
+    for out in outs:
+        r = out.request
+        metrics.generations.labels(*labels, r.finish_reason or "stop").inc()
+        metrics.tokens_in.labels(*labels).inc(len(r.prompt))
+        metrics.tokens_out.labels(*labels).inc(len(r.output))
+        if r.first_token_at is not None:
+            metrics.ttft.labels(*labels).observe(r.first_token_at - r.arrival)
+            if r.finished_at is not None and len(r.output) > 1:
+                metrics.tpot.labels(*labels).observe((r.finished_at - r.first_token_at) / (len(r.output) - 1))
+        if r.finished_at is not None:
+            metrics.e2e.labels(*labels).observe(r.finished_at - r.arrival)
+    used = sum(len(o.request.prompt) + len(o.request.output) for o in outs)
+    job.state.limiter.refund(job.key, job.reserved_tokens - used)
+
+
+async def _collect(job: Job, request: Request, count: int) -> list[StepOutput]:
+    """Run `count` generations to the end; a client that disconnects cancels them all."""
+
+    async def one(i: int) -> StepOutput:
+        last = None
+        async for out in _run_one(job, i):
+            last = out
+        assert last is not None
+        return last
+
+    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    watcher = asyncio.create_task(_wait_disconnect(request))
+    try:
+        pending: set[asyncio.Task[Any]] = {*tasks, watcher}
+        while not all(t.done() for t in tasks):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                job.state.metrics.disconnects.inc()
+                raise asyncio.CancelledError
+            for task in done:
+                task.result()  # re-raise a failure (a deadline, an engine error) at once
+        return [t.result() for t in tasks]
+    except TimeoutError:
+        job.state.metrics.timeouts.inc()
+        raise ApiError(504, "the request did not finish before its deadline; it was cancelled", "timeout_error",
+                       code="timeout") from None
+    finally:
+        for t in (*tasks, watcher):
+            t.cancel()
+        await asyncio.gather(*tasks, watcher, return_exceptions=True)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --- logprobs in OpenAI's layout -----------------------------------------------------------------------
+
+
+def _piece(tokenizer: Any, token: int) -> str:
+    return str(tokenizer.decode([token], skip_special_tokens=False))
+
+
+def completion_logprobs(tokenizer: Any, tokens: Sequence[int], values: Sequence[TokenLogprob | None],
+                        offset: int = 0) -> dict[str, Any]:
+    pieces = [_piece(tokenizer, t) for t in tokens]
+    offsets, position = [], offset
+    for p in pieces:
+        offsets.append(position)
+        position += len(p)
+    tops: list[dict[str, float] | None] = []
+    for v in values:
+        if v is None:
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for token, lp in v.top:
+            top.setdefault(_piece(tokenizer, token), lp)
+        tops.append(top)
+    return {"tokens": pieces, "token_logprobs": [None if v is None else v.logprob for v in values],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, values: Sequence[TokenLogprob]) -> dict[str, Any]:
+    content = []
+    for v in values:
+        piece = _piece(tokenizer, v.token)
+        content.append({"token": piece, "logprob": v.logprob, "bytes": list(piece.encode()),
+                        "top_logprobs": [{"token": _piece(tokenizer, t), "logprob": lp,
+                                          "bytes": list(_piece(tokenizer, t).encode())} for t, lp in v.top]})
+    return {"content": content}
+
+
+def _usage(outs: Sequence[StepOutput]) -> dict[str, int]:
+    """Token counts; a prompt shared by n choices counts once, as OpenAI counts it."""
+    prompt = sum(len(p) for p in {tuple(o.request.prompt) for o in outs})
+    completion = sum(len(o.request.output) for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# --- endpoints ------------------------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    state: ServerState = request.app.state.kiln
+    data = []
+    for name, route in state.router.routes.items():
+        data.append({"id": name, "object": "model", "created": state.started, "owned_by": "kiln",
+                     "version": route.live.version,
+                     **({"canary": {"version": route.canary.version, "share": route.share}} if route.canary else {})})
+    return {"object": "list", "data": data}
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state: ServerState = request.app.state.kiln
+    key = _admit(state, request)
+    try:
+        dep = _deployment(state, body.model)
+        tok = dep.loaded.tokenizer
+        raw_prompts = body.prompts()
+        _check_input(state, dep, [p for p in raw_prompts if isinstance(p, str)])
+        prompts = [_prompt_ids(dep, p) for p in raw_prompts]
+        budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS) for p in prompts]
+        if body.echo and body.stream:
+            raise ApiError(400, "echo is not supported with stream; drop one of them", param="echo")
+        per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
+        job = _job(state, dep, key, per_choice, [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i)
+                                                  for i in range(len(per_choice))])
+        _reserve_tokens(state, key, job.reserved_tokens)
+        if body.stream:
+            return _stream_response(job, request, body.stream_options is not None and
+                                    body.stream_options.include_usage, chat=False)
+        outs = await _collect(job, request, len(job.params))
+        _record(job, outs)
+        echoes = [await _echo(dep, prompts[i], body.logprobs) if body.echo else None for i in range(len(prompts))]
+        choices = []
+        for i, out in enumerate(outs):
+            r = out.request
+            echo = echoes[i // body.n]
+            text = (echo[0] if echo else "") + r.text
+            choice: dict[str, Any] = {"index": i, "text": text, "finish_reason": r.finish_reason, "logprobs": None}
+            if body.logprobs is not None:
+                generated = completion_logprobs(tok, [v.token for v in r.logprobs], r.logprobs,
+                                                offset=len(echo[0]) if echo else 0)
+                choice["logprobs"] = _join_logprobs(echo[1], generated) if echo else generated
+            choices.append(choice)
+        state.log_response(job, body.model_dump(), [c["text"] for c in choices], outs)
+        return _with_version(JSONResponse({"id": job.request_id, "object": "text_completion", "created": job.created,
+                                           "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
+    finally:
+        if not body.stream:
+            state.admission.leave()
+
+
+def _join_logprobs(echo: dict[str, Any] | None, generated: dict[str, Any]) -> dict[str, Any]:
+    if echo is None:
+        return generated
+    return {k: echo[k] + generated[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+async def _echo(dep: Deployment, prompt: list[int], logprobs: int | None) -> tuple[str, dict[str, Any] | None]:
+    tok = dep.loaded.tokenizer
+    text = tok.decode(prompt, skip_special_tokens=False)
+    if logprobs is None:
+        return text, None
+    values = await dep.worker.prompt_logprobs(prompt, logprobs)
+    return text, completion_logprobs(tok, prompt, values)
+
+
+def _prompt_ids(dep: Deployment, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return dep.loaded.tokenizer.encode(prompt)
+    vocab = dep.loaded.spec.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt",
+                       code="invalid_token")
+    return list(prompt)
+
+
+def _job(state: ServerState, dep: Deployment, key: str, prompts: list[list[int]],
+         params: list[SamplingParams]) -> Job:
+    deadline = time.monotonic() + state.config.request_timeout_s if state.config.request_timeout_s else None
+    reserved = sum(len(prompt) + p.max_tokens for prompt, p in zip(prompts, params, strict=True))
+    return Job(state, dep, key, prompts, params, deadline, f"cmpl-{uuid.uuid4().hex[:24]}", reserved_tokens=reserved)
+
+
+def _with_version(response: Any, dep: Deployment) -> Any:
+    response.headers["X-Kiln-Model-Version"] = dep.version
+    return response
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state: ServerState = request.app.state.kiln
+    key = _admit(state, request)
+    try:
+        dep = _deployment(state, body.model)
+        messages = body.chat_messages()
+        _check_input(state, dep, [m["content"] for m in messages])
+        prompt = dep.loaded.tokenizer.encode_chat(messages)
+        asked = body.max_completion_tokens or body.max_tokens
+        budget = _max_tokens(state, dep, prompt, asked, None)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i)
+                                                         for i in range(body.n)])
+        job.request_id = "chatcmpl-" + job.request_id.split("-", 1)[1]
+        _reserve_tokens(state, key, job.reserved_tokens)
+        if body.stream:
+            return _stream_response(job, request, body.stream_options is not None and
+                                    body.stream_options.include_usage, chat=True)
+        outs = await _collect(job, request, body.n)
+        _record(job, outs)
+        _check_output(state, dep, [o.request.text for o in outs])
+        choices: list[dict[str, Any]] = [{"index": i, "message": {"role": "assistant", "content": o.request.text},
+                    "finish_reason": o.request.finish_reason,
+                    "logprobs": chat_logprobs(dep.loaded.tokenizer, o.request.logprobs) if body.logprobs else None}
+                   for i, o in enumerate(outs)]
+        state.log_response(job, body.model_dump(), [c["message"]["content"] for c in choices], outs)
+        return _with_version(JSONResponse({"id": job.request_id, "object": "chat.completion", "created": job.created,
+                                           "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
+    finally:
+        if not body.stream:
+            state.admission.leave()
+
+
+def _check_output(state: ServerState, dep: Deployment, texts: Sequence[str]) -> None:
+    rules = state.guardrails_for(dep.name)
+    if rules is None:
+        return
+    from kiln.serve.guardrails import check
+
+    for text in texts:
+        violation = check(rules.output, text)
+        if violation is not None:
+            state.metrics.guardrail_blocks.labels(dep.name, "output", violation.kind).inc()
+            raise ApiError(400, f"the response was blocked by the output guardrail ({violation.kind}: "
+                           f"{violation.detail})", "guardrail_error", code="output_blocked")
+
+
+def _stream_response(job: Job, request: Request, include_usage: bool, chat: bool) -> StreamingResponse:
+    return _with_version(StreamingResponse(_sse_events(job, request, include_usage, chat),
+                                           media_type="text/event-stream"), job.deployment)
+
+
+async def _sse_events(job: Job, request: Request, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
+    """SSE chunks of every choice as they come; always ends with `data: [DONE]` (an error chunk first if failed)."""
+    state, dep = job.state, job.deployment
+    tok = dep.loaded.tokenizer
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    base = {"id": job.request_id, "object": kind, "created": job.created, "model": dep.name}
+    queue: asyncio.Queue[tuple[int, StepOutput] | tuple[int, BaseException] | None] = asyncio.Queue()
+    finished: list[StepOutput] = []
+
+    async def pump(i: int) -> None:
+        try:
+            async for out in _run_one(job, i):
+                await queue.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 - reported to the client as an error chunk
+            await queue.put((i, exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(job.params))]
+    try:
+        if chat:
+            for i in range(len(job.params)):
+                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None}]})
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()  # type: ignore[misc]
+            if isinstance(item, BaseException):
+                message = ("the request did not finish before its deadline" if isinstance(item, TimeoutError)
+                           else "generation failed")
+                if isinstance(item, TimeoutError):
+                    state.metrics.timeouts.inc()
+                yield _sse(error_body(message, "timeout_error" if isinstance(item, TimeoutError) else "server_error"))
+                break
+            out = item
+            if out.text or out.finished:
+                delta: dict[str, Any] = {"content": out.text} if chat else {}
+                choice: dict[str, Any] = ({"index": i, "delta": delta} if chat else {"index": i, "text": out.text})
+                choice["finish_reason"] = out.request.finish_reason if out.finished else None
+                if job.params[i].logprobs is not None and out.tokens:
+                    lp = out.request.logprobs[-1:]
+                    choice["logprobs"] = chat_logprobs(tok, lp) if chat else completion_logprobs(
+                        tok, [v.token for v in lp], lp)
+                yield _sse({**base, "choices": [choice]})
+            if out.finished:
+                finished.append(out)
+                remaining -= 1
+        if include_usage and finished:
+            yield _sse({**base, "choices": [], "usage": _usage(finished)})
+        yield b"data: [DONE]\n\n"
+        _record(job, finished)
+        state.log_response(job, {"stream": True}, [o.request.text for o in finished], finished)
+    except asyncio.CancelledError:
+        state.metrics.disconnects.inc()
+        raise
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        state.admission.leave()
+
+
+@router.post("/v1/feedback")
+async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
+    state: ServerState = request.app.state.kiln
+    if state.feedback is None:
+        raise ApiError(404, "feedback is not collected here; start the server with --log-requests",
+                       code="feedback_disabled")
+    if not state.feedback.add_feedback(body.id, body.rating, body.comment):
+        raise ApiError(404, f"no logged response has id {body.id!r}", param="id", code="unknown_id")
+    return {"id": body.id, "status": "recorded"}

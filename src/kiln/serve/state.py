@@ -1,0 +1,83 @@
+"""The server's configuration and shared state: router, limits, metrics, guardrails, request log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.engine.engine import EngineConfig, StepOutput
+from kiln.errors import InvalidParameterError
+from kiln.serve.deploy import Router
+from kiln.serve.limits import Admission, RateLimiter
+from kiln.serve.metrics import Metrics
+from kiln.types import Precision
+
+if TYPE_CHECKING:
+    from kiln.serve.feedback import FeedbackStore
+    from kiln.serve.guardrails import GuardrailConfig
+    from kiln.serve.routes import Job
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `kiln serve` takes; each field is one flag."""
+
+    models: tuple[str, ...] = ("default",)  # served under these names (ignored with registry)
+    registry: bool = False  # serve the registry's live versions (and canaries), following changes
+    registry_poll_s: float = 2.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_file: Path | None = None  # sha256 digests of the accepted keys; none = no auth
+    requests_per_min: float | None = None  # per key
+    tokens_per_min: float | None = None  # per key: prompt + max_tokens, refunded down to what was used
+    max_queue: int = 256  # requests admitted (queued or running) at once; more get 429
+    request_timeout_s: float | None = 600.0
+    max_body_bytes: int = 1 << 20
+    drain_timeout_s: float = 30.0
+    log_requests: bool = False  # keep requests and responses (redacted) for feedback
+    guardrails: tuple[str, ...] = ()  # TOML filter files: FILE for every model, NAME=FILE for one
+    precision: Precision = "fp32"
+    kv_budget_bytes: int = 1 << 30  # per model version
+    max_running: int = 64
+    max_batch_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1 or self.max_body_bytes < 1 or self.drain_timeout_s < 0:
+            raise InvalidParameterError("--max-queue and --max-body-bytes must be positive, --drain-timeout >= 0")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise InvalidParameterError(f"--request-timeout {self.request_timeout_s} must be positive")
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig(kv_budget_bytes=self.kv_budget_bytes, max_running=self.max_running,
+                            max_batch_tokens=self.max_batch_tokens)
+
+
+@dataclass
+class ServerState:
+    config: ServeConfig
+    router: Router
+    metrics: Metrics = field(default_factory=Metrics)
+    admission: Admission = field(init=False)
+    limiter: RateLimiter = field(init=False)
+    guardrails: dict[str, GuardrailConfig] = field(default_factory=dict)  # model name (or "*") -> filters
+    feedback: FeedbackStore | None = None
+    ready: bool = False
+    draining: bool = False
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.config.max_queue)
+        self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
+
+    def guardrails_for(self, model: str) -> GuardrailConfig | None:
+        return self.guardrails.get(model) or self.guardrails.get("*")
+
+    def log_response(self, job: Job, request: dict[str, Any], texts: list[str], outs: list[StepOutput]) -> None:
+        if self.feedback is None:
+            return
+        self.feedback.log_request(
+            job.request_id, job.deployment.name, job.deployment.version, request, "\n".join(texts),
+            sum(len(p) for p in {tuple(o.request.prompt) for o in outs}), sum(len(o.request.output) for o in outs),
+        )

@@ -1,0 +1,181 @@
+"""The engine on its own thread, and the asyncio side that talks to it.
+
+The HTTP handlers never touch the engine: they send commands (add, abort, score) through a queue
+and receive each request's outputs on an asyncio queue. Leaving `stream()` early (a client gone,
+a timeout, a cancelled task) aborts the request, so its cache blocks are freed at once, whether it
+was running or still queued (llama.cpp's server-queue design: a reader that cancels on exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.engine.engine import Engine, StepOutput
+from kiln.engine.request import TokenLogprob
+from kiln.engine.sampler import SamplingParams
+from kiln.errors import KilnError
+
+
+@dataclass
+class _Add:
+    prompt: list[int]
+    params: SamplingParams
+    request_id: str
+    deliver: Callable[[object], None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Engine], Any]
+    deliver: Callable[[object], None]
+
+
+@dataclass
+class WorkerStats:
+    waiting: int = 0
+    running: int = 0
+    kv_used_fraction: float = 0.0
+    steps: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    busy_s: float = 0.0
+
+
+class EngineWorker:
+    """Owns one Engine and steps it on a daemon thread."""
+
+    def __init__(self, engine: Engine, name: str = "engine") -> None:
+        self.engine = engine
+        self.commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
+        self.sinks: dict[str, Callable[[object], None]] = {}
+        self.stats = WorkerStats()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.alive = True
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.commands.put(None)
+        self.thread.join(timeout)
+
+    # --- thread side --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            commands: list[_Add | _Abort | _Call | None] = []
+            with contextlib.suppress(queue.Empty):  # sleep on the queue when idle; when busy, take what is there
+                commands.append(self.commands.get(timeout=0.5) if not self.engine.has_work else
+                                self.commands.get_nowait())
+            while not self.commands.empty():
+                commands.append(self.commands.get_nowait())
+            for command in commands:
+                if command is None:
+                    self._abort_all("the server is shutting down")
+                    return
+                self._handle(command)
+            if self.engine.has_work:
+                self._step()
+
+    def _handle(self, command: _Add | _Abort | _Call) -> None:
+        if isinstance(command, _Add):
+            try:
+                self.engine.add_request(command.prompt, command.params, command.request_id)
+                self.sinks[command.request_id] = command.deliver
+            except KilnError as exc:
+                command.deliver(exc)
+        elif isinstance(command, _Abort):
+            self.engine.abort(command.request_id)
+            self.sinks.pop(command.request_id, None)
+        else:
+            try:
+                command.deliver(command.fn(self.engine))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, which maps it to an HTTP error
+                command.deliver(exc)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - a failed step must not leave its requests waiting forever
+            self.stats.errors += 1
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self._abort_all(f"generation failed: {type(exc).__name__}")
+            return
+        self.stats.busy_s += time.perf_counter() - start
+        self.stats.steps += 1
+        for out in outputs:
+            sink = self.sinks.get(out.request.request_id)
+            if sink is not None:
+                sink(out)
+            if out.finished:
+                self.sinks.pop(out.request.request_id, None)
+        scheduler = self.engine.scheduler
+        self.stats.waiting, self.stats.running = len(scheduler.waiting), len(scheduler.running)
+        cache = self.engine.cache
+        self.stats.kv_used_fraction = cache.used_blocks / max(1, cache.num_blocks - 1)
+
+    def _abort_all(self, reason: str) -> None:
+        for request_id, sink in list(self.sinks.items()):
+            self.engine.abort(request_id)
+            sink(RuntimeError(reason))
+        self.sinks.clear()
+
+    # --- asyncio side -------------------------------------------------------------------------------
+
+    async def stream(self, prompt: Sequence[int], params: SamplingParams, request_id: str,
+                     deadline: float | None = None) -> AsyncIterator[StepOutput]:
+        """Outputs of one request as they are produced; leaving early aborts it."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[object] = asyncio.Queue()
+
+        def deliver(item: object) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        self.commands.put(_Add(list(prompt), params, request_id, deliver))
+        finished = False
+        try:
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                item = await asyncio.wait_for(inbox.get(), timeout)
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                assert isinstance(item, StepOutput)
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.commands.put(_Abort(request_id))
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) on the engine thread, between steps, and return its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+
+        def deliver(item: object) -> None:
+            loop.call_soon_threadsafe(future.set_result, item)
+
+        self.commands.put(_Call(fn, deliver))
+        result = await future
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def prompt_logprobs(self, tokens: Sequence[int], top: int) -> list[TokenLogprob | None]:
+        result: list[TokenLogprob | None] = await self.call(lambda e: e.prompt_logprobs(tokens, top))
+        return result
