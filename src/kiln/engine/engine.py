@@ -193,10 +193,14 @@ class Engine:
         """Log-probability of each prompt token given the ones before it (None for the first), for echo."""
         if len(tokens) > self.context:
             raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the model's context is {self.context}")
-        logits = self.model(torch.tensor([list(tokens)]), logits="all")[0]  # [T, V]
+        logprobs = torch.log_softmax(self.model(torch.tensor([list(tokens)]), logits="all")[0].float(), dim=-1)
+        targets = torch.tensor(list(tokens[1:]))
+        picked = logprobs[:-1].gather(1, targets.unsqueeze(1)).squeeze(1).tolist()  # [T - 1]
+        best = logprobs[:-1].topk(top, dim=-1) if top else None
         out: list[TokenLogprob | None] = [None]
-        for i in range(1, len(tokens)):
-            out.append(token_logprob(logits[i - 1], tokens[i], top))
+        for i, token in enumerate(targets.tolist()):
+            pairs = tuple(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best else ()
+            out.append(TokenLogprob(token, picked[i], pairs))
         return out
 
     # --- offline use -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -229,6 +230,8 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.kiln_state.draining = True
         super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:  # a drained SIGTERM is a clean exit (0), not a death by signal
+            self._captured_signals.remove(sig)
 
 
 def serve(config: ServeConfig) -> int:

@@ -30,9 +30,13 @@ class Deployment:
     retired: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def enter(self) -> None:
+    def try_enter(self) -> bool:
+        """Count a request in, unless this deployment is being retired (then route again)."""
         with self.lock:
+            if self.retired:
+                return False
             self.in_flight += 1
+            return True
 
     def leave(self) -> None:
         with self.lock:
@@ -104,6 +108,14 @@ class Router:
         if route.canary is not None and random.random() < route.share:
             return route.canary
         return route.live
+
+    def acquire(self, name: str | None) -> Deployment | None:
+        """A deployment for `name` with this request counted in (release with leave())."""
+        for _ in range(10):  # a swap retires the old one between pick and enter at most once in practice
+            deployment = self.pick(name)
+            if deployment is None or deployment.try_enter():
+                return deployment
+        return None
 
     def sync_registry(self) -> list[str]:
         """Load what the registry says should be served and swap it in; returns what changed."""

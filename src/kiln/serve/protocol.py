@@ -52,6 +52,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep generating past the end-of-sequence token
 
     @field_validator("stop")
     @classmethod
@@ -68,7 +69,7 @@ class _Sampling(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=0, min_p=0.0,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=seed,
-            stop=tuple(self.stop or ()), logprobs=logprobs,
+            stop=tuple(self.stop or ()), logprobs=logprobs, ignore_eos=self.ignore_eos,
         )
 
 

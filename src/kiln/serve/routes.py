@@ -88,7 +88,7 @@ def _admit(state: ServerState, request: Request) -> str:
 
 
 def _deployment(state: ServerState, model: str | None) -> Deployment:
-    deployment = state.router.pick(model)
+    deployment = state.router.acquire(model)
     if deployment is None:
         known = ", ".join(state.router.routes) or "none"
         raise ApiError(404, f"model {model!r} is not served here; models: {known}", param="model",
@@ -262,6 +262,7 @@ def _sse(data: dict[str, Any]) -> bytes:
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state: ServerState = request.app.state.kiln
     key = _admit(state, request)
+    dep: Deployment | None = None
     try:
         dep = _deployment(state, body.model)
         tok = dep.loaded.tokenizer
@@ -295,9 +296,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         state.log_response(job, body.model_dump(), [c["text"] for c in choices], outs)
         return _with_version(JSONResponse({"id": job.request_id, "object": "text_completion", "created": job.created,
                                            "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
+    except BaseException:
+        if body.stream:  # the stream never started: its generator would have released these
+            _release(state, dep)
+        raise
     finally:
         if not body.stream:
-            state.admission.leave()
+            _release(state, dep)
 
 
 def _join_logprobs(echo: dict[str, Any] | None, generated: dict[str, Any]) -> dict[str, Any]:
@@ -342,6 +347,7 @@ def _with_version(response: Any, dep: Deployment) -> Any:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state: ServerState = request.app.state.kiln
     key = _admit(state, request)
+    dep: Deployment | None = None
     try:
         dep = _deployment(state, body.model)
         messages = body.chat_messages()
@@ -367,9 +373,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         state.log_response(job, body.model_dump(), [c["message"]["content"] for c in choices], outs)
         return _with_version(JSONResponse({"id": job.request_id, "object": "chat.completion", "created": job.created,
                                            "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
+    except BaseException:
+        if body.stream:
+            _release(state, dep)
+        raise
     finally:
         if not body.stream:
-            state.admission.leave()
+            _release(state, dep)
+
+
+def _release(state: ServerState, dep: Deployment | None) -> None:
+    state.admission.leave()
+    if dep is not None:
+        dep.leave()
 
 
 def _check_output(state: ServerState, dep: Deployment, texts: Sequence[str]) -> None:
@@ -450,7 +466,7 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        state.admission.leave()
+        _release(state, dep)
 
 
 @router.post("/v1/feedback")

@@ -88,6 +88,8 @@ class EngineWorker:
                 self._handle(command)
             if self.engine.has_work:
                 self._step()
+            if commands or self.engine.has_work:
+                self._refresh_stats()
 
     def _handle(self, command: _Add | _Abort | _Call) -> None:
         if isinstance(command, _Add):
@@ -122,6 +124,8 @@ class EngineWorker:
                 sink(out)
             if out.finished:
                 self.sinks.pop(out.request.request_id, None)
+
+    def _refresh_stats(self) -> None:
         scheduler = self.engine.scheduler
         self.stats.waiting, self.stats.running = len(scheduler.waiting), len(scheduler.running)
         cache = self.engine.cache
