@@ -45,11 +45,18 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=100, help="512-token chunks of wiki.test.raw to score")
     parser.add_argument("--only", default=None, help="comma-separated recipe names")
     parser.add_argument("--update", action="store_true")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows cached by an interrupted run")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(RECIPES)
+    # each finished row is cached so an interrupted run resumes where it stopped
+    cache = Path(__file__).parent / "results" / f"compress_quality_{args.chunks}.json"
+    cached = json.loads(cache.read_text()) if cache.exists() and not args.fresh else {}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
+            if name in cached:
+                rows.append(tuple(cached[name]))
+                continue
             out = Path(scratch) / name.replace(" ", "_").replace(":", "-").replace("%", "")
             start = time.perf_counter()
             subprocess.run([KILN, "compress", *RECIPES[name], "-o", str(out)], check=True, capture_output=True)
@@ -60,6 +67,9 @@ def main() -> None:
             m = json.loads(proc.stdout)
             size = (out / "model.safetensors").stat().st_size
             rows.append((name, size, m, seconds))
+            cached[name] = rows[-1]
+            cache.parent.mkdir(exist_ok=True)
+            cache.write_text(json.dumps(cached))
             print(f"{name}: {size / 1e6:.1f} MB ppl {m['ppl']:.3f} Δ {m['delta_ppl_pct']:+.2f}% KLD {m['kld']:.4f}",
                   file=sys.stderr)
     base = rows[0][2]["ppl_base"] if rows else float("nan")

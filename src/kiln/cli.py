@@ -18,6 +18,9 @@ from kiln.errors import KilnError
 DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
 
 
+
+KV_CACHE_HELP = "KV cache storage: the model's dtype, or int8 with a scale per token and head (~3.8x the tokens)"
+
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("-m", "--model", default="default",
@@ -90,7 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    out = Generator(loaded.model, tok).generate([prompt], params, on_text=None if args.json else stream)[0]
+    generator = Generator(loaded.model, tok, kv_cache=args.kv_cache)
+    out = generator.generate([prompt], params, on_text=None if args.json else stream)[0]
     if args.json:
         print(json.dumps({
             "text": out.text,
@@ -172,13 +176,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     options = latency.BenchOptions(
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs, data_dir=args.data,
-        batch_sizes=tuple(_int_list(args.batch_sizes, "--batch-sizes")),
+        batch_sizes=tuple(_int_list(args.batch_sizes, "--batch-sizes")), kv_cache=args.kv_cache,
     )
     loaded = load(args.model, precision=args.dtype)
     report = latency.run(loaded, options)
     runs.add(runs.Run(
         kind="bench", model=args.model, model_sha256=loaded.sha256, model_size_bytes=loaded.source.size_bytes,
-        task="bench", settings={k: report[k] for k in ("precision", "prompt_tokens", "new_tokens", "runs")},
+        task="bench",
+        settings={k: report[k] for k in ("precision", "prompt_tokens", "new_tokens", "runs", "kv_cache")},
         metrics={k: report[k] for k in ("load_seconds", "bytes_on_disk", "bytes_in_memory", "results")},
         versions=report["machine"], duration_s=0.0,
     ))
@@ -308,7 +313,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             ) from exc
     cfg = Distill(student_layers=args.student_layers or (len(layers) if layers else None), steps=args.steps,
                   time_budget_s=args.time_budget, lr=args.lr, temperature=args.temperature, ce_weight=args.ce_weight,
-                  batch_size=args.batch_size, seq_len=args.seq_len)
+                  batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision)
     manifest = distill_to_artifact(args.teacher, cfg, args.output, layers, args.data, args.resume,
                                    args.checkpoint_every)
     info = manifest.history["distillation"]
@@ -346,7 +351,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout, log_requests=args.log_requests, guardrails=tuple(args.guardrails),
         precision=args.dtype, kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_running=args.max_running,
-        max_batch_tokens=args.max_batch_tokens,
+        max_batch_tokens=args.max_batch_tokens, kv_cache=args.kv_cache,
     )
     if args.api_key_file is not None:  # refuse a bad key file before loading anything
         from kiln.serve.auth import load_digests
@@ -394,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
+    p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
+                   help=KV_CACHE_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", parents=[common, sampling], help="talk to a model interactively")
@@ -419,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated, e.g. 1,4,16")
+    p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
+                   help=KV_CACHE_HELP)
     p.add_argument("--runs", type=int, default=5, help="repetitions per batch size (median and range are shown)")
     p.add_argument("--data", type=Path, default=None, help="data folder for the prompts")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute precision")
@@ -471,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="matmul precision while training (weights stay fp32)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --output")
     p.add_argument("--data", type=Path, default=None)
@@ -493,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the continuous-batching engine")
     p.add_argument("-m", "--model", action="append", default=[], help="model to serve (repeatable); default: default")
     p.add_argument("--registry", action="store_true", help="serve the registry's live versions, following changes")
+    p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
+                   help=KV_CACHE_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", type=Path, default=None, help="sha256 hex digests of accepted keys, one a line")

@@ -73,12 +73,20 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tem
     return kl + ce_weight * ce, kl
 
 
-def lr_at(step: int, total: int, peak: float) -> float:
-    warm = max(1, int(WARMUP * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
+def lr_at(done: float, peak: float) -> float:
+    """Learning rate after `done` (0..1) of the run: linear warm-up, then cosine decay to zero."""
+    if done < WARMUP:
+        return peak * max(done, 0.01 * WARMUP) / WARMUP
+    progress = (done - WARMUP) / (1 - WARMUP)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_fraction(state: TrainState, cfg: Distill) -> float:
+    """How far the run is, by steps or by the time budget, whichever ends it first."""
+    done = state.step / cfg.steps
+    if cfg.time_budget_s:
+        done = max(done, state.seconds / cfg.time_budget_s)
+    return min(done, 1.0)
 
 
 def batches(tokens: Tensor, batch_size: int, seq_len: int, seed: int) -> Iterator[Tensor]:
@@ -137,16 +145,20 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
         while state.step < cfg.steps and (cfg.time_budget_s is None or state.seconds < cfg.time_budget_s):
             batch = next(stream)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            with torch.no_grad():
-                teacher_logits = teacher(inputs, logits="all")
-            student.train()
-            loss, _ = kd_loss(student(inputs, logits="all"), teacher_logits.float(), targets, cfg.temperature,
+            # bf16 autocast roughly doubles training speed on CPUs with bf16 matmul units; the loss, the
+            # master weights and AdamW's moments stay fp32
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                with torch.no_grad():
+                    teacher_logits = teacher(inputs, logits="all")
+                student.train()
+                student_logits = student(inputs, logits="all")
+            loss, _ = kd_loss(student_logits.float(), teacher_logits.float(), targets, cfg.temperature,
                               cfg.ce_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, CLIP)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, cfg.steps, cfg.lr)
+                group["lr"] = lr_at(run_fraction(state, cfg), cfg.lr)
             optimizer.step()
             state.step += 1
             state.tokens += inputs.numel()

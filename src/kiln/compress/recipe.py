@@ -122,6 +122,7 @@ class Distill:
     batch_size: int = 4
     seq_len: int = 256
     data: str = "calibration"  # calibration | generated (the teacher writes the text from prompts)
+    precision: str = "bf16"  # matmuls under bf16 autocast (weights and optimizer stay fp32) | fp32
 
     def check(self, where: str) -> None:
         if self.student_layers is not None:
@@ -133,6 +134,7 @@ class Distill:
         _range(where, "batch_size", self.batch_size, 1, 4096, int)
         _range(where, "seq_len", self.seq_len, 8, 65_536, int)
         _choice(where, "data", self.data, ("calibration", "generated"))
+        _choice(where, "precision", self.precision, ("bf16", "fp32"))
 
 
 STEP_TYPES: dict[str, type] = {"quantize": Quantize, "prune": Prune, "lowrank": LowRank, "distill": Distill}

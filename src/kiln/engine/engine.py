@@ -25,6 +25,8 @@ from kiln.errors import ContextLengthError, InvalidParameterError
 from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
 
+KV_CACHE_TYPES = ("model", "int8")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -35,10 +37,13 @@ class EngineConfig:
     max_batch_tokens: int = 256  # prompt tokens prefilled per step
     max_running: int = 64  # sequences in flight at once
     prefix_caching: bool = True
+    kv_cache: str = "model"  # model: the model's dtype | int8: int8 values with a scale per token and head
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.kv_budget_bytes < 1:
             raise InvalidParameterError("block_size and kv_budget_bytes must be positive")
+        if self.kv_cache not in KV_CACHE_TYPES:
+            raise InvalidParameterError(f"--kv-cache {self.kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
 
 
 @dataclass
@@ -62,7 +67,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self.cache = PagedKVCache(model.spec, self.config.kv_budget_bytes, model.dtype, self.config.block_size)
+        self.cache = PagedKVCache(model.spec, self.config.kv_budget_bytes, model.dtype, self.config.block_size,
+                                  int8=self.config.kv_cache == "int8")
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_batch_tokens, self.config.max_running, self.config.prefix_caching),
             self.cache,

@@ -10,9 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from kiln.engine.engine import Engine, EngineConfig
+from kiln.engine.kv_cache import PagedKVCache
 from kiln.engine.request import FinishReason, Request
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import InvalidParameterError
@@ -45,10 +44,12 @@ class GenerationOutput:
 class Generator:
     """Runs batches of prompts through one model; keeps its engine (and prefix cache) between calls."""
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 kv_cache: str = "model") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.kv_cache = kv_cache  # used when no config fixes it
         self.context = model.spec.max_position
         self.engine: Engine | None = None
 
@@ -58,11 +59,11 @@ class Generator:
             self.engine = self.engine or Engine(self.model, self.tokenizer, self.config)
             return self.engine
         tokens = sum(min(len(p) + sp.max_tokens, self.context) + 32 for p, sp in zip(prompts, plist, strict=True))
-        per_token = self.model.spec.kv_bytes_per_token(torch.empty(0, dtype=self.model.dtype).element_size())
+        per_token = PagedKVCache.bytes_per_token(self.model.spec, self.model.dtype, self.kv_cache == "int8")
         if self.engine is None or self.engine.cache.capacity_tokens < tokens:
             budget = max(MIN_BUDGET_BYTES, tokens * per_token)
-            self.engine = Engine(self.model, self.tokenizer, EngineConfig(kv_budget_bytes=budget,
-                                                                         max_running=max(64, len(prompts))))
+            self.engine = Engine(self.model, self.tokenizer, EngineConfig(
+                kv_budget_bytes=budget, max_running=max(64, len(prompts)), kv_cache=self.kv_cache))
         return self.engine
 
     def generate(

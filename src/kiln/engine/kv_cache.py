@@ -8,6 +8,11 @@ vLLM's automatic prefix caching does. Unreferenced cached blocks are evicted lea
 The graph talks to it through the same three verbs as the static cache (begin / update / commit):
 begin plans where each new token's keys and values go, update writes them and gathers every row's
 keys and values into one padded tensor for attention. Hand-written: it is the engine's core.
+
+With `int8=True` keys and values are stored as int8 with one fp32 scale per token and head (symmetric,
+absmax / 127, as llama.cpp's q8_0 cache and vLLM's fp8 cache trade a little accuracy for room): a block
+then costs (head_dim + 4) bytes per token and head instead of 4 * head_dim, so the same budget holds
+about 3.8x the tokens at fp32 (1.9x at bf16). They are dequantized when gathered for attention.
 """
 
 from __future__ import annotations
@@ -44,9 +49,9 @@ class PagedAttentionBatch(AttentionBatch):
 class PagedKVCache:
     """Keys and values of many sequences in blocks of `block_size` tokens, within `budget_bytes`."""
 
-    def __init__(self, spec: ModelSpec, budget_bytes: int, dtype: torch.dtype, block_size: int = 16) -> None:
-        elem = torch.empty(0, dtype=dtype).element_size()
-        per_block = 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
+    def __init__(self, spec: ModelSpec, budget_bytes: int, dtype: torch.dtype, block_size: int = 16,
+                 int8: bool = False) -> None:
+        per_block = block_size * self.bytes_per_token(spec, dtype, int8)
         self.num_blocks = int(budget_bytes // per_block)
         if self.num_blocks < 2:
             raise ContextLengthError(
@@ -54,8 +59,13 @@ class PagedKVCache:
                 f"({per_block:,} bytes); raise the budget"
             )
         shape = (spec.num_layers, self.num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)  # [L, blocks, block_size, Hkv, D]
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.dtype = dtype
+        self.int8 = int8
+        self.k = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)  # [L, blocks, block_size, Hkv, D]
+        self.v = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)
+        scale_shape = (*shape[:-1], 1) if int8 else (0,)
+        self.k_scale = torch.zeros(scale_shape, dtype=torch.float32)  # [L, blocks, block_size, Hkv, 1]
+        self.v_scale = torch.zeros(scale_shape, dtype=torch.float32)
         self.block_size = block_size
         self.window = spec.sliding_window
         self.free_blocks: list[int] = list(range(self.num_blocks - 1, SCRATCH, -1))  # pop() gives low ids first
@@ -64,6 +74,13 @@ class PagedKVCache:
         self.block_hash: dict[int, int] = {}  # block -> prefix hash
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence uses, oldest first
         self.seqs: dict[int, SeqBlocks] = {}
+
+    @staticmethod
+    def bytes_per_token(spec: ModelSpec, dtype: torch.dtype, int8: bool = False) -> int:
+        """Cache bytes one token takes across all layers, keys and values."""
+        if int8:
+            return 2 * spec.num_layers * spec.num_kv_heads * (spec.head_dim + 4)  # int8 values + an fp32 scale
+        return spec.kv_bytes_per_token(torch.empty(0, dtype=dtype).element_size())
 
     # --- accounting ---------------------------------------------------------------------------------
 
@@ -195,15 +212,36 @@ class PagedKVCache:
         assert isinstance(batch, PagedAttentionBatch) and batch.gather is not None
         assert batch.slot_block is not None and batch.slot_offset is not None
         b, hkv, t, d = k.shape
-        self.k[layer][batch.slot_block, batch.slot_offset] = k.transpose(1, 2).reshape(b * t, hkv, d)
-        self.v[layer][batch.slot_block, batch.slot_offset] = v.transpose(1, 2).reshape(b * t, hkv, d)
+        new_k, new_v = k.transpose(1, 2).reshape(b * t, hkv, d), v.transpose(1, 2).reshape(b * t, hkv, d)
+        where = (batch.slot_block, batch.slot_offset)
         flat = batch.gather.flatten()
         n = batch.gather.shape[1] * self.block_size
-        keys = self.k[layer].index_select(0, flat).view(b, n, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
-        values = self.v[layer].index_select(0, flat).view(b, n, hkv, d).transpose(1, 2)
+        if self.int8:
+            for store, scales, new in ((self.k, self.k_scale, new_k), (self.v, self.v_scale, new_v)):
+                q, scale = quantize_rows(new)
+                store[layer][where], scales[layer][where] = q, scale
+            keys = dequantize_rows(self.k[layer].index_select(0, flat), self.k_scale[layer].index_select(0, flat),
+                                   k.dtype)
+            values = dequantize_rows(self.v[layer].index_select(0, flat), self.v_scale[layer].index_select(0, flat),
+                                     v.dtype)
+        else:
+            self.k[layer][where], self.v[layer][where] = new_k, new_v
+            keys, values = self.k[layer].index_select(0, flat), self.v[layer].index_select(0, flat)
+        keys = keys.view(b, n, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
+        values = values.view(b, n, hkv, d).transpose(1, 2)
         return keys[:, :, : batch.kv_len], values[:, :, : batch.kv_len]
 
     def commit(self, batch: AttentionBatch) -> None:
         assert isinstance(batch, PagedAttentionBatch)
         for seq_id, n in zip(batch.seq_ids, batch.num_tokens, strict=True):
             self.seqs[seq_id].length += n
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 over the last dimension: (int8 values, fp32 scale with a trailing 1)."""
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
+    return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return (q.to(torch.float32) * scale).to(dtype)

@@ -35,6 +35,7 @@ from kiln.serve.protocol import error_body
 from kiln.serve.registry import Registry
 from kiln.serve.routes import ApiError, router
 from kiln.serve.state import ServeConfig, ServerState
+from kiln.serve.worker import EngineStopped
 
 access_log = logging.getLogger("kiln.access")
 
@@ -95,6 +96,11 @@ def install_handlers(app: FastAPI) -> None:
     async def kiln_error(_: Request, exc: KilnError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "invalid_request_error"), 400)
 
+    @app.exception_handler(EngineStopped)
+    async def engine_stopped(_: Request, exc: EngineStopped) -> JSONResponse:
+        return JSONResponse(error_body(f"{exc}; the server must be restarted", "server_error", code="engine_stopped"),
+                            503)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -139,11 +145,17 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.include_router(router)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        faults = [f"{d.name}@{d.version}: {d.worker.fault}" for d in state.router.deployments() if d.worker.fault]
+        if faults:  # a liveness probe failing here gets the process restarted
+            return JSONResponse(error_body("; ".join(faults), "server_error", code="engine_stopped"), 503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> Response:
+        if any(d.worker.fault for d in state.router.deployments()):
+            return JSONResponse(error_body("not ready: an engine stopped", "unavailable_error", code="engine_stopped"),
+                                503)
         if state.ready and not state.draining:
             return JSONResponse({"status": "ready", "models": list(state.router.routes)})
         reason = "draining" if state.draining else "loading"

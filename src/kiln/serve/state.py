@@ -42,6 +42,7 @@ class ServeConfig:
     kv_budget_bytes: int = 1 << 30  # per model version
     max_running: int = 64
     max_batch_tokens: int = 256
+    kv_cache: str = "model"  # model | int8
 
     def __post_init__(self) -> None:
         if self.max_queue < 1 or self.max_body_bytes < 1 or self.drain_timeout_s < 0:
@@ -51,7 +52,7 @@ class ServeConfig:
 
     def engine(self) -> EngineConfig:
         return EngineConfig(kv_budget_bytes=self.kv_budget_bytes, max_running=self.max_running,
-                            max_batch_tokens=self.max_batch_tokens)
+                            max_batch_tokens=self.max_batch_tokens, kv_cache=self.kv_cache)
 
 
 @dataclass

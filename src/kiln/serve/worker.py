@@ -4,6 +4,10 @@ The HTTP handlers never touch the engine: they send commands (add, abort, score)
 and receive each request's outputs on an asyncio queue. Leaving `stream()` early (a client gone,
 a timeout, a cancelled task) aborts the request, so its cache blocks are freed at once, whether it
 was running or still queued (llama.cpp's server-queue design: a reader that cancels on exit).
+
+If the engine thread dies, or its steps keep failing, the worker marks itself dead, fails every waiting
+request and refuses new ones at once, and /health turns 503 so a supervisor restarts the process: no
+request waits forever on an engine that is gone.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ class _Call:
     deliver: Callable[[object], None]
 
 
+FAILED_STEPS_LIMIT = 3  # consecutive failed engine steps before the engine is declared broken
+
+
+class EngineStopped(KilnError):
+    """The engine thread is gone (a fault, or shutdown); nothing more can be served by it."""
+
+
 @dataclass
 class WorkerStats:
     waiting: int = 0
@@ -61,8 +72,11 @@ class EngineWorker:
         self.commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self.sinks: dict[str, Callable[[object], None]] = {}
         self.stats = WorkerStats()
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.alive = True
+        self.fault: str | None = None  # why the engine stopped, when it was not asked to
+        self._gate = threading.Lock()  # orders "submit a command" against "the thread is gone"
+        self._failed_steps = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -72,6 +86,21 @@ class EngineWorker:
         self.thread.join(timeout)
 
     # --- thread side --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        reason = "the server is shutting down"
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the thread is dying: say why, and fail what waits on it
+            self.fault = reason = f"the engine stopped: {type(exc).__name__}: {exc}"
+        finally:
+            with self._gate:
+                self.alive = False
+            self._abort_all(reason)
+            while not self.commands.empty():  # commands sent before the gate closed
+                command = self.commands.get_nowait()
+                if isinstance(command, _Add | _Call):
+                    command.deliver(EngineStopped(reason))
 
     def _loop(self) -> None:
         while True:
@@ -83,7 +112,6 @@ class EngineWorker:
                 commands.append(self.commands.get_nowait())
             for command in commands:
                 if command is None:
-                    self._abort_all("the server is shutting down")
                     return
                 self._handle(command)
             if self.engine.has_work:
@@ -114,8 +142,12 @@ class EngineWorker:
         except Exception as exc:  # noqa: BLE001 - a failed step must not leave its requests waiting forever
             self.stats.errors += 1
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self._failed_steps += 1
+            if self._failed_steps >= FAILED_STEPS_LIMIT:
+                raise  # the engine is broken, not one request: stop the thread (see _run)
             self._abort_all(f"generation failed: {type(exc).__name__}")
             return
+        self._failed_steps = 0
         self.stats.busy_s += time.perf_counter() - start
         self.stats.steps += 1
         for out in outputs:
@@ -133,9 +165,16 @@ class EngineWorker:
 
     def _abort_all(self, reason: str) -> None:
         for request_id, sink in list(self.sinks.items()):
-            self.engine.abort(request_id)
-            sink(RuntimeError(reason))
+            with contextlib.suppress(Exception):  # a broken engine may fail to abort; the caller must still hear
+                self.engine.abort(request_id)
+            sink(EngineStopped(reason) if not self.alive else RuntimeError(reason))
         self.sinks.clear()
+
+    def _submit(self, command: _Add | _Call) -> None:
+        with self._gate:
+            if not self.alive:
+                raise EngineStopped(self.fault or "the engine has stopped")
+            self.commands.put(command)
 
     # --- asyncio side -------------------------------------------------------------------------------
 
@@ -148,7 +187,7 @@ class EngineWorker:
         def deliver(item: object) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        self.commands.put(_Add(list(prompt), params, request_id, deliver))
+        self._submit(_Add(list(prompt), params, request_id, deliver))
         finished = False
         try:
             while True:
@@ -174,7 +213,7 @@ class EngineWorker:
         def deliver(item: object) -> None:
             loop.call_soon_threadsafe(future.set_result, item)
 
-        self.commands.put(_Call(fn, deliver))
+        self._submit(_Call(fn, deliver))
         result = await future
         if isinstance(result, BaseException):
             raise result

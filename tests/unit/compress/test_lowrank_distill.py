@@ -72,3 +72,16 @@ def test_time_budget_stops_training(tiny: LlamaModel) -> None:
     state = distill.train(tiny, distill.make_student(tiny, [0, 3]), text,
                           Distill(steps=10_000, time_budget_s=0.5, batch_size=2, seq_len=16), progress=False)
     assert 0 < state.step < 10_000
+
+
+def test_schedule_warms_up_then_decays_to_zero_by_steps_or_time() -> None:
+    peak = 1e-3
+    assert distill.lr_at(0.0, peak) < peak / 10
+    assert distill.lr_at(distill.WARMUP, peak) == pytest.approx(peak)
+    assert distill.lr_at(0.5, peak) < peak
+    assert distill.lr_at(1.0, peak) == pytest.approx(0.0, abs=1e-12)
+    cfg = Distill(steps=1000, time_budget_s=100.0)
+    # whichever bound is nearer sets the progress, so a time-limited run still ends its cosine at zero
+    assert distill.run_fraction(distill.TrainState(step=10, seconds=50.0), cfg) == pytest.approx(0.5)
+    assert distill.run_fraction(distill.TrainState(step=900, seconds=1.0), cfg) == pytest.approx(0.9)
+    assert distill.run_fraction(distill.TrainState(step=10, seconds=500.0), cfg) == 1.0

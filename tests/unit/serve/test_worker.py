@@ -1,0 +1,92 @@
+"""The engine thread's failure modes: a failed step, a broken engine, and what the server says then."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kiln.engine.engine import Engine, EngineConfig
+from kiln.engine.sampler import SamplingParams
+from kiln.model.load import load
+from kiln.serve.app import create_app
+from kiln.serve.state import ServeConfig
+from kiln.serve.worker import FAILED_STEPS_LIMIT, EngineStopped, EngineWorker
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture
+def worker(tiny_folder: Path):
+    loaded = load(str(tiny_folder), progress=False)
+    w = EngineWorker(Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_budget_bytes=4 << 20)))
+    w.start()
+    yield w
+    w.stop()
+
+
+async def collect(worker: EngineWorker, request_id: str) -> list[int]:
+    tokens: list[int] = []
+    async for out in worker.stream([1, 5, 9], PARAMS, request_id, deadline=time.monotonic() + 30):
+        tokens += out.tokens
+    return tokens
+
+
+def test_one_failed_step_fails_its_requests_and_the_engine_goes_on(worker: EngineWorker,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real_step, calls = worker.engine.step, []
+
+    def flaky() -> list:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(worker.engine, "step", flaky)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        asyncio.run(collect(worker, "a"))
+    assert len(asyncio.run(collect(worker, "b"))) == 8
+    assert worker.alive and worker.fault is None and worker.stats.errors == 1
+
+
+def test_a_broken_engine_stops_and_refuses_at_once(worker: EngineWorker, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> list:
+        raise RuntimeError("kernel fault")
+
+    monkeypatch.setattr(worker.engine, "step", broken)
+    for i in range(FAILED_STEPS_LIMIT):
+        with pytest.raises((RuntimeError, EngineStopped)):
+            asyncio.run(collect(worker, f"r{i}"))
+    worker.thread.join(5)
+    assert not worker.alive and "kernel fault" in (worker.fault or "")
+    with pytest.raises(EngineStopped, match="kernel fault"):  # refused before anything is queued
+        asyncio.run(collect(worker, "late"))
+
+
+def test_health_and_requests_turn_503_when_the_engine_dies(tiny_folder: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(300):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 4}
+        name = client.get("/v1/models").json()["data"][0]["id"]
+        assert client.post("/v1/completions", json={**body, "model": name}).status_code == 200
+        worker = app.state.kiln.router.deployments()[0].worker
+
+        def broken() -> list:
+            raise RuntimeError("kernel fault")
+
+        monkeypatch.setattr(worker.engine, "step", broken)
+        codes = [client.post("/v1/completions", json={**body, "model": name}).status_code
+                 for _ in range(FAILED_STEPS_LIMIT + 1)]
+        assert codes[-1] == 503 and all(c >= 500 for c in codes)
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_stopped"
+        assert client.get("/ready").status_code == 503
