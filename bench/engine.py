@@ -1,8 +1,12 @@
-"""kiln's engine beside llama.cpp (llama-bench) on the same weights and threads, in one run.
+"""kiln's engine beside llama.cpp (llama-bench) and ONNX Runtime GenAI on the same weights and threads.
 
 Same weights: kiln's fp32 export of the default model is quantized by llama.cpp's own llama-quantize to
-Q8_0 and Q4_0; kiln's int8 / int4-g32-symmetric artifacts are made from the same fp32 weights. Rounds
-alternate between the systems (machine drift hits both); every cell is median [min-max].
+Q8_0 and Q4_0, and by ORT GenAI's model builder to its int8 / int4; kiln's int8 / int4-g32-symmetric
+artifacts (lm_head quantized too, as llama-quantize does) are made from the same fp32 weights and run on
+kiln's two runtimes: torch (kiln's graph) and onnxruntime (`kiln export --format onnx` of the artifact,
+the artifact's own integers in MatMulNBits).
+transformers fp32 `generate` is timed too. Rounds alternate between the systems (machine drift hits all);
+every cell is median [min-max].
 
 Measured: batch-1 decode (128 new tokens after a 128-token prompt; llama-bench -d 128 -n 128), prefill
 of a 512-token prompt, kiln's aggregate decode at 16 concurrent sequences, the memory roofline (read
@@ -31,29 +35,32 @@ from kiln.benchmark.latency import model_bytes
 from kiln.benchmark.machine import describe, machine_info, read_bandwidth_gbs
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.generate import Generator
+from kiln.engine.onnx_runtime import OnnxModel, onnx_folder
 from kiln.engine.sampler import SamplingParams
 from kiln.engine.speculative import SpeculativeDecoder
 from kiln.model.load import LoadedModel, load
 from peers import llamacpp
+from peers.ortgenai import OrtGenAI, build
 
 KILN = str(Path(sys.executable).parent / "kiln")
-PAIRS = {"fp32": ("F32", None), "int8": ("Q8_0", ["--quantize", "int8"]),
-         "int4": ("Q4_0", ["--quantize", "int4", "--group-size", "32", "--symmetric"])}
+# llama-quantize quantizes token_embd and output too, so kiln's artifacts quantize lm_head as well
+PAIRS = {"fp32": ("F32", None), "int8": ("Q8_0", ["--quantize", "int8", "--quantize-embeddings"]),
+         "int4": ("Q4_0", ["--quantize", "int4", "--group-size", "32", "--symmetric", "--quantize-embeddings"])}
 
 
 def cell(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
-def kiln_decode(loaded: LoadedModel, prompt: list[int], new: int = 128) -> float:
-    out = Generator(loaded.model, loaded.tokenizer).generate(
+def kiln_decode(loaded: LoadedModel, prompt: list[int], new: int = 128, model: object = None) -> float:
+    out = Generator(model or loaded.model, loaded.tokenizer).generate(  # type: ignore[arg-type]
         [prompt], SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))[0]
     return out.decode_tokens_per_s
 
 
-def kiln_prefill(loaded: LoadedModel, prompt: list[int]) -> float:
-    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_budget_bytes=256 << 20, max_batch_tokens=512,
-                                                                 prefix_caching=False))
+def kiln_prefill(loaded: LoadedModel, prompt: list[int], model: object = None) -> float:
+    engine = Engine(model or loaded.model, loaded.tokenizer,  # type: ignore[arg-type]
+                    EngineConfig(kv_budget_bytes=256 << 20, max_batch_tokens=512, prefix_caching=False))
     start = time.perf_counter()
     request = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1))
     engine.run()
@@ -67,6 +74,18 @@ def kiln_concurrent(loaded: LoadedModel, prompts: list[list[int]], new: int = 12
     first = min(o.token_times[0] for o in outs)
     last = max(o.token_times[-1] for o in outs)
     return sum(o.completion_tokens - 1 for o in outs) / (last - first)
+
+
+def hf_decode(hf: object, prompt: list[int], new: int = 128) -> float:
+    """transformers fp32 `generate`: 127 / (t(128 new) - t(1 new)), as bench/decode.py times it."""
+    ids = torch.tensor([prompt])
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # type: ignore[attr-defined]
+        return time.perf_counter() - start
+
+    return (new - 1) / (timed(new) - timed(1))
 
 
 def prefix_ttft(loaded: LoadedModel, prefix: list[int], tails: list[list[int]]) -> tuple[float, float]:
@@ -111,39 +130,67 @@ def main() -> None:
             subprocess.run([KILN, "compress", *flags, "-o", str(work / name)], check=True, capture_output=True)
             models[name] = load(str(work / name), progress=False)
 
-        results: dict[str, dict[str, list[float]]] = {n: {k: [] for k in ("kd", "kp", "ld", "lp")} for n in PAIRS}
-        bandwidth = []
+        hf_folder = base.folder
+        ort_models = {n: OnnxModel(onnx_folder(models[n]), base.spec, 2) for n in PAIRS}
+        genai = {n: OrtGenAI(build(hf_folder, work / f"genai-{n}", n)) for n in PAIRS}
+        from transformers import LlamaForCausalLM
+
+        hf = LlamaForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+
+        keys = ("kd", "kp", "od", "op", "ld", "lp", "gd", "gp")
+        results: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in PAIRS}
+        bandwidth, transformers_decode = [], []
         for run in range(args.runs):
             bandwidth.append(read_bandwidth_gbs())
+            with torch.inference_mode():
+                transformers_decode.append(hf_decode(hf, prompt128))
             for name in PAIRS:
-                results[name]["kd"].append(kiln_decode(models[name], prompt128))
-                results[name]["kp"].append(kiln_prefill(models[name], prompt512))
+                r = results[name]
+                r["kd"].append(kiln_decode(models[name], prompt128))
+                r["kp"].append(kiln_prefill(models[name], prompt512))
+                torch.set_num_threads(1)  # as `--runtime onnxruntime` does: ORT's pool gets the cores
+                r["od"].append(kiln_decode(models[name], prompt128, model=ort_models[name]))
+                r["op"].append(kiln_prefill(models[name], prompt512, model=ort_models[name]))
+                torch.set_num_threads(2)
                 rows = llamacpp.run_bench(tools, ggufs[name], prompt_tokens=512, gen_tokens=0, repetitions=1)
-                results[name]["lp"].append(float(rows[0]["avg_ts"]))
-                rows = _llama_decode(tools, ggufs[name])
-                results[name]["ld"].append(rows)
-            print(f"run {run + 1}: {({n: {k: v[-1] for k, v in r.items()} for n, r in results.items()})}",
+                r["lp"].append(float(rows[0]["avg_ts"]))
+                r["ld"].append(_llama_decode(tools, ggufs[name]))
+                r["gd"].append(genai[name].decode(prompt128))
+                r["gp"].append(genai[name].prefill(prompt512))
+            print(f"run {run + 1}: {({n: {k: round(v[-1], 1) for k, v in r.items()} for n, r in results.items()})}",
                   file=sys.stderr)
         batch1 = results["fp32"]["kd"]
         total16 = [kiln_concurrent(base, concurrent) for _ in range(max(1, args.runs // 2))]
         cold, warm = zip(*[prefix_ttft(base, ids[5000:5400], [ids[6000:6020], ids[7000:7020]])
                            for _ in range(args.runs)], strict=True)
 
-    lines = ["| weights | kiln decode b1 tok/s | llama.cpp decode b1 | ratio | kiln prefill 512 tok/s "
-             "| llama.cpp prefill | ratio | kiln GB/s achieved |", "|---" * 8 + "|"]
-    for name, (qtype, _) in PAIRS.items():
-        r = results[name]
-        weight_bytes = model_bytes(models[name])
-        achieved = statistics.median(r["kd"]) * weight_bytes / 1e9
-        lines.append(
-            f"| kiln {name} / llama.cpp {qtype} | {cell(r['kd'])} | {cell(r['ld'])} "
-            f"| {statistics.median(r['kd']) / statistics.median(r['ld']):.2f}x | {cell(r['kp'])} | {cell(r['lp'])} "
-            f"| {statistics.median(r['kp']) / statistics.median(r['lp']):.2f}x | {achieved:.1f} |"
-        )
+    def best(r: dict[str, list[float]], *keys: str) -> float:
+        return max(statistics.median(r[k]) for k in keys)
+
+    lines = ["| precision | kiln torch | kiln onnxruntime | llama.cpp | ORT GenAI | kiln best / peer best |",
+             "|---" * 6 + "|"]
+    for kind, suffix in (("decode b1 tok/s", "d"), ("prefill 512 tok/s", "p")):
+        for name, (qtype, _) in PAIRS.items():
+            r = results[name]
+            ratio = best(r, "k" + suffix, "o" + suffix) / best(r, "l" + suffix, "g" + suffix)
+            lines.append(f"| {name} {kind} | {cell(r['k' + suffix])} | {cell(r['o' + suffix])} "
+                         f"| {cell(r['l' + suffix])} ({qtype}) | {cell(r['g' + suffix])} | {ratio:.2f}x |")
     bw = statistics.median(bandwidth)
+    lines.append("")
+    for name in PAIRS:
+        r = results[name]
+        read = {"torch": (model_bytes(models[name]), statistics.median(r["kd"])),
+                "onnxruntime": ((ort_models[name].folder / "model.onnx.data").stat().st_size,
+                                statistics.median(r["od"]))}
+        parts = [f"{rt} reads {size / 1e6:.0f} MB per token, {rate * size / 1e9:.1f} GB/s = "
+                 f"{100 * rate * size / (bw * 1e9):.0f}% of the roofline" for rt, (size, rate) in read.items()]
+        lines.append(f"- kiln {name} batch-1 decode: " + "; ".join(parts) + ".")
+    hf_median = statistics.median(transformers_decode)
+    lines.append(f"- transformers fp32 `generate`, batch 1: {cell(transformers_decode)} tok/s; kiln's fastest "
+                 f"batch-1 decode is {max(best(r, 'kd', 'od') for r in results.values()) / hf_median:.1f}x that, "
+                 f"kiln fp32 {best(results['fp32'], 'kd', 'od') / hf_median:.1f}x.")
     fp32_bytes = model_bytes(base)
     lines += [
-        "",
         f"- Memory read bandwidth in this run: {cell(bandwidth)} GB/s; kiln fp32 batch-1 decode reads "
         f"{fp32_bytes / 1e6:.0f} MB per token, so its roofline is {bw * 1e9 / fp32_bytes:.0f} tok/s and kiln "
         f"reaches {100 * statistics.median(batch1) * fp32_bytes / (bw * 1e9):.0f}% of it.",

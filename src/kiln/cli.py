@@ -11,6 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kiln import __version__
 from kiln.errors import KilnError
@@ -72,6 +73,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_model(loaded: object, runtime: str) -> Any:
+    from kiln.engine.onnx_runtime import runtime_model
+
+    return runtime_model(loaded, runtime)  # type: ignore[arg-type]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kiln.engine.generate import Generator
     from kiln.model.load import load
@@ -93,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    generator = Generator(loaded.model, tok, kv_cache=args.kv_cache)
+    generator = Generator(_runtime_model(loaded, args.runtime), tok, kv_cache=args.kv_cache)
     out = generator.generate([prompt], params, on_text=None if args.json else stream)[0]
     if args.json:
         print(json.dumps({
@@ -177,6 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = latency.BenchOptions(
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs, data_dir=args.data,
         batch_sizes=tuple(_int_list(args.batch_sizes, "--batch-sizes")), kv_cache=args.kv_cache,
+        runtime=args.runtime,
     )
     loaded = load(args.model, precision=args.dtype)
     report = latency.run(loaded, options)
@@ -323,10 +331,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kiln.artifact.gguf_export import export
     from kiln.model.load import load
 
     loaded = load(args.model, precision="fp32")
+    if args.format == "onnx":
+        from kiln.artifact import onnx_export
+
+        path = onnx_export.export(loaded, args.output, args.precision)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        print(f"kiln: wrote {path} ({size / 1e6:.1f} MB); run it with --runtime onnxruntime -m {path}")
+        return 0
+    from kiln.artifact.gguf_export import export
+
     path = export(loaded, args.output)
     print(f"kiln: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
@@ -399,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: run an ONNX export of the model (built once and cached)")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.set_defaults(func=cmd_generate)
@@ -426,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated, e.g. 1,4,16")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: run an ONNX export of the model (built once and cached)")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.add_argument("--runs", type=int, default=5, help="repetitions per batch size (median and range are shown)")
@@ -489,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", parents=[common], help="write a model or artifact as GGUF for llama.cpp")
-    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--format", choices=["gguf", "onnx"], default="gguf")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8", "int4"], default="auto",
+                   help="onnx: weight precision (auto: as the artifact was quantized)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=cmd_export)
 

@@ -35,6 +35,7 @@ class BenchOptions:
     runs: int = 5
     data_dir: Path | None = None
     kv_cache: str = "model"  # model | int8
+    runtime: str = "torch"  # torch | onnxruntime
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.new_tokens < 2 or self.runs < 1 or not self.batch_sizes:
@@ -97,7 +98,10 @@ def measure_once(outputs: Sequence[GenerationOutput], batch_size: int) -> dict[s
 
 
 def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> dict[str, Any]:
-    generator = Generator(loaded.model, loaded.tokenizer, kv_cache=options.kv_cache)
+    from kiln.engine.onnx_runtime import runtime_model
+
+    model = runtime_model(loaded, options.runtime)
+    generator = Generator(model, loaded.tokenizer, kv_cache=options.kv_cache)  # type: ignore[arg-type]
     prompt_set, prompt_source = prompts(loaded, max(options.batch_sizes), options.prompt_tokens, options.data_dir)
     params = SamplingParams(temperature=0.0, max_tokens=options.new_tokens, ignore_eos=True)
     generator.generate(prompt_set[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up
@@ -122,6 +126,7 @@ def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> di
         "model_sha256": loaded.sha256,
         "precision": str(loaded.model.dtype).removeprefix("torch."),
         "kv_cache": options.kv_cache,
+        "runtime": options.runtime,
         "load_seconds": loaded.load_seconds,
         "bytes_on_disk": loaded.source.size_bytes,
         "bytes_in_memory": model_bytes(loaded),

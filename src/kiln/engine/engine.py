@@ -12,6 +12,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from kiln.engine.stopping import StopMatcher
 from kiln.errors import ContextLengthError, InvalidParameterError
 from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kiln.engine.onnx_runtime import OnnxModel
 
 KV_CACHE_TYPES = ("model", "int8")
 
@@ -63,14 +67,17 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: LlamaModel | OnnxModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        # a runtime that keeps its own keys and values (ONNX Runtime) leaves the cache only the accounting
+        owns_kv = getattr(model, "owns_kv", False)
         self.cache = PagedKVCache(model.spec, self.config.kv_budget_bytes, model.dtype, self.config.block_size,
-                                  int8=self.config.kv_cache == "int8")
+                                  int8=self.config.kv_cache == "int8", store=not owns_kv)
         self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_batch_tokens, self.config.max_running, self.config.prefix_caching),
+            SchedulerConfig(self.config.max_batch_tokens, self.config.max_running,
+                            self.config.prefix_caching and not owns_kv),
             self.cache,
         )
         self.requests: dict[str, Request] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.kv_cache import PagedKVCache
@@ -17,6 +18,9 @@ from kiln.engine.sampler import SamplingParams
 from kiln.errors import InvalidParameterError
 from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kiln.engine.onnx_runtime import OnnxModel
 
 TextCallback = Callable[[int, str], None]  # (row, text delta)
 MIN_BUDGET_BYTES = 64 << 20
@@ -44,7 +48,7 @@ class GenerationOutput:
 class Generator:
     """Runs batches of prompts through one model; keeps its engine (and prefix cache) between calls."""
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
+    def __init__(self, model: LlamaModel | OnnxModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  kv_cache: str = "model") -> None:
         self.model = model
         self.tokenizer = tokenizer

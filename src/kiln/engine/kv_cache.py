@@ -50,7 +50,7 @@ class PagedKVCache:
     """Keys and values of many sequences in blocks of `block_size` tokens, within `budget_bytes`."""
 
     def __init__(self, spec: ModelSpec, budget_bytes: int, dtype: torch.dtype, block_size: int = 16,
-                 int8: bool = False) -> None:
+                 int8: bool = False, store: bool = True) -> None:
         per_block = block_size * self.bytes_per_token(spec, dtype, int8)
         self.num_blocks = int(budget_bytes // per_block)
         if self.num_blocks < 2:
@@ -58,12 +58,13 @@ class PagedKVCache:
                 f"a KV budget of {budget_bytes:,} bytes holds no block of {block_size} tokens "
                 f"({per_block:,} bytes); raise the budget"
             )
-        shape = (spec.num_layers, self.num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        # store=False: only the block accounting, for a runtime that keeps keys and values itself
+        shape = (spec.num_layers, self.num_blocks, block_size, spec.num_kv_heads, spec.head_dim) if store else (0,)
         self.dtype = dtype
         self.int8 = int8
         self.k = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)  # [L, blocks, block_size, Hkv, D]
         self.v = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)
-        scale_shape = (*shape[:-1], 1) if int8 else (0,)
+        scale_shape = (*shape[:-1], 1) if int8 and store else (0,)
         self.k_scale = torch.zeros(scale_shape, dtype=torch.float32)  # [L, blocks, block_size, Hkv, 1]
         self.v_scale = torch.zeros(scale_shape, dtype=torch.float32)
         self.block_size = block_size

@@ -118,7 +118,8 @@ def filter_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
 
 def sample(logits: Tensor, states: Sequence[SamplerState]) -> list[int]:
     """Next token of each row of logits [n, V], row i sampled with states[i]."""
-    logits = apply_penalties(logits.float().clone(), states)
+    if any(st.seen is not None or st.counts is not None for st in states):  # penalties write in place
+        logits = apply_penalties(logits.float().clone(), states)
     tokens = logits.argmax(dim=-1).tolist()
     sampled = [i for i, st in enumerate(states) if not st.params.is_greedy]
     if sampled:

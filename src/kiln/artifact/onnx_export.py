@@ -1,0 +1,261 @@
+"""`kiln export --format onnx`: a model or artifact as an ONNX Runtime model with explicit KV inputs/outputs.
+
+The graph is written by ONNX Runtime GenAI's model builder (the same one ORT GenAI ships), not by hand:
+it emits the fused operators ONNX Runtime is fast with (GroupQueryAttention with rotary embedding,
+SkipSimplifiedLayerNormalization, MatMulNBits for int4 / int8 weight-only matrices). kiln hands it the
+model's weights as a dense Hugging Face folder (a pruned, low-rank or distilled artifact is just a smaller
+or different dense model) and asks for MatMulNBits at the artifact's bits and group size. The builder's
+own RTN would quantize a second time (on this model that alone costs a mean KL of about 0.27), so kiln
+then writes its artifact's exact integers into each MatMulNBits node: int4 codes with their scales and
+float zero points (-offset / scale, which MatMulNBits accepts, so asymmetric groups with a float offset
+such as Q4_1's carry over exactly, though ORT's CPU kernels run that form in fp32 and several times more
+slowly; symmetric groups need no zero point and take the fast int4 kernels, which round activations to
+int8), int8 rows as 8-bit blocks with the row's scale. lm_head stays fp32 unless the artifact quantized
+it (then it gets the artifact's integers too); the embedding lookup stays fp32, which costs memory but no
+bandwidth per token. The export is then checked against the source: logits on a real prompt must agree
+within the declared tolerance, else the export is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from kiln.artifact.io import TOKENIZER_FILES
+from kiln.artifact.manifest import Manifest, is_artifact
+from kiln.errors import InvalidParameterError, KilnError
+from kiln.model.llama import Block, LlamaModel, weight_map
+from kiln.model.load import LoadedModel
+
+OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
+ONNX_FILE = "model.onnx"
+# max |logit difference| / logit range on a real prompt, per precision: fp32 is the same arithmetic in
+# another order; int4 / int8 add MatMulNBits' int8 activation rounding (accuracy level 4)
+TOLERANCE = {"fp32": 1e-3, "int8": 0.05, "int4": 0.08}
+
+
+class OnnxExportError(KilnError):
+    """The builder failed, or the exported graph does not reproduce the source within tolerance."""
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    precision: Literal["fp32", "int8", "int4"]
+    block_size: int = 32
+    symmetric: bool = True
+    quantize_head: bool = False
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast, like llama.cpp), 1 = fp32 activations
+
+    def builder_args(self) -> list[str]:
+        if self.precision == "fp32":
+            return ["-p", "fp32"]
+        extra = [f"block_size={self.block_size}", f"is_symmetric={str(self.symmetric).lower()}",
+                 f"accuracy_level={self.accuracy_level}"]
+        # the embedding lookup stays fp32 (it costs no bandwidth per token); lm_head follows the artifact
+        excluded = "/model/embed_tokens/Gather" + ("" if self.quantize_head else ",/lm_head/MatMul")
+        extra.append(f"nodes_to_exclude={excluded}")
+        return ["-p", self.precision, "--extra_options", *extra]
+
+
+def plan_for(loaded: LoadedModel, precision: OnnxPrecision) -> BuildPlan:
+    """The builder settings that match the artifact (or the precision asked for)."""
+    step: dict[str, Any] = {}
+    if is_artifact(loaded.folder):
+        quant = [s for s in Manifest.read(loaded.folder).recipe.get("steps", []) if s.get("kind") == "quantize"]
+        step = quant[-1] if quant else {}
+    head = not step.get("keep_embeddings", True)
+    if precision == "auto":
+        if step.get("bits") == 4:
+            return BuildPlan("int4", int(step.get("group_size", 128)), bool(step.get("symmetric", False)), head)
+        return BuildPlan("int8", 32, True, head) if step.get("bits") == 8 else BuildPlan("fp32")
+    if precision == "int4":
+        return BuildPlan("int4", int(step.get("group_size", 32)), bool(step.get("symmetric", False)), head)
+    return BuildPlan(precision, 32, True, head) if precision == "int8" else BuildPlan("fp32")
+
+
+# --- dense Hugging Face folder ---------------------------------------------------------------------
+
+
+def _dense(model: LlamaModel, name: str) -> Tensor:
+    """A graph parameter as a dense fp32 tensor, dequantizing packed or factorized layers."""
+    module_name, attr = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if module_name == "embed" and not isinstance(module, nn.Embedding):
+        module = model.lm_head  # a quantized tied embedding is the quantized head
+    dequantized = getattr(module, "dequantized", None)
+    if attr == "weight" and callable(dequantized):
+        return dequantized().float()
+    return getattr(module, attr).detach().float()
+
+
+def dense_state(model: LlamaModel) -> dict[str, Tensor]:
+    """The model's weights under Hugging Face names, fused projections split again."""
+    spec = model.spec
+    sizes = {3: [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2,
+             2: [spec.intermediate_size] * 2}
+    state: dict[str, Tensor] = {}
+    for name, sources in weight_map(spec):
+        tensor = _dense(model, name)
+        parts = [tensor] if len(sources) == 1 else list(torch.split(tensor, sizes[len(sources)], dim=0))
+        for source, part in zip(sources, parts, strict=True):
+            state[source] = part.contiguous()
+    return state
+
+
+def write_hf_folder(loaded: LoadedModel, out: Path) -> Path:
+    """`loaded` as a dense fp32 Hugging Face folder (config, safetensors, tokenizer files)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dense_state(loaded.model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = loaded.spec.to_hf_config()
+    config.setdefault("torch_dtype", "float32")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in TOKENIZER_FILES:
+        if (loaded.folder / name).exists():
+            shutil.copy(loaded.folder / name, out / name)
+    return out
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+
+def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", check: bool = True) -> Path:
+    """Build the ONNX model folder `out` (model.onnx + weights + genai_config.json + tokenizer)."""
+    try:
+        import onnxruntime_genai  # noqa: F401  (the builder lives in this package)
+    except ImportError as exc:
+        raise InvalidParameterError(
+            "ONNX export needs onnxruntime-genai and onnx-ir; install them with `pip install 'lmkiln[onnx]'`"
+        ) from exc
+    if loaded.spec.head_dim % 16:
+        raise InvalidParameterError(
+            f"ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 16; this model's is "
+            f"{loaded.spec.head_dim}; use the torch runtime"
+        )
+    plan = plan_for(loaded, precision)
+    with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
+        folder = write_hf_folder(loaded, Path(scratch) / "hf")
+        staging = Path(scratch) / "onnx"
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(staging),
+               "-e", "cpu", "-c", str(Path(scratch) / "cache"), *plan.builder_args()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0 or not (staging / ONNX_FILE).is_file():
+            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise OnnxExportError(f"ONNX Runtime GenAI's model builder failed: {last[0]}")
+        if plan.precision != "fp32":
+            transplant(staging, loaded.model)
+        (staging / "kiln-export.json").write_text(json.dumps({
+            "source": loaded.source.name, "source_sha256": loaded.sha256, "precision": plan.precision,
+            "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head}))
+        if check:
+            error = max_logit_error(loaded, staging)
+            if error > TOLERANCE[plan.precision]:
+                raise OnnxExportError(
+                    f"the ONNX export's logits differ from the source by {error:.4f} of their range "
+                    f"(tolerance {TOLERANCE[plan.precision]}); it was not written"
+                )
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(staging), out)
+    return out
+
+
+def _module_rows(model: LlamaModel, weight_name: str) -> tuple[nn.Module, slice] | None:
+    """The kiln layer (and its rows) behind a builder weight such as model.layers.3.mlp.up_proj.MatMul.weight_Q4."""
+    if re.fullmatch(r"lm_head\.MatMul\.weight_Q\d", weight_name):
+        return model.lm_head, slice(None)
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight_Q\d", weight_name)
+    if match is None:
+        return None
+    block, proj = model.layers[int(match.group(1))], match.group(3)
+    assert isinstance(block, Block)
+    inter = model.spec.intermediate_size
+    table: dict[str, tuple[nn.Module, slice]] = {
+        "qkv_proj": (block.attn.qkv_proj, slice(None)), "o_proj": (block.attn.o_proj, slice(None)),
+        "gate_proj": (block.mlp.gate_up_proj, slice(0, inter)), "up_proj": (block.mlp.gate_up_proj, slice(inter, None)),
+        "down_proj": (block.mlp.down_proj, slice(None)),
+    }
+    return table.get(proj)
+
+
+def transplant(folder: Path, model: LlamaModel) -> int:
+    """Overwrite the builder's MatMulNBits weights with the artifact's own integers; returns how many."""
+    import onnx
+    from onnx import numpy_helper
+
+    from kiln.compress.quantize import grid
+    from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear
+
+    path = folder / ONNX_FILE
+    graph_model = onnx.load(str(path), load_external_data=True)
+    inits = {t.name: t for t in graph_model.graph.initializer}
+    done = 0
+
+    def put(name: str, array: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    for node in graph_model.graph.node:
+        found = _module_rows(model, node.input[1]) if node.op_type == "MatMulNBits" else None
+        if found is None:
+            continue
+        module, rows = found
+        bits = next(a.i for a in node.attribute if a.name == "bits")
+        block = next(a.i for a in node.attribute if a.name == "block_size")
+        n, blocks = inits[node.input[2]].dims[0], inits[node.input[2]].dims[1]
+        if isinstance(module, Int4Linear) and bits == 4 and module.group_size == block:
+            codes = grid.unpack_int4(module.qweight)[rows]
+            scales = module.scales[rows]
+            put(node.input[1], grid.pack_int4(codes).reshape(n, blocks, block // 2).numpy())
+            put(node.input[2], scales.numpy().astype(np.float32))
+            if bool(torch.allclose(module.offsets[rows], -8 * scales)):
+                # symmetric: MatMulNBits' default zero point is 8, and its fast int4 kernels need no float one
+                del node.input[3:]
+                done += 1
+                continue
+            zero = (-module.offsets[rows] / scales).numpy().astype(np.float32)  # w = (q - zero) * scale
+        elif isinstance(module, Int8Linear) and bits == 8:
+            codes8 = (module.qweight[rows].to(torch.int16) + 128).to(torch.uint8)  # MatMulNBits 8-bit is unsigned
+            put(node.input[1], codes8.reshape(n, blocks, block).numpy())
+            put(node.input[2], module.scales[rows].unsqueeze(1).expand(n, blocks).contiguous().numpy())
+            done += 1  # no zero-point input: 8-bit MatMulNBits then uses 128
+            continue
+        else:
+            continue
+        zero_name = node.input[1].replace("weight_Q", "kiln_zero_Q")
+        graph_model.graph.initializer.append(numpy_helper.from_array(zero, zero_name))
+        if len(node.input) > 3:
+            node.input[3] = zero_name
+        else:
+            node.input.append(zero_name)
+        done += 1
+    used = {i for node in graph_model.graph.node for i in node.input}
+    keep = [t for t in graph_model.graph.initializer if t.name in used]
+    del graph_model.graph.initializer[:]
+    graph_model.graph.initializer.extend(keep)
+    (folder / (ONNX_FILE + ".data")).unlink(missing_ok=True)
+    onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=ONNX_FILE + ".data")
+    return done
+
+
+def max_logit_error(loaded: LoadedModel, folder: Path, text: str = "The capital of France is Paris. It is") -> float:
+    """max |ONNX logits - kiln logits| over all positions of a prompt, relative to kiln's logit range."""
+    from kiln.engine.onnx_runtime import OnnxModel
+
+    ids = loaded.tokenizer.encode(text)
+    with torch.inference_mode():
+        want = loaded.model(torch.tensor([ids]), logits="all")[0].float()
+    got = OnnxModel(folder, loaded.spec).logits_all(ids)
+    return float((got - want).abs().max() / (want.max() - want.min()))

@@ -1,0 +1,184 @@
+"""The `onnxruntime` runtime: kiln's engine (scheduler, sampler, stop strings) over an ONNX Runtime session.
+
+The session runs the graph `kiln export --format onnx` writes (ORT GenAI's builder: GroupQueryAttention,
+MatMulNBits). Its keys and values are explicit inputs and outputs, so this class keeps them per sequence
+and answers the same call the engine makes on kiln's torch graph: append each row's tokens to that
+sequence and return logits. Each sequence owns one buffer per layer, bound as both the past input and the
+present output (GroupQueryAttention's shared-buffer mode writes the new keys in place, so a step copies
+nothing) and doubled when full. The engine's paged cache
+then only does the accounting (budget, admission, preemption) and stores nothing; prefix caching is off,
+because shared blocks would have no keys and values here. Rows at the same position with the same number
+of new tokens run as one batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kiln import settings
+from kiln.errors import InvalidParameterError
+from kiln.model.load import LoadedModel
+from kiln.model.spec import ModelSpec
+
+RUNTIMES = ("torch", "onnxruntime")
+FIRST_CAPACITY = 256  # tokens a sequence's key/value buffers hold before they are doubled
+
+
+@dataclass
+class _SeqKV:
+    """One sequence's keys and values: [1, Hkv, capacity, D] per past input, and their ORT wrappers."""
+
+    arrays: list[np.ndarray]
+    values: list[Any]  # onnxruntime.OrtValue over the same memory
+
+
+class OnnxModel:
+    """Callable like LlamaModel for the engine: (tokens, cache, num_tokens, rows, logits) -> logits."""
+
+    owns_kv = True  # the engine's cache must not store keys and values for it
+    dtype = torch.float32
+
+    def __init__(self, folder: Path, spec: ModelSpec, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's pool threads spin between ops: 7 ms per int4 decode step here instead of 11 on an idle
+        # machine, but when other jobs share a small CPU the spinning steals their cores (and ours):
+        # KILN_ORT_SPIN=0 turns it off for such hosts
+        if os.environ.get("KILN_ORT_SPIN", "1") == "0":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.spec = spec
+        self.folder = folder
+        names = [i.name for i in self.session.get_inputs()]
+        self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.states: dict[int, _SeqKV] = {}  # sequence id -> its key/value buffers
+        self.lengths: dict[int, int] = {}  # sequence id -> tokens in its buffers
+        self._ort = ort
+
+    def _empty(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
+
+    def _run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        total = past[0].shape[2] + ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), dtype=np.int64),
+                 **dict(zip(self.past_names, past, strict=True))}
+        logits, *presents = self.session.run(["logits", *self.present_names], feeds)
+        return logits, presents
+
+    def _buffers(self, seq: int, need: int) -> _SeqKV:
+        """The sequence's buffers, grown (keeping their contents) to hold `need` tokens."""
+        kv = self.states.get(seq)
+        capacity = kv.arrays[0].shape[2] if kv else 0
+        if need <= capacity and kv is not None:
+            return kv
+        size = max(need, 2 * capacity, FIRST_CAPACITY)
+        shape = (1, self.spec.num_kv_heads, size, self.spec.head_dim)
+        arrays = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
+        if kv is not None:
+            for new, old in zip(arrays, kv.arrays, strict=True):
+                new[:, :, :capacity] = old
+        kv = _SeqKV(arrays, [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+        self.states[seq] = kv
+        return kv
+
+    def _run_in_place(self, ids: np.ndarray, kv: _SeqKV, total: int) -> np.ndarray:
+        """One sequence's step with its buffers bound as past and present: the keys are written in place."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        for name, value in zip(self.past_names, kv.values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")
+        for name, value in zip(self.present_names, kv.values, strict=True):
+            binding.bind_ortvalue_output(name, value)
+        self.session.run_with_iobinding(binding)
+        logits: np.ndarray = binding.get_outputs()[0].numpy()
+        return logits
+
+    def logits_all(self, ids: Sequence[int]) -> Tensor:
+        """Logits [T, V] at every position of one sequence, with no cache kept."""
+        logits, _ = self._run(np.asarray([list(ids)], dtype=np.int64), self._empty(1))
+        return torch.from_numpy(logits[0])
+
+    def __call__(self, tokens: Tensor, cache: object | None = None, num_tokens: Sequence[int] | None = None,
+                 rows: Sequence[int] | None = None, logits: str = "last") -> Tensor:
+        b, t = tokens.shape
+        counts = list(num_tokens) if num_tokens is not None else [t] * b
+        if cache is None:
+            every = [self.logits_all(tokens[i, : counts[i]].tolist()) for i in range(b)]
+            if logits == "all":
+                return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[0])) for x in every])
+            return torch.stack([x[-1] for x in every])
+        assert rows is not None and logits == "last"
+        seqs = getattr(cache, "seqs")  # noqa: B009 - the paged cache's block tables (the length of each)
+        batch = cache.begin(counts, t, rows)  # type: ignore[attr-defined]
+        for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
+            self.states.pop(gone, None)
+            self.lengths.pop(gone)
+        out = torch.empty(b, self.spec.vocab_size)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            start = seqs[row].length
+            if start and start != self.lengths.get(row, 0):  # a sequence must restart from 0 (preemption)
+                raise InvalidParameterError("the ONNX runtime lost a sequence's keys and values; prefix "
+                                                "caching must be off for this runtime")
+            self.lengths[row] = start
+            groups[(start, counts[i])].append(i)
+        for (start, n), members in groups.items():
+            ids = np.stack([tokens[i, :n].numpy() for i in members]).astype(np.int64)
+            if len(members) == 1:  # one sequence: its buffers are the past and the present
+                row = rows[members[0]]
+                result = self._run_in_place(ids, self._buffers(row, start + n), start + n)
+            else:  # several at the same position: one batched run on copies, written back after
+                past = [np.concatenate([self._buffers(rows[i], start).arrays[k][:, :, :start] for i in members])
+                        for k in range(len(self.past_names))]
+                result, presents = self._run(ids, past)
+                for j, i in enumerate(members):
+                    kv = self._buffers(rows[i], start + n)
+                    for array, present in zip(kv.arrays, presents, strict=True):
+                        array[:, :, : start + n] = present[j]
+            for j, i in enumerate(members):
+                self.lengths[rows[i]] = start + n
+                out[i] = torch.from_numpy(result[j, n - 1])
+        cache.commit(batch)  # type: ignore[attr-defined]
+        return out
+
+
+def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
+    """The ONNX export of `loaded`, built once and cached under $KILN_CACHE/onnx by sha256 and precision."""
+    from kiln.artifact.onnx_export import export
+
+    if (loaded.folder / "model.onnx").is_file():  # the model is itself an export folder
+        return loaded.folder
+    folder = settings.cache_dir() / "onnx" / f"{loaded.sha256[:16]}-{precision}"
+    if not (folder / "model.onnx").is_file():
+        export(loaded, folder, precision)  # type: ignore[arg-type]
+    return folder
+
+
+def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") -> object:
+    """The model the engine should call for `runtime`."""
+    if runtime not in RUNTIMES:
+        raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return loaded.model
+    threads = int(os.environ.get("KILN_THREADS", "0")) or torch.get_num_threads()
+    model = OnnxModel(onnx_folder(loaded, precision), loaded.spec, threads)
+    # what is left to torch (sampling on one logits row per sequence) is tiny, and a second pool of
+    # spinning OpenMP threads fights ORT's for the cores: int4 batch-1 decode 65 -> 122 tok/s here
+    torch.set_num_threads(1)
+    return model

@@ -1,0 +1,102 @@
+"""The onnxruntime runtime: `kiln export --format onnx` reproduces the source, and the engine runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln.artifact import onnx_export
+from kiln.compress.pipeline import compress
+from kiln.compress.recipe import Quantize, Recipe
+from kiln.engine.engine import Engine, EngineConfig
+from kiln.engine.onnx_runtime import OnnxModel
+from kiln.engine.sampler import SamplingParams
+from kiln.errors import InvalidParameterError
+from kiln.model.load import LoadedModel, load
+
+pytest.importorskip("onnxruntime_genai", reason="the onnx extra is not installed: pip install 'lmkiln[onnx]'")
+
+
+def greedy(model: object, loaded: LoadedModel, prompts: list[list[int]]) -> list[list[int]]:
+    engine = Engine(model, loaded.tokenizer, EngineConfig(kv_budget_bytes=8 << 20, max_batch_tokens=16))  # type: ignore[arg-type]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    requests = [engine.add_request(p, params) for p in prompts]
+    engine.run()
+    return [r.output for r in requests]
+
+
+@pytest.fixture(scope="module")
+def onnx_tiny_folder(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Llama whose head size (16) ONNX Runtime's GroupQueryAttention accepts."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=default_model.spec.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    folder = tmp_path_factory.mktemp("onnx-tiny")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model.folder / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(onnx_tiny_folder: Path) -> LoadedModel:
+    return load(str(onnx_tiny_folder), progress=False)
+
+
+def test_head_sizes_onnx_runtime_cannot_run_are_refused(tiny_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidParameterError, match="multiple of 16"):
+        onnx_export.export(load(str(tiny_folder), progress=False), tmp_path / "onnx", "fp32")
+
+
+def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, tmp_path: Path) -> None:
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    assert onnx_export.max_logit_error(tiny, folder) < 1e-4
+    # the first two run as one batch (same position); the last is prefilled in two chunks
+    prompts = [[1, 5, 9, 200], [1, 6, 10, 201], [1, 7], [1, *range(300, 330)]]
+    assert greedy(OnnxModel(folder, tiny.spec, 1), tiny, prompts) == greedy(tiny.model, tiny, prompts)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_artifact_integers_are_carried_exactly(onnx_tiny_folder: Path, tmp_path: Path, symmetric: bool) -> None:
+    artifact = tmp_path / "int4"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=4, group_size=32, symmetric=symmetric),)), artifact,
+             progress=False)
+    loaded = load(str(artifact), progress=False)
+    folder = onnx_export.export(loaded, tmp_path / "onnx")  # auto: int4, the artifact's group size
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 5 * loaded.spec.num_layers
+    # symmetric groups need no zero point (ORT's fast int4 kernels); asymmetric ones get float zero points
+    assert all(len(n.input) == (3 if symmetric else 4) for n in nodes)
+    error = onnx_export.max_logit_error(loaded, folder)
+    if symmetric:  # the fast kernels round activations to int8 (accuracy level 4); the weights are exact
+        assert error < onnx_export.TOLERANCE["int4"]
+    else:  # the float zero-point path computes in fp32: the artifact's own arithmetic
+        assert error < 1e-4
+
+
+def test_int8_artifact_stays_within_tolerance(onnx_tiny_folder: Path, tmp_path: Path) -> None:
+    artifact = tmp_path / "int8"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=8),)), artifact, progress=False)
+    loaded = load(str(artifact), progress=False)
+    folder = onnx_export.export(loaded, tmp_path / "onnx")
+    # int8 MatMulNBits also rounds the activations to int8 (accuracy level 4), as llama.cpp's Q8_0 does
+    assert 0 < onnx_export.max_logit_error(loaded, folder) < onnx_export.TOLERANCE["int8"]
+
+
+def test_logits_all_matches_the_graph(tiny: LoadedModel, tmp_path: Path) -> None:
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    ids = [1, 4, 8, 15, 16, 23, 42]
+    with torch.inference_mode():
+        want = tiny.model(torch.tensor([ids]), logits="all")[0]
+    got = OnnxModel(folder, tiny.spec, 1)(torch.tensor([ids]), logits="all")[0]
+    assert torch.allclose(got, want, atol=1e-4)
