@@ -367,7 +367,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout, log_requests=args.log_requests, guardrails=tuple(args.guardrails),
         precision=args.dtype, kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_running=args.max_running,
-        max_batch_tokens=args.max_batch_tokens, kv_cache=args.kv_cache,
+        max_batch_tokens=args.max_batch_tokens, kv_cache=args.kv_cache, runtime=args.runtime,
     )
     if args.api_key_file is not None:  # refuse a bad key file before loading anything
         from kiln.serve.auth import load_digests
@@ -526,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the continuous-batching engine")
     p.add_argument("-m", "--model", action="append", default=[], help="model to serve (repeatable); default: default")
     p.add_argument("--registry", action="store_true", help="serve the registry's live versions, following changes")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: run an ONNX export of the model (built once and cached)")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.add_argument("--host", default="127.0.0.1")

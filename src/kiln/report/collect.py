@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kiln import runs
+from kiln.artifact.manifest import Manifest, is_artifact
 
 TASK_COLUMNS = ("hellaswag", "arc_easy", "arc_challenge", "piqa")
 
@@ -56,4 +58,19 @@ def collect(models: list[str] | None = None) -> list[ModelSummary]:
             summary.bench = run
         else:
             summary.evals[run.task] = run
+    for summary in found.values():
+        summary.extra.update(_training_history(summary.name))
     return list(found.values())
+
+
+def _training_history(name: str) -> dict[str, Any]:
+    """The distillation loss curve of an artifact folder (when the model is one that still exists)."""
+    folder = Path(name)
+    if not is_artifact(folder):
+        return {}
+    history = Manifest.read(folder).history
+    for key in ("distillation", "lowrank_recovery"):
+        curve = history.get(key, {}).get("loss_curve") if isinstance(history.get(key), dict) else None
+        if curve:
+            return {"loss_curve": [tuple(point) for point in curve]}
+    return {}

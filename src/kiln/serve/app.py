@@ -114,7 +114,7 @@ def install_handlers(app: FastAPI) -> None:
 
 def create_app(config: ServeConfig) -> FastAPI:
     registry = Registry() if config.registry else None
-    state = ServerState(config=config, router=Router(config.engine(), config.precision, registry))
+    state = ServerState(config=config, router=Router(config.engine(), config.precision, registry, config.runtime))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -53,10 +53,14 @@ class Deployment:
             self.worker.stop()
 
 
-def start(name: str, version: str, source: str, engine: EngineConfig, precision: Precision) -> Deployment:
+def start(name: str, version: str, source: str, engine: EngineConfig, precision: Precision,
+          runtime: str = "torch") -> Deployment:
     """Load a model, start its engine thread, and warm it up with one short generation."""
+    from kiln.engine.onnx_runtime import runtime_model
+
     loaded = load(source, precision=precision, progress=False)
-    worker = EngineWorker(Engine(loaded.model, loaded.tokenizer, engine), name=f"engine-{name}-{version}")
+    model = runtime_model(loaded, runtime)
+    worker = EngineWorker(Engine(model, loaded.tokenizer, engine), name=f"engine-{name}-{version}")  # type: ignore[arg-type]
     worker.start()
     deployment = Deployment(name, version, loaded, worker)
     asyncio.run(_warm_up(deployment))
@@ -79,17 +83,19 @@ class Route:
 class Router:
     """Model name -> deployments; swaps are single assignments, safe while requests are routed."""
 
-    def __init__(self, engine: EngineConfig, precision: Precision, registry: Registry | None = None) -> None:
+    def __init__(self, engine: EngineConfig, precision: Precision, registry: Registry | None = None,
+                 runtime: str = "torch") -> None:
         self.routes: dict[str, Route] = {}
         self.engine_config = engine
         self.precision = precision
+        self.runtime = runtime
         self.registry = registry
         self.default: str | None = None
 
     def add_static(self, name: str) -> None:
         """Serve the model `name` (any -m value) under that name, outside the registry."""
         source_version = load_version(name)
-        self._set(name, Route(start(name, source_version, name, self.engine_config, self.precision)))
+        self._set(name, Route(start(name, source_version, name, self.engine_config, self.precision, self.runtime)))
 
     def _set(self, name: str, route: Route) -> None:
         old = self.routes.get(name)
@@ -126,11 +132,11 @@ class Router:
             route = self.routes.get(name)
             current = {d.version: d for d in ((route.live, route.canary) if route else ()) if d is not None}
             live_dep = current.get(live.version) or start(name, live.version, live.path, self.engine_config,
-                                                          self.precision)
+                                                          self.precision, self.runtime)
             canary_dep = None
             if canary is not None:
                 canary_dep = current.get(canary.version) or start(name, canary.version, canary.path,
-                                                                  self.engine_config, self.precision)
+                                                                  self.engine_config, self.precision, self.runtime)
             share = canary.canary_share if canary else 0.0
             if route is None or route.live is not live_dep or route.canary is not canary_dep or route.share != share:
                 self._set(name, Route(live_dep, canary_dep, share))

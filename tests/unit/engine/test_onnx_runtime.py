@@ -100,3 +100,23 @@ def test_logits_all_matches_the_graph(tiny: LoadedModel, tmp_path: Path) -> None
         want = tiny.model(torch.tensor([ids]), logits="all")[0]
     got = OnnxModel(folder, tiny.spec, 1)(torch.tensor([ids]), logits="all")[0]
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    kiln = str(Path(sys.executable).parent / "kiln")
+    env = {**os.environ, "KILN_CACHE": str(tmp_path / "cache"), "KILN_HOME": str(tmp_path / "home")}
+
+    def run(runtime: str) -> dict:
+        out = subprocess.run([kiln, "generate", "-m", str(onnx_tiny_folder), "--runtime", runtime, "--raw",
+                              "--temperature", "0", "--max-tokens", "8", "--json", "The sea"],
+                             env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    onnx_run, torch_run = run("onnxruntime"), run("torch")
+    assert onnx_run["text"] == torch_run["text"] and onnx_run["completion_tokens"] == torch_run["completion_tokens"]
+    assert any((tmp_path / "cache" / "onnx").glob("*/model.onnx"))  # exported once, into the cache

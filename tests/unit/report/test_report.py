@@ -78,3 +78,18 @@ def test_headless_chromium_renders_the_report(home: Path, tmp_path: Path) -> Non
     assert len(colours) > 50, "the screenshot is blank"
     orange = sum(n for n, (r, g, b) in colours if r > 200 and 60 < g < 110 and b < 60)
     assert orange > 20, "the Pareto front markers are not drawn"
+
+
+def test_distilled_artifact_shows_its_loss_curve(home: Path, tmp_path: Path) -> None:
+    from kiln.artifact.manifest import Manifest
+
+    student = tmp_path / "student"
+    student.mkdir()
+    Manifest(source={"name": "default"}, recipe={},
+             history={"distillation": {"steps": 30, "loss_curve": [[10, 8.4], [20, 4.4], [30, 2.1]]}}).write(student)
+    runs.add(runs.Run(kind="eval", task="wikitext2", settings={}, metrics={"ppl": 90.0, "ppl_stderr": 2.0},
+                      model=str(student), model_sha256="d" * 64, model_size_bytes=270_000_000, versions={},
+                      duration_s=1.0))
+    page = html.render()
+    assert f"{student}: distillation loss" in page
+    assert page.count("<svg") == 3  # the two Pareto plots and the curve
