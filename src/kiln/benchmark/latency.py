@@ -51,13 +51,19 @@ def peak_rss_bytes() -> int:
 
 
 def model_bytes(loaded: LoadedModel) -> int:
-    """Bytes the weights occupy in memory (a tied embedding counted once)."""
+    """Bytes the weights occupy in memory (a tied embedding counted once).
+
+    Packed int8 / int4 weights, their scales and zeros are buffers, not parameters, so both are counted;
+    the rotary cos/sin tables are buffers too, but they are not weights.
+    """
     seen: set[int] = set()
     total = 0
-    for p in loaded.model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+    tensors = [*loaded.model.named_parameters(), *loaded.model.named_buffers()]
+    for name, t in tensors:
+        if name.endswith(("cos_table", "sin_table")) or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
     return total
 
 

@@ -59,3 +59,18 @@ def test_lowrank_and_tied_embedding(layer: nn.Linear) -> None:
     assert torch.allclose(embed(ids)[0], head.dequantized()[ids[0]], atol=1e-6)
     head4 = Int4Linear.from_float(layer, 32, False)
     assert torch.allclose(QuantEmbedding(head4)(ids)[0], head4.dequantized()[ids[0]], atol=1e-6)
+
+
+def test_model_bytes_counts_packed_weights(tiny) -> None:
+    from types import SimpleNamespace
+
+    from kiln.benchmark.latency import model_bytes
+
+    loaded = SimpleNamespace(model=tiny)
+    before = model_bytes(loaded)  # type: ignore[arg-type]
+    block = tiny.layers[0]
+    dense = block.mlp.down_proj.weight.numel()
+    block.mlp.down_proj = Int8Linear.from_float(block.mlp.down_proj)
+    after = model_bytes(loaded)  # type: ignore[arg-type]
+    # the int8 codes (1 byte each) and one fp32 scale per row replace 4 bytes per weight
+    assert after == before - 4 * dense + dense + 4 * block.mlp.down_proj.out_features
