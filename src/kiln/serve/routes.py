@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -96,18 +96,21 @@ def _deployment(state: ServerState, model: str | None) -> Deployment:
     return deployment
 
 
-def _check_input(state: ServerState, deployment: Deployment, texts: Sequence[str]) -> None:
+def _guard(state: ServerState, deployment: Deployment, texts: Sequence[str],
+           direction: Literal["input", "output"]) -> None:
+    """Refuse with 400 (and count it) when a text breaks the model's input or output guardrail."""
     rules = state.guardrails_for(deployment.name)
     if rules is None:
         return
     from kiln.serve.guardrails import check
 
+    what = "request" if direction == "input" else "response"
     for text in texts:
-        violation = check(rules.input, text)
+        violation = check(getattr(rules, direction), text)
         if violation is not None:
-            state.metrics.guardrail_blocks.labels(deployment.name, "input", violation.kind).inc()
-            raise ApiError(400, f"the request was blocked by the input guardrail ({violation.kind}: "
-                           f"{violation.detail})", "guardrail_error", code="input_blocked")
+            state.metrics.guardrail_blocks.labels(deployment.name, direction, violation.kind).inc()
+            raise ApiError(400, f"the {what} was blocked by the {direction} guardrail ({violation.kind}: "
+                           f"{violation.detail})", "guardrail_error", code=f"{direction}_blocked")
 
 
 def _max_tokens(state: ServerState, deployment: Deployment, prompt: list[int], asked: int | None,
@@ -267,7 +270,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         dep = _deployment(state, body.model)
         tok = dep.loaded.tokenizer
         raw_prompts = body.prompts()
-        _check_input(state, dep, [p for p in raw_prompts if isinstance(p, str)])
+        _guard(state, dep, [p for p in raw_prompts if isinstance(p, str)], "input")
         prompts = [_prompt_ids(dep, p) for p in raw_prompts]
         budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS) for p in prompts]
         if body.echo and body.stream:
@@ -351,7 +354,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     try:
         dep = _deployment(state, body.model)
         messages = body.chat_messages()
-        _check_input(state, dep, [m["content"] for m in messages])
+        _guard(state, dep, [m["content"] for m in messages], "input")
         prompt = dep.loaded.tokenizer.encode_chat(messages)
         asked = body.max_completion_tokens or body.max_tokens
         budget = _max_tokens(state, dep, prompt, asked, None)
@@ -365,7 +368,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                     body.stream_options.include_usage, chat=True)
         outs = await _collect(job, request, body.n)
         _record(job, outs)
-        _check_output(state, dep, [o.request.text for o in outs])
+        _guard(state, dep, [o.request.text for o in outs], "output")
         choices: list[dict[str, Any]] = [{"index": i, "message": {"role": "assistant", "content": o.request.text},
                     "finish_reason": o.request.finish_reason,
                     "logprobs": chat_logprobs(dep.loaded.tokenizer, o.request.logprobs) if body.logprobs else None}
@@ -386,20 +389,6 @@ def _release(state: ServerState, dep: Deployment | None) -> None:
     state.admission.leave()
     if dep is not None:
         dep.leave()
-
-
-def _check_output(state: ServerState, dep: Deployment, texts: Sequence[str]) -> None:
-    rules = state.guardrails_for(dep.name)
-    if rules is None:
-        return
-    from kiln.serve.guardrails import check
-
-    for text in texts:
-        violation = check(rules.output, text)
-        if violation is not None:
-            state.metrics.guardrail_blocks.labels(dep.name, "output", violation.kind).inc()
-            raise ApiError(400, f"the response was blocked by the output guardrail ({violation.kind}: "
-                           f"{violation.detail})", "guardrail_error", code="output_blocked")
 
 
 def _stream_response(job: Job, request: Request, include_usage: bool, chat: bool) -> StreamingResponse:
