@@ -92,11 +92,13 @@ def _percentile(values: Sequence[float], q: float) -> float:
 def measure_once(outputs: Sequence[GenerationOutput], batch_size: int) -> dict[str, float]:
     gaps = [(b - a) * 1000 for out in outputs for a, b in zip(out.token_times, out.token_times[1:], strict=False)]
     per_seq = statistics.median(o.decode_tokens_per_s for o in outputs)
+    # the batch's prompts are prefilled in chunks, so the whole prefill ends with the last first token
+    all_prefilled_s = max(o.ttft_ms for o in outputs) / 1000
     return {
-        "prefill_tokens_per_s": sum(o.prompt_tokens for o in outputs) / (outputs[0].ttft_ms / 1000),
+        "prefill_tokens_per_s": sum(o.prompt_tokens for o in outputs) / all_prefilled_s,
         "decode_tokens_per_s": per_seq,
         "total_decode_tokens_per_s": per_seq * batch_size,
-        "ttft_ms": outputs[0].ttft_ms,
+        "ttft_ms": statistics.median(o.ttft_ms for o in outputs),
         "itl_ms_p50": _percentile(gaps, 0.5),
         "itl_ms_p90": _percentile(gaps, 0.9),
         "itl_ms_p99": _percentile(gaps, 0.99),
@@ -107,7 +109,9 @@ def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> di
     from kiln.engine.onnx_runtime import runtime_model
 
     model = runtime_model(loaded, options.runtime)
-    generator = Generator(model, loaded.tokenizer, kv_cache=options.kv_cache)  # type: ignore[arg-type]
+    # no prefix caching: every run must prefill its prompts, not find them cached by the run before
+    generator = Generator(model, loaded.tokenizer, kv_cache=options.kv_cache,  # type: ignore[arg-type]
+                          prefix_caching=False)
     prompt_set, prompt_source = prompts(loaded, max(options.batch_sizes), options.prompt_tokens, options.data_dir)
     params = SamplingParams(temperature=0.0, max_tokens=options.new_tokens, ignore_eos=True)
     generator.generate(prompt_set[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up

@@ -49,11 +49,12 @@ class Generator:
     """Runs batches of prompts through one model; keeps its engine (and prefix cache) between calls."""
 
     def __init__(self, model: LlamaModel | OnnxModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 kv_cache: str = "model") -> None:
+                 kv_cache: str = "model", prefix_caching: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.kv_cache = kv_cache  # used when no config fixes it
+        self.prefix_caching = prefix_caching  # off for benchmarks: a repeated prompt must be computed again
         self.context = model.spec.max_position
         self.engine: Engine | None = None
 
@@ -62,12 +63,16 @@ class Generator:
         if self.config is not None:
             self.engine = self.engine or Engine(self.model, self.tokenizer, self.config)
             return self.engine
-        tokens = sum(min(len(p) + sp.max_tokens, self.context) + 32 for p, sp in zip(prompts, plist, strict=True))
-        per_token = PagedKVCache.bytes_per_token(self.model.spec, self.model.dtype, self.kv_cache == "int8")
-        if self.engine is None or self.engine.cache.capacity_tokens < tokens:
-            budget = max(MIN_BUDGET_BYTES, tokens * per_token)
+        block = EngineConfig.block_size
+        blocks = sum(-(-min(len(p) + sp.max_tokens, self.context) // block) + 2 for p, sp in zip(prompts, plist,
+                                                                                                 strict=True))
+        if self.engine is None or self.engine.cache.capacity_tokens < blocks * block:
+            self.engine = None  # free the old pool before the new one is allocated
+            per_token = PagedKVCache.bytes_per_token(self.model.spec, self.model.dtype, self.kv_cache == "int8")
+            budget = max(MIN_BUDGET_BYTES, (blocks + 1) * block * per_token)  # + the scratch block
             self.engine = Engine(self.model, self.tokenizer, EngineConfig(
-                kv_budget_bytes=budget, max_running=max(64, len(prompts)), kv_cache=self.kv_cache))
+                kv_budget_bytes=budget, max_running=max(64, len(prompts)), kv_cache=self.kv_cache,
+                prefix_caching=self.prefix_caching))
         return self.engine
 
     def generate(

@@ -117,6 +117,26 @@ def test_generator_reports_timings(default_model: LoadedModel, prompts) -> None:
     assert all(o.completion_tokens == 6 and o.ttft_ms > 0 and len(o.token_times) == 6 for o in outs)
 
 
+def test_generator_keeps_its_engine_for_a_batch_of_the_same_size(default_model: LoadedModel, prompts) -> None:
+    generator = Generator(default_model.model, default_model.tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    batch = [p * 4 for p in prompts[:4]]  # long enough that the pool is sized by the batch, not the minimum
+    generator.generate(batch, params)
+    engine = generator.engine
+    again = generator.generate(batch, params)
+    assert generator.engine is engine  # no second pool, and the prefix cache survives
+    assert all(o.cached_tokens > 0 for o in again)
+
+
+def test_generator_without_prefix_caching_prefills_every_time(default_model: LoadedModel, prompts) -> None:
+    generator = Generator(default_model.model, default_model.tokenizer, prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    first = generator.generate(prompts[:2], params)
+    again = generator.generate(prompts[:2], params)
+    assert [o.cached_tokens for o in again] == [0, 0]
+    assert [o.token_ids for o in again] == [o.token_ids for o in first]
+
+
 def test_int8_kv_cache_holds_more_tokens_and_keeps_greedy_output(default_model: LoadedModel, prompts) -> None:
     budget = 64 << 20
     full = Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_budget_bytes=budget))
