@@ -81,7 +81,9 @@ def main() -> None:
     hf = LlamaForCausalLM.from_pretrained(loaded.folder, dtype=torch.float32).eval()
     long_prompt = wikitext_prompts(loaded.tokenizer, 1, PROMPT_TOKENS)[0]
     decode_prompts = wikitext_prompts(loaded.tokenizer, 8, DECODE_PROMPT_TOKENS)
-    systems = {"kiln fp32": kiln_runner(Generator(loaded.model, loaded.tokenizer)), "transformers fp32": hf_runner(hf)}
+    # no prefix caching: the timed runs repeat their prompts, and transformers computes them every time
+    kiln = Generator(loaded.model, loaded.tokenizer, prefix_caching=False)
+    systems = {"kiln fp32": kiln_runner(kiln), "transformers fp32": hf_runner(hf)}
     for run in systems.values():  # warm-up: first calls allocate and pick kernels
         run(decode_prompts[:8], 4)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in systems}

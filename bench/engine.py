@@ -217,7 +217,7 @@ def _llama_decode(tools: llamacpp.LlamaTools, gguf: Path) -> float:
 def _speculative_line(base: LoadedModel, draft: LoadedModel, prompt: list[int], k: int, runs: int) -> str:
     params = SamplingParams(temperature=0.0, max_tokens=128)
     plain, fast, rates, same = [], [], [], True
-    gen = Generator(base.model, base.tokenizer)
+    gen = Generator(base.model, base.tokenizer, prefix_caching=False)  # each run prefills, as the draft path does
     decoder = SpeculativeDecoder(base.model, draft.model, k)
     for _ in range(runs):
         start = time.perf_counter()

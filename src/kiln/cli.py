@@ -245,7 +245,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _calibrate_first(profile):  # noqa: ANN001, ANN202 (module passed to keep the import lazy)
-    print("kiln: no machine profile yet; measuring this machine once (about half a minute)...", file=sys.stderr)
+    print("kiln: no machine profile yet; measuring this machine once (about a minute)...", file=sys.stderr)
     return profile.calibrate()
 
 

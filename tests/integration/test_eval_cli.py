@@ -92,7 +92,10 @@ def test_plan_json_from_a_cached_profile(env: dict[str, str], tmp_path: Path) ->
     profile = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "read_bandwidth_gbs": 25.0,
                "seconds_per_weight_byte": {d: {"1": 4e-11, "4": 6e-11, "16": 8e-11} for d in ("fp32", "bf16")},
                "prefill_gflops": {"fp32": 300.0, "bf16": 600.0},
-               "layer_overhead_s": {"1": 1e-4, "4": 1.2e-4, "16": 2e-4}, "runtime_bytes": 250_000_000, "version": 1}
+               "layer_overhead_s": {d: {"1": 1e-4, "4": 1.2e-4, "16": 2e-4} for d in ("fp32", "bf16")},
+               "step_overhead_s": {d: {"1": 1e-3, "4": 2e-3, "16": 5e-3} for d in ("fp32", "bf16")},
+               "kv_seconds_per_byte": {d: {"1": 5e-11, "4": 3e-11, "16": 3e-11} for d in ("fp32", "bf16")},
+               "runtime_bytes": 250_000_000, "version": 2}
     (cache / "machine-profile.json").write_text(json.dumps(profile))
     proc = run({**env, "KILN_CACHE": str(cache)}, "plan", "--precision", "int8", "--context", "2048",
                "--concurrency", "4", "--target-tokens-per-s", "300", "--json")
@@ -102,4 +105,4 @@ def test_plan_json_from_a_cached_profile(env: dict[str, str], tmp_path: Path) ->
             "decode_tokens_per_s"}
     assert keys <= set(out) and out["kv_cache_bytes"] == 46080 * 2048 * 4 and out["recommendation"]
     text = run({**env, "KILN_CACHE": str(cache)}, "plan", "--context", "1024")
-    assert text.returncode == 0 and "decode step:" in text.stdout and "KV cache" in text.stdout
+    assert text.returncode == 0 and "decode step at batch 1" in text.stdout and "KV cache" in text.stdout

@@ -1,10 +1,10 @@
 """`kiln plan`: memory and speed of a model before it is loaded, as a roofline with measured efficiency.
 
 Decode is memory-bound: each step streams every weight once, so a step costs weight bytes times the
-measured seconds per byte of a streamed matmul at that batch size, plus the KV cache it reads, plus
-the measured fixed cost of each layer's small ops. Prefill is compute-bound: FLOPs per token over
-the measured matmul rate. Other hardware classes use their nominal bandwidth and FLOP rate with
-this machine's measured efficiency.
+measured seconds per byte of a streamed matmul at that batch size, plus the engine's measured cost
+per byte of cached keys and values attended to, per layer, and per step. Prefill is compute-bound:
+FLOPs per token over the measured matmul rate. Other hardware classes use their nominal bandwidth
+and FLOP rate with this machine's measured efficiency.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from kiln.model.spec import ModelSpec
 from kiln.plan import memory
 from kiln.plan.memory import PRECISIONS, PlanPrecision
-from kiln.plan.profile import MachineProfile
+from kiln.plan.profile import MachineProfile, attended_bytes_per_token
 
 PREFILL_TOKENS = 512
 
@@ -78,28 +78,31 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
 
     prompt = min(PREFILL_TOKENS, context)
     prefill_s = prompt * _flops_per_token(spec, prompt // 2) / (profile.prefill_gflops[dtype] * 1e9)
-    prefill_s += spec.num_layers * profile.overhead(1)
+    prefill_s += spec.num_layers * profile.overhead(dtype, 1)
 
     # decode speed at a full context (the slowest step a sequence of this length takes)
-    kv_read = concurrency * spec.kv_bytes_per_token(memory.kv_bytes_per_element(precision)) * context
-    weight_s = weights * profile.per_byte(dtype, concurrency)
-    kv_s = kv_read / (profile.read_bandwidth_gbs * 1e9)
-    overhead_s = spec.num_layers * profile.overhead(concurrency)
-    step_s = weight_s + kv_s + overhead_s
-    effective = weights / weight_s / 1e9
     kv_per_token = spec.kv_bytes_per_token(memory.kv_bytes_per_element(precision))
+    kv_read = concurrency * context * attended_bytes_per_token(spec, memory.kv_bytes_per_element(precision))
+    weight_s = weights * profile.per_byte(dtype, concurrency)
+    kv_s = kv_read * profile.kv_per_byte(dtype, concurrency)
+    layers_s = spec.num_layers * profile.overhead(dtype, concurrency)
+    fixed_s = profile.step_overhead(dtype, concurrency)
+    step_s = weight_s + kv_s + layers_s + fixed_s
+    effective = weights / weight_s / 1e9
     explanation = [
         f"weights: {spec.num_parameters / 1e6:.1f}M parameters x {memory.bytes_per_weight(precision):g} B"
         + (" + one fp32 scale per output row" if precision == "int8" else ""),
         f"KV cache: {concurrency} x {context} tokens x {kv_per_token:,} B/token ({spec.num_layers} layers x "
         f"{spec.num_kv_heads} KV heads x {spec.head_dim} x 2 (K and V) x {memory.kv_bytes_per_element(precision)} B)",
-        f"activations: one {min(memory.PREFILL_CHUNK, context)}-token prefill chunk per sequence, mask and logits",
-        f"runtime: torch and the tokenizer stack, {profile.runtime_bytes / 1e6:.0f} MB measured",
-        f"decode step: {weights / 1e6:.0f} MB of weights streamed at {effective:.1f} GB/s effective "
-        f"({100 * effective / profile.read_bandwidth_gbs:.0f}% of the {profile.read_bandwidth_gbs:.1f} GB/s read "
-        f"bandwidth, {dtype} matmul at batch {concurrency}) = {1000 * weight_s:.1f} ms, + reading a full KV cache "
-        f"{1000 * kv_s:.1f} ms, + {spec.num_layers} layers x {1e3 * profile.overhead(concurrency):.3f} ms of "
-        f"small ops = {1000 * step_s:.1f} ms",
+        f"activations: one {memory.ENGINE_CHUNK}-token prefill chunk, one layer's attention over every sequence, "
+        "the logits",
+        f"runtime: kiln, torch and a tokenizer, {profile.runtime_bytes / 1e6:.0f} MB measured",
+        f"decode step at batch {concurrency}, {context} tokens of context: {weights / 1e6:.0f} MB of weights "
+        f"streamed at {effective:.1f} GB/s effective ({100 * effective / profile.read_bandwidth_gbs:.0f}% of the "
+        f"{profile.read_bandwidth_gbs:.1f} GB/s read bandwidth, {dtype} matmul) = {1000 * weight_s:.1f} ms, "
+        f"+ attention over {kv_read / 1e6:.0f} MB of keys and values (per query head) {1000 * kv_s:.1f} ms, "
+        f"+ {spec.num_layers} layers x {1e3 * profile.overhead(dtype, concurrency):.3f} ms and "
+        f"{1e3 * fixed_s:.1f} ms per step of engine work (measured on probe models) = {1000 * step_s:.1f} ms",
         f"prefill: {_flops_per_token(spec, prompt // 2) / 1e9:.3f} GFLOP/token at "
         f"{profile.prefill_gflops[dtype]:.0f} GFLOP/s ({dtype} matmul, measured)",
     ]

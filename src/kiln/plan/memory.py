@@ -14,7 +14,7 @@ from kiln.model.spec import ModelSpec
 PlanPrecision = Literal["fp32", "bf16", "int8", "int4"]
 PRECISIONS: tuple[PlanPrecision, ...] = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 128
-PREFILL_CHUNK = 512  # kiln prefills long prompts in chunks of this many tokens
+ENGINE_CHUNK = 256  # prompt tokens the engine prefills per step, over all sequences (max_batch_tokens)
 
 
 def bytes_per_weight(precision: PlanPrecision) -> float:
@@ -40,16 +40,18 @@ def kv_cache_bytes(spec: ModelSpec, precision: PlanPrecision, context: int, conc
 
 
 def activations_bytes(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int) -> int:
-    """Peak transient memory of one prefill chunk per sequence, plus the decode logits.
+    """Peak transient memory of the engine's step: one prefill chunk, one layer's attention, the logits.
 
-    Per token of a chunk: the residual stream and norm outputs (4 x hidden), q/k/v (all heads), the
-    MLP's fused gate/up and product (3 x intermediate); the boolean attention mask over the context
-    (the attention kernel works in blocks, so scores are never whole); fp32 logits of the last token.
+    The engine prefills at most ENGINE_CHUNK prompt tokens per step over all sequences. Per token of
+    that chunk: the residual stream and norm outputs (4 x hidden), q/k/v (all heads), the MLP's fused
+    gate/up and product (3 x intermediate). Attention gathers one layer's keys and values of every
+    sequence from the paged cache and scores the chunk against them (fp32); fp32 logits per sequence.
     """
     elem = 2 if precision == "bf16" else 4
-    tokens = min(PREFILL_CHUNK, context)
+    tokens = min(ENGINE_CHUNK, context * concurrency)
     qkv = spec.head_dim * (spec.num_heads + 2 * spec.num_kv_heads)
     per_token = (4 * spec.hidden_size + qkv + 3 * spec.intermediate_size) * elem
-    mask = tokens * context
-    logits = spec.vocab_size * 4
-    return int(concurrency * (tokens * per_token + mask + logits))
+    gathered = concurrency * context * spec.num_kv_heads * spec.head_dim * 2 * elem
+    scores = spec.num_heads * tokens * context * 4
+    logits = concurrency * spec.vocab_size * 4
+    return int(tokens * per_token + gathered + scores + logits)

@@ -1,15 +1,19 @@
 """A small machine profile for planning: measured once (`kiln plan --calibrate`) and cached.
 
-It holds what a roofline needs and what kiln's own runtime adds on top of it: memory read bandwidth,
-the seconds per weight byte of a batched matrix-vector product (weights streamed from memory) at a
-few batch sizes, matmul throughput at prefill shape, the fixed cost of one decoder layer's small ops
-per decode step, and the resident memory of the runtime itself.
+It holds what a roofline needs: memory read bandwidth, the seconds per weight byte of a batched
+matrix-vector product (weights streamed from memory) at a few batch sizes, and the matmul rate at
+prefill shape. What kiln's own runtime adds on top of the roofline is measured on its real engine,
+on two random-weight probe models of a shape unlike any shipped model (so the profile is not fitted
+to the model being planned): per decode step, a cost per layer, a cost per step independent of
+depth, and a cost per byte of keys and values attention reads; and in memory, the runtime's own
+resident bytes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +23,18 @@ import torch
 
 from kiln import settings
 from kiln.benchmark.machine import cpu_name, read_bandwidth_gbs
+from kiln.model.spec import ModelSpec
 
 BATCHES = (1, 4, 16)
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The probes: the same width, two depths (to split per-layer from per-step costs), two prompt lengths
+# (to measure the cost of attending to cached keys and values).
+PROBE = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=640, intermediate_size=1792,
+             num_heads=10, num_kv_heads=2, head_dim=64, max_position=1024, tie_embeddings=True)
+PROBE_LAYERS = (16, 8)
+PROBE_PROMPTS = (32, 480)
+PROBE_NEW_TOKENS = 32
 
 
 @dataclass
@@ -31,15 +44,37 @@ class MachineProfile:
     read_bandwidth_gbs: float  # summing a 512 MiB array
     seconds_per_weight_byte: dict[str, dict[str, float]]  # dtype -> batch -> s/B of a streamed matmul
     prefill_gflops: dict[str, float]  # dtype -> GFLOP/s of a [512, K] x [K, N] matmul
-    layer_overhead_s: dict[str, float]  # batch -> seconds of small ops per decoder layer per decode step
-    runtime_bytes: int  # resident memory of torch + tokenizer stack before any model
+    layer_overhead_s: dict[str, dict[str, float]]  # dtype -> batch -> engine seconds per layer per step
+    step_overhead_s: dict[str, dict[str, float]]  # dtype -> batch -> engine seconds per step, any depth
+    kv_seconds_per_byte: dict[str, dict[str, float]]  # dtype -> batch -> engine s per attended KV byte
+    runtime_bytes: int  # resident memory of kiln's CLI, torch and a loaded tokenizer, before any model
     version: int = PROFILE_VERSION
 
     def per_byte(self, dtype: str, batch: int) -> float:
-        return _interpolate({int(k): v for k, v in self.seconds_per_weight_byte[dtype].items()}, batch)
+        return _interpolate(_keyed(self.seconds_per_weight_byte[dtype]), batch)
 
-    def overhead(self, batch: int) -> float:
-        return _interpolate({int(k): v for k, v in self.layer_overhead_s.items()}, batch)
+    def overhead(self, dtype: str, batch: int) -> float:
+        return _interpolate(_keyed(self.layer_overhead_s[dtype]), batch)
+
+    def step_overhead(self, dtype: str, batch: int) -> float:
+        return _interpolate(_keyed(self.step_overhead_s[dtype]), batch)
+
+    def kv_per_byte(self, dtype: str, batch: int) -> float:
+        # time per byte attended stays flat beyond the largest batch (the bytes already grow with it)
+        return _interpolate(_keyed(self.kv_seconds_per_byte[dtype]), min(batch, max(BATCHES)))
+
+
+def attended_bytes_per_token(spec: ModelSpec, element_bytes: int) -> int:
+    """Keys and values one cached token presents to attention per step, every query head counted.
+
+    Attention's cost follows the query heads (grouped KV heads are expanded for them), so the KV term
+    is priced per attended byte rather than per cached byte.
+    """
+    return spec.num_layers * spec.num_heads * spec.head_dim * 2 * element_bytes
+
+
+def _keyed(points: dict[str, float]) -> dict[int, float]:
+    return {int(k): v for k, v in points.items()}
 
 
 def _interpolate(points: dict[int, float], x: int) -> float:
@@ -100,23 +135,85 @@ def _prefill_gflops(dtype: torch.dtype) -> float:
     return 2 * 512 * 1024 * 2816 / seconds / 1e9
 
 
-def _layer_overhead() -> dict[str, float]:
-    """Decode-step time per layer of a tiny random model: the small ops, not the weights."""
-    from kiln.model.llama import LlamaModel
-    from kiln.model.spec import ModelSpec
+def _probe_model(layers: int, dtype: torch.dtype) -> Any:
+    from kiln.model.llama import LlamaModel, storage_layout
 
-    spec = ModelSpec(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
-                     num_layers=16, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512)
-    model = LlamaModel(spec).eval()
-    out = {}
-    with torch.inference_mode():
-        for batch in BATCHES:
-            cache = model.new_cache(batch, 300)
-            model(torch.zeros(batch, 128, dtype=torch.long), cache)
-            token = torch.zeros(batch, 1, dtype=torch.long)
-            seconds = _best_time(lambda token=token, cache=cache: [model(token, cache) for _ in range(20)], 3) / 20
-            out[str(batch)] = seconds / spec.num_layers
-    return out
+    torch.manual_seed(0)
+    model = LlamaModel(ModelSpec(num_layers=layers, **PROBE))  # type: ignore[arg-type]
+    for module in model.modules():  # the weights as a loaded model holds them
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(storage_layout(param.detach().to(dtype)), requires_grad=False))
+    if model.spec.tie_embeddings:
+        model.tie_weights()
+    model._rope_table(dtype)
+    return model.eval()
+
+
+def _engine_step_s(model: Any, tokenizer: Any, batch: int, prompt: int) -> float:
+    """Seconds per decode step of kiln's engine for `batch` sequences after `prompt`-token prompts."""
+    from kiln.engine.generate import Generator
+    from kiln.engine.sampler import SamplingParams
+
+    prompts = [[(17 * i + 31 * j) % 30000 + 100 for j in range(prompt)] for i in range(batch)]
+    generator = Generator(model, tokenizer, prefix_caching=False)
+    generator.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up
+    outputs = generator.generate(prompts, SamplingParams(temperature=0.0, max_tokens=PROBE_NEW_TOKENS,
+                                                         ignore_eos=True))
+    # every sequence takes a token per step once all are prefilled: the median gap is the step
+    start = max(o.token_times[0] for o in outputs)
+    gaps = [b - a for o in outputs for a, b in zip(o.token_times, o.token_times[1:], strict=False) if a >= start]
+    return statistics.median(gaps)
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """One probe decode: its measured step and the parts of it the roofline already prices."""
+
+    step_s: float  # measured seconds per decode step
+    stream_s: float  # weight bytes x streamed-matmul seconds per byte
+    kv_bytes: float  # bytes of keys and values attention reads per step
+    layers: int
+
+
+def fit_step_costs(deep_short: ProbeRun, deep_long: ProbeRun, shallow_short: ProbeRun) -> tuple[float, float, float]:
+    """(seconds per layer, seconds per step, seconds per attended KV byte) that reproduce the three runs.
+
+    step = stream_s + layers x per-layer + per-step + kv_bytes x per-KV-byte: the two prompt lengths
+    of the deep probe give the KV price, the two depths split the rest. Noise can push a share below
+    zero; it is clipped there.
+    """
+    kv = max(0.0, (deep_long.step_s - deep_short.step_s) / (deep_long.kv_bytes - deep_short.kv_bytes))
+    rest = {run.layers: run.step_s - run.stream_s - kv * run.kv_bytes for run in (deep_short, shallow_short)}
+    per_layer = max(0.0, (rest[deep_short.layers] - rest[shallow_short.layers])
+                    / (deep_short.layers - shallow_short.layers))
+    return per_layer, max(0.0, rest[deep_short.layers] - deep_short.layers * per_layer), kv
+
+
+def _probe_run(model: Any, tokenizer: Any, batch: int, prompt: int, per_byte: dict[str, float]) -> ProbeRun:
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    element = model.embed.weight.element_size()
+    attended = batch * (prompt + PROBE_NEW_TOKENS / 2) * attended_bytes_per_token(model.spec, element)
+    return ProbeRun(_engine_step_s(model, tokenizer, batch, prompt),
+                    weights * _interpolate(_keyed(per_byte), batch), attended, model.spec.num_layers)
+
+
+def _engine_costs(tokenizer: Any, per_byte: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The engine's per-layer, per-step and per-KV-byte decode costs, by dtype and batch (fit_step_costs)."""
+    costs: dict[str, Any] = {"layer_overhead_s": {}, "step_overhead_s": {}, "kv_seconds_per_byte": {}}
+    deep, shallow = PROBE_LAYERS
+    short, long = PROBE_PROMPTS
+    for name, dtype in DTYPES.items():
+        deep_model, shallow_model = _probe_model(deep, dtype), _probe_model(shallow, dtype)
+        layer_s, step_s, kv_s = {}, {}, {}
+        with torch.inference_mode():
+            for batch in BATCHES:
+                fitted = fit_step_costs(_probe_run(deep_model, tokenizer, batch, short, per_byte[name]),
+                                        _probe_run(deep_model, tokenizer, batch, long, per_byte[name]),
+                                        _probe_run(shallow_model, tokenizer, batch, short, per_byte[name]))
+                layer_s[str(batch)], step_s[str(batch)], kv_s[str(batch)] = fitted
+        costs["layer_overhead_s"][name], costs["step_overhead_s"][name] = layer_s, step_s
+        costs["kv_seconds_per_byte"][name] = kv_s
+    return costs
 
 
 def _rss_bytes() -> int:
@@ -124,20 +221,29 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def calibrate() -> MachineProfile:
-    """Measure this machine (about half a minute) and cache the profile."""
-    from transformers import AutoTokenizer  # noqa: F401  (part of the runtime's resident memory)
+def _runtime_tokenizer() -> Any:
+    """The shipped model's tokenizer: part of every kiln process's resident memory, and the probes' detokenizer."""
+    import kiln.cli  # noqa: F401  (what a `kiln` process has imported before it loads a model)
+    from kiln.model.load import hf_folder, read_config, resolve
+    from kiln.model.tokenizer import Tokenizer
 
+    folder = hf_folder(resolve("default"))
+    return Tokenizer(folder, ModelSpec.from_hf_config(read_config(folder)))
+
+
+def calibrate() -> MachineProfile:
+    """Measure this machine (about a minute) and cache the profile."""
+    tokenizer = _runtime_tokenizer()
     runtime = _rss_bytes()
+    per_byte = {name: _streamed_matmul(dt) for name, dt in DTYPES.items()}
     profile = MachineProfile(
         cpu=cpu_name(),
         threads=torch.get_num_threads(),
         read_bandwidth_gbs=read_bandwidth_gbs(),
-        seconds_per_weight_byte={name: _streamed_matmul(dt) for name, dt in
-                                 (("fp32", torch.float32), ("bf16", torch.bfloat16))},
-        prefill_gflops={name: _prefill_gflops(dt) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
-        layer_overhead_s=_layer_overhead(),
+        seconds_per_weight_byte=per_byte,
+        prefill_gflops={name: _prefill_gflops(dt) for name, dt in DTYPES.items()},
         runtime_bytes=runtime,
+        **_engine_costs(tokenizer, per_byte),
     )
     path = profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kiln.benchmark.latency import measure_once
 from kiln.engine.generate import GenerationOutput
 
@@ -14,9 +16,11 @@ def output(prompt_tokens: int, ttft_ms: float, times: list[float]) -> Generation
 
 def test_batch_prefill_rate_counts_until_the_last_prompt_is_prefilled() -> None:
     # two 500-token prompts prefilled in chunks: the first is done after 0.5 s, the second after 1 s
-    outs = [output(500, 500.0, [0.5, 0.6, 0.7]), output(500, 1000.0, [1.0, 1.1, 1.2])]
+    outs = [output(500, 500.0, [0.5, 0.9, 1.1, 1.2]), output(500, 1000.0, [1.0, 1.1, 1.2])]
     figures = measure_once(outs, batch_size=2)
     assert figures["prefill_tokens_per_s"] == 1000.0  # 1000 tokens in 1 s, not in 0.5 s
     assert figures["ttft_ms"] == 750.0  # median over the batch
-    assert figures["total_decode_tokens_per_s"] == 20.0
+    # decode counts from the last first token (1.0 s): 2 tokens in 0.2 s on each row
+    assert figures["decode_tokens_per_s"] == pytest.approx(10.0)
+    assert figures["total_decode_tokens_per_s"] == pytest.approx(20.0)
     assert abs(figures["itl_ms_p50"] - 100.0) < 1e-9

@@ -10,7 +10,7 @@ import pytest
 from kiln.model.info import spec_of
 from kiln.model.spec import ModelSpec
 from kiln.plan import estimate, memory
-from kiln.plan.profile import MachineProfile, _interpolate
+from kiln.plan.profile import MachineProfile, ProbeRun, _interpolate, fit_step_costs
 
 SMOL = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -18,7 +18,10 @@ SMOL = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size
 PROFILE = MachineProfile(
     cpu="test", threads=2, read_bandwidth_gbs=25.0,
     seconds_per_weight_byte={d: {"1": 4e-11, "4": 6e-11, "16": 8e-11} for d in ("fp32", "bf16")},
-    prefill_gflops={"fp32": 300.0, "bf16": 600.0}, layer_overhead_s={"1": 1e-4, "4": 1.2e-4, "16": 2e-4},
+    prefill_gflops={"fp32": 300.0, "bf16": 600.0},
+    layer_overhead_s={d: {"1": 1e-4, "4": 1.2e-4, "16": 2e-4} for d in ("fp32", "bf16")},
+    step_overhead_s={d: {"1": 1e-3, "4": 2e-3, "16": 5e-3} for d in ("fp32", "bf16")},
+    kv_seconds_per_byte={d: {"1": 5e-11, "4": 3e-11, "16": 3e-11} for d in ("fp32", "bf16")},
     runtime_bytes=250_000_000,
 )
 
@@ -44,7 +47,8 @@ def test_kv_cache(spec: ModelSpec) -> None:
 
 def test_decode_estimate_is_the_roofline_sum(spec: ModelSpec) -> None:
     plan = estimate.estimate(spec, "fp32", 640, 1, PROFILE)
-    step = plan.weights_bytes * 4e-11 + 46080 * 640 / 25e9 + 30 * 1e-4
+    attended = 30 * 9 * 64 * 2 * 4  # every query head reads the keys and values of each cached token
+    step = plan.weights_bytes * 4e-11 + attended * 640 * 5e-11 + 30 * 1e-4 + 1e-3
     assert plan.decode_tokens_per_s == pytest.approx(1 / step)
     assert plan.total_bytes == plan.weights_bytes + plan.kv_cache_bytes + plan.activations_bytes + 250_000_000
     assert any("effective" in line for line in plan.explanation)
@@ -67,6 +71,20 @@ def test_interpolation_between_batches() -> None:
     points = {1: 1.0, 4: 3.0}
     assert _interpolate(points, 1) == 1.0 and _interpolate(points, 2) == pytest.approx(2.0)
     assert _interpolate(points, 8) == pytest.approx(6.0)  # past the last point: grows with the batch
+
+
+def test_probe_fit_recovers_the_engine_costs() -> None:
+    per_layer, per_step, per_kv_byte = 3e-4, 2e-3, 4e-11
+
+    def run(layers: int, stream_s: float, kv_bytes: float) -> ProbeRun:
+        step = stream_s + layers * per_layer + per_step + kv_bytes * per_kv_byte
+        return ProbeRun(step_s=step, stream_s=stream_s, kv_bytes=kv_bytes, layers=layers)
+
+    fitted = fit_step_costs(run(16, 0.010, 2e7), run(16, 0.010, 3e8), run(8, 0.006, 1e7))
+    assert fitted == pytest.approx((per_layer, per_step, per_kv_byte))
+    # a noisy run that makes the KV look free is clipped, not negative
+    noisy = fit_step_costs(run(16, 0.010, 2e7), ProbeRun(0.001, 0.010, 3e8, 16), run(8, 0.006, 1e7))
+    assert min(noisy) >= 0.0
 
 
 def test_spec_from_a_bare_config(tmp_path: Path) -> None:
