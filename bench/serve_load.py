@@ -330,7 +330,8 @@ def render(servers: list[Server], args: argparse.Namespace, loadavg: LoadAvg) ->
     usage = f"{100 * sum(s.is_usage_counted for s in ok) / len(ok):.0f}%" if ok else "n/a"
     prompts = "as the user message" if args.endpoint == "chat" else "in a plain-text Alpaca template"
     policy = os.environ.get("OMP_WAIT_POLICY") or "unset (OpenMP's default)"
-    lines += [f"- Servers: {'; '.join(s.about for s in servers)}; OMP_WAIT_POLICY {policy} for the servers started here.",
+    about = "; ".join(s.about for s in servers)
+    lines += [f"- Servers: {about}; OMP_WAIT_POLICY {policy} for the servers started here.",
               f"- {ENDPOINTS[args.endpoint]}, streamed; AlpacaEval instructions {prompts}, "
               f"temperature 0, max_tokens {args.max_tokens} (EOS may end a reply sooner); closed loop, "
               f"max({args.min_requests}, {args.requests_per_worker} x concurrency) requests per level after one "
