@@ -64,8 +64,8 @@ class Generator:
             self.engine = self.engine or Engine(self.model, self.tokenizer, self.config)
             return self.engine
         block = EngineConfig.block_size
-        blocks = sum(-(-min(len(p) + sp.max_tokens, self.context) // block) + 2 for p, sp in zip(prompts, plist,
-                                                                                                 strict=True))
+        lengths = [min(len(p) + sp.max_tokens, self.context) for p, sp in zip(prompts, plist, strict=True)]
+        blocks = sum(-(-n // block) + 2 for n in lengths)  # each sequence's blocks, and two to spare
         if self.engine is None or self.engine.cache.capacity_tokens < blocks * block:
             self.engine = None  # free the old pool before the new one is allocated
             per_token = PagedKVCache.bytes_per_token(self.model.spec, self.model.dtype, self.kv_cache == "int8")
