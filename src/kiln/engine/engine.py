@@ -32,6 +32,20 @@ if TYPE_CHECKING:
 KV_CACHE_TYPES = ("model", "int8")
 
 
+def padded_width(width: int) -> int:
+    """A prompt chunk's width rounded up to one of a few sizes (16s to 64, 32s to 256, then 64s).
+
+    oneDNN, behind torch's bf16 and int8 matmuls, compiles and caches a kernel for every input shape it
+    meets. With chunk widths free to take any value, a serving process kept meeting new shapes and its
+    memory grew for as long as it ran; a few padded widths keep the set of shapes, and the caches, small.
+    The padding columns write to the KV cache's scratch block and cost a little compute.
+    """
+    if width <= 1:
+        return width
+    step = 16 if width <= 64 else 32 if width <= 256 else 64
+    return -(-width // step) * step
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How much memory the KV cache may use and how work is batched."""
@@ -151,6 +165,9 @@ class Engine:
     def _forward(self, items: Sequence[tuple[Request, int]]) -> torch.Tensor:
         """Feed each request its next n tokens; returns the logits after each one's last token [B, V]."""
         width = max(n for _, n in items)
+        if isinstance(self.model, LlamaModel):
+            room = self.model.spec.max_position - max(r.num_computed for r, _ in items)  # RoPE table's end
+            width = max(width, min(padded_width(width), room))
         tokens = torch.zeros(len(items), width, dtype=torch.long)
         for i, (r, n) in enumerate(items):
             tokens[i, :n] = torch.tensor(r.tokens[r.num_computed : r.num_computed + n])

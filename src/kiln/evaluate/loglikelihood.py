@@ -108,11 +108,9 @@ def _score_group(
             tokens[j, : lengths[j]] = torch.tensor(inputs[row])
         hidden, _ = model.hidden_states(tokens, cache, lengths, active)
         real = torch.arange(tokens.shape[1]).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [n, T]
-        logprobs = torch.log_softmax(model.lm_head(hidden[real]).float(), dim=-1)  # [sum(lengths), V]
         conts = [requests[r].continuations[c] for r, c in (row_of[row] for row in active)]
         targets = torch.tensor([t for cont in conts for t in cont[1:]])
-        picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        hits = logprobs.argmax(dim=-1) == targets
+        picked, hits = _target_logprobs(model.lm_head(hidden[real]), targets)
         for row, part, hit in zip(active, picked.split(lengths), hits.split(lengths), strict=True):
             rest[row] = (float(part.sum()), bool(hit.all()))
 
@@ -124,3 +122,15 @@ def _score_group(
         more_logprob, more_greedy = rest.get(row, (0.0, True))
         out[r].append(ContinuationScore(logprob + more_logprob, greedy and more_greedy, len(cont)))
     return out
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) [N] and whether each target is the top token [N], from logits [N, V].
+
+    logit - logsumexp instead of a full log_softmax: the [N, V] log-probabilities are never written,
+    and "top token" compares with the row's maximum rather than running argmax (which differs only
+    on an exact tie, where argmax would name the lower token id).
+    """
+    logits = logits.float()
+    target = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return target - torch.logsumexp(logits, dim=-1), target >= logits.amax(dim=-1)

@@ -6,12 +6,16 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from kiln.engine.engine import Engine, EngineConfig
+from kiln.engine.engine import Engine, EngineConfig, padded_width
 from kiln.engine.generate import Generator
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import ContextLengthError
+from kiln.model.llama import build_model
 from kiln.model.load import LoadedModel
+from kiln.model.spec import ModelSpec
 
 
 def alone(model: LoadedModel, prompt: list[int], params: SamplingParams) -> list[int]:
@@ -165,3 +169,27 @@ def test_int8_kv_round_trip_error_is_within_half_a_step() -> None:
     q, scale = quantize_rows(x)
     assert q.dtype == torch.int8 and scale.shape == (64, 3, 1)
     assert ((dequantize_rows(q, scale, torch.float32) - x).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_prompt_chunks_are_padded_to_a_few_widths() -> None:
+    assert [padded_width(n) for n in (1, 2, 16, 17, 64, 65, 96, 250, 256, 257, 300)] == [
+        1, 16, 16, 32, 64, 96, 96, 256, 256, 320, 320]
+
+
+@torch.inference_mode()
+def test_padding_stops_at_the_end_of_the_position_table(default_model: LoadedModel) -> None:
+    # A 60-token prompt in chunks of 40 on a model with 64 positions: the second chunk (20 tokens from
+    # position 40) would pad to 32 and run past position 63; the engine pads it only to the table's end.
+    torch.manual_seed(0)
+    vocab = default_model.spec.vocab_size
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = build_model(ModelSpec.from_hf_config(hf.config.to_dict()), hf.state_dict(), torch.float32)
+    prompt = torch.randint(0, vocab, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(model, default_model.tokenizer, EngineConfig(kv_budget_bytes=1 << 20, max_batch_tokens=40))
+    request = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    engine.run()
+    expected = list(prompt)
+    for _ in range(3):
+        expected.append(int(model(torch.tensor([expected]))[0].argmax()))
+    assert request.output == expected[len(prompt):]
