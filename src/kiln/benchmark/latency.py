@@ -22,6 +22,7 @@ from kiln.engine.sampler import SamplingParams
 from kiln.errors import DataNotFoundError, InvalidParameterError
 from kiln.evaluate.data import data_file
 from kiln.model.load import LoadedModel
+from kiln.model.packed import packed_nbytes
 
 METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "total_decode_tokens_per_s", "ttft_ms",
            "itl_ms_p50", "itl_ms_p90", "itl_ms_p99")
@@ -54,7 +55,8 @@ def model_bytes(loaded: LoadedModel) -> int:
     """Bytes the weights occupy in memory (a tied embedding counted once).
 
     Packed int8 / int4 weights, their scales and zeros are buffers, not parameters, so both are counted;
-    the rotary cos/sin tables are buffers too, but they are not weights.
+    the rotary cos/sin tables are buffers too, but they are not weights. bf16 weights packed for oneDNN
+    are counted too, a tied head's packed copy included (it is a second copy in memory).
     """
     seen: set[int] = set()
     total = 0
@@ -64,7 +66,7 @@ def model_bytes(loaded: LoadedModel) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    return total
+    return total + packed_nbytes(loaded.model)
 
 
 def prompts(loaded: LoadedModel, count: int, length: int, data_dir: Path | None) -> tuple[list[list[int]], str]:

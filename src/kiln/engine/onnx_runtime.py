@@ -176,6 +176,10 @@ def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") ->
         raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if runtime == "torch":
         return loaded.model
+    if loaded.model.dtype != torch.float32:
+        raise InvalidParameterError(
+            "--runtime onnxruntime runs its export's own precision from the fp32 model; drop --dtype bf16"
+        )
     threads = int(os.environ.get("KILN_THREADS", "0")) or torch.get_num_threads()
     model = OnnxModel(onnx_folder(loaded, precision), loaded.spec, threads)
     # what is left to torch (sampling on one logits row per sequence) is tiny, and a second pool of

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from kiln.errors import ModelFormatError
 from kiln.model import gguf
 from kiln.model.llama import LlamaModel, build_model
+from kiln.model.packed import pack_linears
 from kiln.model.source import ModelSource, resolve
 from kiln.model.spec import ModelSpec
 from kiln.model.tokenizer import Tokenizer
@@ -162,6 +163,8 @@ def load(name: str = "default", precision: Precision = "fp32", progress: bool = 
         spec = ModelSpec.from_hf_config(read_config(folder))
         tokenizer = Tokenizer(folder, spec)
         model = build_model(spec, SafetensorsReader(folder, progress), TORCH_DTYPES[precision])
+    if precision == "bf16":
+        pack_linears(model)  # loads are for inference; compression and training load fp32
     return LoadedModel(
         spec=spec,
         model=model,

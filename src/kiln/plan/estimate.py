@@ -71,7 +71,8 @@ def _flops_per_token(spec: ModelSpec, position: int) -> float:
 
 def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int,
              profile: MachineProfile) -> Plan:
-    weights = memory.weights_bytes(spec, precision)
+    weights = memory.weights_bytes(spec, precision)  # what a decode step reads
+    resident = weights + memory.packed_head_bytes(spec, precision)  # what memory holds
     kv = memory.kv_cache_bytes(spec, precision, context, concurrency)
     activations = memory.activations_bytes(spec, precision, context, concurrency)
     dtype = _compute_dtype(precision)
@@ -91,7 +92,8 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
     effective = weights / weight_s / 1e9
     explanation = [
         f"weights: {spec.num_parameters / 1e6:.1f}M parameters x {memory.bytes_per_weight(precision):g} B"
-        + (" + one fp32 scale per output row" if precision == "int8" else ""),
+        + (" + one fp32 scale per output row" if precision == "int8" else "")
+        + (f" + {resident - weights:,} B for the tied head's packed copy" if resident > weights else ""),
         f"KV cache: {concurrency} x {context} tokens x {kv_per_token:,} B/token ({spec.num_layers} layers x "
         f"{spec.num_kv_heads} KV heads x {spec.head_dim} x 2 (K and V) x {memory.kv_bytes_per_element(precision)} B)",
         f"activations: one {memory.ENGINE_CHUNK}-token prefill chunk, one layer's attention over every sequence, "
@@ -109,9 +111,9 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
     if precision in ("int8", "int4"):
         explanation.append(f"{precision}: assumes the weights are widened to fp32 inside the matmul")
     return Plan(
-        precision=precision, context=context, concurrency=concurrency, weights_bytes=weights, kv_cache_bytes=kv,
+        precision=precision, context=context, concurrency=concurrency, weights_bytes=resident, kv_cache_bytes=kv,
         activations_bytes=activations, runtime_bytes=profile.runtime_bytes,
-        total_bytes=weights + kv + activations + profile.runtime_bytes,
+        total_bytes=resident + kv + activations + profile.runtime_bytes,
         prefill_tokens_per_s=prompt / prefill_s, decode_tokens_per_s=1 / step_s,
         total_decode_tokens_per_s=concurrency / step_s, explanation=explanation,
     )
@@ -126,7 +128,8 @@ def for_class(spec: ModelSpec, precision: PlanPrecision, context: int, concurren
     weight_s = weights / (hw.bandwidth_gbs * 1e9 * efficiency)
     compute_s = concurrency * _flops_per_token(spec, context // 2) / (hw.gflops[dtype] * 1e9)
     step_s = max(weight_s, compute_s) + spec.num_layers * hw.layer_overhead_s
-    total = weights + memory.kv_cache_bytes(spec, precision, context, concurrency) + profile.runtime_bytes
+    total = (weights + memory.packed_head_bytes(spec, precision)
+             + memory.kv_cache_bytes(spec, precision, context, concurrency) + profile.runtime_bytes)
     return concurrency / step_s, total <= hw.memory_gib * 2**30
 
 

@@ -35,6 +35,12 @@ def weights_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
     return int(total)
 
 
+def packed_head_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
+    """A bf16 model with a head tied to its embedding holds a second, packed copy of that matrix for
+    oneDNN's matmul (kiln.model.packed), since the embedding lookup still needs the plain one."""
+    return spec.vocab_size * spec.hidden_size * 2 if precision == "bf16" and spec.tie_embeddings else 0
+
+
 def kv_cache_bytes(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int) -> int:
     return spec.kv_bytes_per_token(kv_bytes_per_element(precision)) * context * concurrency
 

@@ -23,6 +23,7 @@ import torch
 
 from kiln import settings
 from kiln.benchmark.machine import cpu_name, read_bandwidth_gbs
+from kiln.model.packed import PackedLinear, pack_linears, packed_nbytes
 from kiln.model.spec import ModelSpec
 
 BATCHES = (1, 4, 16)
@@ -146,6 +147,7 @@ def _probe_model(layers: int, dtype: torch.dtype) -> Any:
     if model.spec.tie_embeddings:
         model.tie_weights()
     model._rope_table(dtype)
+    pack_linears(model)  # as load() does for bf16
     return model.eval()
 
 
@@ -190,8 +192,10 @@ def fit_step_costs(deep_short: ProbeRun, deep_long: ProbeRun, shallow_short: Pro
 
 
 def _probe_run(model: Any, tokenizer: Any, batch: int, prompt: int, per_byte: dict[str, float]) -> ProbeRun:
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     element = model.embed.weight.element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + packed_nbytes(model)
+    if isinstance(model.lm_head, PackedLinear) and model.spec.tie_embeddings:
+        weights -= model.embed.weight.numel() * element  # the step reads the head's packed copy, not the table
     attended = batch * (prompt + PROBE_NEW_TOKENS / 2) * attended_bytes_per_token(model.spec, element)
     return ProbeRun(_engine_step_s(model, tokenizer, batch, prompt),
                     weights * _interpolate(_keyed(per_byte), batch), attended, model.spec.num_layers)

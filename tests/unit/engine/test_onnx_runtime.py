@@ -120,3 +120,10 @@ def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tmp_path: Pa
     onnx_run, torch_run = run("onnxruntime"), run("torch")
     assert onnx_run["text"] == torch_run["text"] and onnx_run["completion_tokens"] == torch_run["completion_tokens"]
     assert any((tmp_path / "cache" / "onnx").glob("*/model.onnx"))  # exported once, into the cache
+
+
+def test_bf16_model_is_refused_by_the_onnx_runtime(onnx_tiny_folder: Path) -> None:
+    from kiln.engine.onnx_runtime import runtime_model
+
+    with pytest.raises(InvalidParameterError, match="drop --dtype bf16"):
+        runtime_model(load(str(onnx_tiny_folder), "bf16", progress=False), "onnxruntime")

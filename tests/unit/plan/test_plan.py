@@ -95,3 +95,14 @@ def test_spec_from_a_bare_config(tmp_path: Path) -> None:
 
 def test_spec_from_the_default_gguf_header() -> None:
     assert spec_of("default").num_layers == 30
+
+
+def test_bf16_counts_the_tied_heads_packed_copy_in_memory_not_in_reads(spec: ModelSpec) -> None:
+    copy = 49152 * 576 * 2
+    assert memory.packed_head_bytes(spec, "bf16") == copy and memory.packed_head_bytes(spec, "fp32") == 0
+    bf16 = estimate.estimate(spec, "bf16", 640, 1, PROFILE)
+    assert bf16.weights_bytes == memory.weights_bytes(spec, "bf16") + copy
+    assert bf16.total_bytes == bf16.weights_bytes + bf16.kv_cache_bytes + bf16.activations_bytes + 250_000_000
+    attended = 30 * 9 * 64 * 2 * 2
+    step = memory.weights_bytes(spec, "bf16") * 4e-11 + attended * 640 * 5e-11 + 30 * 1e-4 + 1e-3
+    assert bf16.decode_tokens_per_s == pytest.approx(1 / step)
