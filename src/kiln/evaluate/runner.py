@@ -165,7 +165,11 @@ def _run_multiple_choice(loaded: LoadedModel, options: EvalOptions, ref: TaskRef
     def work(batch: list[mc_tasks.MCItem]) -> list[dict[str, Any]]:
         return multiple_choice.evaluate_items(loaded.model, loaded.tokenizer, batch, max_rows=rows)
 
-    records = _process(items, done, lambda it: it.index, 64, work, checkpoint, ref.name, "item", progress)
+    # Items of similar length go to the same checkpoint batch, so the scorer's rows need little padding
+    # (in order, PIQA's 64-item batches mixed 5- and 100-token solutions: 1.5x the time). Records come
+    # back sorted by index.
+    by_length = sorted(items, key=lambda it: (max(map(len, it.choices)), len(it.context)))
+    records = _process(by_length, done, lambda it: it.index, 64, work, checkpoint, ref.name, "item", progress)
     return records, multiple_choice.metrics(records)
 
 
