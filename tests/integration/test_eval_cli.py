@@ -95,7 +95,7 @@ def test_plan_json_from_a_cached_profile(env: dict[str, str], tmp_path: Path) ->
                "layer_overhead_s": {d: {"1": 1e-4, "4": 1.2e-4, "16": 2e-4} for d in ("fp32", "bf16")},
                "step_overhead_s": {d: {"1": 1e-3, "4": 2e-3, "16": 5e-3} for d in ("fp32", "bf16")},
                "kv_seconds_per_byte": {d: {"1": 5e-11, "4": 3e-11, "16": 3e-11} for d in ("fp32", "bf16")},
-               "runtime_bytes": 250_000_000, "version": 2}
+               "runtime_bytes": 250_000_000, "version": 3}
     (cache / "machine-profile.json").write_text(json.dumps(profile))
     proc = run({**env, "KILN_CACHE": str(cache)}, "plan", "--precision", "int8", "--context", "2048",
                "--concurrency", "4", "--target-tokens-per-s", "300", "--json")

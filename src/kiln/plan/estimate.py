@@ -102,7 +102,7 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
         f"decode step at batch {concurrency}, {context} tokens of context: {weights / 1e6:.0f} MB of weights "
         f"streamed at {effective:.1f} GB/s effective ({100 * effective / profile.read_bandwidth_gbs:.0f}% of the "
         f"{profile.read_bandwidth_gbs:.1f} GB/s read bandwidth, {dtype} matmul) = {1000 * weight_s:.1f} ms, "
-        f"+ attention over {kv_read / 1e6:.0f} MB of keys and values (per query head) {1000 * kv_s:.1f} ms, "
+        f"+ attention over {kv_read / 1e6:.0f} MB of cached keys and values {1000 * kv_s:.1f} ms, "
         f"+ {spec.num_layers} layers x {1e3 * profile.overhead(dtype, concurrency):.3f} ms and "
         f"{1e3 * fixed_s:.1f} ms per step of engine work (measured on probe models) = {1000 * step_s:.1f} ms",
         f"prefill: {_flops_per_token(spec, prompt // 2) / 1e9:.3f} GFLOP/token at "

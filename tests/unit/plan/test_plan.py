@@ -47,7 +47,7 @@ def test_kv_cache(spec: ModelSpec) -> None:
 
 def test_decode_estimate_is_the_roofline_sum(spec: ModelSpec) -> None:
     plan = estimate.estimate(spec, "fp32", 640, 1, PROFILE)
-    attended = 30 * 9 * 64 * 2 * 4  # every query head reads the keys and values of each cached token
+    attended = 30 * 3 * 64 * 2 * 4  # each cached token's keys and values, KV heads only
     step = plan.weights_bytes * 4e-11 + attended * 640 * 5e-11 + 30 * 1e-4 + 1e-3
     assert plan.decode_tokens_per_s == pytest.approx(1 / step)
     assert plan.total_bytes == plan.weights_bytes + plan.kv_cache_bytes + plan.activations_bytes + 250_000_000
@@ -103,6 +103,6 @@ def test_bf16_counts_the_tied_heads_packed_copy_in_memory_not_in_reads(spec: Mod
     bf16 = estimate.estimate(spec, "bf16", 640, 1, PROFILE)
     assert bf16.weights_bytes == memory.weights_bytes(spec, "bf16") + copy
     assert bf16.total_bytes == bf16.weights_bytes + bf16.kv_cache_bytes + bf16.activations_bytes + 250_000_000
-    attended = 30 * 9 * 64 * 2 * 2
+    attended = 30 * 3 * 64 * 2 * 2
     step = memory.weights_bytes(spec, "bf16") * 4e-11 + attended * 640 * 5e-11 + 30 * 1e-4 + 1e-3
     assert bf16.decode_tokens_per_s == pytest.approx(1 / step)
