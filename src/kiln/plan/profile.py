@@ -123,9 +123,7 @@ def _runtime_linear(weight: torch.Tensor) -> Any:
     """y = x W^T as kiln's runtime computes it: packed for oneDNN in bf16 where supported, else F.linear."""
     if not can_pack(weight.dtype):
         return lambda x: torch.nn.functional.linear(x, weight)
-    shell = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    shell.weight = torch.nn.Parameter(weight, requires_grad=False)
-    return PackedLinear(shell)
+    return PackedLinear(weight)
 
 
 def _streamed_matmul(dtype: torch.dtype) -> dict[str, float]:
