@@ -6,12 +6,16 @@ artifacts (lm_head quantized too, as llama-quantize does) are made from the same
 kiln's two runtimes: torch (kiln's graph) and onnxruntime (`kiln export --format onnx` of the artifact,
 the artifact's own integers in MatMulNBits).
 transformers fp32 `generate` is timed too. Rounds alternate between the systems (machine drift hits all);
-every cell is median [min-max].
+every cell is median [min-max]. kiln's int8 / int4 prefill is also timed with bf16 activations (the
+artifact loaded with --dtype bf16: its integer weights are unchanged, and llama.cpp rounds activations
+to 8 bits in its Q8_0 / Q4_0 kernels); where the CPU lacks native bf16 that column is slow, not wrong.
 
 Measured: batch-1 decode (128 new tokens after a 128-token prompt; llama-bench -d 128 -n 128), prefill
 of a 512-token prompt, kiln's aggregate decode at 16 concurrent sequences, the memory roofline (read
 bandwidth measured in the same run, bytes of weights per token), prefix-cache time to first token with
-a shared 400-token prefix, and speculative decoding with --draft.
+a shared 400-token prefix, speculative decoding (target: kiln fp32 on onnxruntime; draft: the int4
+artifact on onnxruntime, or --draft), and int4 with groups of 128 (kiln's default) beside ORT GenAI
+built with block_size=128.
 
     .venv/bin/python bench/engine.py [--runs 5] [--draft ARTIFACT] [--update]
 """
@@ -129,15 +133,22 @@ def main() -> None:
             subprocess.run([str(tools.quantize), str(f32), str(ggufs[name]), qtype], check=True, capture_output=True)
             subprocess.run([KILN, "compress", *flags, "-o", str(work / name)], check=True, capture_output=True)
             models[name] = load(str(work / name), progress=False)
+        bf16 = {n: load(str(work / n), precision="bf16", progress=False) for n in PAIRS if n != "fp32"}
+        subprocess.run([KILN, "compress", "--quantize", "int4", "--group-size", "128", "--symmetric",
+                        "--quantize-embeddings", "-o", str(work / "int4-g128")], check=True, capture_output=True)
+        g128 = load(str(work / "int4-g128"), progress=False)
 
         hf_folder = base.folder
         ort_models = {n: OnnxModel(onnx_folder(models[n]), base.spec, 2) for n in PAIRS}
         genai = {n: OrtGenAI(build(hf_folder, work / f"genai-{n}", n)) for n in PAIRS}
+        ort_g128 = OnnxModel(onnx_folder(g128), base.spec, 2)
+        genai_g128 = OrtGenAI(build(hf_folder, work / "genai-int4-g128", "int4", ("block_size=128",)))
+        g128_runs: dict[str, list[float]] = {"kiln": [], "genai": []}
         from transformers import LlamaForCausalLM
 
         hf = LlamaForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
 
-        keys = ("kd", "kp", "od", "op", "ld", "lp", "gd", "gp")
+        keys = ("kd", "kp", "bp", "od", "op", "ld", "lp", "gd", "gp")
         results: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in PAIRS}
         bandwidth, transformers_decode = [], []
         for run in range(args.runs):
@@ -148,6 +159,8 @@ def main() -> None:
                 r = results[name]
                 r["kd"].append(kiln_decode(models[name], prompt128))
                 r["kp"].append(kiln_prefill(models[name], prompt512))
+                if name in bf16:
+                    r["bp"].append(kiln_prefill(bf16[name], prompt512))
                 torch.set_num_threads(1)  # as `--runtime onnxruntime` does: ORT's pool gets the cores
                 r["od"].append(kiln_decode(models[name], prompt128, model=ort_models[name]))
                 r["op"].append(kiln_prefill(models[name], prompt512, model=ort_models[name]))
@@ -157,38 +170,45 @@ def main() -> None:
                 r["ld"].append(_llama_decode(tools, ggufs[name]))
                 r["gd"].append(genai[name].decode(prompt128))
                 r["gp"].append(genai[name].prefill(prompt512))
-            print(f"run {run + 1}: {({n: {k: round(v[-1], 1) for k, v in r.items()} for n, r in results.items()})}",
-                  file=sys.stderr)
+            torch.set_num_threads(1)
+            g128_runs["kiln"].append(kiln_decode(g128, prompt128, model=ort_g128))
+            torch.set_num_threads(2)
+            g128_runs["genai"].append(genai_g128.decode(prompt128))
+            last = {n: {k: round(v[-1], 1) for k, v in r.items() if v} for n, r in results.items()}
+            print(f"run {run + 1}: {last}", file=sys.stderr)
         batch1 = results["fp32"]["kd"]
         total16 = [kiln_concurrent(base, concurrent) for _ in range(max(1, args.runs // 2))]
         cold, warm = zip(*[prefix_ttft(base, ids[5000:5400], [ids[6000:6020], ids[7000:7020]])
                            for _ in range(args.runs)], strict=True)
 
     def best(r: dict[str, list[float]], *keys: str) -> float:
-        return max(statistics.median(r[k]) for k in keys)
+        return max(statistics.median(r[k]) for k in keys if r[k])
 
-    lines = ["| precision | kiln torch | kiln onnxruntime | llama.cpp | ORT GenAI | kiln best / peer best |",
-             "|---" * 6 + "|"]
+    lines = ["| precision | kiln torch | kiln torch, bf16 activations | kiln onnxruntime | llama.cpp | ORT GenAI "
+             "| kiln best / peer best |", "|---" * 7 + "|"]
     for kind, suffix in (("decode b1 tok/s", "d"), ("prefill 512 tok/s", "p")):
         for name, (qtype, _) in PAIRS.items():
             r = results[name]
-            ratio = best(r, "k" + suffix, "o" + suffix) / best(r, "l" + suffix, "g" + suffix)
-            lines.append(f"| {name} {kind} | {cell(r['k' + suffix])} | {cell(r['o' + suffix])} "
+            mine = ("k" + suffix, "o" + suffix, "bp") if suffix == "p" else ("kd", "od")
+            ratio = best(r, *mine) / best(r, "l" + suffix, "g" + suffix)
+            bf = cell(r["bp"]) if suffix == "p" and r["bp"] else "-"
+            lines.append(f"| {name} {kind} | {cell(r['k' + suffix])} | {bf} | {cell(r['o' + suffix])} "
                          f"| {cell(r['l' + suffix])} ({qtype}) | {cell(r['g' + suffix])} | {ratio:.2f}x |")
     bw = statistics.median(bandwidth)
     lines.append("")
     for name in PAIRS:
         r = results[name]
         read = {"torch": (model_bytes(models[name]), statistics.median(r["kd"])),
-                "onnxruntime": ((ort_models[name].folder / "model.onnx.data").stat().st_size,
-                                statistics.median(r["od"]))}
+                "onnxruntime": (onnx_bytes_per_token(ort_models[name].folder), statistics.median(r["od"]))}
         parts = [f"{rt} reads {size / 1e6:.0f} MB per token, {rate * size / 1e9:.1f} GB/s = "
                  f"{100 * rate * size / (bw * 1e9):.0f}% of the roofline" for rt, (size, rate) in read.items()]
         lines.append(f"- kiln {name} batch-1 decode: " + "; ".join(parts) + ".")
     hf_median = statistics.median(transformers_decode)
+    fastest = max(best(r, "kd", "od") for r in results.values())
     lines.append(f"- transformers fp32 `generate`, batch 1: {cell(transformers_decode)} tok/s; kiln's fastest "
-                 f"batch-1 decode is {max(best(r, 'kd', 'od') for r in results.values()) / hf_median:.1f}x that, "
-                 f"kiln fp32 {best(results['fp32'], 'kd', 'od') / hf_median:.1f}x.")
+                 f"batch-1 decode in the table is {fastest / hf_median:.1f}x that, kiln int4 with groups of 128 "
+                 f"(below) {statistics.median(g128_runs['kiln']) / hf_median:.1f}x, kiln fp32 "
+                 f"{best(results['fp32'], 'kd', 'od') / hf_median:.1f}x.")
     fp32_bytes = model_bytes(base)
     lines += [
         f"- Memory read bandwidth in this run: {cell(bandwidth)} GB/s; kiln fp32 batch-1 decode reads "
@@ -200,12 +220,39 @@ def main() -> None:
         f"{cell([1e3 * c for c in cold])} ms, warm {cell([1e3 * w for w in warm])} ms "
         f"({100 * statistics.median(warm) / statistics.median(cold):.0f}% of cold).",
     ]
-    if args.draft:
-        lines.append(_speculative_line(base, load(args.draft, progress=False), prompt128, args.speculate, args.runs))
+    g128_kiln = statistics.median(g128_runs["kiln"])
+    lines.append(
+        f"- int4 with groups of 128 (kiln's default group size; symmetric, lm_head int4), batch-1 decode: kiln "
+        f"onnxruntime {cell(g128_runs['kiln'])} tok/s, ORT GenAI built with block_size=128 "
+        f"{cell(g128_runs['genai'])} ({g128_kiln / statistics.median(g128_runs['genai']):.2f}x); against ORT "
+        f"GenAI's default int4 (blocks of 32) above: {g128_kiln / statistics.median(results['int4']['gd']):.2f}x.")
+    draft_model = (OnnxModel(onnx_folder(load(args.draft, progress=False)), base.spec, 2) if args.draft
+                   else ort_models["int4"])
+    lines.append(_speculative_line(base, ort_models["fp32"], draft_model, args.draft or "the int4 artifact",
+                                   prompt128, args.speculate, args.runs))
     table = "\n".join(lines) + f"\n\nllama.cpp {tools.commit}; {args.runs} rounds; machine: {describe(machine_info())}."
     print(table)
     if args.update:
         update_section("bench/engine.py", table)
+
+
+def onnx_bytes_per_token(folder: Path) -> int:
+    """Bytes of the ONNX graph's weights one decode step reads: every initializer but those only a
+    Gather reads (the embedding table, of which a step reads one row)."""
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in graph.initializer:
+        if readers.get(init.name, set()) <= {"Gather"}:
+            continue
+        stored = {e.key: e.value for e in init.external_data}
+        total += int(stored["length"]) if "length" in stored else len(init.raw_data)
+    return total
 
 
 def _llama_decode(tools: llamacpp.LlamaTools, gguf: Path) -> float:
@@ -214,11 +261,14 @@ def _llama_decode(tools: llamacpp.LlamaTools, gguf: Path) -> float:
     return float(rows[0]["avg_ts"])
 
 
-def _speculative_line(base: LoadedModel, draft: LoadedModel, prompt: list[int], k: int, runs: int) -> str:
+def _speculative_line(base: LoadedModel, target: OnnxModel, draft: OnnxModel, draft_name: str, prompt: list[int],
+                      k: int, runs: int) -> str:
+    """Speculative against plain greedy decoding of the same target on the same runtime (onnxruntime fp32)."""
     params = SamplingParams(temperature=0.0, max_tokens=128)
     plain, fast, rates, same = [], [], [], True
-    gen = Generator(base.model, base.tokenizer, prefix_caching=False)  # each run prefills, as the draft path does
-    decoder = SpeculativeDecoder(base.model, draft.model, k)
+    gen = Generator(target, base.tokenizer, prefix_caching=False)  # each run prefills, as the draft path does
+    decoder = SpeculativeDecoder(target, draft, k)
+    torch.set_num_threads(1)
     for _ in range(runs):
         start = time.perf_counter()
         reference = gen.generate([prompt], params)[0].token_ids
@@ -227,8 +277,10 @@ def _speculative_line(base: LoadedModel, draft: LoadedModel, prompt: list[int], 
         fast.append(len(result.tokens) / result.seconds)
         rates.append(result.acceptance_rate)
         same = same and result.tokens == reference
-    return (f"- Speculative decoding (draft {draft.source.name}, k={k}): {cell(fast)} tok/s against {cell(plain)} "
-            f"plain ({statistics.median(fast) / statistics.median(plain):.2f}x), acceptance "
+    torch.set_num_threads(2)
+    return (f"- Speculative decoding, target kiln fp32 on onnxruntime, draft {draft_name} on onnxruntime, k={k}: "
+            f"{cell(fast)} tok/s against {cell(plain)} plain "
+            f"({statistics.median(fast) / statistics.median(plain):.2f}x), acceptance "
             f"{100 * statistics.median(rates):.0f}%, greedy output identical: {same}.")
 
 

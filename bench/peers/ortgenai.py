@@ -17,12 +17,14 @@ from pathlib import Path
 BUILDER = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
 
 
-def build(hf_folder: Path, out: Path, precision: str) -> Path:
-    """ORT GenAI's model for `hf_folder` at precision fp32 | int8 | int4 (reused when already built)."""
+def build(hf_folder: Path, out: Path, precision: str, extra: tuple[str, ...] = ()) -> Path:
+    """ORT GenAI's model for `hf_folder` at precision fp32 | int8 | int4 (reused when already built);
+    `extra` are builder --extra_options such as block_size=128."""
     if (out / "genai_config.json").is_file():
         return out
+    options = ["--extra_options", *extra] if extra else []
     subprocess.run([*BUILDER, "-i", str(hf_folder), "-o", str(out), "-p", precision, "-e", "cpu",
-                    "-c", str(out.parent / "builder-cache")], check=True, capture_output=True,
+                    "-c", str(out.parent / "builder-cache"), *options], check=True, capture_output=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return out
 

@@ -100,6 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
+    if args.draft:
+        return _speculative_generate(args, loaded, prompt, params)
     generator = Generator(_runtime_model(loaded, args.runtime), tok, kv_cache=args.kv_cache)
     out = generator.generate([prompt], params, on_text=None if args.json else stream)[0]
     if args.json:
@@ -114,6 +116,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
         }))
     else:
         sys.stdout.write("\n")
+    return 0
+
+
+def _speculative_generate(args: argparse.Namespace, loaded: Any, prompt: list[int], params: Any) -> int:
+    """`kiln generate --draft M`: greedy speculative decoding, the draft on the target's runtime."""
+    from kiln.engine.speculative import SpeculativeDecoder
+    from kiln.errors import InvalidParameterError
+    from kiln.model.load import load
+
+    if not params.is_greedy or params.stop or args.repetition_penalty != 1.0 or args.presence_penalty \
+            or args.frequency_penalty:
+        raise InvalidParameterError("--draft decodes greedily without stop strings or penalties; "
+                                    "pass --temperature 0 and drop --stop and the penalties")
+    draft = load(args.draft, precision=args.dtype)
+    decoder = SpeculativeDecoder(_runtime_model(loaded, args.runtime), _runtime_model(draft, args.runtime),
+                                 args.speculate)
+    result = decoder.generate(prompt, params, loaded.tokenizer.eos_token_ids)
+    tokens = [t for t in result.tokens if t not in loaded.tokenizer.eos_token_ids]
+    text = loaded.tokenizer.decode(tokens)
+    if args.json:
+        later = result.seconds - result.first_token_s
+        print(json.dumps({
+            "text": text,
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(result.tokens),
+            "finish_reason": "length" if len(result.tokens) >= params.max_tokens else "stop",
+            "ttft_ms": round(1000 * result.first_token_s, 2),
+            "decode_tokens_per_s": round((len(result.tokens) - 1) / later, 2) if later > 0 else 0.0,
+            "acceptance_rate": round(result.acceptance_rate, 4),
+            "tokens_per_target_pass": round(result.tokens_per_pass, 3),
+        }))
+    else:
+        print(text)
     return 0
 
 
@@ -419,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime: run an ONNX export of the model (built once and cached)")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding with this draft model (greedy; e.g. an int4 artifact of the model "
+                        "or a `kiln distill` student), run on the same --runtime")
+    p.add_argument("--speculate", type=int, default=4, help="--draft: tokens the draft proposes per step")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", parents=[common, sampling], help="talk to a model interactively")

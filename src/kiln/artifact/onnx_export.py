@@ -42,6 +42,7 @@ from kiln.model.load import LoadedModel
 
 OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
 ONNX_FILE = "model.onnx"
+EXPORT_VERSION = 2  # 2: the logits_to_keep input (runtimes cache exports under this version)
 # max |logit difference| / logit range on a real prompt, per precision: fp32 is the same arithmetic in
 # another order; int4 / int8 add MatMulNBits' int8 activation rounding (accuracy level 4)
 TOLERANCE = {"fp32": 1e-3, "int8": 0.05, "int4": 0.08}
@@ -132,7 +133,7 @@ def write_hf_folder(loaded: LoadedModel, out: Path) -> Path:
 
 
 def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", check: bool = True) -> Path:
-    """Build the ONNX model folder `out` (model.onnx + weights + genai_config.json + tokenizer)."""
+    """Build the ONNX model folder `out` (model.onnx and kiln.onnx + weights + genai_config.json + tokenizer)."""
     try:
         import onnxruntime_genai  # noqa: F401  (the builder lives in this package)
     except ImportError as exc:
@@ -156,6 +157,7 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             raise OnnxExportError(f"ONNX Runtime GenAI's model builder failed: {last[0]}")
         if plan.precision != "fp32":
             transplant(staging, loaded.model)
+        keep_last_logits(staging)
         (staging / "kiln-export.json").write_text(json.dumps({
             "source": loaded.source.name, "source_sha256": loaded.sha256, "precision": plan.precision,
             "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head}))
@@ -248,6 +250,41 @@ def transplant(folder: Path, model: LlamaModel) -> int:
     onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=ONNX_FILE + ".data")
     return done
+
+
+LOGITS_TO_KEEP = "logits_to_keep"
+RUNTIME_FILE = "kiln.onnx"  # model.onnx with the logits_to_keep input; kiln's runtime runs this one
+
+
+def keep_last_logits(folder: Path) -> None:
+    """Write kiln.onnx: model.onnx with lm_head run on the last `logits_to_keep` positions only.
+
+    The builder's graph runs lm_head on every position; a 512-token prefill then spends a tenth of its
+    work, and 100 MB of output, on logits nobody reads (the engine samples from the last position only,
+    as llama.cpp computes only the logits it is asked for). A Slice before lm_head keeps the last
+    `logits_to_keep` positions. model.onnx stays as the builder wrote it, for ORT GenAI's generator,
+    which does not know the extra input; both graphs read the one weights file.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph_model = onnx.load(str(folder / ONNX_FILE), load_external_data=False)
+    graph = graph_model.graph
+    head = next(n for n in graph.node if "logits" in n.output)
+    hidden = head.input[0]
+    kept = hidden + "/last_positions"
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    graph.initializer.extend([numpy_helper.from_array(np.array([np.iinfo(np.int64).max]), "/kiln/slice_end"),
+                              numpy_helper.from_array(np.array([1]), "/kiln/slice_axis")])
+    start = "/kiln/slice_start"
+    nodes = [helper.make_node("Neg", [LOGITS_TO_KEEP], [start], name="/kiln/Neg"),
+             helper.make_node("Slice", [hidden, start, "/kiln/slice_end", "/kiln/slice_axis"], [kept],
+                              name="/kiln/last_positions")]
+    head.input[0] = kept
+    index = list(graph.node).index(head)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    onnx.save_model(graph_model, str(folder / RUNTIME_FILE))  # its weights stay in model.onnx.data
 
 
 def max_logit_error(loaded: LoadedModel, folder: Path, text: str = "The capital of France is Paris. It is") -> float:

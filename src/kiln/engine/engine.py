@@ -168,9 +168,8 @@ class Engine:
         if isinstance(self.model, LlamaModel):
             room = self.model.spec.max_position - max(r.num_computed for r, _ in items)  # RoPE table's end
             width = max(width, min(padded_width(width), room))
-        tokens = torch.zeros(len(items), width, dtype=torch.long)
-        for i, (r, n) in enumerate(items):
-            tokens[i, :n] = torch.tensor(r.tokens[r.num_computed : r.num_computed + n])
+        rows = [r.token_range(r.num_computed, r.num_computed + n) for r, n in items]
+        tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long)
         logits = self.model(tokens, self.cache, num_tokens=[n for _, n in items], rows=[r.seq_id for r, _ in items])
         for r, n in items:
             r.num_computed += n
@@ -215,7 +214,7 @@ class Engine:
     def _finish_overlong(self) -> None:
         """A sequence that outgrows the whole KV cache stops with finish reason 'length'."""
         for r in [*self.scheduler.running, *self.scheduler.waiting]:
-            if len(r.tokens) + 1 > self.cache.capacity_tokens:
+            if r.num_tokens + 1 > self.cache.capacity_tokens:
                 self._finish(r, RequestStatus.FINISHED_LENGTH, time.perf_counter(), [], "")
 
     @torch.inference_mode()

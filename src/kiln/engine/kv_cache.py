@@ -232,6 +232,14 @@ class PagedKVCache:
         values = values.view(b, n, hkv, d).transpose(1, 2)
         return keys[:, :, : batch.kv_len], values[:, :, : batch.kv_len]
 
+    def advance(self, rows: Sequence[int], num_tokens: Sequence[int]) -> None:
+        """The accounting half of begin() + commit(), for a runtime that keeps its own keys and values."""
+        seqs = [self.seqs[r] for r in rows]
+        if any(s.length + n > len(s.blocks) * self.block_size for s, n in zip(seqs, num_tokens, strict=True)):
+            raise ContextLengthError("a sequence outgrew its reserved blocks; reserve() before the forward")
+        for seq, n in zip(seqs, num_tokens, strict=True):
+            seq.length += n
+
     def commit(self, batch: AttentionBatch) -> None:
         assert isinstance(batch, PagedAttentionBatch)
         for seq_id, n in zip(batch.seq_ids, batch.num_tokens, strict=True):

@@ -5,7 +5,9 @@ MatMulNBits). Its keys and values are explicit inputs and outputs, so this class
 and answers the same call the engine makes on kiln's torch graph: append each row's tokens to that
 sequence and return logits. Each sequence owns one buffer per layer, bound as both the past input and the
 present output (GroupQueryAttention's shared-buffer mode writes the new keys in place, so a step copies
-nothing) and doubled when full. The engine's paged cache
+nothing) and doubled when full; the binding itself lives as long as the buffers, so a decode step only
+rebinds its token, mask and logits. Exports that have the `logits_to_keep` input compute lm_head on the
+last position only. The engine's paged cache
 then only does the accounting (budget, admission, preemption) and stores nothing; prefix caching is off,
 because shared blocks would have no keys and values here. Rows at the same position with the same number
 of new tokens run as one batch.
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from kiln import settings
+from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, RUNTIME_FILE
 from kiln.errors import InvalidParameterError
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
@@ -39,6 +42,17 @@ class _SeqKV:
 
     arrays: list[np.ndarray]
     values: list[Any]  # onnxruntime.OrtValue over the same memory
+    binding: Any  # onnxruntime.IOBinding with `values` bound as both past input and present output
+    keep: int = 1  # the logits_to_keep value bound now
+
+
+_POOL_THREADS: list[int] = []  # the shared pool's size, once set
+
+
+def _shared_pool(ort: Any, threads: int) -> None:
+    if not _POOL_THREADS:
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _POOL_THREADS.append(threads)
 
 
 class OnnxModel:
@@ -51,14 +65,21 @@ class OnnxModel:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ORT's pool threads spin between ops: 7 ms per int4 decode step here instead of 11 on an idle
         # machine, but when other jobs share a small CPU the spinning steals their cores (and ours):
-        # KILN_ORT_SPIN=0 turns it off for such hosts
+        # KILN_ORT_SPIN=0 turns it off for such hosts (per-session pools: only they take that setting)
         if os.environ.get("KILN_ORT_SPIN", "1") == "0":
+            options.intra_op_num_threads = threads or torch.get_num_threads()
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        else:
+            # one pool for every session of the process (its size is the first session's): two sessions
+            # with pools of their own (a target and its draft) keep each other's spinning threads on the
+            # cores; speculative decoding ran at 0.9x plain decoding that way, 1.4x with one pool
+            _shared_pool(ort, threads or torch.get_num_threads())
+            options.use_per_session_threads = False
+        graph = folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.spec = spec
         self.folder = folder
         names = [i.name for i in self.session.get_inputs()]
@@ -67,15 +88,23 @@ class OnnxModel:
         self.states: dict[int, _SeqKV] = {}  # sequence id -> its key/value buffers
         self.lengths: dict[int, int] = {}  # sequence id -> tokens in its buffers
         self._ort = ort
+        self.keeps_last = LOGITS_TO_KEEP in names  # an export older than version 2 has no such input
+        self._one = np.ones(1, dtype=np.int64)
+        self._mask = np.ones((1, FIRST_CAPACITY), dtype=np.int64)  # sliced to each step's length
+        self._last = np.empty((1, 1, spec.vocab_size), dtype=np.float32)  # one row's last logits
+        self._last_value = ort.OrtValue.ortvalue_from_numpy(self._last)
 
     def _empty(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
 
-    def _run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _run(self, ids: np.ndarray, past: list[np.ndarray], last: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits ([B, T, V], or [B, 1, V] with `last` where the graph allows) and the presents."""
         total = past[0].shape[2] + ids.shape[1]
         feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), dtype=np.int64),
                  **dict(zip(self.past_names, past, strict=True))}
+        if self.keeps_last:
+            feeds[LOGITS_TO_KEEP] = self._one if last else np.array([ids.shape[1]], dtype=np.int64)
         logits, *presents = self.session.run(["logits", *self.present_names], feeds)
         return logits, presents
 
@@ -91,23 +120,59 @@ class OnnxModel:
         if kv is not None:
             for new, old in zip(arrays, kv.arrays, strict=True):
                 new[:, :, :capacity] = old
-        kv = _SeqKV(arrays, [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+        values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        binding = self.session.io_binding()
+        # logits first: get_outputs() lists outputs in the order they were first bound
+        if self.keeps_last:
+            binding.bind_cpu_input(LOGITS_TO_KEEP, self._one)
+            binding.bind_ortvalue_output("logits", self._last_value)
+        else:
+            binding.bind_output("logits")
+        for name, value in zip(self.past_names, values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.present_names, values, strict=True):
+            binding.bind_ortvalue_output(name, value)
+        kv = _SeqKV(arrays, values, binding)
         self.states[seq] = kv
         return kv
 
-    def _run_in_place(self, ids: np.ndarray, kv: _SeqKV, total: int) -> np.ndarray:
-        """One sequence's step with its buffers bound as past and present: the keys are written in place."""
-        binding = self.session.io_binding()
+    def _run_in_place(self, ids: np.ndarray, kv: _SeqKV, total: int, keep: int = 1) -> np.ndarray:
+        """One sequence's step with its buffers bound as past and present: the keys are written in place.
+
+        Returns the logits of the last `keep` positions, [1, keep, V] (every position, [1, T, V], from
+        an export without `logits_to_keep`). The [1, 1, V] array of keep=1 is reused by the next call."""
+        if self._mask.shape[1] < total:
+            self._mask = np.ones((1, max(total, 2 * self._mask.shape[1])), dtype=np.int64)
+        binding = kv.binding
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        for name, value in zip(self.past_names, kv.values, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits")
-        for name, value in zip(self.present_names, kv.values, strict=True):
-            binding.bind_ortvalue_output(name, value)
+        binding.bind_cpu_input("attention_mask", self._mask[:, :total])
+        preallocated = self.keeps_last and keep == 1
+        if self.keeps_last and keep != kv.keep:  # the binding keeps its last choice between steps
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array([keep], dtype=np.int64))
+            if keep == 1:
+                binding.bind_ortvalue_output("logits", self._last_value)
+            kv.keep = keep
+        if not preallocated:
+            binding.bind_output("logits")
         self.session.run_with_iobinding(binding)
+        if preallocated:
+            return self._last
         logits: np.ndarray = binding.get_outputs()[0].numpy()
         return logits
+
+    def extend(self, seq: int, ids: Sequence[int], start: int, keep: int = 1) -> Tensor:
+        """Run `ids` at positions start.. of sequence `seq`, outside the engine; logits of the last `keep`
+        [keep, V]. Keys past `start` are overwritten, so a caller rolls a sequence back by passing an
+        earlier start (speculative decoding drops rejected draft tokens this way). A [1, V] result is
+        a view that the next call overwrites."""
+        end = start + len(ids)
+        logits = self._run_in_place(np.asarray([ids], dtype=np.int64), self._buffers(seq, end), end, keep)
+        return torch.from_numpy(logits[0, -keep:])
+
+    def forget(self, seq: int) -> None:
+        """Free a sequence's buffers (extend's counterpart; the engine frees its own sequences)."""
+        self.states.pop(seq, None)
+        self.lengths.pop(seq, None)
 
     def logits_all(self, ids: Sequence[int]) -> Tensor:
         """Logits [T, V] at every position of one sequence, with no cache kept."""
@@ -125,11 +190,9 @@ class OnnxModel:
             return torch.stack([x[-1] for x in every])
         assert rows is not None and logits == "last"
         seqs = getattr(cache, "seqs")  # noqa: B009 - the paged cache's block tables (the length of each)
-        batch = cache.begin(counts, t, rows)  # type: ignore[attr-defined]
         for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
             self.states.pop(gone, None)
             self.lengths.pop(gone)
-        out = torch.empty(b, self.spec.vocab_size)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             start = seqs[row].length
@@ -138,6 +201,14 @@ class OnnxModel:
                                                 "caching must be off for this runtime")
             self.lengths[row] = start
             groups[(start, counts[i])].append(i)
+        cache.advance(rows, counts)  # type: ignore[attr-defined]  # (raises before any work if unreserved)
+        if b == 1 and self.keeps_last:  # batch-1 decode: no [1, V] copy (a fresh 196 kB buffer per step
+            # costs page faults); the engine reads these logits before its next call overwrites them
+            row, end = rows[0], start + counts[0]
+            last = self._run_in_place(tokens[:, : counts[0]].numpy(), self._buffers(row, end), end)
+            self.lengths[row] = end
+            return torch.from_numpy(last[:, -1])
+        out = torch.empty(b, self.spec.vocab_size)
         for (start, n), members in groups.items():
             ids = np.stack([tokens[i, :n].numpy() for i in members]).astype(np.int64)
             if len(members) == 1:  # one sequence: its buffers are the past and the present
@@ -146,15 +217,14 @@ class OnnxModel:
             else:  # several at the same position: one batched run on copies, written back after
                 past = [np.concatenate([self._buffers(rows[i], start).arrays[k][:, :, :start] for i in members])
                         for k in range(len(self.past_names))]
-                result, presents = self._run(ids, past)
+                result, presents = self._run(ids, past, last=True)
                 for j, i in enumerate(members):
                     kv = self._buffers(rows[i], start + n)
                     for array, present in zip(kv.arrays, presents, strict=True):
                         array[:, :, : start + n] = present[j]
             for j, i in enumerate(members):
                 self.lengths[rows[i]] = start + n
-                out[i] = torch.from_numpy(result[j, n - 1])
-        cache.commit(batch)  # type: ignore[attr-defined]
+                out[i] = torch.from_numpy(result[j, -1])
         return out
 
 
@@ -164,7 +234,7 @@ def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
 
     if (loaded.folder / "model.onnx").is_file():  # the model is itself an export folder
         return loaded.folder
-    folder = settings.cache_dir() / "onnx" / f"{loaded.sha256[:16]}-{precision}"
+    folder = settings.cache_dir() / "onnx" / f"{loaded.sha256[:16]}-{precision}-v{EXPORT_VERSION}"
     if not (folder / "model.onnx").is_file():
         export(loaded, folder, precision)  # type: ignore[arg-type]
     return folder

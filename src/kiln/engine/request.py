@@ -75,6 +75,17 @@ class Request:
         return self.prompt + self.output
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token_range(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (a long prompt is copied once per step otherwise)."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.output[start - p : end - p]
+        return self.prompt[start:end] + self.output[: max(0, end - p)]
+
+    @property
     def pending(self) -> int:
         """Tokens not yet in the cache: the prompt's rest while prefilling, 1 while decoding."""
         return len(self.prompt) + len(self.output) - self.num_computed

@@ -2,9 +2,12 @@
 in one forward pass and keeps the longest prefix it agrees with, plus its own next token.
 
 Greedy only: the output is exactly the target's greedy output, whatever the draft proposes. The draft
-is any model with the same tokenizer: a distilled student (`kiln distill`) or the target itself with
-layers skipped (`skip_layers_draft`, which shares the target's weights). Batch 1, as the technique
-pays off where decoding is memory-bound; both models use a static KV cache rolled back on rejection.
+is any model with the same tokenizer: a distilled student (`kiln distill`), the target itself with
+layers skipped (`skip_layers_draft`, which shares the target's weights), or a quantized artifact of the
+target (an int4 export runs several times faster and agrees with it on most tokens). Either model may
+be kiln's graph (a static KV cache) or an ONNX Runtime export (its own in-place buffers); both are
+rolled back on rejection by writing over the rejected positions. Batch 1, as the technique pays off
+where decoding is memory-bound.
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import InvalidParameterError
-from kiln.model.kv_cache import StaticKVCache
 from kiln.model.llama import Block, LlamaModel
+
+if TYPE_CHECKING:
+    from kiln.engine.onnx_runtime import OnnxModel
 
 
 @dataclass
@@ -65,8 +71,32 @@ def skip_layers_draft(target: LlamaModel, keep: list[int]) -> LlamaModel:
     return draft
 
 
+class _Runner:
+    """One model's view of one sequence: run tokens from a position, get logits back."""
+
+    def __init__(self, model: LlamaModel | OnnxModel, limit: int, seq: int) -> None:
+        self.seq = seq  # the sequence id in an ONNX model (the engine's ids are >= 0)
+        self.graph = model if isinstance(model, LlamaModel) else None
+        self.onnx = None if isinstance(model, LlamaModel) else model
+        self.cache = model.new_cache(1, limit) if isinstance(model, LlamaModel) else None
+
+    def run(self, tokens: list[int], start: int, every: bool = False) -> torch.Tensor:
+        """Logits after each of `tokens` ([T, V]) with `every`, else after the last one ([V])."""
+        if self.onnx is not None:
+            out = self.onnx.extend(self.seq, tokens, start, len(tokens) if every else 1)
+            return out if every else out[-1]
+        assert self.graph is not None and self.cache is not None
+        self.cache.lengths[0] = start  # anything cached after `start` is overwritten
+        logits = self.graph(torch.tensor([tokens]), self.cache, logits="all" if every else "last")
+        return logits[0]
+
+    def close(self) -> None:
+        if self.onnx is not None:
+            self.onnx.forget(self.seq)
+
+
 class SpeculativeDecoder:
-    def __init__(self, target: LlamaModel, draft: LlamaModel, k: int = 4) -> None:
+    def __init__(self, target: LlamaModel | OnnxModel, draft: LlamaModel | OnnxModel, k: int = 4) -> None:
         if k < 1:
             raise InvalidParameterError(f"speculate k={k} must be at least 1")
         if draft.spec.vocab_size != target.spec.vocab_size:
@@ -80,25 +110,32 @@ class SpeculativeDecoder:
             raise InvalidParameterError("speculative decoding here is greedy only; set temperature 0")
         start = time.perf_counter()
         limit = len(prompt) + params.max_tokens + self.k + 1
-        t_cache = self.target.new_cache(1, limit)
-        d_cache = self.draft.new_cache(1, limit)
+        target, draft = _Runner(self.target, limit, -1), _Runner(self.draft, limit, -2)  # one model may be both
+        try:
+            return self._generate(prompt, params, eos, target, draft, start)
+        finally:
+            target.close()
+            draft.close()
+
+    def _generate(self, prompt: list[int], params: SamplingParams, eos: frozenset[int], target: _Runner,
+                  draft: _Runner, start: float) -> SpeculativeResult:
         result = SpeculativeResult(tokens=[])
-        logits = self.target(torch.tensor([prompt]), t_cache)
-        if len(prompt) > 1:
-            self.draft(torch.tensor([prompt[:-1]]), d_cache)
+        next_token = int(target.run(prompt, 0).argmax())
         result.target_passes += 1
-        next_token = int(logits[0].argmax())
+        if len(prompt) > 1:
+            draft.run(prompt[:-1], 0)
+        drafted = len(prompt) - 1  # tokens the draft has keys for
         result.first_token_s = time.perf_counter() - start
         while True:
             result.tokens.append(next_token)
             if self._done(result.tokens, next_token, params, eos):
                 break
-            drafts = self._propose(d_cache, prompt, result.tokens)
-            verify = torch.tensor([[next_token, *drafts]])
-            base = t_cache.lengths[0]
-            target_logits = self.target(verify, t_cache, logits="all")[0]  # [k + 1, V]
+            sequence = prompt + result.tokens
+            drafts = self._propose(draft, sequence, drafted)
+            drafted = len(sequence)  # the drafts' own keys are overwritten next round
+            base = len(sequence) - 1  # next_token's position: the target has keys for all before it
+            choices = target.run([next_token, *drafts], base, every=True).argmax(dim=-1).tolist()  # k + 1
             result.target_passes += 1
-            choices = target_logits.argmax(dim=-1).tolist()
             kept = 0
             while kept < len(drafts) and drafts[kept] == choices[kept]:
                 kept += 1
@@ -111,21 +148,16 @@ class SpeculativeDecoder:
                     result.seconds = time.perf_counter() - start
                     return result
             next_token = choices[kept]
-            t_cache.lengths[0] = base + 1 + kept  # drop the rejected drafts' keys and values
         result.seconds = time.perf_counter() - start
         return result
 
-    def _propose(self, cache: StaticKVCache, prompt: list[int], tokens: list[int]) -> list[int]:
-        """k greedy draft tokens after prompt + tokens (the draft's cache catches up first)."""
-        sequence = prompt + tokens
-        known = cache.lengths[0]
-        feed = sequence[known:]
-        drafts: list[int] = []
+    def _propose(self, draft: _Runner, sequence: list[int], known: int) -> list[int]:
+        """k greedy draft tokens after `sequence`; the draft has keys for its first `known` tokens."""
+        feed, position, drafts = sequence[known:], known, []
         for _ in range(self.k):
-            logits = self.draft(torch.tensor([feed]), cache)
-            drafts.append(int(logits[0].argmax()))
+            drafts.append(int(draft.run(feed, position).argmax()))
+            position += len(feed)
             feed = drafts[-1:]
-        cache.lengths[0] = len(sequence)  # forget the drafts: the target decides what stays
         return drafts
 
     @staticmethod

@@ -203,7 +203,7 @@ class LlamaModel(nn.Module):
         batch = uncached_batch(counts, t, self.spec.sliding_window) if cache is None else cache.begin(counts, t, rows)
         cos = self.cos_table[batch.positions].unsqueeze(1)  # [B, 1, T, D]
         sin = self.sin_table[batch.positions].unsqueeze(1)
-        x = self.embed(tokens)  # [B, T, hidden]
+        x = self.embed(tokens).to(self.dtype)  # [B, T, hidden]; a quantized embedding gives fp32 rows
         for layer in self.layers:
             x = layer(x, cos, sin, batch, cache)
         if cache is not None:

@@ -33,3 +33,14 @@ def test_incomplete_character_is_flushed_at_the_end(default_model: LoadedModel) 
     detok = IncrementalDetokenizer(tok, [])
     assert detok.push(ids[0]) == ""
     assert detok.flush() == tok.decode(ids[:1])
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_direct_decode_matches_transformers(default_model: LoadedModel, skip: bool) -> None:
+    # Tokenizer.decode goes to the Rust tokenizer directly; transformers' decode is the reference
+    tok = default_model.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": " ".join(TEXTS)}])
+    for start in range(0, len(ids) - 6):
+        window = ids[start : start + 6]
+        want = tok.hf.decode(window, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        assert tok.decode(window, skip) == want, window

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kiln.engine.engine import Engine, EngineConfig, padded_width
 from kiln.engine.generate import Generator
+from kiln.engine.kv_cache import PagedKVCache
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import ContextLengthError
 from kiln.model.llama import build_model
@@ -193,3 +194,24 @@ def test_padding_stops_at_the_end_of_the_position_table(default_model: LoadedMod
     for _ in range(3):
         expected.append(int(model(torch.tensor([expected]))[0].argmax()))
     assert request.output == expected[len(prompt):]
+
+
+def test_advance_counts_tokens_only_within_reserved_blocks(default_model: LoadedModel) -> None:
+    # the accounting a runtime with its own keys and values (ONNX Runtime) uses instead of begin/commit
+    cache = PagedKVCache(default_model.spec, 8 << 20, torch.float32, block_size=16, store=False)
+    assert cache.reserve(0, 20)  # two blocks
+    cache.advance([0], [20])
+    assert cache.seqs[0].length == 20
+    with pytest.raises(ContextLengthError, match="reserve"):
+        cache.advance([0], [13])  # 33 > 32 reserved
+    assert cache.seqs[0].length == 20  # nothing counted
+
+
+def test_token_range_is_a_slice_of_prompt_and_output(default_model: LoadedModel) -> None:
+    engine = Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_budget_bytes=8 << 20))
+    r = engine.add_request([5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=8))
+    r.output = [9, 10, 11]
+    for start in range(8):
+        for end in range(start, 9):
+            assert r.token_range(start, end) == r.tokens[start:end], (start, end)
+    assert r.num_tokens == len(r.tokens) == 7

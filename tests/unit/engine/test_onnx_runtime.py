@@ -102,6 +102,48 @@ def test_logits_all_matches_the_graph(tiny: LoadedModel, tmp_path: Path) -> None
     assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_export_adds_a_last_logits_graph_and_keeps_the_builders(tiny: LoadedModel, tmp_path: Path) -> None:
+    import onnx
+
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+
+    def inputs(name: str) -> set[str]:
+        return {i.name for i in onnx.load(str(folder / name), load_external_data=False).graph.input}
+
+    assert onnx_export.LOGITS_TO_KEEP in inputs(onnx_export.RUNTIME_FILE)
+    assert onnx_export.LOGITS_TO_KEEP not in inputs(onnx_export.ONNX_FILE)  # ORT GenAI still runs model.onnx
+    assert OnnxModel(folder, tiny.spec, 1).keeps_last
+
+
+def test_extend_returns_the_last_logits_and_rolls_back(tiny: LoadedModel, tmp_path: Path) -> None:
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    model = OnnxModel(folder, tiny.spec, 1)
+    ids = [1, 4, 8, 15, 16, 23, 42, 7]
+    every = model.logits_all(ids)
+    assert torch.allclose(model.extend(3, ids[:5], 0), every[4:5], atol=1e-5)
+    assert torch.allclose(model.extend(3, ids[5:], 5, keep=3), every[5:], atol=1e-5)
+    # back to position 5 with another token: the keys written at 5..7 are overwritten, not attended to
+    other = model.logits_all([*ids[:5], 99])
+    assert torch.allclose(model.extend(3, [99], 5), other[-1:], atol=1e-5)
+    model.forget(3)
+    assert 3 not in model.states
+
+
+def test_speculative_decoding_on_the_onnx_runtime(tiny: LoadedModel, tmp_path: Path) -> None:
+    from kiln.engine.speculative import SpeculativeDecoder, skip_layers_draft
+
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    target = OnnxModel(folder, tiny.spec, 1)
+    prompt = [1, *range(300, 320)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    want = greedy(target, tiny, [prompt])[0]
+    same = SpeculativeDecoder(target, target, k=3).generate(prompt, params)  # one model as target and draft
+    assert same.tokens == want and same.acceptance_rate == 1.0
+    weak = SpeculativeDecoder(target, skip_layers_draft(tiny.model, [0]), k=3).generate(prompt, params)
+    assert weak.tokens == want
+    assert -1 not in target.states and -2 not in target.states  # the target and draft sequences were freed
+
+
 def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tmp_path: Path) -> None:
     import json
     import os
@@ -111,15 +153,21 @@ def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tmp_path: Pa
     kiln = str(Path(sys.executable).parent / "kiln")
     env = {**os.environ, "KILN_CACHE": str(tmp_path / "cache"), "KILN_HOME": str(tmp_path / "home")}
 
-    def run(runtime: str) -> dict:
+    def run(runtime: str, *extra: str) -> dict:
         out = subprocess.run([kiln, "generate", "-m", str(onnx_tiny_folder), "--runtime", runtime, "--raw",
-                              "--temperature", "0", "--max-tokens", "8", "--json", "The sea"],
+                              "--temperature", "0", "--max-tokens", "8", "--json", *extra, "The sea"],
                              env=env, capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
     onnx_run, torch_run = run("onnxruntime"), run("torch")
     assert onnx_run["text"] == torch_run["text"] and onnx_run["completion_tokens"] == torch_run["completion_tokens"]
     assert any((tmp_path / "cache" / "onnx").glob("*/model.onnx"))  # exported once, into the cache
+    # speculative decoding with the model as its own draft: the same text, every draft token kept
+    drafted = run("onnxruntime", "--draft", str(onnx_tiny_folder), "--speculate", "3")
+    assert drafted["text"] == onnx_run["text"] and drafted["acceptance_rate"] == 1.0
+    refused = subprocess.run([kiln, "generate", "-m", str(onnx_tiny_folder), "--draft", str(onnx_tiny_folder),
+                              "--temperature", "0.7", "The sea"], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--temperature 0" in refused.stderr
 
 
 def test_bf16_model_is_refused_by_the_onnx_runtime(onnx_tiny_folder: Path) -> None:

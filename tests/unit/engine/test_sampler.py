@@ -43,6 +43,15 @@ def test_greedy_is_argmax() -> None:
     assert got == logits.argmax(-1).tolist()
 
 
+def test_greedy_is_argmax_in_bf16_and_on_a_strided_view() -> None:
+    logits = torch.randn(3, V)
+    assert sample(logits.bfloat16(), [state(temperature=0.0) for _ in range(3)]) == \
+        logits.bfloat16().argmax(-1).tolist()
+    wide = torch.randn(3, 2 * V)
+    view = wide[:, ::2]  # not contiguous
+    assert sample(view, [state(temperature=0.0) for _ in range(3)]) == view.argmax(-1).tolist()
+
+
 def test_top_k_keeps_k_tokens() -> None:
     logits = torch.linspace(0, 1, V)
     assert support(logits, top_k=3) <= {V - 1, V - 2, V - 3}

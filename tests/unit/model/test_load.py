@@ -144,3 +144,19 @@ def test_hf_folder_loads(tiny_folder: Path) -> None:
     assert loaded.spec.max_position == 64
     logits = loaded.model(torch.tensor([loaded.tokenizer.encode("hello")]))
     assert logits.shape == (1, loaded.spec.vocab_size)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_artifact_with_quantized_embeddings_runs_in_bf16(tiny_folder: Path, tmp_path: Path, bits: int) -> None:
+    from kiln.compress.pipeline import compress
+    from kiln.compress.recipe import Quantize, Recipe
+
+    compress(str(tiny_folder), Recipe((Quantize(bits=bits, group_size=32, keep_embeddings=False),)), tmp_path / "q",
+             progress=False)
+    want = load(str(tmp_path / "q"), progress=False)
+    got = load(str(tmp_path / "q"), precision="bf16", progress=False)
+    ids = torch.tensor([[1, 5, 9, 200, 31]])
+    with torch.inference_mode():  # the quantized embedding's fp32 rows enter a bf16 graph
+        a, b = want.model(ids, logits="all")[0], got.model(ids, logits="all")[0]
+    assert b.dtype == torch.bfloat16
+    assert float((a - b.float()).abs().max()) < 0.05 * float(a.max() - a.min())
