@@ -18,9 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from common import update_section
 from kiln import settings
 from kiln.engine.generate import Generator
+from kiln.engine.onnx_runtime import runtime_model
 from kiln.engine.sampler import SamplingParams
 from kiln.model.load import load
 from peers import llamacpp
@@ -39,12 +42,28 @@ def prompts(count: int = 5) -> list[str]:
     return [json.loads(line)["turns"][0] for line in path.read_text().splitlines()[:count]]
 
 
-def kiln_tokens(folder: Path, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+def kiln_tokens(folder: Path, texts: list[str], runtime: str = "torch") -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids and kiln's greedy tokens on `runtime` (onnxruntime: the artifact's ONNX export, whose
+    int8 / symmetric int4 kernels round activations to 8 bits, as llama.cpp's do)."""
     loaded = load(str(folder), progress=False)
     ids = [loaded.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
-    gen = Generator(loaded.model, loaded.tokenizer)
+    gen = Generator(runtime_model(loaded, runtime), loaded.tokenizer)
     outs = gen.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    torch.set_num_threads(2)  # the onnxruntime runtime leaves torch one thread
     return ids, [o.token_ids for o in outs]
+
+
+def forced_agreement(folder: Path, prompt_ids: list[list[int]], theirs: list[list[int]]) -> tuple[int, int]:
+    """Positions where kiln's argmax is llama.cpp's token given llama.cpp's own sequence so far (so one
+    near-tie does not make the rest of a sequence differ): (agreeing, total)."""
+    loaded = load(str(folder), progress=False)
+    agree = total = 0
+    with torch.inference_mode():
+        for ids, tokens in zip(prompt_ids, theirs, strict=True):
+            logits = loaded.model(torch.tensor([ids + tokens[:-1]]), logits="all")[0, len(ids) - 1 :]
+            agree += sum(int(a == b) for a, b in zip(logits.argmax(-1).tolist(), tokens, strict=True))
+            total += len(tokens)
+    return agree, total
 
 
 def llama_tokens(gguf: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
@@ -71,8 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     tools = llamacpp.ensure_tools()
     text = settings.data_dir() / "wikitext-2-raw" / "wiki.test.raw"
-    lines = ["| artifact | GGUF types | same greedy tokens (5 prompts x 32) | kiln ppl | llama.cpp ppl | diff |",
-             "|---" * 6 + "|"]
+    lines = ["| artifact | GGUF types | same greedy tokens (5 prompts x 32): kiln torch / kiln onnxruntime "
+             "| kiln's argmax on llama.cpp's tokens | kiln ppl | llama.cpp ppl | diff |", "|---" * 7 + "|"]
     with tempfile.TemporaryDirectory() as scratch:
         for name, flags in RECIPES.items():
             folder = Path(scratch) / name.replace(" ", "_")
@@ -84,17 +103,21 @@ def main() -> None:
             ids, ours = kiln_tokens(folder, prompts())
             theirs = llama_tokens(gguf, ids)
             same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+            _, ort = kiln_tokens(folder, prompts(), "onnxruntime")
+            same_ort = sum(a == b for a, b in zip(ort, theirs, strict=True))
+            agree, total = forced_agreement(folder, ids, theirs)
             kiln_ppl = json.loads(subprocess.run(
                 [KILN, "eval", "-m", str(folder), "--task", "wikitext2", "--limit-tokens", str(512 * args.chunks),
                  "--json"], check=True, capture_output=True, text=True).stdout)["ppl"]
             llama_ppl = llamacpp.run_perplexity(tools, gguf, text, chunks=args.chunks).ppl
             types = ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items()))
-            lines.append(f"| {name} | {types} | {same}/5 | {kiln_ppl:.4f} | {llama_ppl:.4f} "
-                         f"| {100 * (llama_ppl / kiln_ppl - 1):+.2f}% |")
+            lines.append(f"| {name} | {types} | {same}/5 / {same_ort}/5 | {agree}/{total} | {kiln_ppl:.4f} "
+                         f"| {llama_ppl:.4f} | {100 * (llama_ppl / kiln_ppl - 1):+.2f}% |")
             print(lines[-1], file=sys.stderr)
     table = "\n".join(lines) + (
         f"\n\nllama.cpp {tools.commit} (llama-cpp-python {tools.version}); ppl on the first {args.chunks} chunks "
-        "of wiki.test.raw at ctx 512; greedy tokens compared prompt by prompt (whole 32-token sequences)."
+        "of wiki.test.raw at ctx 512; greedy tokens compared prompt by prompt (whole 32-token sequences); "
+        "the argmax column runs kiln's torch graph on each prompt followed by llama.cpp's tokens."
     )
     print(table)
     if args.update:
