@@ -84,6 +84,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kiln.model.load import load
 
     params = _params(args)  # validate before the (slow) load
+    if args.draft:
+        _check_speculative(args, params)
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     loaded = load(args.model, precision=args.dtype)
     tok = loaded.tokenizer
@@ -119,16 +121,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_speculative(args: argparse.Namespace, params: Any) -> None:
+    from kiln.errors import InvalidParameterError
+
+    if not params.is_greedy or params.stop or args.repetition_penalty != 1.0 or args.presence_penalty \
+            or args.frequency_penalty or args.kv_cache != "model":
+        raise InvalidParameterError("--draft decodes greedily without stop strings, penalties or --kv-cache int8; "
+                                    "pass --temperature 0 and drop the others")
+
+
 def _speculative_generate(args: argparse.Namespace, loaded: Any, prompt: list[int], params: Any) -> int:
     """`kiln generate --draft M`: greedy speculative decoding, the draft on the target's runtime."""
     from kiln.engine.speculative import SpeculativeDecoder
-    from kiln.errors import InvalidParameterError
     from kiln.model.load import load
 
-    if not params.is_greedy or params.stop or args.repetition_penalty != 1.0 or args.presence_penalty \
-            or args.frequency_penalty:
-        raise InvalidParameterError("--draft decodes greedily without stop strings or penalties; "
-                                    "pass --temperature 0 and drop --stop and the penalties")
     draft = load(args.draft, precision=args.dtype)
     decoder = SpeculativeDecoder(_runtime_model(loaded, args.runtime), _runtime_model(draft, args.runtime),
                                  args.speculate)
