@@ -202,13 +202,9 @@ class OnnxModel:
             self.lengths[row] = start
             groups[(start, counts[i])].append(i)
         cache.advance(rows, counts)  # type: ignore[attr-defined]  # (raises before any work if unreserved)
-        if b == 1 and self.keeps_last:  # batch-1 decode: no [1, V] copy (a fresh 196 kB buffer per step
-            # costs page faults); the engine reads these logits before its next call overwrites them
-            row, end = rows[0], start + counts[0]
-            last = self._run_in_place(tokens[:, : counts[0]].numpy(), self._buffers(row, end), end)
-            self.lengths[row] = end
-            return torch.from_numpy(last[:, -1])
-        out = torch.empty(b, self.spec.vocab_size)
+        # batch 1 returns a view, not a [1, V] copy (a fresh 196 kB buffer per step costs page faults);
+        # the engine reads these logits before its next call overwrites them
+        out = torch.empty(b, self.spec.vocab_size) if b > 1 else None
         for (start, n), members in groups.items():
             ids = np.stack([tokens[i, :n].numpy() for i in members]).astype(np.int64)
             if len(members) == 1:  # one sequence: its buffers are the past and the present
@@ -224,7 +220,10 @@ class OnnxModel:
                         array[:, :, : start + n] = present[j]
             for j, i in enumerate(members):
                 self.lengths[rows[i]] = start + n
+                if out is None:
+                    return torch.from_numpy(result[:, -1])
                 out[i] = torch.from_numpy(result[j, -1])
+        assert out is not None
         return out
 
 
