@@ -302,7 +302,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the import lazy)
-    from kiln.compress.recipe import LowRank, Prune, Quantize, Recipe, RecipeError
+    from kiln.compress.recipe import Calibration, LowRank, Prune, Quantize, Recipe, RecipeError
 
     steps: list = []
     if args.prune is not None:
@@ -313,9 +313,12 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
         bits = {"int8": 8, "int4": 4, "w8a8": 8}[args.quantize]
         method = "smoothquant" if args.quantize == "w8a8" else args.method
         steps.append(Quantize(bits=bits, method=method, group_size=args.group_size, symmetric=args.symmetric,
-                              keep_embeddings=not args.quantize_embeddings, alpha=args.alpha))
+                              keep_embeddings=not args.quantize_embeddings, alpha=args.alpha,
+                              target=args.gptq_target, refit=args.gptq_refit))
     if not steps:
         raise RecipeError("nothing to do: pass --recipe FILE, --sweep FILE, or --quantize / --prune / --lowrank-*")
+    if args.calibration_samples is not None:
+        return Recipe(tuple(steps), Calibration(samples=args.calibration_samples))
     return Recipe(tuple(steps))
 
 
@@ -525,6 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", help="int4: symmetric grid")
     p.add_argument("--quantize-embeddings", action="store_true", help="also quantize the embedding / lm_head")
     p.add_argument("--alpha", type=float, default=0.5, help="w8a8: SmoothQuant migration strength")
+    p.add_argument("--gptq-target", choices=["model", "layer"], default="model",
+                   help="gptq: match the uncompressed model's layer outputs (model) or each layer's own (layer)")
+    p.add_argument("--gptq-refit", type=int, default=2, help="gptq int4: rounds of refitting the group grids")
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help="calibration sequences of 512 tokens (default 128)")
     p.add_argument("--prune", type=float, default=None, help="sparsity to reach, e.g. 0.5")
     p.add_argument("--prune-method", choices=["magnitude", "wanda", "2:4", "heads", "channels", "layers"],
                    default="magnitude")

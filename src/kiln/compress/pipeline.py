@@ -54,8 +54,8 @@ class Context:
             self.calibration = calibration.load(self.recipe.calibration, self.loaded.tokenizer, self.data_dir)
         return self.calibration
 
-    def walker(self) -> BlockWalker:
-        return BlockWalker(self.model, self.calib().tokens)
+    def walker(self, reference: bool = False) -> BlockWalker:
+        return BlockWalker(self.model, self.calib().tokens, reference=reference)
 
     def blocks(self, desc: str) -> tqdm:
         return tqdm(range(len(self.model.layers)), desc=desc, unit="block", disable=None if self.progress else True)
@@ -106,15 +106,19 @@ def quantize(ctx: Context, step: Quantize) -> None:
             for name in LINEARS:
                 _set(block, name, _quantized(_linear(block, name), step))
     else:
-        walker = ctx.walker()
+        walker = ctx.walker(reference=step.method == "gptq" and step.target == "model")
         for i in ctx.blocks(f"quantize {step.method}"):
             block = _block(model, i)
             if step.method == "gptq":
                 for name in LINEARS:  # true-sequential: each layer sees the already-quantized ones before it
                     seen = walker.inputs_of(i, name)
                     layer = _linear(block, name)
-                    _, packed = gptq.gptq(layer.weight.detach(), seen.hessian_matrix(), step.bits, step.group_size,
-                                          step.symmetric, step.damp)
+                    weight = layer.weight.detach()
+                    if seen.drift is not None:
+                        weight = seen.drift_corrected(weight, step.damp)
+                    _, packed = gptq.gptq(weight, seen.hessian_matrix(), step.bits, step.group_size,
+                                          step.symmetric, step.damp,
+                                          refit_rounds=step.refit)
                     bias = None if layer.bias is None else layer.bias.detach().float()
                     _set(block, name, Int8Linear(*packed, bias) if isinstance(packed, tuple) else
                          Int4Linear(packed, bias))

@@ -2,7 +2,7 @@
 
     [calibration]            # optional; defaults shown
     file = "wikitext-2-raw/wiki.valid.raw"
-    samples = 64
+    samples = 128
     tokens = 512
     seed = 0
 
@@ -13,6 +13,8 @@
     group_size = 128
     symmetric = false
     keep_embeddings = true   # embeddings and lm_head stay in full precision
+    target = "model"         # gptq: aim at the uncompressed model's outputs (or "layer": each layer's own)
+    refit = 2                # gptq int4: refit the group scales and offsets to the chosen integers
 
 Validation happens before any work: an error names the field, the value and the allowed values.
 """
@@ -48,7 +50,7 @@ class Calibration:
     """Text the calibration-based steps (GPTQ, AWQ, SmoothQuant, Wanda, importance) read."""
 
     file: str = "wikitext-2-raw/wiki.valid.raw"  # under the data folder, or an absolute path
-    samples: int = 64  # sequences
+    samples: int = 128  # sequences (GPTQ's drift correction at int4 g128: 64 -> 128 took Δppl from 10.5% to 7.7%)
     tokens: int = 512  # tokens per sequence
     seed: int = 0
 
@@ -66,6 +68,8 @@ class Quantize:
     keep_embeddings: bool = True  # keep the embedding and lm_head unquantized
     alpha: float = 0.5  # smoothquant: migration strength
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added for stability
+    refit: int = 2  # gptq, int4: refit the group grids to the chosen integers this many times
+    target: str = "model"  # gptq: match the uncompressed model's outputs (model) or each layer's own (layer)
 
     def check(self, where: str) -> None:
         _choice(where, "bits", self.bits, (8, 4))
@@ -78,6 +82,8 @@ class Quantize:
             raise RecipeError(f"{where}: method = 'awq' protects salient channels at 4 bits; set bits = 4")
         _range(where, "alpha", self.alpha, 0.0, 1.0)
         _range(where, "damp", self.damp, 0.0, 1.0)
+        _range(where, "refit", self.refit, 0, 10, int)
+        _choice(where, "target", self.target, ("layer", "model"))
 
 
 @dataclass(frozen=True)

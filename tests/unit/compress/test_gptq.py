@@ -27,3 +27,30 @@ def test_gptq_beats_round_to_nearest(bits: int, group: int, sym: bool) -> None:
     else:
         q, scales = packed
         assert torch.allclose(grid.dequantize_int8(q, scales), deq, atol=1e-6)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_refit_lowers_the_output_error_of_the_same_integers(sym: bool) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(4096, 32) @ torch.randn(32, 320) * 0.3 + torch.randn(4096, 320) * 0.1
+    x[:, :4] *= 10
+    w = torch.randn(48, 320) * 0.05
+    hessian = 2 * x.T @ x / x.shape[0]
+    ref = x @ w.T
+
+    def err(q: torch.Tensor) -> float:
+        return float(((x @ q.T) - ref).pow(2).mean())
+
+    plain, packed = gptq.gptq(w, hessian, 4, 128, sym)
+    assert isinstance(packed, grid.Int4Weight)
+    scales, offsets = gptq.refit_int4(w, hessian, packed.q, packed.scales, packed.offsets, 128, sym)
+    same_integers = grid.Int4Weight(packed.q, scales, offsets, 128, 320).dequantize()
+    assert err(same_integers) < 0.95 * err(plain)
+    if sym:
+        assert torch.allclose(offsets, -8 * scales)
+
+    refitted, packed2 = gptq.gptq(w, hessian, 4, 128, sym, refit_rounds=2)
+    assert isinstance(packed2, grid.Int4Weight)
+    assert torch.allclose(packed2.dequantize(), refitted, atol=1e-5)
+    assert packed2.symmetric == sym
+    assert err(refitted) < err(plain)

@@ -1,0 +1,59 @@
+"""The block walker's reference stream and the drift correction GPTQ's `target = "model"` uses."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from kiln.compress.blocks import LINEARS, BlockWalker, InputStats
+from kiln.compress.quantize import grid
+from kiln.model.llama import LlamaModel
+
+
+def test_drift_correction_fits_the_reference_outputs() -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(4096, 16) @ torch.randn(16, 96) + 0.1 * torch.randn(4096, 96)
+    drifted = reference @ (torch.eye(96) + 0.05 * torch.randn(96, 96)) + 0.02 * torch.randn(4096, 96)
+    w = torch.randn(32, 96) * 0.1
+    stats = InputStats(96, hessian=True)
+    for rows in range(0, 4096, 1024):  # accumulated over batches, as the walker does
+        stats.update_pair(drifted[rows:rows + 1024], reference[rows:rows + 1024])
+    corrected = stats.drift_corrected(w, damp=0.01)
+    target = reference @ w.T
+
+    def err(weight: torch.Tensor) -> float:
+        return float((drifted @ weight.T - target).pow(2).mean())
+
+    assert err(corrected) < 0.2 * err(w)
+
+
+def test_no_drift_leaves_the_weight_alone() -> None:
+    x = torch.randn(512, 24)
+    stats = InputStats(24, hessian=True)
+    stats.update_pair(x, x)
+    w = torch.randn(8, 24)
+    assert torch.allclose(stats.drift_corrected(w, damp=0.01), w, atol=1e-6)
+
+
+def test_reference_stream_follows_the_uncompressed_model(tiny: LlamaModel, tokens: torch.Tensor) -> None:
+    untouched = copy.deepcopy(tiny)
+    walker = BlockWalker(tiny, tokens, batch_size=4, reference=True)
+    expected = BlockWalker(untouched, tokens, batch_size=4)
+    for i in walker:
+        block = walker.block(i)
+        first = walker.inputs_of(i, LINEARS[0])
+        assert first.drift is not None
+        if i == 0:  # nothing changed before block 0's first layer
+            assert float(first.drift.abs().max()) == 0.0
+        else:  # the blocks before were quantized: the inputs drifted from the reference
+            assert float(first.drift.abs().max()) > 0.0
+        for name in LINEARS:  # change the block the way quantization does, after its first inputs_of
+            layer = block.get_submodule(name)
+            layer.weight.data = grid.fake_quantize(layer.weight.data, 4, 32, True)
+        walker.advance(i)
+        expected.advance(i)
+        assert walker.reference is not None
+        for ref, exp in zip(walker.reference, expected.hidden, strict=True):
+            assert torch.allclose(ref, exp, atol=1e-5)
+        assert not torch.allclose(walker.hidden[0], expected.hidden[0], atol=1e-3)

@@ -1,0 +1,48 @@
+"""The calibration-based quantizers run through the pipeline on a tiny model and beat rounding."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kiln.compress import pipeline
+from kiln.compress.calibration import CalibrationSet
+from kiln.compress.quantize.qlinear import Int4Linear
+from kiln.compress.recipe import Calibration, Quantize, Recipe
+from kiln.model.llama import LlamaModel
+
+
+def _quantized(model: LlamaModel, tokens: torch.Tensor, step: Quantize) -> LlamaModel:
+    model = copy.deepcopy(model)
+    calib = CalibrationSet(tokens, Path("calibration.txt"), "0" * 64, Calibration(samples=tokens.shape[0]))
+    ctx = pipeline.Context(SimpleNamespace(model=model), Recipe((step,)), None, False, calibration=calib)  # type: ignore[arg-type]
+    pipeline.quantize(ctx, step)
+    return model
+
+
+def _logit_error(model: LlamaModel, reference: LlamaModel, tokens: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return float((model(tokens, logits="all") - reference(tokens, logits="all")).pow(2).mean())
+
+
+@pytest.fixture
+def calib_tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (16, 64), generator=torch.Generator().manual_seed(2))
+
+
+def test_gptq_targets_beat_round_to_nearest(tiny: LlamaModel, calib_tokens: torch.Tensor) -> None:
+    errors = {}
+    for name, step in {
+        "rtn": Quantize(bits=4, method="rtn", group_size=32),
+        "layer": Quantize(bits=4, method="gptq", group_size=32, target="layer", refit=0),
+        "model": Quantize(bits=4, method="gptq", group_size=32, target="model", refit=2),
+    }.items():
+        model = _quantized(tiny, calib_tokens, step)
+        assert all(isinstance(b.get_submodule("mlp.down_proj"), Int4Linear) for b in model.layers)
+        errors[name] = _logit_error(model, tiny, calib_tokens)
+    assert errors["layer"] < errors["rtn"]
+    assert errors["model"] < errors["layer"]
