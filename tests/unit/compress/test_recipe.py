@@ -48,6 +48,8 @@ symmetric = true
     ('[[step]]\nkind = "lowrank"', r"set exactly one of rank or energy"),
     ('[[step]]\nkind = "quantize"\n[[step]]\nkind = "prune"', r"quantize must be the one last step"),
     ('[[step]]\nkind = "quantize"\nbits = 4\nmethod = "smoothquant"', r"set bits = 8"),
+    ('[[step]]\nkind = "quantize"\nmethod = "gptq"\ntarget = "block"', r"target = 'block' .* 'layer', 'model'"),
+    ('[[step]]\nkind = "quantize"\nmethod = "gptq"\nrefit = 11', r"refit = 11 .* \[0, 10\]"),
     ("", r"no steps"),
     ("[[step]\n", r"not valid TOML"),
 ])
