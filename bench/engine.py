@@ -6,7 +6,8 @@ artifacts (lm_head quantized too, as llama-quantize does) are made from the same
 kiln's two runtimes: torch (kiln's graph) and onnxruntime (`kiln export --format onnx` of the artifact,
 the artifact's own integers in MatMulNBits).
 transformers fp32 `generate` is timed too. Rounds alternate between the systems (machine drift hits all);
-every cell is median [min-max]. kiln's int8 / int4 prefill is also timed with bf16 activations (the
+each timed run starts after a second of idle time (so none begins while the previous system's threads
+still spin); every cell is median [min-max]. kiln's int8 / int4 prefill is also timed with bf16 activations (the
 artifact loaded with --dtype bf16: its integer weights are unchanged, and llama.cpp rounds activations
 to 8 bits in its Q8_0 / Q4_0 kernels); where the CPU lacks native bf16 that column is slow, not wrong.
 
@@ -29,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -50,6 +53,16 @@ KILN = str(Path(sys.executable).parent / "kiln")
 # llama-quantize quantizes token_embd and output too, so kiln's artifacts quantize lm_head as well
 PAIRS = {"fp32": ("F32", None), "int8": ("Q8_0", ["--quantize", "int8", "--quantize-embeddings"]),
          "int4": ("Q4_0", ["--quantize", "int4", "--group-size", "32", "--symmetric", "--quantize-embeddings"])}
+
+
+T = TypeVar("T")
+SETTLE_S = 1.0  # idle time before each timed run, so no system starts while the last one's threads still spin
+
+
+def settled(measure: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """`measure(*args)` after a pause: each timed run starts on a quiet machine, whoever ran before it."""
+    time.sleep(SETTLE_S)
+    return measure(*args, **kwargs)
 
 
 def cell(values: list[float]) -> str:
@@ -157,23 +170,23 @@ def main() -> None:
                 transformers_decode.append(hf_decode(hf, prompt128))
             for name in PAIRS:
                 r = results[name]
-                r["kd"].append(kiln_decode(models[name], prompt128))
-                r["kp"].append(kiln_prefill(models[name], prompt512))
+                r["kd"].append(settled(kiln_decode, models[name], prompt128))
+                r["kp"].append(settled(kiln_prefill, models[name], prompt512))
                 if name in bf16:
-                    r["bp"].append(kiln_prefill(bf16[name], prompt512))
+                    r["bp"].append(settled(kiln_prefill, bf16[name], prompt512))
                 torch.set_num_threads(1)  # as `--runtime onnxruntime` does: ORT's pool gets the cores
-                r["od"].append(kiln_decode(models[name], prompt128, model=ort_models[name]))
-                r["op"].append(kiln_prefill(models[name], prompt512, model=ort_models[name]))
+                r["od"].append(settled(kiln_decode, models[name], prompt128, model=ort_models[name]))
+                r["op"].append(settled(kiln_prefill, models[name], prompt512, model=ort_models[name]))
                 torch.set_num_threads(2)
-                rows = llamacpp.run_bench(tools, ggufs[name], prompt_tokens=512, gen_tokens=0, repetitions=1)
+                rows = settled(llamacpp.run_bench, tools, ggufs[name], prompt_tokens=512, gen_tokens=0, repetitions=1)
                 r["lp"].append(float(rows[0]["avg_ts"]))
-                r["ld"].append(_llama_decode(tools, ggufs[name]))
-                r["gd"].append(genai[name].decode(prompt128))
-                r["gp"].append(genai[name].prefill(prompt512))
+                r["ld"].append(settled(_llama_decode, tools, ggufs[name]))
+                r["gd"].append(settled(genai[name].decode, prompt128))
+                r["gp"].append(settled(genai[name].prefill, prompt512))
             torch.set_num_threads(1)
-            g128_runs["kiln"].append(kiln_decode(g128, prompt128, model=ort_g128))
+            g128_runs["kiln"].append(settled(kiln_decode, g128, prompt128, model=ort_g128))
             torch.set_num_threads(2)
-            g128_runs["genai"].append(genai_g128.decode(prompt128))
+            g128_runs["genai"].append(settled(genai_g128.decode, prompt128))
             last = {n: {k: round(v[-1], 1) for k, v in r.items() if v} for n, r in results.items()}
             print(f"run {run + 1}: {last}", file=sys.stderr)
         batch1 = results["fp32"]["kd"]
