@@ -11,7 +11,6 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -83,11 +82,10 @@ class InputStats:
         dead = torch.diag(xtx) == 0
         xtx[dead, dead] = 1
         xtx += damp * torch.diag(xtx).mean() * torch.eye(self.in_features, dtype=xtx.dtype)
-        correction = torch.linalg.solve(xtx, self.drift.T).T  # Δᵀ X (Xᵀ X + λ I)^-1, [in, in]
-        corrected = weight.double() + weight.double() @ correction
+        target = weight.double() @ self.drift  # W Δᵀ X [out, in]
         if self.residual is not None:  # this layer also makes up for the residual stream's drift
-            corrected += torch.linalg.solve(xtx, self.residual.T).T
-        return corrected.float()
+            target = target + self.residual
+        return (weight.double() + torch.linalg.solve(xtx, target.T).T).float()  # (XᵀX + λI) is symmetric
 
     @property
     def mean_abs(self) -> Tensor:
@@ -155,29 +153,28 @@ class BlockWalker:
         stats = InputStats(_in_features(block.get_submodule(name)), hessian)
         if self.reference is None:
             for h in self.hidden:
-                stats.update(self._input_to(block, h, name))
+                stats.update(self._input_to(block, h, name)[0])
             return stats
         original = self._originals.setdefault(index, copy.deepcopy(block))
         for h, ref in zip(self.hidden, self.reference, strict=True):
-            x, stream = self._input_to(block, h, name, with_stream=True)
-            x_ref, stream_ref = self._input_to(original, ref, name, with_stream=True)
+            x, stream = self._input_to(block, h, name)
+            x_ref, stream_ref = self._input_to(original, ref, name)
             drift = stream_ref - stream if name in ("attn.o_proj", "mlp.down_proj") else None
             stats.update_pair(x, x_ref, drift)
         return stats
 
-    def _input_to(self, block: Block, h: Tensor, name: str, with_stream: bool = False) -> Any:
-        """The input of layer `name` for block input h (and, `with_stream`, the residual stream it adds to)."""
+    def _input_to(self, block: Block, h: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        """The input of layer `name` for block input h, and the residual stream at that point."""
         meta = self.meta[h.shape[0]]
         x = block.input_norm(h)
         if name == "attn.qkv_proj":
-            return (x, h) if with_stream else x
+            return x, h
         mixed = block.attn.mix(x, self.cos, self.sin, meta, None)
         if name == "attn.o_proj":
-            return (mixed, h) if with_stream else mixed
+            return mixed, h
         mid = h + block.attn.o_proj(mixed)
         x = block.post_attn_norm(mid)
-        x = block.mlp.act(x) if name == "mlp.down_proj" else x
-        return (x, mid) if with_stream else x
+        return (block.mlp.act(x) if name == "mlp.down_proj" else x), mid
 
     def advance(self, index: int) -> None:
         """Replace the held hidden states by block `index`'s outputs (call after changing the block)."""
