@@ -179,20 +179,23 @@ class OnnxModel:
         logits, _ = self._run(np.asarray([list(ids)], dtype=np.int64), self._empty(1))
         return torch.from_numpy(logits[0])
 
-    def __call__(self, tokens: Tensor, cache: object | None = None, num_tokens: Sequence[int] | None = None,
-                 rows: Sequence[int] | None = None, logits: str = "last") -> Tensor:
-        b, t = tokens.shape
-        counts = list(num_tokens) if num_tokens is not None else [t] * b
-        if cache is None:
-            every = [self.logits_all(tokens[i, : counts[i]].tolist()) for i in range(b)]
-            if logits == "all":
-                return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[0])) for x in every])
-            return torch.stack([x[-1] for x in every])
-        assert rows is not None and logits == "last"
+    def __call__(self, tokens: Tensor, logits: str = "last") -> Tensor:
+        """Logits of whole sequences with no cache kept ([B, V], or [B, T, V] with logits="all");
+        token counts are the rows' full widths."""
+        every = [self.logits_all(row.tolist()) for row in tokens]
+        if logits == "all":
+            return torch.stack(every)
+        return torch.stack([x[-1] for x in every])
+
+    def step(self, tokens: np.ndarray, cache: object, num_tokens: Sequence[int], rows: Sequence[int]) -> np.ndarray:
+        """The engine's call: row i appends tokens[i, :num_tokens[i]] to sequence rows[i]; logits after
+        each row's last token [B, V]. numpy in and out, so a decode step touches no torch (the engine's
+        _forward says why). At batch 1 the result is a view that the next call overwrites."""
         seqs = getattr(cache, "seqs")  # noqa: B009 - the paged cache's block tables (the length of each)
-        for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
-            self.states.pop(gone, None)
-            self.lengths.pop(gone)
+        if len(self.lengths) > len(rows) or any(s not in seqs for s in self.lengths):
+            for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
+                self.states.pop(gone, None)
+                self.lengths.pop(gone)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             start = seqs[row].length
@@ -200,20 +203,20 @@ class OnnxModel:
                 raise InvalidParameterError("the ONNX runtime lost a sequence's keys and values; prefix "
                                                 "caching must be off for this runtime")
             self.lengths[row] = start
-            groups[(start, counts[i])].append(i)
-        cache.advance(rows, counts)  # type: ignore[attr-defined]  # (raises before any work if unreserved)
+            groups[(start, num_tokens[i])].append(i)
+        cache.advance(rows, num_tokens)  # type: ignore[attr-defined]  # (raises before any work if unreserved)
         # batch 1 returns a view, not a [1, V] copy (a fresh 196 kB buffer per step costs page faults);
         # the engine reads these logits before its next call overwrites them
-        out = torch.empty(b, self.spec.vocab_size) if b > 1 else None
+        out = np.empty((len(rows), self.spec.vocab_size), dtype=np.float32) if len(rows) > 1 else None
         for (start, n), members in groups.items():
-            ids = np.stack([tokens[i, :n].numpy() for i in members]).astype(np.int64)
             if len(members) == 1:  # one sequence: its buffers are the past and the present
-                row = rows[members[0]]
-                result = self._run_in_place(ids, self._buffers(row, start + n), start + n)
+                first = members[0]
+                result = self._run_in_place(tokens[first : first + 1, :n], self._buffers(rows[first], start + n),
+                                            start + n)
             else:  # several at the same position: one batched run on copies, written back after
                 past = [np.concatenate([self._buffers(rows[i], start).arrays[k][:, :, :start] for i in members])
                         for k in range(len(self.past_names))]
-                result, presents = self._run(ids, past, last=True)
+                result, presents = self._run(tokens[members, :n], past, last=True)
                 for j, i in enumerate(members):
                     kv = self._buffers(rows[i], start + n)
                     for array, present in zip(kv.arrays, presents, strict=True):
@@ -221,8 +224,8 @@ class OnnxModel:
             for j, i in enumerate(members):
                 self.lengths[rows[i]] = start + n
                 if out is None:
-                    return torch.from_numpy(result[:, -1])
-                out[i] = torch.from_numpy(result[j, -1])
+                    return result[:, -1]
+                out[i] = result[j, -1]
         assert out is not None
         return out
 

@@ -63,6 +63,27 @@ def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, 
     assert greedy(OnnxModel(folder, tiny.spec, 1), tiny, prompts) == greedy(tiny.model, tiny, prompts)
 
 
+def test_sampling_penalties_and_logprobs_run_on_the_onnx_runtime_as_on_torch(tiny: LoadedModel, tmp_path: Path) -> None:
+    """The onnxruntime runtime's logits are numpy arrays; seeded sampling, penalties and logprobs take the same
+    paths from them as from the torch model's."""
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    params = [SamplingParams(temperature=0.9, seed=3, max_tokens=10, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.0, repetition_penalty=1.5, max_tokens=10, ignore_eos=True, logprobs=0),
+              SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)]
+    prompts = [[1, 5, 9, 200], [1, 6, 10, 201], [1, 7, 11]]
+
+    def run(model: object) -> list[tuple[list[int], list[float]]]:
+        engine = Engine(model, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20))  # type: ignore[arg-type]
+        requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        engine.run()
+        return [(r.output, [lp.logprob for lp in r.logprobs]) for r in requests]
+
+    got, want = run(OnnxModel(folder, tiny.spec, 1)), run(tiny.model)
+    for (got_tokens, got_logprobs), (want_tokens, want_logprobs) in zip(got, want, strict=True):
+        assert got_tokens == want_tokens
+        assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int4_artifact_integers_are_carried_exactly(onnx_tiny_folder: Path, tmp_path: Path, symmetric: bool) -> None:
     artifact = tmp_path / "int4"

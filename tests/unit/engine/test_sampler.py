@@ -118,3 +118,20 @@ def test_greedy_repeats_are_broken_by_penalty() -> None:
     st = state(temperature=0.0, repetition_penalty=1.5)
     assert sample(logits.clone(), [st]) == [1]
     assert sample(logits.clone(), [st]) == [2]
+
+
+def test_numpy_logits_sample_as_torch_logits_do() -> None:
+    """The onnxruntime runtime hands the sampler numpy rows: greedy, seeded, penalised and mixed batches
+    must pick what the same rows as torch tensors pick."""
+    logits = torch.randn(3, V)
+    logits[0, 1], logits[0, 2] = 5.0, 4.9  # row 0: a repetition penalty on token 1 moves greedy to 2
+    settings = [dict(temperature=0.0), dict(temperature=0.0, repetition_penalty=3.0), dict(temperature=1.0, seed=5)]
+    for kw in settings:
+        for rows in ([0], [0, 1, 2]):
+            with_torch = [state(prompt=[1], **kw) for _ in rows]
+            with_numpy = [state(prompt=[1], **kw) for _ in rows]
+            for _ in range(5):  # later steps see the counts and penalties the earlier ones left
+                assert sample(logits[rows].clone().numpy(), with_numpy) == sample(logits[rows].clone(), with_torch)
+    penalised = state(prompt=[1], temperature=0.0, repetition_penalty=3.0)
+    assert sample(logits[[0]].numpy(), [penalised]) == [2]
+    assert sample(logits[[0]].numpy(), [state(prompt=[1], temperature=0.0)]) == [1]
