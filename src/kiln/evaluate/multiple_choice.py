@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kiln.evaluate.loglikelihood import ScoreRequest, score
+from kiln.evaluate.loglikelihood import MAX_ROWS, ScoreRequest, score
 from kiln.evaluate.tasks.multiple_choice import MCItem
 from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
@@ -49,7 +49,7 @@ def evaluate_items(
     model: LlamaModel,
     tokenizer: Tokenizer,
     items: Sequence[MCItem],
-    max_rows: int = 32,
+    max_rows: int = MAX_ROWS,
     on_done: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One record per item: the choices' log-likelihoods, predictions and correctness."""

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from kiln.engine.generate import Generator
 from kiln.errors import InvalidParameterError, KilnError
-from kiln.evaluate import generation, multiple_choice, perplexity
+from kiln.evaluate import generation, loglikelihood, multiple_choice, perplexity
 from kiln.evaluate.checkpoint import Checkpoint
 from kiln.evaluate.data import data_file
 from kiln.evaluate.tasks import TaskKind, TaskRef, resolve
@@ -160,7 +160,7 @@ def _run_perplexity(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, bas
 def _run_multiple_choice(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
                          checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
     items = list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit))
-    rows = options.batch_size or 32
+    rows = options.batch_size or loglikelihood.MAX_ROWS
 
     def work(batch: list[mc_tasks.MCItem]) -> list[dict[str, Any]]:
         return multiple_choice.evaluate_items(loaded.model, loaded.tokenizer, batch, max_rows=rows)

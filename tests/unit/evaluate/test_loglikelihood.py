@@ -76,3 +76,18 @@ def test_rows_of_similar_length_are_batched_together() -> None:
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert length_batches(lengths, min_tokens=10_000) == [[1, 5, 2, 6, 3, 4, 0]]  # too few tokens to split
     assert length_batches([], min_tokens=1) == []
+
+
+def test_a_small_cache_budget_scores_in_smaller_groups_with_the_same_results(model, monkeypatch) -> None:
+    g = torch.Generator().manual_seed(2)
+    requests = [ScoreRequest(torch.randint(0, 64, (12,), generator=g).tolist(),
+                             [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 5, 2)]) for _ in range(6)]
+    sizes: list[int] = []
+    real = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda rows, length: sizes.append(rows) or real(rows, length))
+    roomy = score(model, requests, max_rows=32)
+    row_bytes = 17 * model.spec.kv_bytes_per_token(4)  # the longest request: 12 + 5 tokens, fp32
+    tight = score(model, requests, max_rows=32, kv_budget_bytes=4 * row_bytes)
+    assert sizes == [18, 3]  # every continuation in one group; then one request (3 rows) per group
+    for a, b in zip(roomy, tight, strict=True):
+        assert [s.logprob for s in a] == pytest.approx([s.logprob for s in b], abs=1e-5)
