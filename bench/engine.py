@@ -234,11 +234,14 @@ def main() -> None:
         f"({100 * statistics.median(warm) / statistics.median(cold):.0f}% of cold).",
     ]
     g128_kiln = statistics.median(g128_runs["kiln"])
+    g128_bytes = onnx_bytes_per_token(ort_g128.folder)
     lines.append(
         f"- int4 with groups of 128 (kiln's default group size; symmetric, lm_head int4), batch-1 decode: kiln "
         f"onnxruntime {cell(g128_runs['kiln'])} tok/s, ORT GenAI built with block_size=128 "
         f"{cell(g128_runs['genai'])} ({g128_kiln / statistics.median(g128_runs['genai']):.2f}x); against ORT "
-        f"GenAI's default int4 (blocks of 32) above: {g128_kiln / statistics.median(results['int4']['gd']):.2f}x.")
+        f"GenAI's default int4 (blocks of 32) above: {g128_kiln / statistics.median(results['int4']['gd']):.2f}x; "
+        f"kiln reads {g128_bytes / 1e6:.0f} MB per token, {g128_kiln * g128_bytes / 1e9:.1f} GB/s = "
+        f"{100 * g128_kiln * g128_bytes / (bw * 1e9):.0f}% of the roofline.")
     draft_model = (OnnxModel(onnx_folder(load(args.draft, progress=False)), base.spec, 2) if args.draft
                    else ort_models["int4"])
     lines.append(_speculative_line(base, ort_models["fp32"], draft_model, args.draft or "the int4 artifact",
