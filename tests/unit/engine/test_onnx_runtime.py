@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,17 @@ def test_int8_artifact_stays_within_tolerance(onnx_tiny_folder: Path, tmp_path: 
     folder = onnx_export.export(loaded, tmp_path / "onnx")
     # int8 MatMulNBits also rounds the activations to int8 (accuracy level 4), as llama.cpp's Q8_0 does
     assert 0 < onnx_export.max_logit_error(loaded, folder) < onnx_export.TOLERANCE["int8"]
+    # one scale per row fits any block: the export takes the largest that divides the matmuls' inputs
+    assert json.loads((folder / "kiln-export.json").read_text())["block_size"] == 64
+
+
+def test_int8_block_is_the_largest_that_divides_every_input_size(tiny: LoadedModel) -> None:
+    def block(hidden: int, intermediate: int) -> int:
+        spec = dataclasses.replace(tiny.spec, hidden_size=hidden, intermediate_size=intermediate,
+                                   num_heads=hidden // 16, num_kv_heads=1, head_dim=16)
+        return onnx_export.int8_block(spec)
+
+    assert block(576, 1536) == 64 and block(4096, 11008) == 64 and block(96, 160) == 32 and block(48, 80) == 16
 
 
 def test_logits_all_matches_the_graph(tiny: LoadedModel, tmp_path: Path) -> None:
