@@ -192,10 +192,9 @@ class OnnxModel:
         each row's last token [B, V]. numpy in and out, so a decode step touches no torch (the engine's
         _forward says why). At batch 1 the result is a view that the next call overwrites."""
         seqs = getattr(cache, "seqs")  # noqa: B009 - the paged cache's block tables (the length of each)
-        if len(self.lengths) > len(rows) or any(s not in seqs for s in self.lengths):
-            for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
-                self.states.pop(gone, None)
-                self.lengths.pop(gone)
+        for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
+            self.states.pop(gone, None)
+            self.lengths.pop(gone)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             start = seqs[row].length

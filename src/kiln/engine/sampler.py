@@ -126,7 +126,7 @@ def sample(logits: Logits, states: Sequence[SamplerState]) -> list[int]:
     numpy logits (the onnxruntime runtime's) stay numpy when every row is greedy without penalties."""
     if isinstance(logits, np.ndarray):
         if all(st.argmax_only for st in states):  # nothing to observe either
-            return [int(t) for t in logits.argmax(axis=-1).tolist()]
+            return list(logits.argmax(axis=-1).tolist())
         logits = torch.from_numpy(logits)
     if any(st.seen is not None or st.counts is not None for st in states):  # penalties write in place
         logits = apply_penalties(logits.float().clone(), states)

@@ -69,7 +69,7 @@ def score(
     order = sorted(range(len(requests)), key=lambda i: (max(map(len, requests[i].continuations)),
                                                          len(requests[i].context)))
     longest = max((len(r.context) + max(map(len, r.continuations)) for r in requests), default=0)
-    row_bytes = max(1, longest * model.spec.kv_bytes_per_token(torch.empty(0, dtype=model.dtype).element_size()))
+    row_bytes = max(1, longest * model.spec.kv_bytes_per_token(model.dtype.itemsize))
     max_rows = max(1, min(max_rows, kv_budget_bytes // row_bytes))
     groups = _pack([requests[i] for i in order], max_rows)
     rows = max(sum(len(requests[order[j]].continuations) for j in g) for g in groups) if groups else 0
