@@ -29,7 +29,8 @@ from kiln.model.load import load
 from peers import llamacpp
 
 KILN = str(Path(sys.executable).parent / "kiln")
-RECIPES = {
+RECIPES: dict[str, list[str] | None] = {
+    "fp32 (uncompressed)": None,  # the default model as F32: no rounding on either side, so tokens must agree
     "int8": ["--quantize", "int8"],
     "int4-g32 asym": ["--quantize", "int4", "--group-size", "32"],
     "int4-g128 sym gptq": ["--quantize", "int4", "--group-size", "128", "--symmetric", "--method", "gptq"],
@@ -42,10 +43,10 @@ def prompts(count: int = 5) -> list[str]:
     return [json.loads(line)["turns"][0] for line in path.read_text().splitlines()[:count]]
 
 
-def kiln_tokens(folder: Path, texts: list[str], runtime: str = "torch") -> tuple[list[list[int]], list[list[int]]]:
+def kiln_tokens(folder: str, texts: list[str], runtime: str = "torch") -> tuple[list[list[int]], list[list[int]]]:
     """Prompt ids and kiln's greedy tokens on `runtime` (onnxruntime: the artifact's ONNX export, whose
     int8 / symmetric int4 kernels round activations to 8 bits, as llama.cpp's do)."""
-    loaded = load(str(folder), progress=False)
+    loaded = load(folder, progress=False)
     ids = [loaded.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
     gen = Generator(runtime_model(loaded, runtime), loaded.tokenizer)
     outs = gen.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
@@ -53,10 +54,10 @@ def kiln_tokens(folder: Path, texts: list[str], runtime: str = "torch") -> tuple
     return ids, [o.token_ids for o in outs]
 
 
-def forced_agreement(folder: Path, prompt_ids: list[list[int]], theirs: list[list[int]]) -> tuple[int, int]:
+def forced_agreement(folder: str, prompt_ids: list[list[int]], theirs: list[list[int]]) -> tuple[int, int]:
     """Positions where kiln's argmax is llama.cpp's token given llama.cpp's own sequence so far (so one
     near-tie does not make the rest of a sequence differ): (agreeing, total)."""
-    loaded = load(str(folder), progress=False)
+    loaded = load(folder, progress=False)
     agree = total = 0
     with torch.inference_mode():
         for ids, tokens in zip(prompt_ids, theirs, strict=True):
@@ -86,18 +87,24 @@ def llama_tokens(gguf: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--rows", default=",".join(RECIPES), help="comma-separated rows of the table to run")
     parser.add_argument("--update", action="store_true")
     args = parser.parse_args()
+    rows = args.rows.split(",")
+    if unknown := [r for r in rows if r not in RECIPES]:
+        parser.error(f"unknown rows {unknown}; choose from {list(RECIPES)}")
     tools = llamacpp.ensure_tools()
     text = settings.data_dir() / "wikitext-2-raw" / "wiki.test.raw"
     lines = ["| artifact | GGUF types | same greedy tokens (5 prompts x 32): kiln torch / kiln onnxruntime "
              "| kiln's argmax on llama.cpp's tokens | kiln ppl | llama.cpp ppl | diff |", "|---" * 7 + "|"]
     with tempfile.TemporaryDirectory() as scratch:
-        for name, flags in RECIPES.items():
-            folder = Path(scratch) / name.replace(" ", "_")
-            gguf = folder.with_suffix(".gguf")
-            subprocess.run([KILN, "compress", *flags, "-o", str(folder)], check=True, capture_output=True)
-            subprocess.run([KILN, "export", "-m", str(folder), "-o", str(gguf)], check=True, capture_output=True)
+        for name in rows:
+            flags = RECIPES[name]
+            gguf = Path(scratch) / (name.split()[0] + ".gguf")
+            folder = "default" if flags is None else str(gguf.with_suffix(""))
+            if flags is not None:
+                subprocess.run([KILN, "compress", *flags, "-o", folder], check=True, capture_output=True)
+            subprocess.run([KILN, "export", "-m", folder, "-o", str(gguf)], check=True, capture_output=True)
             info = json.loads(subprocess.run([KILN, "info", "-m", str(gguf), "--json"], check=True,
                                              capture_output=True, text=True).stdout)
             ids, ours = kiln_tokens(folder, prompts())
@@ -107,7 +114,7 @@ def main() -> None:
             same_ort = sum(a == b for a, b in zip(ort, theirs, strict=True))
             agree, total = forced_agreement(folder, ids, theirs)
             kiln_ppl = json.loads(subprocess.run(
-                [KILN, "eval", "-m", str(folder), "--task", "wikitext2", "--limit-tokens", str(512 * args.chunks),
+                [KILN, "eval", "-m", folder, "--task", "wikitext2", "--limit-tokens", str(512 * args.chunks),
                  "--json"], check=True, capture_output=True, text=True).stdout)["ppl"]
             llama_ppl = llamacpp.run_perplexity(tools, gguf, text, chunks=args.chunks).ppl
             types = ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items()))

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from kiln import settings
 from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, RUNTIME_FILE
+from kiln.engine.hugepages import with_huge_pages
 from kiln.errors import InvalidParameterError
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
@@ -79,7 +80,8 @@ class OnnxModel:
             _shared_pool(ort, threads or torch.get_num_threads())
             options.use_per_session_threads = False
         graph = folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.session, _ = with_huge_pages(
+            lambda: ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"]))
         self.spec = spec
         self.folder = folder
         names = [i.name for i in self.session.get_inputs()]

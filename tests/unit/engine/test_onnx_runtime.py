@@ -209,3 +209,19 @@ def test_bf16_model_is_refused_by_the_onnx_runtime(onnx_tiny_folder: Path) -> No
 
     with pytest.raises(InvalidParameterError, match="drop --dtype bf16"):
         runtime_model(load(str(onnx_tiny_folder), "bf16", progress=False), "onnxruntime")
+
+
+def test_a_tied_int4_head_is_shared_with_the_embedding_lookup(onnx_tiny_folder: Path, tmp_path: Path) -> None:
+    artifact = tmp_path / "int4-head"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=4, group_size=32, symmetric=True, keep_embeddings=False),)),
+             artifact, progress=False)
+    loaded = load(str(artifact), progress=False)
+    folder = onnx_export.export(loaded, tmp_path / "onnx")
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    lookup = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookup) == 1 and "lm_head.MatMul.weight_scales" in lookup[0].input
+    assert not [i for i in graph.initializer if "embed_tokens" in i.name]  # no fp32 copy of the table
+    # the lookup gives kiln's own rows (its tied head's int4 values): within the int4 tolerance
+    assert onnx_export.max_logit_error(loaded, folder) < onnx_export.TOLERANCE["int4"]
