@@ -165,8 +165,12 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
 
     logit - logsumexp instead of a full log_softmax: the [N, V] log-probabilities are never written,
     and "top token" compares with the row's maximum rather than running argmax (which differs only
-    on an exact tie, where argmax would name the lower token id).
+    on an exact tie, where argmax would name the lower token id). `logits` is overwritten.
     """
     logits = logits.float()
     target = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return target - torch.logsumexp(logits, dim=-1), target >= logits.amax(dim=-1)
+    top = logits.amax(dim=-1)
+    # torch.logsumexp's own steps (max, subtract, exp, sum, log, add back), in place: the logits are not
+    # needed after this, and its [N, V] temporary (hundreds of MB for a large group) costs page faults
+    lse = logits.sub_(top.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(top)
+    return target - lse, target >= top
