@@ -35,6 +35,7 @@ from kiln.model.spec import ModelSpec
 
 RUNTIMES = ("torch", "onnxruntime")
 FIRST_CAPACITY = 256  # tokens a sequence's key/value buffers hold before they are doubled
+HUGE_PAGES_FROM = 64 << 20  # bytes of exported weights from which a session's memory moves to huge pages
 
 
 @dataclass
@@ -80,8 +81,12 @@ class OnnxModel:
             _shared_pool(ort, threads or torch.get_num_threads())
             options.use_per_session_threads = False
         graph = folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE
-        self.session, _ = with_huge_pages(
-            lambda: ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"]))
+        def build() -> Any:
+            return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+        # 2 MiB pages pay off when a step streams far more weights than the TLB covers (~6 MB here)
+        weights = sum(f.stat().st_size for f in folder.glob("*.onnx*"))
+        self.session = with_huge_pages(build)[0] if weights >= HUGE_PAGES_FROM else build()
         self.spec = spec
         self.folder = folder
         names = [i.name for i in self.session.get_inputs()]
