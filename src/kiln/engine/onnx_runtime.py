@@ -81,10 +81,11 @@ class OnnxModel:
             _shared_pool(ort, threads or torch.get_num_threads())
             options.use_per_session_threads = False
         graph = folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE
+
         def build() -> Any:
             return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
-        # 2 MiB pages pay off when a step streams far more weights than the TLB covers (~6 MB here)
+        # 2 MiB pages pay off when a step streams far more weights than the TLB covers (a few MB of small pages)
         weights = sum(f.stat().st_size for f in folder.glob("*.onnx*"))
         self.session = with_huge_pages(build)[0] if weights >= HUGE_PAGES_FROM else build()
         self.spec = spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import sys
@@ -63,7 +64,7 @@ def test_memory_mapped_by_the_build_gets_huge_pages(monkeypatch: pytest.MonkeyPa
         return area
 
     area, collapsed = hugepages.with_huge_pages(build)
-    address = hugepages.ctypes.addressof(hugepages.ctypes.c_char.from_buffer(area))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(area))
     assert collapsed >= size - 2 * hugepages.HUGE  # every whole 2 MiB page inside the mapping
     assert _huge_kb(address) >= (size - 2 * hugepages.HUGE) >> 10
     assert area[:4] == b"\1\1\1\1" and area[size - 1 : size] == b"\1"  # contents kept
