@@ -74,10 +74,13 @@ def with_huge_pages(build: Callable[[], T]) -> tuple[T, int]:
     """build(), then the anonymous memory it mapped backed by huge pages; (result, bytes collapsed)."""
     if not sys.platform.startswith("linux") or os.environ.get("KILN_HUGEPAGES", "1") == "0":
         return build(), 0
-    before = _anonymous_regions()
+    try:
+        before = _anonymous_regions()
+    except OSError:  # no /proc: the session works as it is
+        return build(), 0
     result = build()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         return result, _collapse(_ranges(before, _anonymous_regions()), libc)
-    except OSError:  # no /proc or no libc: the session works as it is
+    except OSError:  # no libc to call: the session works as it is
         return result, 0

@@ -69,3 +69,14 @@ def test_memory_mapped_by_the_build_gets_huge_pages(monkeypatch: pytest.MonkeyPa
     assert _huge_kb(address) >= (size - 2 * hugepages.HUGE) >> 10
     assert area[:4] == b"\1\1\1\1" and area[size - 1 : size] == b"\1"  # contents kept
     area.close()
+
+
+def test_without_proc_the_build_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KILN_HUGEPAGES", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+
+    def no_proc() -> dict[int, tuple[int, bool]]:
+        raise FileNotFoundError("/proc/self/maps")
+
+    monkeypatch.setattr(hugepages, "_anonymous_regions", no_proc)
+    assert hugepages.with_huge_pages(lambda: "built") == ("built", 0)
