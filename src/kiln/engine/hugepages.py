@@ -51,7 +51,8 @@ def _ranges(before: dict[int, tuple[int, bool]], after: dict[int, tuple[int, boo
     out = []
     for start, (end, heap) in after.items():
         if heap or before.get(start) != (end, heap):
-            first = _collapsed_to.get(start, start if heap or start not in before else before[start][0])
+            grown_from = before[start][0] if start in before and not heap else start  # an old mapping: its new end
+            first = _collapsed_to.get(start, grown_from)
             if first < end:
                 out.append((first, end))
     return out
