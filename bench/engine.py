@@ -10,6 +10,7 @@ each timed run starts after a second of idle time (so none begins while the prev
 still spin); every cell is median [min-max]. kiln's int8 / int4 prefill is also timed with bf16 activations (the
 artifact loaded with --dtype bf16: its integer weights are unchanged, and llama.cpp rounds activations
 to 8 bits in its Q8_0 / Q4_0 kernels); where the CPU lacks native bf16 that column is slow, not wrong.
+ORT GenAI runs in a process of its own and llama.cpp in its tools' processes, as their users run them.
 
 Measured: batch-1 decode (128 new tokens after a 128-token prompt; llama-bench -d 128 -n 128), prefill
 of a 512-token prompt, kiln's aggregate decode at 16 concurrent sequences, the memory roofline (read
@@ -47,7 +48,7 @@ from kiln.engine.sampler import SamplingParams
 from kiln.engine.speculative import SpeculativeDecoder
 from kiln.model.load import LoadedModel, load
 from peers import llamacpp
-from peers.ortgenai import OrtGenAI, build
+from peers.ortgenai import GenAIProcess, build
 
 KILN = str(Path(sys.executable).parent / "kiln")
 # llama-quantize quantizes token_embd and output too, so kiln's artifacts quantize lm_head as well
@@ -153,9 +154,11 @@ def main() -> None:
 
         hf_folder = base.folder
         ort_models = {n: OnnxModel(onnx_folder(models[n]), base.spec, 2) for n in PAIRS}
-        genai = {n: OrtGenAI(build(hf_folder, work / f"genai-{n}", n)) for n in PAIRS}
+        genai_process = GenAIProcess()  # GenAI in a process of its own (peers/ortgenai.py says why)
+        genai = {n: genai_process.model(n, build(hf_folder, work / f"genai-{n}", n)) for n in PAIRS}
         ort_g128 = OnnxModel(onnx_folder(g128), base.spec, 2)
-        genai_g128 = OrtGenAI(build(hf_folder, work / "genai-int4-g128", "int4", ("block_size=128",)))
+        genai_g128 = genai_process.model("int4-g128", build(hf_folder, work / "genai-int4-g128", "int4",
+                                                             ("block_size=128",)))
         g128_runs: dict[str, list[float]] = {"kiln": [], "genai": []}
         from transformers import LlamaForCausalLM
 
@@ -189,6 +192,7 @@ def main() -> None:
             g128_runs["genai"].append(settled(genai_g128.decode, prompt128))
             last = {n: {k: round(v[-1], 1) for k, v in r.items() if v} for n, r in results.items()}
             print(f"run {run + 1}: {last}", file=sys.stderr)
+        genai_process.close()
         batch1 = results["fp32"]["kd"]
         total16 = [kiln_concurrent(base, concurrent) for _ in range(max(1, args.runs // 2))]
         cold, warm = zip(*[prefix_ttft(base, ids[5000:5400], [ids[6000:6020], ids[7000:7020]])
