@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__
+from kiln.engine import RUNTIME_HELP, RUNTIMES
 from kiln.errors import KilnError
 
 DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
@@ -459,8 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
-    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: run an ONNX export of the model (built once and cached)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.add_argument("--draft", default=None,
@@ -492,8 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated, e.g. 1,4,16")
-    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: run an ONNX export of the model (built once and cached)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.add_argument("--runs", type=int, default=5, help="repetitions per batch size (median and range are shown)")
@@ -579,8 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the continuous-batching engine")
     p.add_argument("-m", "--model", action="append", default=[], help="model to serve (repeatable); default: default")
     p.add_argument("--registry", action="store_true", help="serve the registry's live versions, following changes")
-    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: run an ONNX export of the model (built once and cached)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.add_argument("--host", default="127.0.0.1")

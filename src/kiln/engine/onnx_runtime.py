@@ -28,12 +28,12 @@ from torch import Tensor
 
 from kiln import settings
 from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, RUNTIME_FILE
+from kiln.engine import RUNTIMES
 from kiln.engine.hugepages import with_huge_pages
 from kiln.errors import InvalidParameterError
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
 
-RUNTIMES = ("torch", "onnxruntime")
 FIRST_CAPACITY = 256  # tokens a sequence's key/value buffers hold before they are doubled
 HUGE_PAGES_FROM = 64 << 20  # bytes of exported weights from which a session's memory moves to huge pages
 
@@ -254,6 +254,11 @@ def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") ->
     if runtime not in RUNTIMES:
         raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if runtime == "torch":
+        return loaded.model
+    if runtime == "torch-compiled":
+        from kiln.engine.compiled import compile_decode
+
+        compile_decode(loaded.model)
         return loaded.model
     if loaded.model.dtype != torch.float32:
         raise InvalidParameterError(
