@@ -16,6 +16,7 @@ of new tokens run as one batch.
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -258,7 +259,10 @@ def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") ->
     if runtime == "torch-compiled":
         from kiln.engine.compiled import compile_decode
 
-        compile_decode(loaded.model)
+        if not compile_decode(loaded.model) or loaded.model.dtype != torch.float32:
+            # nothing wrong, but nothing compiled either: say so rather than let the flag look like it worked
+            print("kiln: --runtime torch-compiled compiles int8 / int4 layers at fp32 only; this model has "
+                  "none to compile, so it runs as --runtime torch", file=sys.stderr)
         return loaded.model
     if loaded.model.dtype != torch.float32:
         raise InvalidParameterError(

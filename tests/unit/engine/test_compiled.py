@@ -106,3 +106,9 @@ def test_a_failed_compile_falls_back_to_the_eager_layers_with_one_line(capsys: p
     assert err.count("kiln: compiling the decode kernels failed") == 1 and "C++ compiler failed" in err
     assert "long log" not in err
     compiled._failed.clear()
+
+
+def test_a_model_with_nothing_to_compile_says_so(tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loaded = load(str(tiny_folder), progress=False)  # fp32, no int8 / int4 layers
+    assert runtime_model(loaded, "torch-compiled") is loaded.model
+    assert "runs as --runtime torch" in capsys.readouterr().err
