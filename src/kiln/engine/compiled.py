@@ -98,7 +98,7 @@ def compile_decode(model: nn.Module) -> int:
     """Give every int8 / int4 layer of `model` a compiled decode kernel; returns how many layers."""
     use_disk_cache()
     _failed.clear()
-    # dynamic shapes: one compiled kernel per format serves every layer shape and row count
+    # dynamic shapes: the layers' shapes and row counts share a few compiled kernels, not one each
     kernels: dict[type, Callable[..., Any]] = {Int8Linear: torch.compile(int8_rows, dynamic=True),
                                                Int4Linear: torch.compile(int4_rows, dynamic=True)}
     count = 0
