@@ -21,8 +21,10 @@ HELP = "Type a message. /reset forgets the conversation, /exit leaves."
 class ChatSession:
     """A conversation with one model: history in, streamed replies out."""
 
-    def __init__(self, loaded: LoadedModel, params: SamplingParams, system: str | None = None) -> None:
-        self.generator = Generator(loaded.model, loaded.tokenizer)
+    def __init__(self, loaded: LoadedModel, params: SamplingParams, system: str | None = None,
+                 model: object | None = None) -> None:
+        # model: what the engine calls (an ONNX Runtime session for --runtime onnxruntime); kiln's graph by default
+        self.generator = Generator(model or loaded.model, loaded.tokenizer)  # type: ignore[arg-type]
         self.tokenizer = loaded.tokenizer
         self.params = params
         self.system: list[Message] = [{"role": "system", "content": system}] if system else []

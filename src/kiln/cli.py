@@ -74,10 +74,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime_model(loaded: object, runtime: str) -> Any:
-    from kiln.engine.onnx_runtime import runtime_model
+def _runtime_model(loaded: object, runtime: str, kv_cache: str = "model") -> Any:
+    from kiln.engine.onnx_runtime import pick_runtime
 
-    return runtime_model(loaded, runtime)  # type: ignore[arg-type]
+    return pick_runtime(loaded, runtime, kv_cache)[0]  # type: ignore[arg-type]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -105,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.draft:
         return _speculative_generate(args, loaded, prompt, params)
-    generator = Generator(_runtime_model(loaded, args.runtime), tok, kv_cache=args.kv_cache)
+    generator = Generator(_runtime_model(loaded, args.runtime, args.kv_cache), tok, kv_cache=args.kv_cache)
     out = generator.generate([prompt], params, on_text=None if args.json else stream)[0]
     if args.json:
         print(json.dumps({
@@ -133,12 +133,13 @@ def _check_speculative(args: argparse.Namespace, params: Any) -> None:
 
 def _speculative_generate(args: argparse.Namespace, loaded: Any, prompt: list[int], params: Any) -> int:
     """`kiln generate --draft M`: greedy speculative decoding, the draft on the target's runtime."""
+    from kiln.engine.onnx_runtime import pick_runtime, runtime_model
     from kiln.engine.speculative import SpeculativeDecoder
     from kiln.model.load import load
 
     draft = load(args.draft, precision=args.dtype)
-    decoder = SpeculativeDecoder(_runtime_model(loaded, args.runtime), _runtime_model(draft, args.runtime),
-                                 args.speculate)
+    target, runtime = pick_runtime(loaded, args.runtime)  # the draft follows: one runtime (and thread setup) for both
+    decoder = SpeculativeDecoder(target, runtime_model(draft, runtime), args.speculate)  # type: ignore[arg-type]
     result = decoder.generate(prompt, params, loaded.tokenizer.eos_token_ids)
     tokens = [t for t in result.tokens if t not in loaded.tokenizer.eos_token_ids]
     text = loaded.tokenizer.decode(tokens)
@@ -165,7 +166,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = _params(args)
     loaded = load(args.model, precision=args.dtype)
-    return run_repl(ChatSession(loaded, params, system=args.system))
+    return run_repl(ChatSession(loaded, params, system=args.system, model=_runtime_model(loaded, args.runtime)))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -233,7 +234,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runs.add(runs.Run(
         kind="bench", model=args.model, model_sha256=loaded.sha256, model_size_bytes=loaded.source.size_bytes,
         task="bench",
-        settings={k: report[k] for k in ("precision", "prompt_tokens", "new_tokens", "runs", "kv_cache")},
+        settings={k: report[k] for k in ("precision", "runtime", "prompt_tokens", "new_tokens", "runs", "kv_cache")},
         metrics={k: report[k] for k in ("load_seconds", "bytes_on_disk", "bytes_in_memory", "results")},
         versions=report["machine"], duration_s=0.0,
     ))
@@ -384,7 +385,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         path = onnx_export.export(loaded, args.output, args.precision)
         size = sum(f.stat().st_size for f in path.iterdir())
-        print(f"kiln: wrote {path} ({size / 1e6:.1f} MB); run it with --runtime onnxruntime -m {path}")
+        # the folder is ORT GenAI's format (genai_config.json); kiln's onnxruntime runtime builds and caches its own
+        print(f"kiln: wrote {path} ({size / 1e6:.1f} MB); ONNX Runtime GenAI runs it as it is "
+              f"(onnxruntime_genai.Model('{path}')); kiln runs the same graph with -m {args.model} "
+              "--runtime onnxruntime")
         return 0
     from kiln.artifact.gguf_export import export
 
@@ -460,16 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
-    p.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.add_argument("--draft", default=None,
                    help="speculative decoding with this draft model (greedy; e.g. an int4 artifact of the model "
-                        "or a `kiln distill` student), run on the same --runtime")
+                        "or a `kiln distill` student), run on the model's runtime")
     p.add_argument("--speculate", type=int, default=4, help="--draft: tokens the draft proposes per step")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", parents=[common, sampling], help="talk to a model interactively")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", parents=[common], help="perplexity, multiple-choice accuracy, generation metrics")
@@ -492,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated, e.g. 1,4,16")
-    p.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.add_argument("--runs", type=int, default=5, help="repetitions per batch size (median and range are shown)")
@@ -578,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the continuous-batching engine")
     p.add_argument("-m", "--model", action="append", default=[], help="model to serve (repeatable); default: default")
     p.add_argument("--registry", action="store_true", help="serve the registry's live versions, following changes")
-    p.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help=KV_CACHE_HELP)
     p.add_argument("--host", default="127.0.0.1")

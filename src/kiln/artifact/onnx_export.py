@@ -6,14 +6,17 @@ SkipSimplifiedLayerNormalization, MatMulNBits for int4 / int8 weight-only matric
 model's weights as a dense Hugging Face folder (a pruned, low-rank or distilled artifact is just a smaller
 or different dense model) and asks for MatMulNBits at the artifact's bits and group size. The builder's
 own RTN would quantize a second time (on this model that alone costs a mean KL of about 0.27), so kiln
-then writes its artifact's exact integers into each MatMulNBits node: int4 codes with their scales and
-float zero points (-offset / scale, which MatMulNBits accepts, so asymmetric groups with a float offset
-such as Q4_1's carry over exactly, though ORT's CPU kernels run that form in fp32 and several times more
-slowly; symmetric groups need no zero point and take the fast int4 kernels, which round activations to
-int8), int8 rows as 8-bit blocks with the row's scale. lm_head stays fp32 unless the artifact quantized
-it (then it gets the artifact's integers too); the embedding lookup stays fp32, which costs memory but no
-bandwidth per token. The export is then checked against the source: logits on a real prompt must agree
-within the declared tolerance, else the export is refused.
+then writes its artifact's exact integers into each MatMulNBits node: int4 codes with their scales
+(symmetric groups need no zero point and take ORT's fast int4 kernels, which round activations to int8),
+int8 rows as 8-bit blocks with the row's scale. Asymmetric groups with a float offset, such as Q4_1's,
+have no fast form in MatMulNBits (float zero points run on its fp32 kernels), so they are split:
+q * s + offset = (q - 8) * s + (offset + 8 s), the first term on the fast symmetric kernel and the
+second, one number per group, as a small fp32 MatMul of the input's group sums, added after (the
+default model's int4 g32 asymmetric artifact: 8 tok/s batch-1 decode with float zero points, 55-66
+split). lm_head stays fp32 unless the artifact quantized it (then it gets the artifact's integers
+too); the embedding lookup stays fp32, which costs memory but no bandwidth per token. The export is
+then checked against the source: logits on a real prompt must agree within the declared tolerance,
+else the export is refused.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from kiln.model.spec import ModelSpec
 OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
 ONNX_FILE = "model.onnx"
 # 2: the logits_to_keep input; 3: int8 artifacts in larger blocks; 4: tied int4 heads shared with the
-# embedding lookup (runtimes cache exports by version)
-EXPORT_VERSION = 4
+# embedding lookup; 5: asymmetric int4 as symmetric kernels plus group-offset terms (runtimes cache
+# exports by version)
+EXPORT_VERSION = 5
 # max |logit difference| / logit range on a real prompt, per precision: fp32 is the same arithmetic in
 # another order; int4 / int8 add MatMulNBits' int8 activation rounding (accuracy level 4)
 TOLERANCE = {"fp32": 1e-3, "int8": 0.05, "int4": 0.08}
@@ -237,6 +241,8 @@ def transplant(folder: Path, model: LlamaModel) -> int:
     graph_model = onnx.load(str(path), load_external_data=True)
     inits = {t.name: t for t in graph_model.graph.initializer}
     done = 0
+    group_sums: dict[str, str] = {}  # a MatMulNBits input -> its group sums, shared by the nodes that read it
+    added: list[tuple[int, list[Any]]] = []  # (index of a node, the nodes to insert after it)
 
     def put(name: str, array: np.ndarray) -> None:
         inits[name].CopyFrom(numpy_helper.from_array(array, name))
@@ -254,27 +260,19 @@ def transplant(folder: Path, model: LlamaModel) -> int:
             scales = module.scales[rows]
             put(node.input[1], grid.pack_int4(codes).reshape(n, blocks, block // 2).numpy())
             put(node.input[2], scales.numpy().astype(np.float32))
-            if bool(torch.allclose(module.offsets[rows], -8 * scales)):
-                # symmetric: MatMulNBits' default zero point is 8, and its fast int4 kernels need no float one
-                del node.input[3:]
-                done += 1
-                continue
-            zero = (-module.offsets[rows] / scales).numpy().astype(np.float32)  # w = (q - zero) * scale
+            del node.input[3:]  # no zero point: MatMulNBits takes 8, (q - 8) * scale, on its fast kernels
+            extra = module.offsets[rows] + 8 * scales  # [n, blocks]: what each group adds to that; 0 if symmetric
+            if bool(extra.abs().max() > 1e-6 * scales.abs().max()):
+                added.append(_group_offsets(graph_model.graph, node, extra, block, group_sums))
+            done += 1
         elif isinstance(module, Int8Linear) and bits == 8:
             codes8 = (module.qweight[rows].to(torch.int16) + 128).to(torch.uint8)  # MatMulNBits 8-bit is unsigned
             put(node.input[1], codes8.reshape(n, blocks, block).numpy())
             put(node.input[2], module.scales[rows].unsqueeze(1).expand(n, blocks).contiguous().numpy())
             done += 1  # no zero-point input: 8-bit MatMulNBits then uses 128
-            continue
-        else:
-            continue
-        zero_name = node.input[1].replace("weight_Q", "kiln_zero_Q")
-        graph_model.graph.initializer.append(numpy_helper.from_array(zero, zero_name))
-        if len(node.input) > 3:
-            node.input[3] = zero_name
-        else:
-            node.input.append(zero_name)
-        done += 1
+    for index, nodes in sorted(added, key=lambda a: -a[0]):  # from the end, so earlier indices hold
+        for offset, extra_node in enumerate(nodes):
+            graph_model.graph.node.insert(index + 1 + offset, extra_node)
     used = {i for node in graph_model.graph.node for i in node.input}
     keep = [t for t in graph_model.graph.initializer if t.name in used]
     del graph_model.graph.initializer[:]
@@ -283,6 +281,37 @@ def transplant(folder: Path, model: LlamaModel) -> int:
     onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=ONNX_FILE + ".data")
     return done
+
+
+def _group_offsets(graph: Any, node: Any, extra: Tensor, block: int,
+                   group_sums: dict[str, str]) -> tuple[int, list[Any]]:
+    """Make `node` (a symmetric MatMulNBits now) also add x's group sums times `extra` [N, groups].
+
+    Returns (index of node, the nodes to insert after it): the caller inserts them once its walk over the
+    graph is done. The group sums are one MatMul with a 0/1 matrix [K, groups] (a last, shorter group
+    included), computed once for every node that reads the same input (q/k/v; gate and up); then one
+    MatMul and one Add per node. Few nodes matter more than their arithmetic here: each node costs ORT
+    some microseconds per call, while the sums cost K x groups and the terms groups x N multiply-adds.
+    """
+    from onnx import helper, numpy_helper
+
+    index = list(graph.node).index(node)
+    x, name = node.input[0], node.name
+    k = next(a.i for a in node.attribute if a.name == "K")
+    nodes = []
+    if x not in group_sums:
+        ones, sums = f"{name}/kiln_group_ones", f"{name}/kiln_group_sums"
+        indicator = (np.arange(k)[:, None] // block == np.arange(extra.shape[1])[None, :]).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(indicator, ones))
+        nodes.append(helper.make_node("MatMul", [x, ones], [sums], name=sums))
+        group_sums[x] = sums
+    weight, main, out = f"{name}/kiln_offsets", f"{name}/kiln_symmetric", node.output[0]
+    graph.initializer.append(numpy_helper.from_array(extra.t().contiguous().numpy().astype(np.float32), weight))
+    node.output[0] = main
+    nodes += [helper.make_node("MatMul", [group_sums[x], weight], [f"{name}/kiln_offset_terms"],
+                               name=f"{name}/kiln_offset_terms"),
+              helper.make_node("Add", [main, f"{name}/kiln_offset_terms"], [out], name=f"{name}/kiln_add_offsets")]
+    return index, nodes
 
 
 LOGITS_TO_KEEP = "logits_to_keep"
@@ -304,6 +333,8 @@ def keep_last_logits(folder: Path) -> None:
     graph_model = onnx.load(str(folder / ONNX_FILE), load_external_data=False)
     graph = graph_model.graph
     head = next(n for n in graph.node if "logits" in n.output)
+    if head.name.endswith("/kiln_add_offsets"):  # an asymmetric int4 head: its matmul is the Add's first input
+        head = next(n for n in graph.node if head.input[0] in n.output)
     hidden = head.input[0]
     kept = hidden + "/last_positions"
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
@@ -313,8 +344,10 @@ def keep_last_logits(folder: Path) -> None:
     nodes = [helper.make_node("Neg", [LOGITS_TO_KEEP], [start], name="/kiln/Neg"),
              helper.make_node("Slice", [hidden, start, "/kiln/slice_end", "/kiln/slice_axis"], [kept],
                               name="/kiln/last_positions")]
-    head.input[0] = kept
-    index = list(graph.node).index(head)
+    readers = [n for n in graph.node if hidden in n.input]  # the head, and its group sums if it has them
+    index = min(list(graph.node).index(n) for n in readers)
+    for reader in readers:
+        reader.input[list(reader.input).index(hidden)] = kept
     for offset, node in enumerate(nodes):
         graph.node.insert(index + offset, node)
     onnx.save_model(graph_model, str(folder / RUNTIME_FILE))  # its weights stay in model.onnx.data

@@ -36,7 +36,7 @@ class BenchOptions:
     runs: int = 5
     data_dir: Path | None = None
     kv_cache: str = "model"  # model | int8
-    runtime: str = "torch"  # torch | onnxruntime
+    runtime: str = "torch"  # auto | torch | torch-compiled | onnxruntime
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.new_tokens < 2 or self.runs < 1 or not self.batch_sizes:
@@ -124,9 +124,9 @@ def measure_once(outputs: Sequence[GenerationOutput], batch_size: int) -> dict[s
 
 
 def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> dict[str, Any]:
-    from kiln.engine.onnx_runtime import runtime_model
+    from kiln.engine.onnx_runtime import pick_runtime
 
-    model = runtime_model(loaded, options.runtime)
+    model, runtime = pick_runtime(loaded, options.runtime, options.kv_cache)
     # no prefix caching: every run must prefill its prompts, not find them cached by the run before
     generator = Generator(model, loaded.tokenizer, kv_cache=options.kv_cache,  # type: ignore[arg-type]
                           prefix_caching=False)
@@ -154,7 +154,7 @@ def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> di
         "model_sha256": loaded.sha256,
         "precision": str(loaded.model.dtype).removeprefix("torch."),
         "kv_cache": options.kv_cache,
-        "runtime": options.runtime,
+        "runtime": runtime,
         "load_seconds": loaded.load_seconds,
         "bytes_on_disk": loaded.source.size_bytes,
         "bytes_in_memory": model_bytes(loaded),
@@ -169,7 +169,8 @@ def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> di
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [
-        f"model {report['model']} ({report['model_sha256'][:12]}), {report['precision']}; load "
+        f"model {report['model']} ({report['model_sha256'][:12]}), {report['precision']}, runtime "
+        f"{report['runtime']}; load "
         f"{report['load_seconds']:.2f} s; {report['bytes_on_disk'] / 1e6:.1f} MB on disk, "
         f"{report['bytes_in_memory'] / 1e6:.1f} MB of weights in memory",
         f"{report['prompt_tokens']}-token prompts ({report['prompts']}), {report['new_tokens']} new tokens, "

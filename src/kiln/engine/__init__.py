@@ -1,7 +1,9 @@
 """The engine: scheduler, paged KV cache, sampler and the runtimes it drives."""
 
-# torch: kiln's graph; torch-compiled: the same with compiled int8 / int4 decode kernels (engine/compiled.py);
-# onnxruntime: an ONNX export of the model (engine/onnx_runtime.py)
-RUNTIMES = ("torch", "torch-compiled", "onnxruntime")
-RUNTIME_HELP = ("onnxruntime: run an ONNX export of the model (built once and cached); torch-compiled: kiln's "
-                "graph with compiled int8 / int4 decode kernels (compiled once, cached on disk)")
+# auto: onnxruntime for int8 / int4 weight-only artifacts, torch for the rest (engine/onnx_runtime.py,
+# pick_runtime); torch: kiln's graph; torch-compiled: the same with compiled int8 / int4 decode kernels
+# (engine/compiled.py); onnxruntime: an ONNX export of the model (engine/onnx_runtime.py)
+RUNTIMES = ("auto", "torch", "torch-compiled", "onnxruntime")
+RUNTIME_HELP = ("auto (default): onnxruntime for int8 / int4 artifacts, torch otherwise; onnxruntime: run an ONNX "
+                "export of the model (built once and cached); torch: kiln's own graph; torch-compiled: kiln's graph "
+                "with compiled int8 / int4 decode kernels (compiled once, cached on disk)")

@@ -31,7 +31,7 @@ from kiln import settings
 from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, RUNTIME_FILE
 from kiln.engine import RUNTIMES
 from kiln.engine.hugepages import with_huge_pages
-from kiln.errors import InvalidParameterError
+from kiln.errors import InvalidParameterError, KilnError
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
 
@@ -246,14 +246,62 @@ def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
         return loaded.folder
     folder = settings.cache_dir() / "onnx" / f"{loaded.sha256[:16]}-{precision}-v{EXPORT_VERSION}"
     if not (folder / "model.onnx").is_file():
+        print(f"kiln: building the ONNX export of {loaded.source.name} for the onnxruntime runtime (once; cached "
+              f"in {folder.parent})", file=sys.stderr)
         export(loaded, folder, precision)  # type: ignore[arg-type]
     return folder
+
+
+def why_not_onnx(loaded: LoadedModel, kv_cache: str = "model") -> str | None:
+    """Why `--runtime auto` keeps `loaded` on kiln's torch graph, or None when onnxruntime should run it.
+
+    onnxruntime pays off for int8 / int4 weight-only artifacts: MatMulNBits reads their integers, where
+    the torch runtime widens every matrix to fp32 on every call (the default model's int4 artifact:
+    about 9x faster batch-1 decode, BENCHMARKS.md). Everything else stays on kiln's graph, the reference
+    that supports every feature (prefix caching, int8 keys and values, bf16, W8A8 and low-rank layers).
+    """
+    from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, W8A8Linear
+
+    layers = [m for m in loaded.model.modules() if isinstance(m, (Int8Linear, Int4Linear, W8A8Linear, LowRankLinear))]
+    if not any(isinstance(m, (Int8Linear, Int4Linear)) for m in layers):
+        return "no int8 / int4 weight-only layers"
+    if any(isinstance(m, (W8A8Linear, LowRankLinear)) for m in layers):
+        return "W8A8 or low-rank layers, which the ONNX export would run as other arithmetic"
+    if loaded.model.dtype != torch.float32:
+        return "--dtype bf16"
+    if kv_cache != "model":
+        return f"--kv-cache {kv_cache}"
+    if loaded.spec.head_dim % 16:
+        return f"head size {loaded.spec.head_dim}, which ONNX Runtime's attention does not take"
+    try:
+        import onnxruntime_genai  # noqa: F401  (the export's builder)
+    except ImportError:
+        return "onnxruntime-genai is not installed (pip install 'lmkiln[onnx]')"
+    return None
+
+
+def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model") -> tuple[object, str]:
+    """(the model the engine should call, the runtime it is) for `--runtime` (auto resolved per model)."""
+    if runtime not in RUNTIMES:
+        raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime_model(loaded, runtime), runtime
+    if why_not_onnx(loaded, kv_cache) is not None:
+        return loaded.model, "torch"
+    try:
+        return runtime_model(loaded, "onnxruntime"), "onnxruntime"
+    except KilnError as exc:  # an export that fails its check: kiln's own graph still runs the artifact
+        print(f"kiln: the onnxruntime runtime is not available for this model ({exc}); running it on torch",
+              file=sys.stderr)
+        return loaded.model, "torch"
 
 
 def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") -> object:
     """The model the engine should call for `runtime`."""
     if runtime not in RUNTIMES:
         raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        return pick_runtime(loaded, runtime)[0]
     if runtime == "torch":
         return loaded.model
     if runtime == "torch-compiled":

@@ -31,6 +31,7 @@ class Deployment:
     version: str
     loaded: LoadedModel
     worker: EngineWorker
+    runtime: str = "torch"  # the runtime it runs on (--runtime auto resolved)
     in_flight: int = 0
     retired: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -72,17 +73,17 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
 def start(name: str, version: str, source: str, engine: EngineConfig, precision: Precision,
           runtime: str = "torch") -> Deployment:
     """Load a model, start its engine thread, and warm it up with one short generation."""
-    from kiln.engine.onnx_runtime import runtime_model
+    from kiln.engine.onnx_runtime import pick_runtime
 
-    def build() -> tuple[LoadedModel, Engine]:
+    def build() -> tuple[LoadedModel, Engine, str]:
         loaded = load(source, precision=precision, progress=False)
-        model = runtime_model(loaded, runtime)
-        return loaded, Engine(model, loaded.tokenizer, engine)  # type: ignore[arg-type]
+        model, picked = pick_runtime(loaded, runtime, engine.kv_cache)
+        return loaded, Engine(model, loaded.tokenizer, engine), picked  # type: ignore[arg-type]
 
-    loaded, built = in_passing_thread(build)
+    loaded, built, picked = in_passing_thread(build)
     worker = EngineWorker(built, name=f"engine-{name}-{version}")
     worker.start()
-    deployment = Deployment(name, version, loaded, worker)
+    deployment = Deployment(name, version, loaded, worker, picked)
     asyncio.run(_warm_up(deployment))
     return deployment
 
@@ -112,10 +113,18 @@ class Router:
         self.registry = registry
         self.default: str | None = None
 
+    def _start(self, name: str, version: str, source: str) -> Deployment:
+        """start(); under --runtime auto the first model's pick holds for every later one: ONNX Runtime's
+        sessions want torch held to one thread (onnx_runtime.runtime_model), which a torch model sharing
+        the process would then run on."""
+        deployment = start(name, version, source, self.engine_config, self.precision, self.runtime)
+        if self.runtime == "auto":
+            self.runtime = deployment.runtime
+        return deployment
+
     def add_static(self, name: str) -> None:
         """Serve the model `name` (any -m value) under that name, outside the registry."""
-        source_version = load_version(name)
-        self._set(name, Route(start(name, source_version, name, self.engine_config, self.precision, self.runtime)))
+        self._set(name, Route(self._start(name, load_version(name), name)))
 
     def _set(self, name: str, route: Route) -> None:
         old = self.routes.get(name)
@@ -151,12 +160,10 @@ class Router:
         for name, (live, canary) in self.registry.serving().items():
             route = self.routes.get(name)
             current = {d.version: d for d in ((route.live, route.canary) if route else ()) if d is not None}
-            live_dep = current.get(live.version) or start(name, live.version, live.path, self.engine_config,
-                                                          self.precision, self.runtime)
+            live_dep = current.get(live.version) or self._start(name, live.version, live.path)
             canary_dep = None
             if canary is not None:
-                canary_dep = current.get(canary.version) or start(name, canary.version, canary.path,
-                                                                  self.engine_config, self.precision, self.runtime)
+                canary_dep = current.get(canary.version) or self._start(name, canary.version, canary.path)
             share = canary.canary_share if canary else 0.0
             if route is None or route.live is not live_dep or route.canary is not canary_dep or route.share != share:
                 self._set(name, Route(live_dep, canary_dep, share))

@@ -43,7 +43,7 @@ class ServeConfig:
     max_running: int = 64
     max_batch_tokens: int = 256
     kv_cache: str = "model"  # model | int8
-    runtime: str = "torch"  # torch | onnxruntime
+    runtime: str = "auto"  # auto | torch | torch-compiled | onnxruntime
 
     def __post_init__(self) -> None:
         if self.max_queue < 1 or self.max_body_bytes < 1 or self.drain_timeout_s < 0:

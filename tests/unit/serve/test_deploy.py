@@ -26,3 +26,27 @@ def test_errors_reach_the_caller() -> None:
 
     with pytest.raises(ValueError, match="truncated"):
         in_passing_thread(broken)
+
+
+def test_the_first_models_runtime_holds_for_every_later_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--runtime auto resolves on the first model a server loads; later models are asked for that runtime."""
+    from types import SimpleNamespace
+
+    from kiln.engine.engine import EngineConfig
+    from kiln.serve import deploy
+
+    asked: list[str] = []
+
+    def fake_start(name: str, version: str, source: str, engine: object, precision: object, runtime: str) -> object:
+        asked.append(runtime)
+        return SimpleNamespace(runtime="onnxruntime" if runtime == "auto" else runtime, live=None, retire=lambda: None)
+
+    monkeypatch.setattr(deploy, "start", fake_start)
+    monkeypatch.setattr(deploy, "load_version", lambda source: "v1")
+    router = deploy.Router(EngineConfig(), "fp32", runtime="auto")
+    router.add_static("int4-artifact")
+    router.add_static("default")
+    assert asked == ["auto", "onnxruntime"] and router.runtime == "onnxruntime"
+    named = deploy.Router(EngineConfig(), "fp32", runtime="torch")
+    named.add_static("int4-artifact")
+    assert asked[-1] == "torch" and named.runtime == "torch"
