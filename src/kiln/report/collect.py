@@ -35,6 +35,11 @@ class ModelSummary:
         return None
 
     @property
+    def bench_runtime(self) -> str | None:
+        """The runtime the bench ran on (recorded since --runtime auto; older runs say nothing)."""
+        return self.bench.settings.get("runtime") if self.bench is not None else None
+
+    @property
     def peak_rss(self) -> float | None:
         if self.bench is None:
             return None

@@ -74,7 +74,10 @@ def _rows(models: Sequence[ModelSummary], reference: ModelSummary | None) -> lis
         for task in TASK_COLUMNS:
             acc, norm = m.metric(task, "acc"), m.metric(task, "acc_norm")
             row.append("–" if acc is None else f"{100 * acc:.1f} / {100 * (norm or 0):.1f}")
-        row += [_fmt(m.bench_at(1, "decode_tokens_per_s")), _fmt(m.bench_at(1, "ttft_ms"), 0),
+        decode = _fmt(m.bench_at(1, "decode_tokens_per_s"))
+        if decode != "–" and m.bench_runtime:  # an int4 artifact's speed depends on it (onnxruntime vs torch)
+            decode += f" ({m.bench_runtime})"
+        row += [decode, _fmt(m.bench_at(1, "ttft_ms"), 0),
                 _fmt(m.peak_rss, 0, 1e-6)]
         rows.append(row)
     return rows

@@ -34,7 +34,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                           worst=[{"index": 7, "score": -3.5, "input": "a <b>bold</b> chunk", "target": ""}],
                           **common))
         runs.add(runs.Run(kind="eval", task="piqa", settings={}, metrics={"acc": 0.65, "acc_norm": 0.66}, **common))
-        runs.add(runs.Run(kind="bench", task="bench", settings={}, metrics={"results": [
+        bench_settings = {"runtime": "onnxruntime"} if name == "int4" else {}  # older runs recorded no runtime
+        runs.add(runs.Run(kind="bench", task="bench", settings=bench_settings, metrics={"results": [
             {"batch_size": 1, "decode_tokens_per_s": speed, "ttft_ms": 500.0, "peak_rss_bytes": 9e8}]}, **common))
     return tmp_path
 
@@ -45,6 +46,7 @@ def test_page_is_self_contained(home: Path) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page must not fetch anything"
     assert "&lt;b&gt;bold&lt;/b&gt;" in page  # item text is escaped
     assert "+0.43%" in page  # Δppl of int8 against the first model
+    assert "120.0 (onnxruntime)" in page and "36.0 (" not in page  # the runtime behind a speed, where recorded
     only = html.render(models=["int4"])
     assert "int4" in only and "(aaaaaaaaaa)" not in only
 
