@@ -256,8 +256,8 @@ def why_not_onnx(loaded: LoadedModel, kv_cache: str = "model") -> str | None:
     """Why `--runtime auto` keeps `loaded` on kiln's torch graph, or None when onnxruntime should run it.
 
     onnxruntime pays off for int8 / int4 weight-only artifacts: MatMulNBits reads their integers, where
-    the torch runtime widens every matrix to fp32 on every call (the default model's int4 artifact:
-    about 9x faster batch-1 decode, BENCHMARKS.md). Everything else stays on kiln's graph, the reference
+    the torch runtime widens every matrix to fp32 on every call (batch-1 decode of the default model's
+    artifacts, BENCHMARKS.md: int8 5.5x, int4 18-23x). Everything else stays on kiln's graph, the reference
     that supports every feature (prefix caching, int8 keys and values, bf16, W8A8 and low-rank layers).
     """
     from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, W8A8Linear
