@@ -12,8 +12,8 @@ int8 rows as 8-bit blocks with the row's scale. Asymmetric groups with a float o
 have no fast form in MatMulNBits (float zero points run on its fp32 kernels), so they are split:
 q * s + offset = (q - 8) * s + (offset + 8 s), the first term on the fast symmetric kernel and the
 second, one number per group, as a small fp32 MatMul of the input's group sums, added after (the
-default model's int4 g32 asymmetric artifact: 8 tok/s batch-1 decode with float zero points, 55-66
-split). lm_head stays fp32 unless the artifact quantized it (then it gets the artifact's integers
+default model's int4 g32 asymmetric artifact, batch-1 decode: 5.7 tok/s with float zero points, 66.7
+split; BENCHMARKS.md). lm_head stays fp32 unless the artifact quantized it (then it gets the artifact's integers
 too); the embedding lookup stays fp32, which costs memory but no bandwidth per token. The export is
 then checked against the source: logits on a real prompt must agree within the declared tolerance,
 else the export is refused.

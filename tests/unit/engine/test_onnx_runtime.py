@@ -329,3 +329,27 @@ def test_bench_and_generate_run_an_int4_artifact_on_onnxruntime_by_default(onnx_
         return str(json.loads(out.stdout)["text"])
 
     assert generate() == generate("--runtime", "onnxruntime")  # the default ran the export bench built
+
+
+def test_an_asymmetric_int4_head_keeps_its_offsets_and_its_last_position_slice(onnx_tiny_folder: Path,
+                                                                                tmp_path: Path) -> None:
+    import onnx
+
+    artifact = tmp_path / "int4-head"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=4, group_size=32, keep_embeddings=False),)), artifact,
+             progress=False)
+    loaded = load(str(artifact), progress=False)
+    folder = onnx_export.export(loaded, tmp_path / "onnx")  # its check runs kiln.onnx: within tolerance
+    graph = onnx.load(str(folder / onnx_export.RUNTIME_FILE), load_external_data=False).graph
+    sliced = next(n for n in graph.node if n.name == "/kiln/last_positions").output[0]
+    head = [n for n in graph.node if sliced in n.input]
+    # the head's MatMulNBits and its group sums both read the last positions only
+    assert sorted(n.op_type for n in head) == ["MatMul", "MatMulNBits"]
+    assert any(n.name.startswith("/lm_head/") and n.name.endswith("/kiln_add_offsets") for n in graph.node)
+    model = OnnxModel(folder, loaded.spec)
+    prompt = loaded.tokenizer.encode("The sea is")
+    with torch.inference_mode():
+        want = loaded.model(torch.tensor([prompt]))[0]
+    got = model.extend(0, prompt, 0)[0]  # the last position's logits, through the slice
+    assert got.shape == want.shape
+    assert float((got - want).abs().max() / (want.max() - want.min())) < onnx_export.TOLERANCE["int4"]
