@@ -1,7 +1,11 @@
-"""What every benchmark script shares: writing its table into its own section of BENCHMARKS.md."""
+"""What benchmark scripts share: writing a table into its own section of BENCHMARKS.md, and timing in a
+fresh process of their own."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -17,3 +21,11 @@ def update_section(script: str, table: str) -> None:
     else:
         text += f"\n{block}\n"
     BENCHMARKS.write_text(text)
+
+
+def run_child(script: str, args: list[str], env: dict[str, str]) -> dict:
+    """Run `script --child ARGS` in a fresh interpreter and return the JSON object its last line prints."""
+    proc = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import update_section
+from common import run_child, update_section
 
 KILN = str(Path(sys.executable).parent / "kiln")
 ARTIFACTS = {
@@ -55,11 +55,7 @@ def child(folder: str, runtime: str, runs: int) -> None:
 
 def measure(folder: Path, runtime: str, runs: int, inductor: Path) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
-    proc = subprocess.run([sys.executable, __file__, "--child", str(folder), runtime, str(runs)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{runtime} on {folder.name} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, [str(folder), runtime, str(runs)], env)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import update_section
+from common import run_child, update_section
 
 KILN = str(Path(sys.executable).parent / "kiln")
 MODELS = {
@@ -57,12 +57,7 @@ def child(model: str, runtime: str, runs: int) -> None:
 
 
 def measure(model: str, runtime: str, runs: int, cache: Path) -> dict:
-    env = {**os.environ, "KILN_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, __file__, "--child", model, runtime, str(runs)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{runtime} on {model} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, [model, runtime, str(runs)], {**os.environ, "KILN_CACHE": str(cache)})
 
 
 def agreeing(a: list[int], b: list[int]) -> int:
