@@ -15,7 +15,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.engine import RUNTIME_HELP, RUNTIMES
-from kiln.errors import KilnError
+from kiln.errors import KilnError, ModelFormatError
 
 DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
 
@@ -166,6 +166,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = _params(args)
     loaded = load(args.model, precision=args.dtype)
+    if not loaded.tokenizer.has_chat_template:
+        # Checked before the prompt opens: the first message would fail the same way.
+        raise ModelFormatError(
+            f"{args.model} has no chat template, so `kiln chat` cannot lay out a conversation; "
+            "use `kiln generate -m MODEL TEXT` (plain text) instead")
     return run_repl(ChatSession(loaded, params, system=args.system, model=_runtime_model(loaded, args.runtime)))
 
 
@@ -315,7 +320,8 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
         bits = {"int8": 8, "int4": 4, "w8a8": 8}[args.quantize]
         method = "smoothquant" if args.quantize == "w8a8" else args.method
         steps.append(Quantize(bits=bits, method=method, group_size=args.group_size, symmetric=args.symmetric,
-                              keep_embeddings=not args.quantize_embeddings, alpha=args.alpha,
+                              keep_embeddings=args.quantize_embeddings is None,
+                              head_bits=8 if args.quantize_embeddings == "int8" else 0, alpha=args.alpha,
                               target=args.gptq_target, refit=args.gptq_refit))
     if not steps:
         raise RecipeError("nothing to do: pass --recipe FILE, --sweep FILE, or --quantize / --prune / --lowrank-*")
@@ -530,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn", help="quantization method")
     p.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale (32, 64, 128)")
     p.add_argument("--symmetric", action="store_true", help="int4: symmetric grid")
-    p.add_argument("--quantize-embeddings", action="store_true", help="also quantize the embedding / lm_head")
+    p.add_argument("--quantize-embeddings", nargs="?", const="same", choices=["same", "int8"], default=None,
+                   help="also quantize the embedding / lm_head: at the layers' bits, or int8 (int4 layers with an "
+                        "int8 head, as llama.cpp keeps its output matrix at 6-8 bits)")
     p.add_argument("--alpha", type=float, default=0.5, help="w8a8: SmoothQuant migration strength")
     p.add_argument("--gptq-target", choices=["model", "layer"], default="model",
                    help="gptq: match the uncompressed model's layer outputs (model) or each layer's own (layer)")

@@ -67,17 +67,18 @@ class Tokenizer:
             )
         )
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """The chat template applied to `messages`, ending with the assistant's turn opening."""
+    def render_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text") -> str:
+        """The chat template applied to `messages`, ending with the assistant's turn opening.
+
+        `fix` ends the error for a model without a template: what the caller's user can do instead.
+        """
         if not self.has_chat_template:
-            raise ModelFormatError(
-                "this model has no chat template; use --raw to send the prompt as plain text"
-            )
+            raise ModelFormatError(f"this model has no chat template; {fix}")
         return str(self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text") -> list[int]:
         # The template text carries its own special tokens (BOS included where the model wants one).
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, fix), add_special_tokens=False)
 
     def id_to_piece(self, token_id: int) -> str:
         return str(self.hf.convert_ids_to_tokens(token_id))

@@ -355,7 +355,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         dep = _deployment(state, body.model)
         messages = body.chat_messages()
         _guard(state, dep, [m["content"] for m in messages], "input")
-        prompt = dep.loaded.tokenizer.encode_chat(messages)
+        prompt = dep.loaded.tokenizer.encode_chat(
+            messages, fix="send a plain-text prompt to /v1/completions instead")
         asked = body.max_completion_tokens or body.max_tokens
         budget = _max_tokens(state, dep, prompt, asked, None)
         top = (body.top_logprobs or 0) if body.logprobs else None
