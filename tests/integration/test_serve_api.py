@@ -202,7 +202,7 @@ def test_lm_eval_through_the_server_matches_in_process_eval(server: Server, modu
     source = settings.data_dir() / "arc" / "ARC-Easy-Test.jsonl"
     if not source.is_file():
         pytest.skip(f"ARC-Easy not found at {source}; set KILN_DATA_DIR")
-    limit = 200
+    limit = 40  # each item's log-likelihoods are compared below, so a few items check more than a count
     rows = [json.loads(line) for line in source.read_text().splitlines()[:limit]]
     data = module_tmp / "arc_easy.jsonl"
     data.write_text("".join(json.dumps({"question": r["question"]["stem"], "answerKey": r["answerKey"],
@@ -220,12 +220,24 @@ def test_lm_eval_through_the_server_matches_in_process_eval(server: Server, modu
         [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
          f"base_url={server.url}/v1/completions,model=default,tokenizer={folder},tokenizer_backend=huggingface,"
          "tokenized_requests=True,num_concurrent=1,max_retries=1",
-         "--tasks", "kiln_arc_easy", "--include_path", str(tasks), "--limit", str(limit), "--output_path", str(out)],
+         "--tasks", "kiln_arc_easy", "--include_path", str(tasks), "--limit", str(limit), "--output_path", str(out),
+         "--log_samples"],
         capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     served = results["results"]["kiln_arc_easy"]["acc,none"]
-    kiln_eval = subprocess.run([KILN, "eval", "--task", "arc_easy", "--limit", str(limit), "--json"], env={
+    samples = module_tmp / "kiln-samples.jsonl"
+    kiln_eval = subprocess.run([KILN, "eval", "--task", "arc_easy", "--limit", str(limit), "--json",
+                                "--samples", str(samples)], env={
         **os.environ, "KILN_HOME": str(module_tmp / "home")}, capture_output=True, text=True, check=True)
     in_process = json.loads(kiln_eval.stdout)["acc"]
     assert served == pytest.approx(in_process, abs=1e-9), (served, in_process)
+    # item by item: the server's log-likelihood of every choice is the in-process scorer's
+    theirs = {}
+    for line in next(out.rglob("samples_kiln_arc_easy_*.jsonl")).read_text().splitlines():
+        doc = json.loads(line)
+        theirs[int(doc["doc_id"])] = [float(resp[0]) for resp in doc["filtered_resps"]]
+    ours = {int(r["index"]): r["loglikelihoods"] for r in map(json.loads, samples.read_text().splitlines())}
+    assert sorted(theirs) == sorted(ours) == list(range(limit))
+    for i in range(limit):
+        assert theirs[i] == pytest.approx(ours[i], rel=1e-3, abs=1e-3), (i, theirs[i], ours[i])

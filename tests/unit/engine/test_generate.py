@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kiln.engine.generate import Generator
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import ContextLengthError, InvalidParameterError
-from kiln.model.load import LoadedModel
+from kiln.model.load import LoadedModel, load
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -77,6 +79,10 @@ def test_empty_prompt_is_refused(gen: Generator) -> None:
         gen.generate([[]], GREEDY)
 
 
-def test_budget_is_clipped_to_the_context(gen: Generator) -> None:
-    out = gen.generate([[42] * 8190], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))[0]
+def test_budget_is_clipped_to_the_context(tiny_folder: Path) -> None:
+    # the tiny model's 64-token context: the same rule as the default model's 8192, without its long prefill
+    tiny = load(str(tiny_folder), progress=False)
+    assert tiny.spec.max_position == 64
+    out = Generator(tiny.model, tiny.tokenizer).generate(
+        [[42] * 62], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))[0]
     assert out.finish_reason == "length" and out.completion_tokens == 2
