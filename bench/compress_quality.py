@@ -28,6 +28,7 @@ RECIPES: dict[str, list[str]] = {
     "int4-g32 asym rtn": ["--quantize", "int4", "--group-size", "32"],
     "int4-g32 sym rtn": ["--quantize", "int4", "--group-size", "32", "--symmetric"],
     "int4-g128 rtn": ["--quantize", "int4", "--group-size", "128"],
+    "int4-g128 rtn +emb int8": ["--quantize", "int4", "--group-size", "128", "--quantize-embeddings", "int8"],
     "int4-g128 gptq": ["--quantize", "int4", "--group-size", "128", "--method", "gptq"],
     "int4-g128 gptq (layer target; no refit; 64 samples)": [
         "--quantize", "int4", "--group-size", "128", "--method", "gptq", "--gptq-target", "layer",

@@ -67,6 +67,7 @@ class BuildPlan:
     quantize_head: bool = False
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast, like llama.cpp), 1 = fp32 activations
     tied: bool = False  # the model's embedding is its lm_head's matrix
+    head_bits: int = 0  # 8: an int4 plan whose lm_head is int8 (the builder makes it 4-bit; transplant widens it)
 
     @property
     def shared_embedding(self) -> bool:
@@ -75,7 +76,7 @@ class BuildPlan:
         That is what kiln's own model does with a quantized tied head, and it drops the fp32 table
         (113 MB of the default model's 195 MB int4 export, and as much resident memory). ORT's lookup
         reads 4-bit data only, and the symmetric layout only: asymmetric artifacts keep the fp32 copy."""
-        return self.precision == "int4" and self.quantize_head and self.tied and self.symmetric
+        return self.precision == "int4" and self.quantize_head and self.tied and self.symmetric and not self.head_bits
 
     def builder_args(self) -> list[str]:
         if self.precision == "fp32":
@@ -100,14 +101,23 @@ def plan_for(loaded: LoadedModel, precision: OnnxPrecision) -> BuildPlan:
         step = quant[-1] if quant else {}
     head = not step.get("keep_embeddings", True)
     tied = loaded.spec.tie_embeddings
+    head8 = 8 if head and step.get("bits") == 4 and step.get("head_bits") == 8 else 0  # int8 head, int4 layers
     if precision == "auto":
         if step.get("bits") == 4:
             return BuildPlan("int4", int(step.get("group_size", 128)), bool(step.get("symmetric", False)), head,
-                             tied=tied)
+                             tied=tied, head_bits=head8)
         return BuildPlan("int8", int8_block(loaded.spec), True, head) if step.get("bits") == 8 else BuildPlan("fp32")
     if precision == "int4":
-        return BuildPlan("int4", int(step.get("group_size", 32)), bool(step.get("symmetric", False)), head, tied=tied)
+        return BuildPlan("int4", int(step.get("group_size", 32)), bool(step.get("symmetric", False)), head, tied=tied,
+                         head_bits=head8)
     return BuildPlan(precision, 32, True, head) if precision == "int8" else BuildPlan("fp32")
+
+
+def head_bits(plan: BuildPlan) -> int:
+    """The bits of the export's lm_head: 0 when it stays fp32."""
+    if not plan.quantize_head or plan.precision == "fp32":
+        return 0
+    return plan.head_bits or (8 if plan.precision == "int8" else 4)
 
 
 def int8_block(spec: ModelSpec) -> int:
@@ -197,7 +207,8 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
         keep_last_logits(staging)
         (staging / "kiln-export.json").write_text(json.dumps({
             "source": loaded.source.name, "source_sha256": loaded.sha256, "precision": plan.precision,
-            "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head}))
+            "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head,
+            "head_bits": head_bits(plan)}))
         if check:
             error = max_logit_error(loaded, staging)
             if error > TOLERANCE[plan.precision]:
@@ -265,7 +276,12 @@ def transplant(folder: Path, model: LlamaModel) -> int:
             if bool(extra.abs().max() > 1e-6 * scales.abs().max()):
                 added.append(_group_offsets(graph_model.graph, node, extra, block, group_sums))
             done += 1
-        elif isinstance(module, Int8Linear) and bits == 8:
+        elif isinstance(module, Int8Linear):
+            if bits != 8:  # an int8 head in an int4 graph: the builder made it 4-bit like the layers
+                block = int8_block(model.spec)
+                blocks = node_k(node) // block
+                _set_attributes(node, bits=8, block_size=block)
+                del node.input[3:]  # an asymmetric plan's zero points; 8-bit codes are offset by 128 instead
             codes8 = (module.qweight[rows].to(torch.int16) + 128).to(torch.uint8)  # MatMulNBits 8-bit is unsigned
             put(node.input[1], codes8.reshape(n, blocks, block).numpy())
             put(node.input[2], module.scales[rows].unsqueeze(1).expand(n, blocks).contiguous().numpy())
@@ -281,6 +297,17 @@ def transplant(folder: Path, model: LlamaModel) -> int:
     onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=ONNX_FILE + ".data")
     return done
+
+
+def node_k(node: Any) -> int:
+    """A MatMulNBits node's input size."""
+    return int(next(a.i for a in node.attribute if a.name == "K"))
+
+
+def _set_attributes(node: Any, **values: int) -> None:
+    for attribute in node.attribute:
+        if attribute.name in values:
+            attribute.i = values[attribute.name]
 
 
 def _group_offsets(graph: Any, node: Any, extra: Tensor, block: int,

@@ -91,7 +91,7 @@ def _quantize_head(ctx: Context, step: Quantize) -> None:
     model = ctx.model
     head = model.lm_head
     assert isinstance(head, nn.Linear)
-    bits_step = step if step.method != "smoothquant" else Quantize(bits=8)
+    bits_step = step if step.method != "smoothquant" and step.head_bits in (0, step.bits) else Quantize(bits=8)
     model.lm_head = _quantized(head, bits_step)
     if model.spec.tie_embeddings:
         assert isinstance(model.lm_head, Int8Linear | Int4Linear)

@@ -13,6 +13,7 @@
     group_size = 128
     symmetric = false
     keep_embeddings = true   # embeddings and lm_head stay in full precision
+    head_bits = 0            # with keep_embeddings = false: 0 = the step's bits, 8 = int8 (for int4 steps)
     target = "model"         # gptq: aim at the uncompressed model's outputs (or "layer": each layer's own)
     refit = 2                # gptq int4: refit the group scales and offsets to the chosen integers
 
@@ -66,6 +67,9 @@ class Quantize:
     group_size: int = 128  # int4 only: inputs per scale
     symmetric: bool = False  # int4 only: symmetric grid (no zero point)
     keep_embeddings: bool = True  # keep the embedding and lm_head unquantized
+    # bits of a quantized embedding / lm_head: 0 = the step's own; 8 under an int4 step is what llama.cpp
+    # does with its output matrix (8 or 6 bits): a quarter of fp32's bytes, which a decode step reads in full
+    head_bits: int = 0
     alpha: float = 0.5  # smoothquant: migration strength
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added for stability
     refit: int = 2  # gptq, int4: refit the group grids to the chosen integers this many times
@@ -80,6 +84,10 @@ class Quantize:
             raise RecipeError(f"{where}: method = 'smoothquant' is W8A8; set bits = 8")
         if self.method == "awq" and self.bits != 4:
             raise RecipeError(f"{where}: method = 'awq' protects salient channels at 4 bits; set bits = 4")
+        _choice(where, "head_bits", self.head_bits, (0, 8))
+        if self.head_bits and self.keep_embeddings:
+            raise RecipeError(f"{where}: head_bits = {self.head_bits} quantizes the embedding and lm_head; "
+                              "set keep_embeddings = false with it")
         _range(where, "alpha", self.alpha, 0.0, 1.0)
         _range(where, "damp", self.damp, 0.0, 1.0)
         _range(where, "refit", self.refit, 0, 10, int)

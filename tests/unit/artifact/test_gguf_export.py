@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kiln.artifact.gguf_export import _permute, export
-from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear
+from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, QuantEmbedding
 from kiln.model.llama import Block
 from kiln.model.load import LoadedModel
 
@@ -24,6 +24,8 @@ def exported(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFactor
     block.attn.qkv_proj = Int4Linear.from_float(block.attn.qkv_proj, 32, symmetric=False)
     block.mlp.down_proj = Int4Linear.from_float(block.mlp.down_proj, 128, symmetric=True)
     block.mlp.gate_up_proj = Int8Linear.from_float(block.mlp.gate_up_proj)
+    model.lm_head = Int8Linear.from_float(model.lm_head)  # an int8 tied head, as `--quantize-embeddings int8` makes
+    model.embed = QuantEmbedding(model.lm_head)
     loaded.model = model
     out = tmp_path_factory.mktemp("gguf") / "model.gguf"
     return loaded, export(loaded, out)
@@ -48,6 +50,7 @@ def test_types_follow_the_layers(exported: tuple[LoadedModel, Path]) -> None:
     assert found["blk.0.ffn_down.weight"].tensor_type.name == "Q4_0"
     assert found["blk.0.ffn_gate.weight"].tensor_type.name == "Q8_0"
     assert found["blk.1.attn_q.weight"].tensor_type.name == "F32"
+    assert found["token_embd.weight"].tensor_type.name == "Q8_0"
     assert len(found) == 2 + 9 * 30  # embedding, final norm, 9 per layer (tied head: no output.weight)
 
 

@@ -50,6 +50,9 @@ symmetric = true
     ('[[step]]\nkind = "quantize"\nbits = 4\nmethod = "smoothquant"', r"set bits = 8"),
     ('[[step]]\nkind = "quantize"\nmethod = "gptq"\ntarget = "block"', r"target = 'block' .* 'layer', 'model'"),
     ('[[step]]\nkind = "quantize"\nmethod = "gptq"\nrefit = 11', r"refit = 11 .* \[0, 10\]"),
+    ('[[step]]\nkind = "quantize"\nbits = 4\nkeep_embeddings = false\nhead_bits = 4',
+     r"head_bits = 4 is not allowed; use one of 0, 8"),
+    ('[[step]]\nkind = "quantize"\nbits = 4\nhead_bits = 8', r"head_bits = 8 .* set keep_embeddings = false"),
     ("", r"no steps"),
     ("[[step]\n", r"not valid TOML"),
 ])
@@ -66,3 +69,16 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 def test_steps_in_code() -> None:
     recipe = Recipe((LowRank(energy=0.9), Distill(steps=10), Quantize(bits=8)))
     assert [type(s).__name__ for s in recipe.steps] == ["LowRank", "Distill", "Quantize"]
+
+
+@pytest.mark.parametrize("flags,keep,head_bits", [
+    ([], True, 0),
+    (["--quantize-embeddings"], False, 0),
+    (["--quantize-embeddings", "int8"], False, 8),
+])
+def test_embedding_flags_make_the_recipe(flags: list[str], keep: bool, head_bits: int) -> None:
+    from kiln.cli import _recipe_from_flags, build_parser
+
+    args = build_parser().parse_args(["compress", "--quantize", "int4", *flags, "-o", "out"])
+    step = _recipe_from_flags(args).steps[0]
+    assert (step.keep_embeddings, step.head_bits, step.bits) == (keep, head_bits, 4)

@@ -353,3 +353,29 @@ def test_an_asymmetric_int4_head_keeps_its_offsets_and_its_last_position_slice(o
     got = model.extend(0, prompt, 0)[0]  # the last position's logits, through the slice
     assert got.shape == want.shape
     assert float((got - want).abs().max() / (want.max() - want.min())) < onnx_export.TOLERANCE["int4"]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_an_int8_head_under_int4_layers_runs_as_8_bit_in_the_export(onnx_tiny_folder: Path, tmp_path: Path,
+                                                                    symmetric: bool) -> None:
+    import onnx
+
+    from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, QuantEmbedding
+
+    artifact = tmp_path / "int4-head8"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=4, group_size=32, symmetric=symmetric,
+                                                     keep_embeddings=False, head_bits=8),)), artifact, progress=False)
+    loaded = load(str(artifact), progress=False)
+    assert isinstance(loaded.model.lm_head, Int8Linear) and isinstance(loaded.model.embed, QuantEmbedding)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, Int4Linear)
+    folder = onnx_export.export(loaded, tmp_path / "onnx")  # its check: within the int4 tolerance
+    graph = onnx.load(str(folder / onnx_export.RUNTIME_FILE), load_external_data=False).graph
+    bits = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
+    head = [v for k, v in bits.items() if k.startswith("/lm_head/")]
+    assert len(head) == 1 and head[0]["bits"] == 8 and head[0]["block_size"] == onnx_export.int8_block(loaded.spec)
+    assert all(v["bits"] == 4 for k, v in bits.items() if not k.startswith("/lm_head/"))
+    assert not any(n.name.startswith("/lm_head/") and n.name.endswith("/kiln_add_offsets") for n in graph.node)
+    assert not [n for n in graph.node if n.op_type == "GatherBlockQuantized"]  # the lookup reads an fp32 copy
+    assert json.loads((folder / "kiln-export.json").read_text())["head_bits"] == 8
+    error = onnx_export.max_logit_error(loaded, folder)
+    assert 0 < error < onnx_export.TOLERANCE["int4"]
