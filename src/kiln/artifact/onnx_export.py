@@ -71,12 +71,13 @@ class BuildPlan:
 
     @property
     def shared_embedding(self) -> bool:
-        """The embedding lookup reads lm_head's int4 blocks (GatherBlockQuantized) instead of an fp32 copy.
+        """The embedding lookup reads lm_head's blocks (GatherBlockQuantized) instead of an fp32 copy.
 
         That is what kiln's own model does with a quantized tied head, and it drops the fp32 table
-        (113 MB of the default model's 195 MB int4 export, and as much resident memory). ORT's lookup
-        reads 4-bit data only, and the symmetric layout only: asymmetric artifacts keep the fp32 copy."""
-        return self.precision == "int4" and self.quantize_head and self.tied and self.symmetric and not self.head_bits
+        (113 MB of the default model's 195 MB int4 export, and as much resident memory). An int4 head
+        is shared only in the symmetric layout (the builder's lookup has no zero points); an int8 head
+        (one scale per row, no offsets) always is, its lookup rewired by transplant."""
+        return self.precision == "int4" and self.quantize_head and self.tied and (self.symmetric or self.head_bits == 8)
 
     def builder_args(self) -> list[str]:
         if self.precision == "fp32":
@@ -282,6 +283,7 @@ def transplant(folder: Path, model: LlamaModel) -> int:
                 blocks = node_k(node) // block
                 _set_attributes(node, bits=8, block_size=block)
                 del node.input[3:]  # an asymmetric plan's zero points; 8-bit codes are offset by 128 instead
+                _widen_lookup(graph_model.graph, node, block, inits)
             codes8 = (module.qweight[rows].to(torch.int16) + 128).to(torch.uint8)  # MatMulNBits 8-bit is unsigned
             put(node.input[1], codes8.reshape(n, blocks, block).numpy())
             put(node.input[2], module.scales[rows].unsqueeze(1).expand(n, blocks).contiguous().numpy())
@@ -297,6 +299,41 @@ def transplant(folder: Path, model: LlamaModel) -> int:
     onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=ONNX_FILE + ".data")
     return done
+
+
+def _widen_lookup(graph: Any, head: Any, block: int, inits: dict[str, Any]) -> None:
+    """Point the tied embedding lookup (GatherBlockQuantized, when the plan shares the head) at the head's
+    8-bit codes and scales.
+
+    The builder feeds the lookup the head's codes reshaped to [N, K / 2] as 4-bit data; with an
+    asymmetric plan it even feeds it the dense weight with no scales. Either way the lookup is rewired
+    here to Reshape(8-bit codes -> [N, K]) and the head's scales.
+    """
+    from onnx import numpy_helper
+
+    weight, scales = head.input[1], head.input[2]
+    n, k = next(a.i for a in head.attribute if a.name == "N"), node_k(head)
+    for node in graph.node:
+        if node.op_type != "GatherBlockQuantized":
+            continue
+        reshape = next(r for r in graph.node if r.output[0] == node.input[0])
+        assert reshape.op_type == "Reshape"
+        shape = f"{weight}/kiln_rows"
+        if shape not in inits:
+            inits[shape] = numpy_helper.from_array(np.array([n, k], dtype=np.int64), shape)
+            graph.initializer.append(inits[shape])
+        old_shape = reshape.input[1]
+        reshape.input[:] = [weight, shape]
+        node.input[:] = [reshape.output[0], node.input[1], scales]
+        _set_attributes(node, bits=8, block_size=block)
+        # the builder's shapes for the lookup's data and rows (its padded width for groups that do not
+        # divide K), and the Constant that made the first, no longer hold: ONNX Runtime infers them again
+        stale = [v for v in graph.value_info if v.name in (reshape.output[0], node.output[0])]
+        for v in stale:
+            graph.value_info.remove(v)
+        if not any(old_shape in other.input for other in graph.node):
+            for constant in [c for c in graph.node if c.op_type == "Constant" and old_shape in c.output]:
+                graph.node.remove(constant)
 
 
 def node_k(node: Any) -> int:

@@ -357,7 +357,8 @@ def test_an_asymmetric_int4_head_keeps_its_offsets_and_its_last_position_slice(o
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_an_int8_head_under_int4_layers_runs_as_8_bit_in_the_export(onnx_tiny_folder: Path, tmp_path: Path,
-                                                                    symmetric: bool) -> None:
+                                                                    symmetric: bool,
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
     import onnx
 
     from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, QuantEmbedding
@@ -375,7 +376,13 @@ def test_an_int8_head_under_int4_layers_runs_as_8_bit_in_the_export(onnx_tiny_fo
     assert len(head) == 1 and head[0]["bits"] == 8 and head[0]["block_size"] == onnx_export.int8_block(loaded.spec)
     assert all(v["bits"] == 4 for k, v in bits.items() if not k.startswith("/lm_head/"))
     assert not any(n.name.startswith("/lm_head/") and n.name.endswith("/kiln_add_offsets") for n in graph.node)
-    assert not [n for n in graph.node if n.op_type == "GatherBlockQuantized"]  # the lookup reads an fp32 copy
+    # the tied lookup reads the head's 8-bit rows, as kiln's QuantEmbedding does: no fp32 copy of the table
+    lookup = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookup) == 1 and {a.name: a.i for a in lookup[0].attribute}["bits"] == 8
+    assert not [i for i in graph.initializer if "embed_tokens" in i.name]
     assert json.loads((folder / "kiln-export.json").read_text())["head_bits"] == 8
     error = onnx_export.max_logit_error(loaded, folder)
     assert 0 < error < onnx_export.TOLERANCE["int4"]
+    capfd.readouterr()
+    OnnxModel(folder, loaded.spec)
+    assert "shape info" not in capfd.readouterr().err  # the rewired lookup left no stale shapes behind
