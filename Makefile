@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/kiln plan --context 2048 --concurrency 4 --target-tokens-per-s 100
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/kiln compress --quantize int8 -o $(DEMO)/int8
-	$(BIN)/kiln compress --quantize int4 --group-size 32 -o $(DEMO)/int4
+	$(BIN)/kiln compress --quantize int4 --group-size 32 --quantize-embeddings int8 -o $(DEMO)/int4
 	for m in default $(DEMO)/int8 $(DEMO)/int4; do \
 		$(DEMO_ENV) $(BIN)/kiln eval -m $$m --task wikitext2 --limit-tokens 16384 --baseline default || exit 1; \
 		$(DEMO_ENV) $(BIN)/kiln eval -m $$m --task hellaswag --limit 200 || exit 1; \

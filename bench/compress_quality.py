@@ -37,6 +37,8 @@ RECIPES: dict[str, list[str]] = {
     "int4-g128 sym rtn": ["--quantize", "int4", "--group-size", "128", "--symmetric"],
     "int4-g128 sym gptq": ["--quantize", "int4", "--group-size", "128", "--symmetric", "--method", "gptq"],
     "int4-g32 +emb rtn": ["--quantize", "int4", "--group-size", "32", "--quantize-embeddings"],
+    "int4-g128 gptq +emb int8": ["--quantize", "int4", "--group-size", "128", "--method", "gptq",
+                                 "--quantize-embeddings", "int8"],
     "int4-g128 gptq +emb": ["--quantize", "int4", "--group-size", "128", "--method", "gptq",
                             "--quantize-embeddings"],
     "w8a8 smoothquant": ["--quantize", "w8a8", *OLD_CALIBRATION],

@@ -314,7 +314,7 @@ def _widen_lookup(graph: Any, head: Any, block: int, inits: dict[str, Any]) -> N
     weight, scales = head.input[1], head.input[2]
     n, k = next(a.i for a in head.attribute if a.name == "N"), node_k(head)
     for node in graph.node:
-        if node.op_type != "GatherBlockQuantized":
+        if node.op_type != "GatherBlockQuantized" or not node.name.startswith("/model/embed_tokens/"):
             continue
         reshape = next(r for r in graph.node if r.output[0] == node.input[0])
         assert reshape.op_type == "Reshape"
