@@ -40,6 +40,12 @@ class ModelSummary:
         return self.bench.settings.get("runtime") if self.bench is not None else None
 
     @property
+    def bytes_in_memory(self) -> int | None:
+        """The weights' bytes once loaded, from the latest bench (None without one)."""
+        value = self.bench.metrics.get("bytes_in_memory") if self.bench is not None else None
+        return int(value) if isinstance(value, int | float) else None
+
+    @property
     def peak_rss(self) -> float | None:
         if self.bench is None:
             return None

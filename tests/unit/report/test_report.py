@@ -95,3 +95,21 @@ def test_distilled_artifact_shows_its_loss_curve(home: Path, tmp_path: Path) -> 
     page = html.render()
     assert f"{student}: distillation loss" in page
     assert page.count("<svg") == 3  # the two Pareto plots and the curve
+
+
+def test_best_is_the_smallest_in_memory_when_every_candidate_was_benched(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # the demo's case: the default model is a small GGUF on disk that loads as fp32; the int4 artifact is
+    # a little larger on disk and a fifth of it in memory
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    for name, sha, disk, ppl in (("default", "a" * 64, 98e6, 22.59), ("int4", "c" * 64, 108e6, 22.62)):
+        common = dict(model=name, model_sha256=sha, model_size_bytes=int(disk), versions={}, duration_s=1.0)
+        runs.add(runs.Run(kind="eval", task="wikitext2", settings={}, metrics={"ppl": ppl}, **common))
+    choice = html.best()
+    assert choice is not None and choice[0] == "default" and "on disk" in choice[1]  # no bench: disk sizes
+    for name, sha, disk, memory in (("default", "a" * 64, 98e6, 538e6), ("int4", "c" * 64, 108e6, 108e6)):
+        runs.add(runs.Run(kind="bench", task="bench", model=name, model_sha256=sha, model_size_bytes=int(disk),
+                          versions={}, duration_s=1.0, settings={}, metrics={"bytes_in_memory": int(memory),
+                                                                             "results": []}))
+    choice = html.best()
+    assert choice is not None and choice[0] == "int4" and "in memory" in choice[1] and "108 MB" in choice[1]
