@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -55,3 +59,23 @@ def tiny_folder(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFac
         if (default_model.folder / name).exists():
             shutil.copy(default_model.folder / name, folder / name)
     return folder
+
+
+
+@contextmanager
+def _ready_client(app: Any) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(300):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        yield client
+
+
+@pytest.fixture
+def ready_client() -> Callable[[Any], AbstractContextManager[Any]]:
+    """`with ready_client(app) as client:` a TestClient on a kiln app once /ready says its models are loaded
+    (at most 30 s)."""
+    return _ready_client

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from kiln.cli import main
 from kiln.serve.app import create_app
@@ -42,14 +41,11 @@ def test_generate_sends_plain_text(plain_folder: Path, capsys: pytest.CaptureFix
 
 
 def test_server_answers_chat_with_400_pointing_at_completions(plain_folder: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              ready_client: Any) -> None:
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     app = create_app(ServeConfig(models=(str(plain_folder),), kv_budget_bytes=4 << 20))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        for _ in range(300):
-            if client.get("/ready").status_code == 200:
-                break
-            time.sleep(0.1)
+    with ready_client(app) as client:
         name = client.get("/v1/models").json()["data"][0]["id"]
         chat = client.post("/v1/chat/completions",
                            json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})

@@ -158,8 +158,12 @@ def best(models: list[str] | None = None, reference: str | None = None,
     if not ok:
         return None
     in_memory = all(m.bytes_in_memory is not None for m in ok)
-    choice = min(ok, key=lambda m: (m.bytes_in_memory if in_memory else m.size_bytes) or 0)
-    size = (choice.bytes_in_memory if in_memory else choice.size_bytes) or 0
+
+    def size_of(m: ModelSummary) -> int:
+        return (m.bytes_in_memory if in_memory else m.size_bytes) or 0
+
+    choice = min(ok, key=size_of)
+    size = size_of(choice)
     delta = 100 * ((choice.metric("wikitext2", "ppl") or ref_ppl) / ref_ppl - 1)
     where = "in memory" if in_memory else "on disk"
     return choice.name, (f"smallest {where} within {max_delta_pct:g}% perplexity of the reference "

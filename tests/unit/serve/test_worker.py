@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.sampler import SamplingParams
@@ -67,14 +67,10 @@ def test_a_broken_engine_stops_and_refuses_at_once(worker: EngineWorker, monkeyp
 
 
 def test_health_and_requests_turn_503_when_the_engine_dies(tiny_folder: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch, ready_client: Any) -> None:
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        for _ in range(300):
-            if client.get("/ready").status_code == 200:
-                break
-            time.sleep(0.1)
+    with ready_client(app) as client:
         body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 4}
         name = client.get("/v1/models").json()["data"][0]["id"]
         assert client.post("/v1/completions", json={**body, "model": name}).status_code == 200
