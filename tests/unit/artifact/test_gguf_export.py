@@ -75,3 +75,22 @@ def test_tokenizer_comes_from_the_source(exported: tuple[LoadedModel, Path], def
     assert ours["tokenizer.ggml.model"].contents() == "gpt2"
     assert len(ours["tokenizer.ggml.tokens"].contents()) == 49152
     assert ours["tokenizer.chat_template"].contents() == theirs["tokenizer.chat_template"].contents()
+
+
+def test_int8_blocks_hold_kilns_integers(exported: tuple[LoadedModel, Path]) -> None:
+    """Q8_0 keeps each row's integers and scale (as float16), not a second per-block quantization."""
+    loaded, path = exported
+    block = loaded.model.layers[0]
+    assert isinstance(block, Block)
+    layer = block.mlp.gate_up_proj
+    assert isinstance(layer, Int8Linear)
+    gate = tensors(path)["blk.0.ffn_gate.weight"]
+    rows = gate.data.reshape(gate.data.shape[0], -1, 34)  # Q8_0 block: float16 d, then 32 int8
+    inter = rows.shape[0]
+    d = rows[..., :2].copy().view(np.float16)[..., 0]
+    q = rows[..., 2:].copy().view(np.int8).reshape(inter, -1)
+    assert np.array_equal(q, layer.qweight[:inter].numpy())
+    assert np.array_equal(d, np.repeat(layer.scales[:inter].numpy().astype(np.float16)[:, None], d.shape[1], axis=1))
+    # so the weights llama.cpp reads differ from kiln's by the float16 rounding of the scales alone
+    w = layer.dequantized()[:inter].numpy()
+    assert np.allclose(dequantized(gate), w, rtol=2**-11, atol=0)
