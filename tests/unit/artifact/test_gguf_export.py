@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kiln.artifact.gguf_export import _permute, export
-from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, QuantEmbedding
+from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, QuantEmbedding, W8A8Linear
 from kiln.model.llama import Block
 from kiln.model.load import LoadedModel
 
@@ -24,6 +24,7 @@ def exported(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFactor
     block.attn.qkv_proj = Int4Linear.from_float(block.attn.qkv_proj, 32, symmetric=False)
     block.mlp.down_proj = Int4Linear.from_float(block.mlp.down_proj, 128, symmetric=True)
     block.mlp.gate_up_proj = Int8Linear.from_float(block.mlp.gate_up_proj)
+    block.attn.o_proj = W8A8Linear.from_float(block.attn.o_proj)
     model.lm_head = Int8Linear.from_float(model.lm_head)  # an int8 tied head, as `--quantize-embeddings int8` makes
     model.embed = QuantEmbedding(model.lm_head)
     loaded.model = model
@@ -49,6 +50,7 @@ def test_types_follow_the_layers(exported: tuple[LoadedModel, Path]) -> None:
     assert found["blk.0.attn_q.weight"].tensor_type.name == "Q4_1"
     assert found["blk.0.ffn_down.weight"].tensor_type.name == "Q4_0"
     assert found["blk.0.ffn_gate.weight"].tensor_type.name == "Q8_0"
+    assert found["blk.0.attn_output.weight"].tensor_type.name == "Q8_0"
     assert found["blk.1.attn_q.weight"].tensor_type.name == "F32"
     assert found["token_embd.weight"].tensor_type.name == "Q8_0"
     assert len(found) == 2 + 9 * 30  # embedding, final norm, 9 per layer (tied head: no output.weight)
@@ -94,3 +96,8 @@ def test_int8_blocks_hold_kilns_integers(exported: tuple[LoadedModel, Path]) -> 
     # so the weights llama.cpp reads differ from kiln's by the float16 rounding of the scales alone
     w = layer.dequantized()[:inter].numpy()
     assert np.allclose(dequantized(gate), w, rtol=2**-11, atol=0)
+    w8a8 = block.attn.o_proj
+    assert isinstance(w8a8, W8A8Linear)
+    out = tensors(path)["blk.0.attn_output.weight"]
+    q_out = out.data.reshape(out.data.shape[0], -1, 34)[..., 2:].copy().view(np.int8).reshape(out.data.shape[0], -1)
+    assert np.array_equal(q_out, w8a8.qweight_t.t().numpy())
