@@ -2,8 +2,9 @@
 
 int4 layers map exactly onto llama.cpp's blocks of 32 (a symmetric group's scale is Q4_0's d; an
 asymmetric one's scale and zero give Q4_1's d and m); int8 per-channel weights (and W8A8 ones) keep
-their integers in Q8_0 blocks, each block with its row's scale as d; other matrices are written as F32 (kiln's compute
-precision), norms as F32. The only rounding is of those scales (and Q4_1's m) to float16.
+their integers in Q8_0 blocks, each block with its row's scale as d; other matrices are written as F32
+(kiln's compute precision), norms as F32. The only rounding is of those scales (and Q4_1's m) to
+float16.
 q/k rows are permuted to llama.cpp's rotary layout, as its own converter does. The tokenizer and
 chat template are copied from the source GGUF when the model came from one; the GGUF writer is
 gguf-py's (llama.cpp's own Python package).
