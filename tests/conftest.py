@@ -61,7 +61,6 @@ def tiny_folder(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFac
     return folder
 
 
-
 @contextmanager
 def _ready_client(app: Any) -> Iterator[Any]:
     from fastapi.testclient import TestClient
