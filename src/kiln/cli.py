@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("export", parents=[common], help="write a model or artifact as GGUF for llama.cpp")
+    p = sub.add_parser("export", parents=[common], help="write a model or artifact as GGUF or ONNX")
     p.add_argument("--format", choices=["gguf", "onnx"], default="gguf")
     p.add_argument("--precision", choices=["auto", "fp32", "int8", "int4"], default="auto",
                    help="onnx: weight precision (auto: as the artifact was quantized)")
