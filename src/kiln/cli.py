@@ -183,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     options = EvalOptions(
         task=args.task, limit=args.limit, ctx=args.ctx, limit_tokens=args.limit_tokens, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, data_dir=args.data, resume=args.resume,
+        max_new_tokens=args.max_new_tokens, data_dir=args.data, resume=args.resume, runtime=args.runtime,
     )
     loaded = load(args.model, precision=args.dtype)
     baseline = load(args.baseline, precision=args.dtype) if args.baseline else None
@@ -492,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="perplexity: KL divergence and Δppl against this model")
     p.add_argument("--batch-size", type=int, default=None, help="chunks / choice rows / prompts per forward pass")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation tasks: tokens per answer")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="generation tasks: the runtime that generates (torch, the default, is the reference; auto "
+                        "runs int8 / int4 artifacts on onnxruntime as kiln serve does); scoring tasks use torch")
     p.add_argument("--data", type=Path, default=None, help="data folder (default: KILN_DATA_DIR or ../shared/data)")
     p.add_argument("--samples", type=Path, default=None, help="write one JSON record per item to this file")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same evaluation")

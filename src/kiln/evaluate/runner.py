@@ -9,12 +9,15 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from kiln.compress.quantize.qlinear import widened
+from kiln.engine import RUNTIMES
 from kiln.engine.generate import Generator
 from kiln.errors import InvalidParameterError, KilnError
 from kiln.evaluate import generation, loglikelihood, multiple_choice, perplexity
@@ -43,18 +46,30 @@ class EvalOptions:
     max_new_tokens: int = 32  # generation
     data_dir: Path | None = None  # default: KILN_DATA_DIR or ../shared/data
     resume: bool = False  # continue an interrupted run with the same model, task and settings
+    # generation tasks: the runtime that generates (kiln generate's choices). Scoring tasks read
+    # log-likelihoods from kiln's torch graph, the reference the harness comparisons rest on.
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
-        resolve(self.task)  # unknown tasks fail before any model is loaded
+        ref = resolve(self.task)  # unknown tasks fail before any model is loaded
         for name in ("limit", "limit_tokens", "batch_size", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InvalidParameterError(f"--{name.replace('_', '-')} {value} must be at least 1")
         if self.ctx < 16 or self.ctx % 2:
             raise InvalidParameterError(f"--ctx {self.ctx} must be an even number of tokens, at least 16")
+        if self.runtime not in RUNTIMES:
+            raise InvalidParameterError(f"--runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if self.runtime != "torch" and ref.kind != "generation":
+            raise InvalidParameterError(
+                f"--runtime {self.runtime} applies to generation tasks (squad, gen:FILE.jsonl); {ref.name} is "
+                "scored on kiln's torch graph: drop --runtime"
+            )
 
     def settings(self) -> dict[str, Any]:
         keep = {"task", "limit", "ctx", "limit_tokens", "max_new_tokens"}
+        if resolve(self.task).kind == "generation":
+            keep.add("runtime")
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k in keep}
 
 
@@ -86,14 +101,24 @@ def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None 
             f"--baseline has a vocabulary of {baseline.spec.vocab_size} tokens, the model {loaded.spec.vocab_size}; "
             "KL divergence needs the same tokenizer"
         )
+    runtime_model: object = loaded.model
+    if ref.kind == "generation":
+        from kiln.engine.onnx_runtime import pick_runtime
+
+        # resolved before the checkpoint, so --resume continues on the runtime that started the run
+        runtime_model, picked = pick_runtime(loaded, options.runtime)
+        options = replace(options, runtime=picked)
     checkpoint = Checkpoint({"model": loaded.sha256, "baseline": baseline.sha256 if baseline else None,
                              "precision": str(loaded.model.dtype), **options.settings()})
     done = checkpoint.load() if options.resume else {}
     if not options.resume:
         checkpoint.discard()
     start = time.perf_counter()
-    runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice, "generation": _run_generation}
-    records, metrics = runners[ref.kind](loaded, options, ref, baseline, checkpoint, done, progress)
+    if ref.kind == "generation":
+        records, metrics = _run_generation(loaded, runtime_model, options, ref, checkpoint, done, progress)
+    else:
+        runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice}
+        records, metrics = runners[ref.kind](loaded, options, ref, baseline, checkpoint, done, progress)
     checkpoint.discard()
     return EvalOutcome(ref.name, ref.kind, metrics, records, time.perf_counter() - start, options.settings())
 
@@ -173,16 +198,18 @@ def _run_multiple_choice(loaded: LoadedModel, options: EvalOptions, ref: TaskRef
     return records, multiple_choice.metrics(records)
 
 
-def _run_generation(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
+def _run_generation(loaded: LoadedModel, model: object, options: EvalOptions, ref: TaskRef,
                     checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
     source = gen_tasks.squad(options.data_dir) if ref.name == "squad" else gen_tasks.custom(ref.path or Path())
     items = list(itertools.islice(source, options.limit))
-    generator = Generator(loaded.model, loaded.tokenizer)
+    generator = Generator(model, loaded.tokenizer)  # type: ignore[arg-type]
     stop = ("\n",) if ref.name == "squad" else ()
 
     def work(batch: list[gen_tasks.GenItem]) -> list[dict[str, Any]]:
         return generation.evaluate_items(generator, batch, options.max_new_tokens, len(batch), stop)
 
-    records = _process(items, done, lambda it: it.index, options.batch_size or 8, work, checkpoint, ref.name,
-                       "item", progress)
+    # on kiln's graph, int8 / int4 layers keep their widened matrices for the run: same numbers, far faster decode
+    with widened(loaded.model) if model is loaded.model else nullcontext():
+        records = _process(items, done, lambda it: it.index, options.batch_size or 8, work, checkpoint, ref.name,
+                           "item", progress)
     return records, generation.metrics(records, with_overlap=ref.name != "squad")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from kiln.compress.quantize import grid
-from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, QuantEmbedding, W8A8Linear
+from kiln.compress.quantize import grid, qlinear
+from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, QuantEmbedding, W8A8Linear, widened
 
 
 @pytest.fixture
@@ -74,3 +74,16 @@ def test_model_bytes_counts_packed_weights(tiny) -> None:
     after = model_bytes(loaded)  # type: ignore[arg-type]
     # the int8 codes (1 byte each) and one fp32 scale per row replace 4 bytes per weight
     assert after == before - 4 * dense + dense + 4 * block.mlp.down_proj.out_features
+
+
+def test_widened_layers_compute_the_same_and_let_go_after(layer: nn.Linear, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(Int8Linear.from_float(layer), nn.ReLU(), Int4Linear.from_float(nn.Linear(40, 64), 32, True))
+    x = torch.randn(4, 96)
+    before = model(x)
+    with widened(model) as kept:
+        assert kept and all(m.wide is not None for m in (model[0], model[2]))
+        assert torch.equal(model(x), before)  # the matrix each call would have built: bit for bit
+    assert model[0].wide is None and model[2].wide is None
+    monkeypatch.setattr(qlinear, "_available_bytes", lambda: 1000)  # no room: nothing is kept
+    with widened(model) as kept:
+        assert not kept and model[0].wide is None

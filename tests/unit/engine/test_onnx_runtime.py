@@ -386,3 +386,25 @@ def test_an_int8_head_under_int4_layers_runs_as_8_bit_in_the_export(onnx_tiny_fo
     capfd.readouterr()
     OnnxModel(folder, loaded.spec)
     assert "shape info" not in capfd.readouterr().err  # the rewired lookup left no stale shapes behind
+
+
+def test_eval_generation_tasks_run_on_the_chosen_runtime(onnx_tiny_folder: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.evaluate.runner import EvalOptions, run
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(f'{{"prompt": "{p}", "reference": "the sea"}}\n'
+                            for p in ("The sea", "Tell me about boats.", "One, two, three")))
+    tiny = load(str(onnx_tiny_folder), progress=False)
+
+    def outputs(runtime: str) -> tuple[list[str], str]:
+        outcome = run(tiny, EvalOptions(task=f"gen:{data}", max_new_tokens=8, runtime=runtime), progress=False)
+        return [r["output"] for r in outcome.records], outcome.settings["runtime"]
+
+    on_torch, on_onnx = outputs("torch"), outputs("onnxruntime")
+    assert all(on_torch[0]) and on_onnx == (on_torch[0], "onnxruntime") and on_torch[1] == "torch"
+    assert outputs("auto")[1] == "torch"  # an fp32 model: auto keeps kiln's graph, as kiln serve would
+    with pytest.raises(InvalidParameterError, match="applies to generation tasks"):
+        EvalOptions(task="wikitext2", runtime="onnxruntime")
