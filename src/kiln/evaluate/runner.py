@@ -114,11 +114,14 @@ def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None 
     if not options.resume:
         checkpoint.discard()
     start = time.perf_counter()
-    if ref.kind == "generation":
-        records, metrics = _run_generation(loaded, runtime_model, options, ref, checkpoint, done, progress)
-    else:
-        runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice}
-        records, metrics = runners[ref.kind](loaded, options, ref, baseline, checkpoint, done, progress)
+    # on kiln's graph, int8 / int4 layers keep their widened matrices for the run: the same numbers without
+    # widening every matrix at every call (generation on an int4 artifact: 2.2-3.3x faster)
+    with widened(loaded.model) if runtime_model is loaded.model else nullcontext():
+        if ref.kind == "generation":
+            records, metrics = _run_generation(loaded, runtime_model, options, ref, checkpoint, done, progress)
+        else:
+            runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice}
+            records, metrics = runners[ref.kind](loaded, options, ref, baseline, checkpoint, done, progress)
     checkpoint.discard()
     return EvalOutcome(ref.name, ref.kind, metrics, records, time.perf_counter() - start, options.settings())
 
@@ -208,8 +211,6 @@ def _run_generation(loaded: LoadedModel, model: object, options: EvalOptions, re
     def work(batch: list[gen_tasks.GenItem]) -> list[dict[str, Any]]:
         return generation.evaluate_items(generator, batch, options.max_new_tokens, len(batch), stop)
 
-    # on kiln's graph, int8 / int4 layers keep their widened matrices for the run: same numbers, far faster decode
-    with widened(loaded.model) if model is loaded.model else nullcontext():
-        records = _process(items, done, lambda it: it.index, options.batch_size or 8, work, checkpoint, ref.name,
-                           "item", progress)
+    records = _process(items, done, lambda it: it.index, options.batch_size or 8, work, checkpoint, ref.name,
+                       "item", progress)
     return records, generation.metrics(records, with_overlap=ref.name != "squad")
