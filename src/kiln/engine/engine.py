@@ -90,9 +90,10 @@ class Engine:
         owns_kv = getattr(model, "owns_kv", False)
         self.cache = PagedKVCache(model.spec, self.config.kv_budget_bytes, model.dtype, self.config.block_size,
                                   int8=self.config.kv_cache == "int8", store=not owns_kv)
+        # a runtime with its own keys and values shares prefixes only if it can copy blocks in and out
+        self.shares_prefixes = self.config.prefix_caching and (not owns_kv or getattr(model, "shares_prefixes", False))
         self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_batch_tokens, self.config.max_running,
-                            self.config.prefix_caching and not owns_kv),
+            SchedulerConfig(self.config.max_batch_tokens, self.config.max_running, self.shares_prefixes),
             self.cache,
         )
         self.requests: dict[str, Request] = {}
@@ -163,8 +164,10 @@ class Engine:
             logits = self._forward(scheduled.prefill)
             done = [i for i, (r, _) in enumerate(scheduled.prefill) if r.pending == 0]
             for r, _ in scheduled.prefill:
-                if r.num_computed >= len(r.prompt) and self.config.prefix_caching:
+                if r.num_computed >= len(r.prompt) and self.shares_prefixes:
                     self.cache.register_prefix(r.seq_id, r.prompt)
+                    if not isinstance(self.model, LlamaModel):
+                        self.model.publish(r.seq_id, self.cache)
             if done:
                 outputs += self._update([scheduled.prefill[i][0] for i in done], logits[done])
         return outputs

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,6 +76,9 @@ class PagedKVCache:
         self.block_hash: dict[int, int] = {}  # block -> prefix hash
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence uses, oldest first
         self.seqs: dict[int, SeqBlocks] = {}
+        # store=False: a runtime that keeps its own keys and values may keep its copies of published
+        # prefix blocks here, indexed by these block ids, so they live and die with this cache
+        self.runtime_store: list[Any] = []
 
     @staticmethod
     def bytes_per_token(spec: ModelSpec, dtype: torch.dtype, int8: bool = False) -> int:

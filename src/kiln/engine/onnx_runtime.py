@@ -8,9 +8,15 @@ present output (GroupQueryAttention's shared-buffer mode writes the new keys in 
 nothing) and doubled when full; the binding itself lives as long as the buffers, so a decode step only
 rebinds its token, mask and logits. Exports that have the `logits_to_keep` input compute lm_head on the
 last position only. The engine's paged cache
-then only does the accounting (budget, admission, preemption) and stores nothing; prefix caching is off,
-because shared blocks would have no keys and values here. Rows at the same position with the same number
-of new tokens run as one batch.
+does the accounting (budget, admission, preemption) and stores nothing itself. Rows at the same position
+with the same number of new tokens run as one batch.
+
+Prefix caching: when the engine publishes a prompt's full blocks, their keys and values are copied out of
+the sequence's buffers into a block store laid out like the engine's pool (indexed by the engine's block
+ids, so the engine's reference counts and eviction decide what stays valid); a later sequence that the
+engine attaches to those blocks gets them copied back into its fresh buffers instead of recomputed. Only
+prompts are copied, once each, so decode steps pay nothing. The store is allocated empty, so only the
+blocks ever published take memory.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from kiln import settings
 from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, RUNTIME_FILE
 from kiln.engine import RUNTIMES
 from kiln.engine.hugepages import with_huge_pages
+from kiln.engine.kv_cache import PagedKVCache
 from kiln.errors import InvalidParameterError, KilnError
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
@@ -102,6 +109,43 @@ class OnnxModel:
         self._mask = np.ones((1, FIRST_CAPACITY), dtype=np.int64)  # sliced to each step's length
         self._last = np.empty((1, 1, spec.vocab_size), dtype=np.float32)  # one row's last logits
         self._last_value = ort.OrtValue.ortvalue_from_numpy(self._last)
+        self.published: dict[int, int] = {}  # sequence id -> its leading blocks already in the block store
+
+    shares_prefixes = True  # the engine may attach cached prompt blocks: publish() and _restore() serve them
+
+    def _store(self, cache: PagedKVCache) -> list[np.ndarray]:
+        """The block store, per past input [engine blocks, Hkv, block, D], kept on the engine's cache."""
+        store: list[np.ndarray] = cache.runtime_store
+        if not store:
+            shape = (cache.num_blocks, self.spec.num_kv_heads, cache.block_size, self.spec.head_dim)
+            store += [np.empty(shape, dtype=np.float32) for _ in self.past_names]  # untouched until written
+        return store
+
+    def publish(self, seq: int, cache: PagedKVCache) -> None:
+        """Copy the sequence's registered full prompt blocks (cache.register_prefix) into the block store."""
+        blocks = cache.seqs[seq]
+        kv = self.states.get(seq)
+        if kv is None:
+            return
+        size, store = cache.block_size, self._store(cache)
+        first, last = self.published.get(seq, 0), min(len(blocks.hashes), blocks.length // size)
+        for i in range(first, last):
+            for pool, array in zip(store, kv.arrays, strict=True):
+                pool[blocks.blocks[i]] = array[0, :, i * size : (i + 1) * size]
+        self.published[seq] = max(first, last)
+
+    def _restore(self, seq: int, start: int, cache: PagedKVCache) -> None:
+        """Fill a sequence's first `start` positions from the store: the engine attached cached blocks."""
+        size, store = cache.block_size, cache.runtime_store
+        blocks = cache.seqs[seq].blocks[: start // size]
+        if not store or start % size or len(blocks) * size != start:
+            raise InvalidParameterError("the ONNX runtime lost a sequence's keys and values; run it with prefix "
+                                        "caching off")
+        kv = self._buffers(seq, start)
+        for pool, array in zip(store, kv.arrays, strict=True):
+            picked = pool[blocks]  # [blocks, Hkv, block, D]
+            array[0, :, :start] = picked.transpose(1, 0, 2, 3).reshape(picked.shape[1], start, picked.shape[3])
+        self.published[seq] = len(blocks)  # those blocks are in the store already
 
     def _empty(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -204,12 +248,14 @@ class OnnxModel:
         for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
             self.states.pop(gone, None)
             self.lengths.pop(gone)
+            self.published.pop(gone, None)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             start = seqs[row].length
-            if start and start != self.lengths.get(row, 0):  # a sequence must restart from 0 (preemption)
-                raise InvalidParameterError("the ONNX runtime lost a sequence's keys and values; prefix "
-                                                "caching must be off for this runtime")
+            if start and start != self.lengths.get(row, 0):  # the engine attached cached prefix blocks
+                self._restore(row, start, cache)  # type: ignore[arg-type]
+            elif not start:
+                self.published.pop(row, None)  # restarted from 0 (preemption): nothing of it is published
             self.lengths[row] = start
             groups[(start, num_tokens[i])].append(i)
         cache.advance(rows, num_tokens)  # type: ignore[attr-defined]  # (raises before any work if unreserved)

@@ -65,6 +65,31 @@ def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, 
     assert greedy(OnnxModel(folder, tiny.spec, 1), tiny, prompts) == greedy(tiny.model, tiny, prompts)
 
 
+def test_prefix_caching_on_the_onnx_runtime_gives_the_same_tokens(tiny: LoadedModel, tmp_path: Path) -> None:
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    prefix = [1, *range(400, 439)]  # 40 tokens: two full blocks of 16 can be shared
+    tails = [[7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=0)
+
+    def run(model: object, prefix_caching: bool) -> tuple[list[list[float]], list[int]]:
+        engine = Engine(model, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20,  # type: ignore[arg-type]
+                                                            prefix_caching=prefix_caching))
+        first = engine.add_request(prefix + tails[0], params)
+        engine.run()  # finished: its prompt blocks stay cached
+        rest = [engine.add_request(prefix + t, params) for t in tails[1:]]  # both attach; then one batch
+        engine.run()
+        requests = [first, *rest]
+        assert bool(engine.cache.runtime_store) == (prefix_caching and model is onnx)  # the prompt was published
+        return [[p.logprob for p in r.logprobs] for r in requests], [r.cached_tokens for r in requests]
+
+    onnx = OnnxModel(folder, tiny.spec, 1)
+    shared, cached = run(onnx, True)
+    assert cached == [0, 32, 32]
+    # the chosen tokens' log-probabilities: a wrong restored key or value moves them (tokens alone may not)
+    for reference in (run(onnx, False)[0], run(tiny.model, False)[0]):
+        assert torch.allclose(torch.tensor(shared), torch.tensor(reference), atol=1e-4)
+
+
 def test_sampling_penalties_and_logprobs_run_on_the_onnx_runtime_as_on_torch(tiny: LoadedModel, tmp_path: Path) -> None:
     """The onnxruntime runtime's logits are numpy arrays; seeded sampling, penalties and logprobs take the same
     paths from them as from the torch model's."""
@@ -389,11 +414,15 @@ def test_an_int8_head_under_int4_layers_runs_as_8_bit_in_the_export(onnx_tiny_fo
 
 
 def test_eval_generation_tasks_run_on_the_chosen_runtime(onnx_tiny_folder: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         request: pytest.FixtureRequest) -> None:
     from kiln.evaluate.runner import EvalOptions, run
 
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    # the onnxruntime runtime holds torch to one thread; later tests in this process must get theirs back
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     data = tmp_path / "gen.jsonl"
     data.write_text("".join(f'{{"prompt": "{p}", "reference": "the sea"}}\n'
                             for p in ("The sea", "Tell me about boats.", "One, two, three")))
