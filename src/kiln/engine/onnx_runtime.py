@@ -240,11 +240,12 @@ class OnnxModel:
             return torch.stack(every)
         return torch.stack([x[-1] for x in every])
 
-    def step(self, tokens: np.ndarray, cache: object, num_tokens: Sequence[int], rows: Sequence[int]) -> np.ndarray:
+    def step(self, tokens: np.ndarray, cache: PagedKVCache, num_tokens: Sequence[int],
+             rows: Sequence[int]) -> np.ndarray:
         """The engine's call: row i appends tokens[i, :num_tokens[i]] to sequence rows[i]; logits after
         each row's last token [B, V]. numpy in and out, so a decode step touches no torch (the engine's
         _forward says why). At batch 1 the result is a view that the next call overwrites."""
-        seqs = getattr(cache, "seqs")  # noqa: B009 - the paged cache's block tables (the length of each)
+        seqs = cache.seqs  # the paged cache's block tables (the length of each)
         for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
             self.states.pop(gone, None)
             self.lengths.pop(gone)
@@ -253,12 +254,12 @@ class OnnxModel:
         for i, row in enumerate(rows):
             start = seqs[row].length
             if start and start != self.lengths.get(row, 0):  # the engine attached cached prefix blocks
-                self._restore(row, start, cache)  # type: ignore[arg-type]
+                self._restore(row, start, cache)
             elif not start:
                 self.published.pop(row, None)  # restarted from 0 (preemption): nothing of it is published
             self.lengths[row] = start
             groups[(start, num_tokens[i])].append(i)
-        cache.advance(rows, num_tokens)  # type: ignore[attr-defined]  # (raises before any work if unreserved)
+        cache.advance(rows, num_tokens)  # (raises before any work if unreserved)
         # batch 1 returns a view, not a [1, V] copy (a fresh 196 kB buffer per step costs page faults);
         # the engine reads these logits before its next call overwrites them
         out = np.empty((len(rows), self.spec.vocab_size), dtype=np.float32) if len(rows) > 1 else None
