@@ -20,6 +20,15 @@ from kiln.model.load import LoadedModel, load
 warnings.filterwarnings("ignore")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """Give torch its thread count back after each test: a runtime may narrow it (onnxruntime holds torch
+    to one thread), and later tests would run, and round, differently."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def default_model() -> LoadedModel:
     return load("default", progress=False)

@@ -38,6 +38,7 @@ from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE,
 from kiln.engine import RUNTIMES
 from kiln.engine.hugepages import with_huge_pages
 from kiln.engine.kv_cache import PagedKVCache
+from kiln.engine.threads import PROCESS_THREADS, use_threads_for
 from kiln.errors import InvalidParameterError, KilnError
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
@@ -70,6 +71,7 @@ class OnnxModel:
 
     owns_kv = True  # the engine's cache must not store keys and values for it
     dtype = torch.float32
+    torch_threads = 1  # torch only samples beside the session (engine/threads.py)
 
     def __init__(self, folder: Path, spec: ModelSpec, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -80,13 +82,13 @@ class OnnxModel:
         # machine, but when other jobs share a small CPU the spinning steals their cores (and ours):
         # KILN_ORT_SPIN=0 turns it off for such hosts (per-session pools: only they take that setting)
         if os.environ.get("KILN_ORT_SPIN", "1") == "0":
-            options.intra_op_num_threads = threads or torch.get_num_threads()
+            options.intra_op_num_threads = threads or PROCESS_THREADS
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         else:
             # one pool for every session of the process (its size is the first session's): two sessions
             # with pools of their own (a target and its draft) keep each other's spinning threads on the
             # cores; speculative decoding ran at 0.9x plain decoding that way, 1.4x with one pool
-            _shared_pool(ort, threads or torch.get_num_threads())
+            _shared_pool(ort, threads or PROCESS_THREADS)
             options.use_per_session_threads = False
         graph = folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE
 
@@ -333,22 +335,31 @@ def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model") -> 
         raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if runtime != "auto":
         return runtime_model(loaded, runtime), runtime
-    if why_not_onnx(loaded, kv_cache) is not None:
-        return loaded.model, "torch"
-    try:
-        return runtime_model(loaded, "onnxruntime"), "onnxruntime"
-    except KilnError as exc:  # an export that fails its check: kiln's own graph still runs the artifact
-        print(f"kiln: the onnxruntime runtime is not available for this model ({exc}); running it on torch",
-              file=sys.stderr)
-        return loaded.model, "torch"
+    if why_not_onnx(loaded, kv_cache) is None:
+        try:
+            return runtime_model(loaded, "onnxruntime"), "onnxruntime"
+        except KilnError as exc:  # an export that fails its check: kiln's own graph still runs the artifact
+            print(f"kiln: the onnxruntime runtime is not available for this model ({exc}); running it on torch",
+                  file=sys.stderr)
+    return runtime_model(loaded, "torch"), "torch"
 
 
 def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") -> object:
-    """The model the engine should call for `runtime`."""
+    """The model the engine should call for `runtime`, with the calling thread's torch count set for it.
+
+    The count is set for every runtime, so a process that runs an ONNX Runtime model and then a torch one
+    on the same thread (kiln bench over several artifacts) gives the torch one its cores back.
+    """
     if runtime not in RUNTIMES:
         raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if runtime == "auto":
         return pick_runtime(loaded, runtime)[0]
+    model = _build(loaded, runtime, precision)
+    use_threads_for(model)
+    return model
+
+
+def _build(loaded: LoadedModel, runtime: str, precision: str) -> object:
     if runtime == "torch":
         return loaded.model
     if runtime == "torch-compiled":
@@ -363,9 +374,5 @@ def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") ->
         raise InvalidParameterError(
             "--runtime onnxruntime runs its export's own precision from the fp32 model; drop --dtype bf16"
         )
-    threads = int(os.environ.get("KILN_THREADS", "0")) or torch.get_num_threads()
-    model = OnnxModel(onnx_folder(loaded, precision), loaded.spec, threads)
-    # what is left to torch (sampling on one logits row per sequence) is tiny, and a second pool of
-    # spinning OpenMP threads fights ORT's for the cores: int4 batch-1 decode 65 -> 122 tok/s here
-    torch.set_num_threads(1)
-    return model
+    # ORT's pool gets the process's cores even when this thread's torch count was narrowed before
+    return OnnxModel(onnx_folder(loaded, precision), loaded.spec, PROCESS_THREADS)

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.sampler import SamplingParams
+from kiln.engine.threads import use_threads_for
 from kiln.model.load import LoadedModel, load
 from kiln.serve.registry import Registry
 from kiln.serve.worker import EngineWorker
@@ -76,6 +77,7 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
     from kiln.engine.onnx_runtime import pick_runtime
 
     def build() -> tuple[LoadedModel, Engine, str]:
+        use_threads_for(None)  # a new thread starts from the last count set anywhere: one, after an ORT model
         loaded = load(source, precision=precision, progress=False)
         model, picked = pick_runtime(loaded, runtime, engine.kv_cache)
         return loaded, Engine(model, loaded.tokenizer, engine), picked  # type: ignore[arg-type]
@@ -114,13 +116,9 @@ class Router:
         self.default: str | None = None
 
     def _start(self, name: str, version: str, source: str) -> Deployment:
-        """start(); under --runtime auto the first model's pick holds for every later one: ONNX Runtime's
-        sessions want torch held to one thread (onnx_runtime.runtime_model), which a torch model sharing
-        the process would then run on."""
-        deployment = start(name, version, source, self.engine_config, self.precision, self.runtime)
-        if self.runtime == "auto":
-            self.runtime = deployment.runtime
-        return deployment
+        """start(), with --runtime auto resolved for each model on its own (engine/threads.py lets a torch
+        model and an ONNX Runtime session share the process)."""
+        return start(name, version, source, self.engine_config, self.precision, self.runtime)
 
     def add_static(self, name: str) -> None:
         """Serve the model `name` (any -m value) under that name, outside the registry."""

@@ -251,9 +251,11 @@ async def list_models(request: Request) -> dict[str, Any]:
     state: ServerState = request.app.state.kiln
     data = []
     for name, route in state.router.routes.items():
+        canary = route.canary
         data.append({"id": name, "object": "model", "created": state.started, "owned_by": "kiln",
-                     "version": route.live.version,
-                     **({"canary": {"version": route.canary.version, "share": route.share}} if route.canary else {})})
+                     "version": route.live.version, "runtime": route.live.runtime,
+                     **({"canary": {"version": canary.version, "share": route.share, "runtime": canary.runtime}}
+                        if canary else {})})
     return {"object": "list", "data": data}
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from kiln.engine.engine import Engine, StepOutput
 from kiln.engine.request import TokenLogprob
 from kiln.engine.sampler import SamplingParams
+from kiln.engine.threads import use_threads_for
 from kiln.errors import KilnError
 
 
@@ -90,6 +91,7 @@ class EngineWorker:
     def _run(self) -> None:
         reason = "the server is shutting down"
         try:
+            use_threads_for(self.engine.model)  # this thread's own torch count, whatever other engines use
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - the thread is dying: say why, and fail what waits on it
             self.fault = reason = f"the engine stopped: {type(exc).__name__}: {exc}"

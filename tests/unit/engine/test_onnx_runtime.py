@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -414,15 +415,11 @@ def test_an_int8_head_under_int4_layers_runs_as_8_bit_in_the_export(onnx_tiny_fo
 
 
 def test_eval_generation_tasks_run_on_the_chosen_runtime(onnx_tiny_folder: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch,
-                                                         request: pytest.FixtureRequest) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from kiln.evaluate.runner import EvalOptions, run
 
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
-    # the onnxruntime runtime holds torch to one thread; later tests in this process must get theirs back
-    threads = torch.get_num_threads()
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
     data = tmp_path / "gen.jsonl"
     data.write_text("".join(f'{{"prompt": "{p}", "reference": "the sea"}}\n'
                             for p in ("The sea", "Tell me about boats.", "One, two, three")))
@@ -437,3 +434,46 @@ def test_eval_generation_tasks_run_on_the_chosen_runtime(onnx_tiny_folder: Path,
     assert outputs("auto")[1] == "torch"  # an fp32 model: auto keeps kiln's graph, as kiln serve would
     with pytest.raises(InvalidParameterError, match="applies to generation tasks"):
         EvalOptions(task="wikitext2", runtime="onnxruntime")
+
+
+def test_a_server_runs_each_model_on_its_own_runtime(onnx_tiny_folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --runtime auto an int4 artifact loaded first runs on onnxruntime, and an fp32 model loaded
+    after it on torch; each engine thread has its own torch thread count (one beside ONNX Runtime)."""
+    import asyncio
+
+    from kiln.engine import threads
+    from kiln.serve import deploy
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(threads, "PROCESS_THREADS", 3)  # a count no default sets, so the check can fail
+    loading_threads: list[int] = []  # torch's count on the thread that loads each model
+    real_load = deploy.load
+
+    def counting_load(*args: Any, **kwargs: Any) -> LoadedModel:
+        loading_threads.append(torch.get_num_threads())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(deploy, "load", counting_load)
+    artifact = tmp_path / "int4"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=4, group_size=32, symmetric=True),)), artifact,
+             progress=False)
+    router = deploy.Router(EngineConfig(kv_budget_bytes=8 << 20), "fp32", runtime="auto")
+    try:
+        router.add_static(str(artifact))
+        router.add_static(str(onnx_tiny_folder))
+        int4, fp32 = router.routes[str(artifact)].live, router.routes[str(onnx_tiny_folder)].live
+        assert (int4.runtime, fp32.runtime) == ("onnxruntime", "torch")
+        assert isinstance(int4.worker.engine.model, OnnxModel) and fp32.worker.engine.model is fp32.loaded.model
+
+        def counts() -> tuple[int, int]:
+            async def ask() -> tuple[int, int]:
+                return (await int4.worker.call(lambda e: torch.get_num_threads()),
+                        await fp32.worker.call(lambda e: torch.get_num_threads()))
+            return asyncio.run(ask())
+
+        assert counts() == (1, 3)
+        assert loading_threads == [3, 3]  # the fp32 model loads with every thread, after the ORT one
+    finally:
+        for route in router.routes.values():
+            route.live.worker.stop()
