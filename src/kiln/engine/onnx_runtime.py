@@ -252,7 +252,7 @@ class OnnxModel:
             self.states.pop(gone, None)
             self.lengths.pop(gone)
             self.published.pop(gone, None)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             start = seqs[row].length
             if start and start != self.lengths.get(row, 0):  # the engine attached cached prefix blocks
@@ -260,12 +260,15 @@ class OnnxModel:
             elif not start:
                 self.published.pop(row, None)  # restarted from 0 (preemption): nothing of it is published
             self.lengths[row] = start
-            groups[(start, num_tokens[i])].append(i)
+            # rows at one position with one width run as a batch, except prompt chunks over a past (a later
+            # chunk, or a prompt after cached prefix blocks): GroupQueryAttention takes those one at a time
+            alone = start > 0 and num_tokens[i] > 1
+            groups[(start, num_tokens[i], i) if alone else (start, num_tokens[i])].append(i)
         cache.advance(rows, num_tokens)  # (raises before any work if unreserved)
         # batch 1 returns a view, not a [1, V] copy (a fresh 196 kB buffer per step costs page faults);
         # the engine reads these logits before its next call overwrites them
         out = np.empty((len(rows), self.spec.vocab_size), dtype=np.float32) if len(rows) > 1 else None
-        for (start, n), members in groups.items():
+        for (start, n, *_), members in groups.items():
             if len(members) == 1:  # one sequence: its buffers are the past and the present
                 first = members[0]
                 result = self._run_in_place(tokens[first : first + 1, :n], self._buffers(rows[first], start + n),
