@@ -104,6 +104,9 @@ class OnnxModel:
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         self.states: dict[int, _SeqKV] = {}  # sequence id -> its key/value buffers
+        # the last batched run: ((sequence ids, their lengths after it), its presents), reused as the next
+        # run's pasts when the same sequences decode again (no copy of every past at every step)
+        self._last_batch: tuple[tuple[tuple[int, ...], tuple[int, ...]], list[np.ndarray]] | None = None
         self.lengths: dict[int, int] = {}  # sequence id -> tokens in its buffers
         self._ort = ort
         self.keeps_last = LOGITS_TO_KEEP in names  # an export older than version 2 has no such input
@@ -253,6 +256,7 @@ class OnnxModel:
             self.lengths.pop(gone)
             self.published.pop(gone, None)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        starts: list[int] = []
         for i, row in enumerate(rows):
             start = seqs[row].length
             if start and start != self.lengths.get(row, 0):  # the engine attached cached prefix blocks
@@ -260,34 +264,62 @@ class OnnxModel:
             elif not start:
                 self.published.pop(row, None)  # restarted from 0 (preemption): nothing of it is published
             self.lengths[row] = start
-            # rows at one position with one width run as a batch, except prompt chunks over a past (a later
-            # chunk, or a prompt after cached prefix blocks): GroupQueryAttention takes those one at a time
-            alone = start > 0 and num_tokens[i] > 1
-            groups[(start, num_tokens[i], i) if alone else (start, num_tokens[i])].append(i)
+            starts.append(start)
+            # every decode row runs in one batch, each at its own position; prompt chunks from position 0
+            # batch by width; a prompt chunk over a past (a later chunk, or a prompt after cached prefix
+            # blocks) runs alone: GroupQueryAttention takes no batch of those
+            n = num_tokens[i]
+            groups[(1,) if n == 1 else (n,) if start == 0 else (n, -1 - i)].append(i)
         cache.advance(rows, num_tokens)  # (raises before any work if unreserved)
         # batch 1 returns a view, not a [1, V] copy (a fresh 196 kB buffer per step costs page faults);
         # the engine reads these logits before its next call overwrites them
         out = np.empty((len(rows), self.spec.vocab_size), dtype=np.float32) if len(rows) > 1 else None
-        for (start, n, *_), members in groups.items():
+        for (n, *_), members in groups.items():
             if len(members) == 1:  # one sequence: its buffers are the past and the present
                 first = members[0]
-                result = self._run_in_place(tokens[first : first + 1, :n], self._buffers(rows[first], start + n),
-                                            start + n)
-            else:  # several at the same position: one batched run on copies, written back after
-                past = [np.concatenate([self._buffers(rows[i], start).arrays[k][:, :, :start] for i in members])
-                        for k in range(len(self.past_names))]
-                result, presents = self._run(tokens[members, :n], past, last=True)
-                for j, i in enumerate(members):
-                    kv = self._buffers(rows[i], start + n)
-                    for array, present in zip(kv.arrays, presents, strict=True):
-                        array[:, :, : start + n] = present[j]
+                end = starts[first] + n
+                result = self._run_in_place(tokens[first : first + 1, :n], self._buffers(rows[first], end), end)
+            else:
+                result = self._run_batch(tokens[members, :n], [rows[i] for i in members], [starts[i] for i in members])
             for j, i in enumerate(members):
-                self.lengths[rows[i]] = start + n
+                self.lengths[rows[i]] = starts[i] + n
                 if out is None:
                     return result[:, -1]
                 out[i] = result[j, -1]
         assert out is not None
         return out
+
+    def _run_batch(self, ids: np.ndarray, seqs: list[int], starts: list[int]) -> np.ndarray:
+        """Several sequences in one run, each appending ids' n tokens at its own position; last logits [B, 1, V].
+
+        The pasts are copied side by side, right-padded to the longest; the attention mask's row sums
+        tell GroupQueryAttention each row's length (the builder's graph derives seqlens_k from them), so
+        padding is never attended. Only the new keys and values are copied back into each sequence's
+        buffers. The copies cost far less than a session run per sequence, which reads every weight again.
+        """
+        b, n = ids.shape
+        width = max(starts)
+        key = (tuple(seqs), tuple(starts))
+        if self._last_batch is not None and self._last_batch[0] == key and n == 1:
+            past = self._last_batch[1]  # the same rows one token on: the last run's presents are the pasts
+        else:
+            past = [np.zeros((b, self.spec.num_kv_heads, width, self.spec.head_dim), dtype=np.float32)
+                    for _ in self.past_names]
+            for j, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+                for k, array in enumerate(self._buffers(seq, start).arrays):
+                    past[k][j, :, :start] = array[0, :, :start]
+        mask = np.zeros((b, width + n), dtype=np.int64)
+        for j, start in enumerate(starts):
+            mask[j, : start + n] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past, strict=True))}
+        if self.keeps_last:
+            feeds[LOGITS_TO_KEEP] = self._one
+        logits, *presents = self.session.run(["logits", *self.present_names], feeds)
+        for j, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+            for array, present in zip(self._buffers(seq, start + n).arrays, presents, strict=True):
+                array[0, :, start : start + n] = present[j, :, start : start + n]
+        self._last_batch = ((tuple(seqs), tuple(s + n for s in starts)), presents)
+        return logits
 
 
 def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:

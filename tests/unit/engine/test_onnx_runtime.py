@@ -66,6 +66,30 @@ def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, 
     assert greedy(OnnxModel(folder, tiny.spec, 1), tiny, prompts) == greedy(tiny.model, tiny, prompts)
 
 
+def test_decode_rows_at_different_positions_run_as_one_batch(tiny: LoadedModel, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequences of different lengths decode in one session run, with the log-probabilities each gets alone."""
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    prompts = [[1, *range(500, 504)], [1, *range(600, 616)], [1, *range(700, 729)]]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    onnx = OnnxModel(folder, tiny.spec, 1)
+    batches: list[int] = []
+    real_batch = onnx._run_batch
+    monkeypatch.setattr(onnx, "_run_batch", lambda ids, seqs, starts: batches.append(len(set(starts))) or
+                        real_batch(ids, seqs, starts))
+
+    def run(group: list[list[int]]) -> list[list[float]]:
+        engine = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20))  # type: ignore[arg-type]
+        requests = [engine.add_request(p, params) for p in group]
+        engine.run()
+        return [[p.logprob for p in r.logprobs] for r in requests]
+
+    together = run(prompts)
+    assert batches and max(batches) == 3  # three rows, three positions, one run
+    alone = [run([p])[0] for p in prompts]
+    assert torch.allclose(torch.tensor(together), torch.tensor(alone), atol=1e-4)
+
+
 def test_prefix_caching_on_the_onnx_runtime_gives_the_same_tokens(tiny: LoadedModel, tmp_path: Path) -> None:
     folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
     prefix = [1, *range(400, 439)]  # 40 tokens: two full blocks of 16 can be shared
