@@ -8,8 +8,8 @@ present output (GroupQueryAttention's shared-buffer mode writes the new keys in 
 nothing) and doubled when full; the binding itself lives as long as the buffers, so a decode step only
 rebinds its token, mask and logits. Exports that have the `logits_to_keep` input compute lm_head on the
 last position only. The engine's paged cache
-does the accounting (budget, admission, preemption) and stores nothing itself. Rows at the same position
-with the same number of new tokens run as one batch.
+does the accounting (budget, admission, preemption) and stores nothing itself. All decode rows of a step
+run as one batch, each at its own position (`_run_batch`); first prompt chunks of one width batch too.
 
 Prefix caching: when the engine publishes a prompt's full blocks, their keys and values are copied out of
 the sequence's buffers into a block store laid out like the engine's pool (indexed by the engine's block
