@@ -318,6 +318,7 @@ class OnnxModel:
         assert not any(starts), "prompt chunks over a past run one sequence at a time"
         logits, presents = self._run(ids, self._empty(b), last=True)
         for j, seq in enumerate(seqs):
+            self._touch(seq)
             for array, present in zip(self._buffers(seq, n).arrays, presents, strict=True):
                 array[0, :, :n] = present[j]
         return logits
