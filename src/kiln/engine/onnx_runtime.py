@@ -54,11 +54,14 @@ class _BatchKV:
 
     seqs: tuple[int, ...]
     lengths: list[int]  # tokens each row holds
-    capacity: int
     arrays: list[np.ndarray]
     values: list[Any]  # onnxruntime.OrtValue over the same memory
     binding: Any
     logits: np.ndarray
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2]
 
 
 @dataclass
@@ -191,18 +194,7 @@ class OnnxModel:
         if kv is not None:
             for new, old in zip(arrays, kv.arrays, strict=True):
                 new[:, :, :capacity] = old
-        values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        binding = self.session.io_binding()
-        # logits first: get_outputs() lists outputs in the order they were first bound
-        if self.keeps_last:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, self._one)
-            binding.bind_ortvalue_output("logits", self._last_value)
-        else:
-            binding.bind_output("logits")
-        for name, value in zip(self.past_names, values, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        for name, value in zip(self.present_names, values, strict=True):
-            binding.bind_ortvalue_output(name, value)
+        values, binding = self._bind_in_place(arrays, self._last_value)
         kv = _SeqKV(arrays, values, binding)
         self.states[seq] = kv
         return kv
@@ -363,18 +355,25 @@ class OnnxModel:
             for array, own in zip(arrays, self._buffers(seq, start).arrays, strict=True):
                 array[j, :, :start] = own[0, :, :start]
         logits = np.empty((len(seqs), 1, self.spec.vocab_size), dtype=np.float32)
+        values, binding = self._bind_in_place(arrays, self._ort.OrtValue.ortvalue_from_numpy(logits))
+        return _BatchKV(tuple(seqs), list(starts), arrays, values, binding, logits)
+
+    def _bind_in_place(self, arrays: list[np.ndarray], logits: Any) -> tuple[list[Any], Any]:
+        """(OrtValues over `arrays`, an IO binding with them as both past and present). With logits_to_keep
+        the last position's logits go to the OrtValue `logits`; an older export's come back as an output."""
         values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         binding = self.session.io_binding()
+        # logits first: get_outputs() lists outputs in the order they were first bound
         if self.keeps_last:
             binding.bind_cpu_input(LOGITS_TO_KEEP, self._one)
-            binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
+            binding.bind_ortvalue_output("logits", logits)
         else:
             binding.bind_output("logits")
         for name, value in zip(self.past_names, values, strict=True):
             binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.present_names, values, strict=True):
             binding.bind_ortvalue_output(name, value)
-        return _BatchKV(tuple(seqs), list(starts), capacity, arrays, values, binding, logits)
+        return values, binding
 
 
 def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
