@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation tasks: tokens per answer")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
                    help="generation tasks: the runtime that generates (torch, the default, is the reference; auto "
-                        "runs int8 / int4 artifacts on onnxruntime as kiln serve does); scoring tasks use torch")
+                        "picks as kiln serve does); scoring tasks use torch")
     p.add_argument("--data", type=Path, default=None, help="data folder (default: KILN_DATA_DIR or ../shared/data)")
     p.add_argument("--samples", type=Path, default=None, help="write one JSON record per item to this file")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same evaluation")

@@ -30,6 +30,18 @@ def memory_bytes() -> int:
         return 0
 
 
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo: memory a new allocation can take now (0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def version_of(package: str) -> str:
     try:
         return metadata.version(package)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from kiln import settings
 from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, RUNTIME_FILE
+from kiln.benchmark.machine import available_bytes
 from kiln.engine import RUNTIMES
 from kiln.engine.hugepages import with_huge_pages
 from kiln.engine.kv_cache import PagedKVCache
@@ -393,17 +394,17 @@ def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
 def why_not_onnx(loaded: LoadedModel, kv_cache: str = "model") -> str | None:
     """Why `--runtime auto` keeps `loaded` on kiln's torch graph, or None when onnxruntime should run it.
 
-    onnxruntime pays off for int8 / int4 weight-only artifacts: MatMulNBits reads their integers, where
-    the torch runtime widens every matrix to fp32 on every call (batch-1 decode of the default model's
-    artifacts, BENCHMARKS.md: int8 5.5x, int4 18-23x). Everything else stays on kiln's graph, the reference
-    that supports every feature (prefix caching, int8 keys and values, bf16, W8A8 and low-rank layers).
+    onnxruntime runs every fp32 model it takes faster than kiln's graph does (the default model, `kiln
+    bench`, BENCHMARKS.md): int8 / int4 weight-only artifacts by far, because MatMulNBits reads their
+    integers where the torch runtime widens every matrix on every call (batch-1 decode: int8 5.5x, int4
+    18-23x), and the uncompressed model too (1.5x at batch 1, 1.6x over 16 sequences, prefill no slower).
+    What stays on kiln's graph, the reference that supports every feature: bf16 (oneDNN's AMX matmuls,
+    which ONNX Runtime's CPU kernels do not use), int8 keys and values, W8A8 and low-rank layers (the
+    export would run them as other arithmetic), and head sizes ONNX Runtime's attention refuses.
     """
-    from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, W8A8Linear
+    from kiln.compress.quantize.qlinear import LowRankLinear, W8A8Linear
 
-    layers = [m for m in loaded.model.modules() if isinstance(m, (Int8Linear, Int4Linear, W8A8Linear, LowRankLinear))]
-    if not any(isinstance(m, (Int8Linear, Int4Linear)) for m in layers):
-        return "no int8 / int4 weight-only layers"
-    if any(isinstance(m, (W8A8Linear, LowRankLinear)) for m in layers):
+    if any(isinstance(m, (W8A8Linear, LowRankLinear)) for m in loaded.model.modules()):
         return "W8A8 or low-rank layers, which the ONNX export would run as other arithmetic"
     if loaded.model.dtype != torch.float32:
         return "--dtype bf16"
@@ -418,6 +419,22 @@ def why_not_onnx(loaded: LoadedModel, kv_cache: str = "model") -> str | None:
     return None
 
 
+def no_room_for_onnx(loaded: LoadedModel, share: float = 0.5) -> str | None:
+    """Why the session's own copy of the weights should not be made, or None when it fits.
+
+    The process keeps `loaded` on kiln's graph as well, so a session is a second copy of the weights:
+    little for an int4 artifact, the whole model again for an fp32 one (the default model: about 0.7 GB
+    more resident). It is made only while it fits in `share` of the memory available now; where that is
+    unknown (0), it is made.
+    """
+    copy = sum(t.numel() * t.element_size() for t in (*loaded.model.parameters(), *loaded.model.buffers()))
+    free = available_bytes()
+    if free and copy > share * free:
+        return (f"its onnxruntime copy of the weights ({copy / 2**20:.0f} MB) would take more than "
+                f"{share:.0%} of the memory available ({free / 2**20:.0f} MB)")
+    return None
+
+
 def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model") -> tuple[object, str]:
     """(the model the engine should call, the runtime it is) for `--runtime` (auto resolved per model)."""
     if runtime not in RUNTIMES:
@@ -425,6 +442,11 @@ def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model") -> 
     if runtime != "auto":
         return runtime_model(loaded, runtime), runtime
     if why_not_onnx(loaded, kv_cache) is None:
+        short = no_room_for_onnx(loaded)
+        if short:  # the user would expect onnxruntime here: say why it is torch
+            print(f"kiln: running {loaded.source.name} on torch: {short}; --runtime onnxruntime forces it",
+                  file=sys.stderr)
+            return runtime_model(loaded, "torch"), "torch"
         try:
             return runtime_model(loaded, "onnxruntime"), "onnxruntime"
         except KilnError as exc:  # an export that fails its check: kiln's own graph still runs the artifact

@@ -84,6 +84,6 @@ def test_widened_layers_compute_the_same_and_let_go_after(layer: nn.Linear, monk
         assert kept and all(m.wide is not None for m in (model[0], model[2]))
         assert torch.equal(model(x), before)  # the matrix each call would have built: bit for bit
     assert model[0].wide is None and model[2].wide is None
-    monkeypatch.setattr(qlinear, "_available_bytes", lambda: 1000)  # no room: nothing is kept
+    monkeypatch.setattr(qlinear, "available_bytes", lambda: 1000)  # no room: nothing is kept
     with widened(model) as kept:
         assert not kept and model[0].wide is None

@@ -313,9 +313,10 @@ def test_a_tied_int4_head_is_shared_with_the_embedding_lookup(onnx_tiny_folder: 
     assert onnx_export.max_logit_error(loaded, folder) < onnx_export.TOLERANCE["int4"]
 
 
-def test_auto_runtime_picks_onnxruntime_for_weight_only_artifacts(onnx_tiny_folder: Path, tiny_folder: Path,
-                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_auto_runtime_picks_onnxruntime_where_it_takes_the_model(onnx_tiny_folder: Path, tiny_folder: Path,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.engine import onnx_runtime
     from kiln.engine.onnx_runtime import pick_runtime
 
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
@@ -325,11 +326,12 @@ def test_auto_runtime_picks_onnxruntime_for_weight_only_artifacts(onnx_tiny_fold
     model, runtime = pick_runtime(int4, "auto")
     assert runtime == "onnxruntime" and isinstance(model, OnnxModel)
     assert "building the ONNX export" in capsys.readouterr().err  # the one-time export says so
-    # everything else stays on kiln's graph: an unquantized model, int8 keys and values, bf16, a head size
-    # ONNX Runtime's attention refuses; and an explicit --runtime is obeyed
+    fp32 = load(str(onnx_tiny_folder), progress=False)  # an uncompressed model runs there too
+    model, runtime = pick_runtime(fp32, "auto")
+    assert runtime == "onnxruntime" and isinstance(model, OnnxModel)
+    # the rest stays on kiln's graph: int8 keys and values, bf16, a head size ONNX Runtime's attention
+    # refuses; and an explicit --runtime is obeyed
     assert pick_runtime(int4, "auto", kv_cache="int8") == (int4.model, "torch")
-    fp32 = load(str(onnx_tiny_folder), progress=False)
-    assert pick_runtime(fp32, "auto") == (fp32.model, "torch")
     bf16 = load(str(artifact), "bf16", progress=False)
     assert pick_runtime(bf16, "auto") == (bf16.model, "torch")
     odd = tmp_path / "odd-int4"
@@ -337,6 +339,15 @@ def test_auto_runtime_picks_onnxruntime_for_weight_only_artifacts(onnx_tiny_fold
     odd_model = load(str(odd), progress=False)
     assert pick_runtime(odd_model, "auto") == (odd_model.model, "torch")
     assert pick_runtime(int4, "torch") == (int4.model, "torch")
+    # a second copy of the weights that would not fit: torch, with one line saying why
+    weights = sum(t.numel() * t.element_size() for t in fp32.model.parameters())
+    monkeypatch.setattr(onnx_runtime, "available_bytes", lambda: weights)  # the copy would take all of it
+    capsys.readouterr()
+    assert pick_runtime(fp32, "auto") == (fp32.model, "torch")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more than 50% of the memory available" in err[0]
+    monkeypatch.setattr(onnx_runtime, "available_bytes", lambda: 3 * weights)
+    assert pick_runtime(fp32, "auto")[1] == "onnxruntime"
 
 
 def test_auto_runtime_falls_back_to_torch_when_the_export_fails(onnx_tiny_folder: Path, tmp_path: Path,
@@ -460,15 +471,16 @@ def test_eval_generation_tasks_run_on_the_chosen_runtime(onnx_tiny_folder: Path,
 
     on_torch, on_onnx = outputs("torch"), outputs("onnxruntime")
     assert all(on_torch[0]) and on_onnx == (on_torch[0], "onnxruntime") and on_torch[1] == "torch"
-    assert outputs("auto")[1] == "torch"  # an fp32 model: auto keeps kiln's graph, as kiln serve would
+    assert outputs("auto")[1] == "onnxruntime"  # as kiln serve would run this fp32 model
     with pytest.raises(InvalidParameterError, match="applies to generation tasks"):
         EvalOptions(task="wikitext2", runtime="onnxruntime")
 
 
-def test_a_server_runs_each_model_on_its_own_runtime(onnx_tiny_folder: Path, tmp_path: Path,
+def test_a_server_runs_each_model_on_its_own_runtime(onnx_tiny_folder: Path, tiny_folder: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under --runtime auto an int4 artifact loaded first runs on onnxruntime, and an fp32 model loaded
-    after it on torch; each engine thread has its own torch thread count (one beside ONNX Runtime)."""
+    """Under --runtime auto an int4 artifact loaded first runs on onnxruntime, and a model that ONNX
+    Runtime's attention refuses (head size 8), loaded after it, on torch; each engine thread has its own
+    torch thread count (one beside ONNX Runtime)."""
     import asyncio
 
     from kiln.engine import threads
@@ -490,8 +502,8 @@ def test_a_server_runs_each_model_on_its_own_runtime(onnx_tiny_folder: Path, tmp
     router = deploy.Router(EngineConfig(kv_budget_bytes=8 << 20), "fp32", runtime="auto")
     try:
         router.add_static(str(artifact))
-        router.add_static(str(onnx_tiny_folder))
-        int4, fp32 = router.routes[str(artifact)].live, router.routes[str(onnx_tiny_folder)].live
+        router.add_static(str(tiny_folder))
+        int4, fp32 = router.routes[str(artifact)].live, router.routes[str(tiny_folder)].live
         assert (int4.runtime, fp32.runtime) == ("onnxruntime", "torch")
         assert isinstance(int4.worker.engine.model, OnnxModel) and fp32.worker.engine.model is fp32.loaded.model
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kiln.benchmark.machine import available_bytes
 from kiln.compress.quantize import grid
 
 
@@ -230,17 +230,6 @@ LAYER_KINDS: dict[str, type[CompressedLinear]] = {
 }
 
 
-def _available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (0 where there is none: then nothing is widened)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 @contextmanager
 def widened(model: nn.Module, share: float = 0.5) -> Iterator[bool]:
     """Keep each int8 / int4 weight-only layer's fp32 matrix while the block runs; yields whether it did.
@@ -252,7 +241,7 @@ def widened(model: nn.Module, share: float = 0.5) -> Iterator[bool]:
     """
     layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
     need = sum(4 * m.in_features * m.out_features for m in layers)
-    keep = bool(layers) and need <= share * _available_bytes()
+    keep = bool(layers) and need <= share * available_bytes()  # 0 where unknown: nothing kept
     try:
         if keep:
             for m in layers:
