@@ -133,12 +133,15 @@ def _check_speculative(args: argparse.Namespace, params: Any) -> None:
 
 def _speculative_generate(args: argparse.Namespace, loaded: Any, prompt: list[int], params: Any) -> int:
     """`kiln generate --draft M`: greedy speculative decoding, the draft on the target's runtime."""
-    from kiln.engine.onnx_runtime import pick_runtime, runtime_model
+    from kiln.engine.onnx_runtime import pick_runtime, runtime_model, why_not_onnx
     from kiln.engine.speculative import SpeculativeDecoder
     from kiln.model.load import load
 
     draft = load(args.draft, precision=args.dtype)
-    target, runtime = pick_runtime(loaded, args.runtime)  # the draft follows: one runtime (and thread setup) for both
+    runtime = args.runtime
+    if runtime == "auto" and why_not_onnx(draft) is not None:
+        runtime = "torch"  # a draft onnxruntime cannot take keeps both on kiln's graph
+    target, runtime = pick_runtime(loaded, runtime)  # the draft follows: one runtime (and thread setup) for both
     decoder = SpeculativeDecoder(target, runtime_model(draft, runtime), args.speculate)  # type: ignore[arg-type]
     result = decoder.generate(prompt, params, loaded.tokenizer.eos_token_ids)
     tokens = [t for t in result.tokens if t not in loaded.tokenizer.eos_token_ids]

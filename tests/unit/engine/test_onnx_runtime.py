@@ -264,7 +264,7 @@ def test_speculative_decoding_on_the_onnx_runtime(tiny: LoadedModel, tmp_path: P
     assert -1 not in target.states and -2 not in target.states  # the target and draft sequences were freed
 
 
-def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tmp_path: Path) -> None:
+def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tiny_folder: Path, tmp_path: Path) -> None:
     import json
     import os
     import subprocess
@@ -285,6 +285,9 @@ def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tmp_path: Pa
     # speculative decoding with the model as its own draft: the same text, every draft token kept
     drafted = run("onnxruntime", "--draft", str(onnx_tiny_folder), "--speculate", "3")
     assert drafted["text"] == onnx_run["text"] and drafted["acceptance_rate"] == 1.0
+    # under auto, a draft that onnxruntime refuses (head size 8) keeps the target on torch beside it
+    auto = run("auto", "--draft", str(tiny_folder), "--speculate", "3")
+    assert auto["text"] == torch_run["text"]
     refused = subprocess.run([kiln, "generate", "-m", str(onnx_tiny_folder), "--draft", str(onnx_tiny_folder),
                               "--temperature", "0.7", "The sea"], env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "--temperature 0" in refused.stderr
