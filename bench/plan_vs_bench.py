@@ -2,7 +2,8 @@
 
 For each precision: the plan for a 640-token context (512-token prompt + 128 new tokens) at
 concurrency 1, 4 and 16, then `kiln bench` in a fresh process with the same shape, so its peak
-resident memory belongs to that precision alone. Prints predicted / measured for decode speed (per
+resident memory belongs to that precision alone, on the torch runtime whose engine the plan's profile
+measures. Prints predicted / measured for decode speed (per
 sequence) and peak memory; --update writes the table into BENCHMARKS.md.
 
     .venv/bin/python bench/plan_vs_bench.py [--runs 3] [--recalibrate] [--update]
@@ -38,7 +39,8 @@ def main() -> None:
     lines = ["| precision | batch | plan decode tok/s/seq | bench decode tok/s/seq | ratio | plan peak MB "
              "| bench peak RSS MB | ratio |", "|---" * 8 + "|"]
     for precision in ("fp32", "bf16"):
-        bench = kiln("bench", "--dtype", precision, "--batch-sizes", ",".join(map(str, BATCHES)),
+        # the plan's profile measures kiln's torch engine; `--runtime auto` would run fp32 on onnxruntime
+        bench = kiln("bench", "--dtype", precision, "--runtime", "torch", "--batch-sizes", ",".join(map(str, BATCHES)),
                      "--prompt-tokens", "512", "--new-tokens", "128", "--runs", str(args.runs))
         for row in bench["results"]:
             plan = kiln("plan", "--precision", precision, "--context", "640", "--concurrency", str(row["batch_size"]))

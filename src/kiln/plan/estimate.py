@@ -110,6 +110,9 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
     ]
     if precision in ("int8", "int4"):
         explanation.append(f"{precision}: assumes the weights are widened to fp32 inside the matmul")
+    if precision != "bf16":  # the profile times kiln's torch engine only
+        explanation.append("speeds are kiln's torch runtime; `--runtime auto` runs fp32, int8 and int4 weight-only "
+                           "models on onnxruntime, which was faster on this model here (BENCHMARKS.md)")
     return Plan(
         precision=precision, context=context, concurrency=concurrency, weights_bytes=resident, kv_cache_bytes=kv,
         activations_bytes=activations, runtime_bytes=profile.runtime_bytes,
