@@ -396,8 +396,8 @@ def why_not_onnx(loaded: LoadedModel, kv_cache: str = "model") -> str | None:
 
     onnxruntime runs every fp32 model it takes faster than kiln's graph does (the default model, `kiln
     bench`, BENCHMARKS.md): int8 / int4 weight-only artifacts by far, because MatMulNBits reads their
-    integers where the torch runtime widens every matrix on every call (batch-1 decode: int8 5.5x, int4
-    18-23x), and the uncompressed model too (1.5x at batch 1, 1.6x over 16 sequences, prefill no slower).
+    integers where the torch runtime widens every matrix on every call (batch-1 decode: int8 3.5x, int4
+    10-12x), and the uncompressed model too (1.5x at batch 1, 1.6x over 16 sequences, prefill no slower).
     What stays on kiln's graph, the reference that supports every feature: bf16 (oneDNN's AMX matmuls,
     which ONNX Runtime's CPU kernels do not use), int8 keys and values, W8A8 and low-rank layers (the
     export would run them as other arithmetic), and head sizes ONNX Runtime's attention refuses.

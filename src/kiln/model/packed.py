@@ -61,11 +61,11 @@ def pack_linears(model: nn.Module) -> int:
         linear = getattr(parent, attr)
         setattr(parent, attr, PackedLinear(linear.weight, linear.bias))
         del linear
-        _return_freed_memory()
+        return_freed_memory()
     return len(names)
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the plain weight just freed back to the OS (glibc only; elsewhere a no-op).
 
     glibc keeps freed chunks for reuse, and the packed copies do not fit them: measured on the default

@@ -481,9 +481,9 @@ def test_eval_generation_tasks_run_on_the_chosen_runtime(onnx_tiny_folder: Path,
 
 def test_a_server_runs_each_model_on_its_own_runtime(onnx_tiny_folder: Path, tiny_folder: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under --runtime auto an int4 artifact loaded first runs on onnxruntime, and a model that ONNX
-    Runtime's attention refuses (head size 8), loaded after it, on torch; each engine thread has its own
-    torch thread count (one beside ONNX Runtime)."""
+    """Under --runtime auto an int4 artifact loaded first runs on onnxruntime (and its torch tensors are
+    released), and a model that ONNX Runtime's attention refuses (head size 8), loaded after it, on torch;
+    each engine thread has its own torch thread count (one beside ONNX Runtime)."""
     import asyncio
 
     from kiln.engine import threads
@@ -509,6 +509,9 @@ def test_a_server_runs_each_model_on_its_own_runtime(onnx_tiny_folder: Path, tin
         int4, fp32 = router.routes[str(artifact)].live, router.routes[str(tiny_folder)].live
         assert (int4.runtime, fp32.runtime) == ("onnxruntime", "torch")
         assert isinstance(int4.worker.engine.model, OnnxModel) and fp32.worker.engine.model is fp32.loaded.model
+        # the session holds the artifact's weights, so the server let kiln's copy go (its warm-up ran after)
+        assert all(t.is_meta for t in (*int4.loaded.model.parameters(), *int4.loaded.model.buffers()))
+        assert not any(t.is_meta for t in fp32.loaded.model.parameters())
 
         def counts() -> tuple[int, int]:
             async def ask() -> tuple[int, int]:
