@@ -427,8 +427,9 @@ def no_room_for_onnx(loaded: LoadedModel, share: float = 0.5) -> str | None:
     more resident). It is made only while it fits in `share` of the memory available now; where that is
     unknown (0), it is made.
     """
-    copy = sum(t.numel() * t.element_size() for t in (*loaded.model.parameters(), *loaded.model.buffers()))
-    free = available_bytes()
+    from kiln.benchmark.latency import model_bytes
+
+    copy, free = model_bytes(loaded), available_bytes()
     if free and copy > share * free:
         return (f"its onnxruntime copy of the weights ({copy / 2**20:.0f} MB) would take more than "
                 f"{share:.0%} of the memory available ({free / 2**20:.0f} MB)")
