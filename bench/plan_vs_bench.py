@@ -1,12 +1,15 @@
-"""`kiln plan`'s predictions beside `kiln bench`'s measurements on this machine, fp32 and bf16.
+"""`kiln plan`'s predictions beside `kiln bench`'s measurements on this machine, per precision and runtime.
 
-For each precision: the plan for a 640-token context (512-token prompt + 128 new tokens) at
-concurrency 1, 4 and 16, then `kiln bench` in a fresh process with the same shape, so its peak
-resident memory belongs to that precision alone, on the torch runtime whose engine the plan's profile
-measures. Prints predicted / measured for decode speed (per
-sequence) and peak memory; --update writes the table into BENCHMARKS.md.
+For each case (fp32 and bf16 on the torch runtime; fp32, an int8 artifact and an int4 artifact on
+onnxruntime, which `--runtime auto` picks for them): the plan for a 640-token context (512-token prompt
++ 128 new tokens) at concurrency 1, 4 and 16, with the same `--runtime`, then `kiln bench` in a fresh
+process with the same shape, so its peak resident memory belongs to that case alone. The artifacts
+are the ones `kiln plan --precision int8|int4` describes (int8 per output row; int4 in symmetric
+groups of 128 with the head at int4), made by `kiln compress` into a scratch folder. Prints predicted /
+measured for decode speed (per sequence), prefill and peak memory; --update writes the table into
+BENCHMARKS.md.
 
-    .venv/bin/python bench/plan_vs_bench.py [--runs 3] [--recalibrate] [--update]
+    .venv/bin/python bench/plan_vs_bench.py [--runs 3] [--recalibrate] [--runtimes torch,onnxruntime] [--update]
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from common import update_section
 
 KILN = str(Path(sys.executable).parent / "kiln")
 BATCHES = (1, 4, 16)
+# (precision, runtime, the compress flags of its artifact, or None for the model itself)
+CASES = (("fp32", "torch", None), ("bf16", "torch", None), ("fp32", "onnxruntime", None),
+         ("int8", "onnxruntime", ["--quantize", "int8"]),
+         ("int4", "onnxruntime", ["--quantize", "int4", "--group-size", "128", "--symmetric", "--quantize-embeddings"]))
 
 
 def kiln(*args: str) -> dict:
@@ -28,34 +36,53 @@ def kiln(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def row(precision: str, runtime: str, plan: dict, bench: dict) -> str:
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}"
+
+    low, high = bench["decode_tokens_per_s_range"]
+    return (f"| {precision} | {runtime} | {bench['batch_size']} | {plan['decode_tokens_per_s']:.1f} "
+            f"| {bench['decode_tokens_per_s']:.1f} [{low:.1f}-{high:.1f}] "
+            f"| {ratio(plan['decode_tokens_per_s'], bench['decode_tokens_per_s'])} "
+            f"| {plan['prefill_tokens_per_s']:.0f} | {bench['prefill_tokens_per_s']:.0f} "
+            f"| {ratio(plan['prefill_tokens_per_s'], bench['prefill_tokens_per_s'])} "
+            f"| {plan['total_bytes'] / 1e6:.0f} | {bench['peak_rss_bytes'] / 1e6:.0f} "
+            f"| {ratio(plan['total_bytes'], bench['peak_rss_bytes'])} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--recalibrate", action="store_true", help="measure the machine profile again first")
+    parser.add_argument("--runtimes", default="torch,onnxruntime", help="the cases of these runtimes only")
     parser.add_argument("--update", action="store_true")
     args = parser.parse_args()
     if args.recalibrate:
         subprocess.run([KILN, "plan", "--calibrate"], check=True, capture_output=True)
-    lines = ["| precision | batch | plan decode tok/s/seq | bench decode tok/s/seq | ratio | plan peak MB "
-             "| bench peak RSS MB | ratio |", "|---" * 8 + "|"]
-    for precision in ("fp32", "bf16"):
-        # the plan's profile measures kiln's torch engine; `--runtime auto` would run fp32 on onnxruntime
-        bench = kiln("bench", "--dtype", precision, "--runtime", "torch", "--batch-sizes", ",".join(map(str, BATCHES)),
-                     "--prompt-tokens", "512", "--new-tokens", "128", "--runs", str(args.runs))
-        for row in bench["results"]:
-            plan = kiln("plan", "--precision", precision, "--context", "640", "--concurrency", str(row["batch_size"]))
-            speed = plan["decode_tokens_per_s"] / row["decode_tokens_per_s"]
-            peak = plan["total_bytes"] / row["peak_rss_bytes"]
-            lines.append(
-                f"| {precision} | {row['batch_size']} | {plan['decode_tokens_per_s']:.1f} "
-                f"| {row['decode_tokens_per_s']:.1f} [{row['decode_tokens_per_s_range'][0]:.1f}-"
-                f"{row['decode_tokens_per_s_range'][1]:.1f}] | {speed:.2f} | {plan['total_bytes'] / 1e6:.0f} "
-                f"| {row['peak_rss_bytes'] / 1e6:.0f} | {peak:.2f} |"
-            )
-            print(lines[-1], file=sys.stderr)
+    lines = ["| precision | runtime | batch | plan decode tok/s/seq | bench decode tok/s/seq | ratio "
+             "| plan prefill tok/s | bench prefill tok/s | ratio | plan peak MB | bench peak RSS MB | ratio |",
+             "|---" * 12 + "|"]
+    with tempfile.TemporaryDirectory(prefix="kiln-plan-vs-bench-") as scratch:
+        for precision, runtime, flags in CASES:
+            if runtime not in args.runtimes.split(","):
+                continue
+            model = "default"
+            if flags:
+                model = str(Path(scratch) / precision)
+                subprocess.run([KILN, "compress", *flags, "-o", model], check=True, capture_output=True)
+            dtype = ["--dtype", precision] if precision in ("fp32", "bf16") else []
+            bench = kiln("bench", "-m", model, *dtype, "--runtime", runtime,
+                         "--batch-sizes", ",".join(map(str, BATCHES)), "--prompt-tokens", "512", "--new-tokens", "128",
+                         "--runs", str(args.runs))
+            for result in bench["results"]:
+                plan = kiln("plan", "--precision", precision, "--runtime", runtime, "--context", "640",
+                            "--concurrency", str(result["batch_size"]))
+                lines.append(row(precision, runtime, plan, result))
+                print(lines[-1], file=sys.stderr)
     table = "\n".join(lines) + (
-        f"\n\nbench: median [min-max] of {args.runs} runs, 512-token prompts + 128 new tokens; plan: "
-        "`--context 640`. Peak RSS is the process's high-water mark up to that batch size."
+        f"\n\nbench: median [min-max] of {args.runs} runs, 512-token prompts + 128 new tokens (prefill: the batch's "
+        "prompts over the time to the last one's first token); plan: `--context 640` and the same `--runtime`, "
+        "its prefill one 512-token prompt. Peak RSS is the process's high-water mark up to that batch size."
     )
     print(table)
     if args.update:

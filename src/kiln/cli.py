@@ -270,7 +270,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         machine = profile.load_cached() or _calibrate_first(profile)
     spec = spec_of(args.model)
     context = args.context or spec.max_position
-    plan = estimate.estimate(spec, args.precision, context, args.concurrency, machine)
+    plan = estimate.estimate(spec, args.precision, context, args.concurrency, machine, args.runtime)
     advice = (estimate.recommend(spec, context, args.concurrency, args.target_tokens_per_s, machine)
               if args.target_tokens_per_s else [])
     if args.json:
@@ -278,7 +278,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     gb = 1e9
     print(f"plan for {args.model} ({spec.architecture}, {spec.num_parameters / 1e6:.1f}M parameters), "
-          f"{args.precision}, context {context}, {args.concurrency} concurrent\n")
+          f"{args.precision} on {plan.runtime}, context {context}, {args.concurrency} concurrent\n")
     for label, value in (("weights", plan.weights_bytes), ("KV cache", plan.kv_cache_bytes),
                          ("activations", plan.activations_bytes), ("runtime", plan.runtime_bytes),
                          ("total", plan.total_bytes)):
@@ -296,7 +296,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _calibrate_first(profile):  # noqa: ANN001, ANN202 (module passed to keep the import lazy)
-    print("kiln: no machine profile yet; measuring this machine once (about a minute)...", file=sys.stderr)
+    print("kiln: no machine profile yet; measuring this machine once (about three minutes)...", file=sys.stderr)
     return profile.calibrate()
 
 
@@ -522,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "int8", "int4"], default="fp32")
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's context)")
     p.add_argument("--concurrency", type=int, default=1, help="sequences served at once")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="whose speeds to plan: auto picks as generate, bench and serve do")
     p.add_argument("--target-tokens-per-s", type=float, default=None, help="total decode rate to reach")
     p.add_argument("--calibrate", action="store_true", help="measure this machine again")
     p.add_argument("--json", action="store_true", help="print one JSON object")

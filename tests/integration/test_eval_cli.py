@@ -89,13 +89,14 @@ def test_plan_json_from_a_cached_profile(env: dict[str, str], tmp_path: Path) ->
 
     cache = tmp_path / "cache"
     cache.mkdir()
+    engine_keys = ("torch:fp32", "torch:bf16", "torch:int8", "torch:int4")  # calibrated without ONNX Runtime
     profile = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "read_bandwidth_gbs": 25.0,
-               "seconds_per_weight_byte": {d: {"1": 4e-11, "4": 6e-11, "16": 8e-11} for d in ("fp32", "bf16")},
-               "prefill_gflops": {"fp32": 300.0, "bf16": 600.0},
-               "layer_overhead_s": {d: {"1": 1e-4, "4": 1.2e-4, "16": 2e-4} for d in ("fp32", "bf16")},
-               "step_overhead_s": {d: {"1": 1e-3, "4": 2e-3, "16": 5e-3} for d in ("fp32", "bf16")},
-               "kv_seconds_per_byte": {d: {"1": 5e-11, "4": 3e-11, "16": 3e-11} for d in ("fp32", "bf16")},
-               "runtime_bytes": 250_000_000, "version": 3}
+               "seconds_per_weight_byte": {k: {"1": 4e-11, "4": 6e-11, "16": 8e-11} for k in engine_keys},
+               "prefill_gflops": {k: 300.0 for k in engine_keys}, "prefill_efficiency": {k: 0.8 for k in engine_keys},
+               "layer_overhead_s": {k: {"1": 1e-4, "4": 1.2e-4, "16": 2e-4} for k in engine_keys},
+               "step_overhead_s": {k: {"1": 1e-3, "4": 2e-3, "16": 5e-3} for k in engine_keys},
+               "kv_seconds_per_byte": {k: {"1": 5e-11, "4": 3e-11, "16": 3e-11} for k in engine_keys},
+               "runtime_bytes": 250_000_000, "version": 4}
     (cache / "machine-profile.json").write_text(json.dumps(profile))
     proc = run({**env, "KILN_CACHE": str(cache)}, "plan", "--precision", "int8", "--context", "2048",
                "--concurrency", "4", "--target-tokens-per-s", "300", "--json")
@@ -104,5 +105,9 @@ def test_plan_json_from_a_cached_profile(env: dict[str, str], tmp_path: Path) ->
     keys = {"weights_bytes", "kv_cache_bytes", "activations_bytes", "total_bytes", "prefill_tokens_per_s",
             "decode_tokens_per_s"}
     assert keys <= set(out) and out["kv_cache_bytes"] == 46080 * 2048 * 4 and out["recommendation"]
+    assert out["runtime"] == "torch"  # the profile has no onnxruntime costs
     text = run({**env, "KILN_CACHE": str(cache)}, "plan", "--context", "1024")
     assert text.returncode == 0 and "decode step at batch 1" in text.stdout and "KV cache" in text.stdout
+    refused = run({**env, "KILN_CACHE": str(cache)}, "plan", "--runtime", "onnxruntime")
+    assert refused.returncode != 0 and "kiln plan --calibrate" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

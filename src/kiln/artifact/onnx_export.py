@@ -180,8 +180,10 @@ def write_hf_folder(loaded: LoadedModel, out: Path) -> Path:
 # --- export ----------------------------------------------------------------------------------------
 
 
-def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", check: bool = True) -> Path:
-    """Build the ONNX model folder `out` (model.onnx and kiln.onnx + weights + genai_config.json + tokenizer)."""
+def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", check: bool = True,
+           plan: BuildPlan | None = None) -> Path:
+    """Build the ONNX model folder `out` (model.onnx and kiln.onnx + weights + genai_config.json + tokenizer);
+    `plan` overrides the builder settings that `plan_for` would derive from the artifact."""
     try:
         import onnxruntime_genai  # noqa: F401  (the builder lives in this package)
     except ImportError as exc:
@@ -193,7 +195,7 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             f"ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 16; this model's is "
             f"{loaded.spec.head_dim}; use the torch runtime"
         )
-    plan = plan_for(loaded, precision)
+    plan = plan or plan_for(loaded, precision)
     with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
         folder = write_hf_folder(loaded, Path(scratch) / "hf")
         staging = Path(scratch) / "onnx"

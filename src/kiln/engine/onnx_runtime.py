@@ -78,10 +78,44 @@ class _SeqKV:
 _POOL_THREADS: list[int] = []  # the shared pool's size, once set
 
 
+def sequence_capacity(tokens: int) -> int:
+    """Tokens a sequence's own key/value buffers hold once it has `tokens`: doubled from FIRST_CAPACITY."""
+    capacity = FIRST_CAPACITY
+    while capacity < tokens:
+        capacity *= 2
+    return capacity
+
+
+def batch_capacity(tokens: int) -> int:
+    """Tokens per row of a decode batch's buffer: room for a quarter more before it is rebuilt."""
+    return tokens + tokens // 4 + 16
+
+
 def _shared_pool(ort: Any, threads: int) -> None:
     if not _POOL_THREADS:
         ort.set_global_thread_pool_sizes(threads, 1)
         _POOL_THREADS.append(threads)
+
+
+def session_options(threads: int | None = None) -> Any:
+    """The settings of every session the onnxruntime runtime makes (and of the plan's timing graphs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's pool threads spin between ops: 7 ms per int4 decode step here instead of 11 on an idle
+    # machine, but when other jobs share a small CPU the spinning steals their cores (and ours):
+    # KILN_ORT_SPIN=0 turns it off for such hosts (per-session pools: only they take that setting)
+    if os.environ.get("KILN_ORT_SPIN", "1") == "0":
+        options.intra_op_num_threads = threads or PROCESS_THREADS
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    else:
+        # one pool for every session of the process (its size is the first session's): two sessions
+        # with pools of their own (a target and its draft) keep each other's spinning threads on the
+        # cores; speculative decoding ran at 0.9x plain decoding that way, 1.4x with one pool
+        _shared_pool(ort, threads or PROCESS_THREADS)
+        options.use_per_session_threads = False
+    return options
 
 
 class OnnxModel:
@@ -94,20 +128,7 @@ class OnnxModel:
     def __init__(self, folder: Path, spec: ModelSpec, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ORT's pool threads spin between ops: 7 ms per int4 decode step here instead of 11 on an idle
-        # machine, but when other jobs share a small CPU the spinning steals their cores (and ours):
-        # KILN_ORT_SPIN=0 turns it off for such hosts (per-session pools: only they take that setting)
-        if os.environ.get("KILN_ORT_SPIN", "1") == "0":
-            options.intra_op_num_threads = threads or PROCESS_THREADS
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        else:
-            # one pool for every session of the process (its size is the first session's): two sessions
-            # with pools of their own (a target and its draft) keep each other's spinning threads on the
-            # cores; speculative decoding ran at 0.9x plain decoding that way, 1.4x with one pool
-            _shared_pool(ort, threads or PROCESS_THREADS)
-            options.use_per_session_threads = False
+        options = session_options(threads)
         graph = folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE
 
         def build() -> Any:
@@ -330,7 +351,7 @@ class OnnxModel:
         batch = self._batch
         need = max(starts) + 1
         if batch is None or batch.seqs != tuple(seqs) or batch.lengths != starts or batch.capacity < need:
-            batch = self._batch = self._new_decode_batch(seqs, starts, need + need // 4 + 16)
+            batch = self._batch = self._new_decode_batch(seqs, starts, batch_capacity(need))
         mask = np.zeros((len(seqs), need), dtype=np.int64)
         for j, start in enumerate(starts):
             mask[j, : start + 1] = 1

@@ -88,6 +88,12 @@ class ModelSpec:
         head = 0 if self.tie_embeddings else self.vocab_size * h
         return embed + self.num_layers * per_layer + h + head
 
+    def matmul_flops_per_token(self, position: int) -> float:
+        """Matmul FLOPs of one prompt token at `position`: every weight but the embedding lookup and the
+        head (the engine computes logits for the last position only), plus attention over the keys before it."""
+        matmul_params = self.num_parameters - self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        return 2 * matmul_params + 4 * self.num_layers * self.num_heads * self.head_dim * position
+
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
         """KV-cache bytes one token occupies across all layers (keys and values)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element

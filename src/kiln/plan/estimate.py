@@ -3,8 +3,10 @@
 Decode is memory-bound: each step streams every weight once, so a step costs weight bytes times the
 measured seconds per byte of a streamed matmul at that batch size, plus the engine's measured cost
 per byte of cached keys and values attended to, per layer, and per step. Prefill is compute-bound:
-FLOPs per token over the measured matmul rate. Other hardware classes use their nominal bandwidth
-and FLOP rate with this machine's measured efficiency.
+FLOPs per token over the measured matmul rate, times the share of that rate a whole prefill reached
+on a probe model. Every cost is the runtime's that would run the model (`--runtime auto` picks as the
+other commands do) and its weight format's. Other hardware classes use their nominal bandwidth and
+FLOP rate with this machine's measured efficiency.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kiln.errors import InvalidParameterError
 from kiln.model.spec import ModelSpec
 from kiln.plan import memory
 from kiln.plan.memory import PRECISIONS, PlanPrecision
-from kiln.plan.profile import MachineProfile, attended_bytes_per_token
+from kiln.plan.profile import MachineProfile, attended_bytes_per_token, engine_key
 
 PREFILL_TOKENS = 512
 
@@ -41,6 +44,7 @@ HARDWARE_CLASSES = (
 @dataclass
 class Plan:
     precision: PlanPrecision
+    runtime: str
     context: int
     concurrency: int
     weights_bytes: int
@@ -58,78 +62,105 @@ class Plan:
 
 
 def _compute_dtype(precision: PlanPrecision) -> str:
-    # int8/int4 weights are widened to fp32 for the matmul until dedicated kernels land
+    """The nominal FLOP rate a hardware class offers this precision: int8 / int4 weights compute at fp32."""
     return "bf16" if precision == "bf16" else "fp32"
 
 
-def _flops_per_token(spec: ModelSpec, position: int) -> float:
-    """Matmul FLOPs of one token: every weight but the embedding lookup, plus attention over `position` keys."""
-    matmul_params = spec.num_parameters - spec.vocab_size * spec.hidden_size * (1 if spec.tie_embeddings else 2)
-    attention = 4 * spec.num_layers * spec.num_heads * spec.head_dim * position
-    return 2 * matmul_params + attention
+def resolve_runtime(spec: ModelSpec, precision: PlanPrecision, runtime: str, profile: MachineProfile) -> str:
+    """The runtime whose costs price the plan: `--runtime auto` as generate, bench and serve resolve it
+    (engine/onnx_runtime.why_not_onnx: onnxruntime for fp32, int8 and int4 weights where its attention
+    takes the head size and it is installed; torch for bf16), or the one asked for."""
+    onnx = engine_key("onnxruntime", precision)
+    if runtime == "auto":
+        return "onnxruntime" if profile.has(onnx) and precision != "bf16" and spec.head_dim % 16 == 0 else "torch"
+    if runtime == "onnxruntime":
+        if precision == "bf16":
+            raise InvalidParameterError("--runtime onnxruntime runs fp32, int8 and int4 weights; use --runtime torch "
+                                        "for bf16")
+        if not profile.has(onnx):
+            raise InvalidParameterError("the machine profile has no onnxruntime costs; install "
+                                        "`pip install 'lmkiln[onnx]'` and run `kiln plan --calibrate`")
+    elif runtime != "torch":
+        raise InvalidParameterError(f"--runtime {runtime!r} is not one of auto, torch, onnxruntime")
+    return runtime
 
 
 def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int,
-             profile: MachineProfile) -> Plan:
+             profile: MachineProfile, runtime: str = "auto") -> Plan:
+    runtime = resolve_runtime(spec, precision, runtime, profile)
+    key = engine_key(runtime, precision)
     weights = memory.weights_bytes(spec, precision)  # what a decode step reads
     resident = weights + memory.packed_head_bytes(spec, precision)  # what memory holds
-    kv = memory.kv_cache_bytes(spec, precision, context, concurrency)
+    session = memory.onnx_session_bytes(spec, precision) if runtime == "onnxruntime" else 0
+    kv = (memory.onnx_kv_cache_bytes(spec, context, concurrency) if runtime == "onnxruntime"
+          else memory.kv_cache_bytes(spec, precision, context, concurrency))
     activations = memory.activations_bytes(spec, precision, context, concurrency)
-    dtype = _compute_dtype(precision)
 
     prompt = min(PREFILL_TOKENS, context)
-    prefill_s = prompt * _flops_per_token(spec, prompt // 2) / (profile.prefill_gflops[dtype] * 1e9)
-    prefill_s += spec.num_layers * profile.overhead(dtype, 1)
+    prefill_rate = profile.prefill_gflops[key] * profile.prefill_efficiency[key]
+    prefill_s = prompt * spec.matmul_flops_per_token(prompt // 2) / (prefill_rate * 1e9)
 
     # decode speed at a full context (the slowest step a sequence of this length takes)
     kv_per_token = spec.kv_bytes_per_token(memory.kv_bytes_per_element(precision))
-    kv_read = concurrency * context * attended_bytes_per_token(spec, memory.kv_bytes_per_element(precision))
-    weight_s = weights * profile.per_byte(dtype, concurrency)
-    kv_s = kv_read * profile.kv_per_byte(dtype, concurrency)
-    layers_s = spec.num_layers * profile.overhead(dtype, concurrency)
-    fixed_s = profile.step_overhead(dtype, concurrency)
+    kv_read = concurrency * context * attended_bytes_per_token(spec, memory.kv_bytes_per_element(precision), runtime)
+    weight_s = weights * profile.per_byte(key, concurrency)
+    kv_s = kv_read * profile.kv_per_byte(key, concurrency)
+    layers_s = spec.num_layers * profile.overhead(key, concurrency)
+    fixed_s = profile.step_overhead(key, concurrency)
     step_s = weight_s + kv_s + layers_s + fixed_s
     effective = weights / weight_s / 1e9
+    kernel = {"fp32": "fp32 matmul", "bf16": "bf16 matmul",
+              "int8": "int8 weights widened to fp32 in every call" if runtime == "torch" else "MatMulNBits, 8 bits",
+              "int4": "int4 weights widened to fp32 in every call" if runtime == "torch" else "MatMulNBits, 4 bits"}
     explanation = [
+        f"runtime: {runtime} ({'what --runtime auto runs' if runtime == _auto(spec, precision, profile) else 'asked'}"
+        f" for {precision} weights here); speeds and costs below are measured on its engine",
         f"weights: {spec.num_parameters / 1e6:.1f}M parameters x {memory.bytes_per_weight(precision):g} B"
         + (" + one fp32 scale per output row" if precision == "int8" else "")
-        + (f" + {resident - weights:,} B for the tied head's packed copy" if resident > weights else ""),
+        + (f" + {resident - weights:,} B for the tied head's packed copy" if resident > weights else "")
+        + (f" + {session / 1e6:.0f} MB for the onnxruntime session's own copy (kiln serve drops kiln's copy "
+           "once the session is built)" if session else ""),
         f"KV cache: {concurrency} x {context} tokens x {kv_per_token:,} B/token ({spec.num_layers} layers x "
-        f"{spec.num_kv_heads} KV heads x {spec.head_dim} x 2 (K and V) x {memory.kv_bytes_per_element(precision)} B)",
+        f"{spec.num_kv_heads} KV heads x {spec.head_dim} x 2 (K and V) x {memory.kv_bytes_per_element(precision)} B)"
+        + (f"; onnxruntime holds {kv / 1e6:.0f} MB: each sequence's buffers grow by doubling, and sequences that "
+           "decode together share a batch buffer beside their own" if runtime == "onnxruntime" else ""),
         f"activations: one {memory.ENGINE_CHUNK}-token prefill chunk, one layer's attention over every sequence, "
         "the logits",
-        f"runtime: kiln, torch and a tokenizer, {profile.runtime_bytes / 1e6:.0f} MB measured",
+        f"runtime memory: kiln, torch and a tokenizer, {profile.runtime_bytes / 1e6:.0f} MB measured",
         f"decode step at batch {concurrency}, {context} tokens of context: {weights / 1e6:.0f} MB of weights "
         f"streamed at {effective:.1f} GB/s effective ({100 * effective / profile.read_bandwidth_gbs:.0f}% of the "
-        f"{profile.read_bandwidth_gbs:.1f} GB/s read bandwidth, {dtype} matmul) = {1000 * weight_s:.1f} ms, "
-        f"+ attention over {kv_read / 1e6:.0f} MB of cached keys and values {1000 * kv_s:.1f} ms, "
-        f"+ {spec.num_layers} layers x {1e3 * profile.overhead(dtype, concurrency):.3f} ms and "
+        f"{profile.read_bandwidth_gbs:.1f} GB/s read bandwidth, {kernel[precision]}) = {1000 * weight_s:.1f} ms, "
+        f"+ attention reading {kv_read / 1e6:.0f} MB of cached keys and values"
+        + (" (once per query head on onnxruntime)" if runtime == "onnxruntime" else "") + f" {1000 * kv_s:.1f} ms, "
+        f"+ {spec.num_layers} layers x {1e3 * profile.overhead(key, concurrency):.3f} ms and "
         f"{1e3 * fixed_s:.1f} ms per step of engine work (measured on probe models) = {1000 * step_s:.1f} ms",
-        f"prefill: {_flops_per_token(spec, prompt // 2) / 1e9:.3f} GFLOP/token at "
-        f"{profile.prefill_gflops[dtype]:.0f} GFLOP/s ({dtype} matmul, measured)",
+        f"prefill of {prompt} tokens: {spec.matmul_flops_per_token(prompt // 2) / 1e9:.3f} GFLOP/token at "
+        f"{profile.prefill_gflops[key]:.0f} GFLOP/s ({kernel[precision]}, measured) x "
+        f"{profile.prefill_efficiency[key]:.2f} (the share a whole prefill reached on a probe model)",
     ]
-    if precision in ("int8", "int4"):
-        explanation.append(f"{precision}: assumes the weights are widened to fp32 inside the matmul")
-    if precision != "bf16":  # the profile times kiln's torch engine only
-        explanation.append("speeds are kiln's torch runtime; `--runtime auto` runs fp32, int8 and int4 weight-only "
-                           "models on onnxruntime, which was faster on this model here (BENCHMARKS.md)")
     return Plan(
-        precision=precision, context=context, concurrency=concurrency, weights_bytes=resident, kv_cache_bytes=kv,
-        activations_bytes=activations, runtime_bytes=profile.runtime_bytes,
-        total_bytes=resident + kv + activations + profile.runtime_bytes,
+        precision=precision, runtime=runtime, context=context, concurrency=concurrency,
+        weights_bytes=resident + session, kv_cache_bytes=kv, activations_bytes=activations,
+        runtime_bytes=profile.runtime_bytes, total_bytes=resident + session + kv + activations + profile.runtime_bytes,
         prefill_tokens_per_s=prompt / prefill_s, decode_tokens_per_s=1 / step_s,
         total_decode_tokens_per_s=concurrency / step_s, explanation=explanation,
     )
 
 
+def _auto(spec: ModelSpec, precision: PlanPrecision, profile: MachineProfile) -> str:
+    return resolve_runtime(spec, precision, "auto", profile)
+
+
 def for_class(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int,
               hw: HardwareClass, profile: MachineProfile) -> tuple[float, bool]:
-    """(total decode tok/s, fits in memory) on a nominal hardware class, with this machine's efficiency."""
+    """(total decode tok/s, fits in memory) on a nominal hardware class, with this machine's efficiency
+    (of the runtime `--runtime auto` would pick here)."""
     dtype = _compute_dtype(precision)
-    efficiency = 1 / (profile.per_byte(dtype, concurrency) * profile.read_bandwidth_gbs * 1e9)
+    key = engine_key(_auto(spec, precision, profile), precision)
+    efficiency = 1 / (profile.per_byte(key, concurrency) * profile.read_bandwidth_gbs * 1e9)
     weights = memory.weights_bytes(spec, precision)
     weight_s = weights / (hw.bandwidth_gbs * 1e9 * efficiency)
-    compute_s = concurrency * _flops_per_token(spec, context // 2) / (hw.gflops[dtype] * 1e9)
+    compute_s = concurrency * spec.matmul_flops_per_token(context // 2) / (hw.gflops[dtype] * 1e9)
     step_s = max(weight_s, compute_s) + spec.num_layers * hw.layer_overhead_s
     total = (weights + memory.packed_head_bytes(spec, precision)
              + memory.kv_cache_bytes(spec, precision, context, concurrency) + profile.runtime_bytes)
@@ -138,12 +169,14 @@ def for_class(spec: ModelSpec, precision: PlanPrecision, context: int, concurren
 
 def recommend(spec: ModelSpec, context: int, concurrency: int, target: float,
               profile: MachineProfile) -> list[str]:
-    """For this machine and each hardware class, the highest precision that meets `target` tok/s in total."""
+    """For this machine (with `--runtime auto`) and each hardware class, the highest precision that meets
+    `target` tok/s in total."""
     plans = [estimate(spec, p, context, concurrency, profile) for p in PRECISIONS]
     ok = [pl for pl in plans if pl.total_decode_tokens_per_s >= target]
     best = max(plans, key=lambda pl: pl.total_decode_tokens_per_s)
-    lines = [f"this machine: {ok[0].precision} (~{ok[0].total_decode_tokens_per_s:.0f} tok/s)" if ok else
-             f"this machine: does not meet it (best: {best.precision}, ~{best.total_decode_tokens_per_s:.0f} tok/s)"]
+    lines = [f"this machine: {ok[0].precision} on {ok[0].runtime} (~{ok[0].total_decode_tokens_per_s:.0f} tok/s)"
+             if ok else f"this machine: does not meet it (best: {best.precision} on {best.runtime}, "
+                        f"~{best.total_decode_tokens_per_s:.0f} tok/s)"]
     for hw in HARDWARE_CLASSES:
         meets = [(p, speed) for p in PRECISIONS
                  for speed, fits in [for_class(spec, p, context, concurrency, hw, profile)] if fits and speed >= target]

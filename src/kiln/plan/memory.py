@@ -41,8 +41,31 @@ def packed_head_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
     return spec.vocab_size * spec.hidden_size * 2 if precision == "bf16" and spec.tie_embeddings else 0
 
 
+def onnx_session_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
+    """The onnxruntime session's own copy of the weights, held beside kiln's (kiln serve drops kiln's once
+    the session is built; loading holds both). An int8 export keeps the embedding lookup as an fp32 table
+    (a tied head's int8 copy serves the matmul); fp32 exports share one table, int4 exports read the
+    lookup from the head's int4 blocks."""
+    lookup = spec.vocab_size * spec.hidden_size
+    extra = 0.0
+    if precision == "int8":
+        extra = lookup * (4.0 if spec.tie_embeddings else 4.0 - bytes_per_weight(precision))
+    return weights_bytes(spec, precision) + int(extra)
+
+
 def kv_cache_bytes(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int) -> int:
     return spec.kv_bytes_per_token(kv_bytes_per_element(precision)) * context * concurrency
+
+
+def onnx_kv_cache_bytes(spec: ModelSpec, context: int, concurrency: int) -> int:
+    """Keys and values the onnxruntime runtime holds (fp32; engine/onnx_runtime.py): each sequence's own
+    buffers, doubled as they fill, and while several sequences decode together, a batch buffer the graph
+    reads and writes in place, with room for a quarter more tokens."""
+    from kiln.engine.onnx_runtime import batch_capacity, sequence_capacity
+
+    per_token = spec.kv_bytes_per_token(4)
+    batch = concurrency * batch_capacity(context) if concurrency > 1 else 0
+    return per_token * (concurrency * sequence_capacity(context) + batch)
 
 
 def activations_bytes(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int) -> int:

@@ -1,12 +1,14 @@
 """A small machine profile for planning: measured once (`kiln plan --calibrate`) and cached.
 
-It holds what a roofline needs: memory read bandwidth, the seconds per weight byte of a batched
+It holds what a roofline needs, for each runtime and weight format kiln runs (an "engine key" such as
+`torch:bf16` or `onnxruntime:int4`): memory read bandwidth, the seconds per weight byte of a batched
 matrix-vector product (weights streamed from memory) at a few batch sizes, and the matmul rate at
-prefill shape. What kiln's own runtime adds on top of the roofline is measured on its real engine,
-on two random-weight probe models of a shape unlike any shipped model (so the profile is not fitted
-to the model being planned): per decode step, a cost per layer, a cost per step independent of
-depth, and a cost per byte of keys and values attention reads; and in memory, the runtime's own
-resident bytes.
+prefill shape, each measured on the kernels that runtime calls for that format. What the engine adds
+on top of the roofline is measured on the real engine, on two random-weight probe models of a shape
+unlike any shipped model (so the profile is not fitted to the model being planned): per decode step,
+a cost per layer, a cost per step independent of depth, and a cost per byte of keys and values
+attention reads; for a prompt, the share of the matmul rate a whole prefill reaches; and in memory,
+the runtime's own resident bytes. The onnxruntime costs are in src/kiln/plan/onnx_profile.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,18 @@ from kiln import settings
 from kiln.benchmark.machine import cpu_name, read_bandwidth_gbs
 from kiln.model.packed import PackedLinear, can_pack, pack_linears, packed_nbytes
 from kiln.model.spec import ModelSpec
+from kiln.plan.memory import INT4_GROUP
 
 BATCHES = (1, 4, 16)
-PROFILE_VERSION = 3  # 3: KV cost per cached byte (2: per query-head byte)
+# 4: costs per runtime and weight format, prefill efficiency; 3: KV cost per cached byte (2: per query-head byte)
+PROFILE_VERSION = 4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# torch int8 / int4 layers widen their integers to fp32 inside every call (kiln.compress.quantize.qlinear)
+TORCH_FORMATS = ("int8", "int4")
 # The probes: the same width, two depths (to split per-layer from per-step costs), two prompt lengths
-# (to measure the cost of attending to cached keys and values).
+# (to measure the cost of attending to cached keys and values). A shallow probe with a wider MLP, so
+# that both stream the same bytes, was tried: on torch the wider matrices stream faster, and that
+# difference landed in the per-layer cost (fp32 decode planned at 0.53-0.72x of measured).
 PROBE = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=640, intermediate_size=1792,
              num_heads=10, num_kv_heads=2, head_dim=64, max_position=1024, tie_embeddings=True)
 PROBE_LAYERS = (16, 8)
@@ -43,38 +51,53 @@ class MachineProfile:
     cpu: str
     threads: int
     read_bandwidth_gbs: float  # summing a 512 MiB array
-    seconds_per_weight_byte: dict[str, dict[str, float]]  # dtype -> batch -> s/B of a streamed matmul
-    prefill_gflops: dict[str, float]  # dtype -> GFLOP/s of a [512, K] x [K, N] matmul
-    layer_overhead_s: dict[str, dict[str, float]]  # dtype -> batch -> engine seconds per layer per step
-    step_overhead_s: dict[str, dict[str, float]]  # dtype -> batch -> engine seconds per step, any depth
-    kv_seconds_per_byte: dict[str, dict[str, float]]  # dtype -> batch -> engine s per attended KV byte
+    # each dict below is keyed by engine key (`engine_key`)
+    seconds_per_weight_byte: dict[str, dict[str, float]]  # -> batch -> s/B of a streamed matmul
+    prefill_gflops: dict[str, float]  # -> GFLOP/s of the weights' matmul at [512, K] x [K, N]
+    prefill_efficiency: dict[str, float]  # -> a whole prefill's rate over that matmul rate, on a probe model
+    layer_overhead_s: dict[str, dict[str, float]]  # -> batch -> engine seconds per layer per step
+    step_overhead_s: dict[str, dict[str, float]]  # -> batch -> engine seconds per step, any depth
+    kv_seconds_per_byte: dict[str, dict[str, float]]  # -> batch -> engine s per attended KV byte
     runtime_bytes: int  # resident memory of kiln's CLI, torch and a loaded tokenizer, before any model
     version: int = PROFILE_VERSION
 
-    def per_byte(self, dtype: str, batch: int) -> float:
-        return _interpolate(_keyed(self.seconds_per_weight_byte[dtype]), batch)
+    def has(self, key: str) -> bool:
+        return key in self.seconds_per_weight_byte
 
-    def overhead(self, dtype: str, batch: int) -> float:
-        return _interpolate(_keyed(self.layer_overhead_s[dtype]), batch)
+    def per_byte(self, key: str, batch: int) -> float:
+        return _interpolate(_keyed(self.seconds_per_weight_byte[key]), batch)
 
-    def step_overhead(self, dtype: str, batch: int) -> float:
-        return _interpolate(_keyed(self.step_overhead_s[dtype]), batch)
+    def overhead(self, key: str, batch: int) -> float:
+        return _interpolate(_keyed(self.layer_overhead_s[key]), batch)
 
-    def kv_per_byte(self, dtype: str, batch: int) -> float:
+    def step_overhead(self, key: str, batch: int) -> float:
+        return _interpolate(_keyed(self.step_overhead_s[key]), batch)
+
+    def kv_per_byte(self, key: str, batch: int) -> float:
         # time per byte attended stays flat beyond the largest batch (the bytes already grow with it)
-        return _interpolate(_keyed(self.kv_seconds_per_byte[dtype]), min(batch, max(BATCHES)))
+        return _interpolate(_keyed(self.kv_seconds_per_byte[key]), min(batch, max(BATCHES)))
 
 
-def attended_bytes_per_token(spec: ModelSpec, element_bytes: int) -> int:
-    """Keys and values one cached token presents to attention per step: its cached bytes, KV heads only.
+def engine_key(runtime: str, precision: str) -> str:
+    """The profile's key for `precision` weights on `runtime` ("torch" or "onnxruntime")."""
+    return f"{runtime}:{precision}"
 
-    Each step gathers every sequence's cached keys and values from the paged pool and attention reads
-    them once per KV head (grouped query heads share them, never expanded), so the KV term is priced per
-    cached byte. Priced per query head instead (profile version 2), the plan overestimated decode at
-    batch 16 by 1.26x (fp32) and 1.34x (bf16) for the default model (9 query / 3 KV heads), whose probe
-    models have 10 / 2: the same fitted cost, repriced per cached byte, gave 1.08x and 1.11x.
+
+def attended_bytes_per_token(spec: ModelSpec, element_bytes: int, runtime: str = "torch") -> int:
+    """Keys and values one cached token presents to attention per step, as the runtime reads them.
+
+    kiln's torch engine gathers every sequence's cached keys and values from the paged pool and
+    attention reads them once per KV head (grouped query heads share them, never expanded), so its KV
+    term is priced per cached byte. Priced per query head instead (profile version 2), the plan
+    overestimated decode at batch 16 by 1.26x (fp32) and 1.34x (bf16) for the default model (9 query /
+    3 KV heads), whose probe models have 10 / 2: the same fitted cost, repriced per cached byte, gave
+    1.08x and 1.11x. ONNX Runtime's CPU GroupQueryAttention scores each query head against its KV
+    head's cache on its own, so there the cache is read once per query head: the int4 probe's fitted
+    cost was 4.8e-10 s per cached byte (10 / 2 heads), the default model's measured one 2.1e-10 (9 / 3;
+    `kiln bench -m demo/int4`, 32- against 512-token prompts); per query-head byte, 1.0e-10 and 0.7e-10.
     """
-    return spec.kv_bytes_per_token(element_bytes)
+    group = spec.num_heads // spec.num_kv_heads if runtime == "onnxruntime" else 1
+    return spec.kv_bytes_per_token(element_bytes) * group
 
 
 def _keyed(points: dict[str, float]) -> dict[int, float]:
@@ -109,7 +132,7 @@ def load_cached() -> MachineProfile | None:
     return profile
 
 
-def _best_time(fn: Any, repeats: int) -> float:
+def best_time(fn: Any, repeats: int) -> float:
     fn()
     best = math.inf
     for _ in range(repeats):
@@ -126,28 +149,48 @@ def _runtime_linear(weight: torch.Tensor) -> Any:
     return PackedLinear(weight)
 
 
-def _streamed_matmul(dtype: torch.dtype) -> dict[str, float]:
-    """Seconds per weight byte of the runtime's linear over ~300 MB of small-model matrices (more than any cache)."""
-    shapes = [(3072, 1024), (1024, 1024), (5632, 1024), (1024, 2816)] * 16 + [(32000, 1024)]
-    total = sum(o * i for o, i in shapes) * torch.empty(0, dtype=dtype).element_size()
-    # weights in kiln's storage layout (transposed, contiguous), as loaded models hold them
-    layers = [(i, _runtime_linear(torch.randn(o, i).to(dtype).t().contiguous().t())) for o, i in shapes]
+def _torch_layer(precision: str, rows: int, cols: int) -> tuple[Any, int]:
+    """A [rows, cols] layer as kiln's torch runtime holds `precision` weights, and the bytes one call reads."""
+    if precision in DTYPES:  # in kiln's storage layout (transposed, contiguous), as loaded models hold them
+        weight = torch.randn(rows, cols).to(DTYPES[precision]).t().contiguous().t()
+        return _runtime_linear(weight), weight.numel() * weight.element_size()
+    from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear
+
+    dense = torch.nn.Linear(cols, rows, bias=False)
+    layer = Int8Linear.from_float(dense) if precision == "int8" else Int4Linear.from_float(dense, INT4_GROUP, True)
+    return layer, sum(t.numel() * t.element_size() for t in layer.tensors().values())
+
+
+def stream_shapes(repeats: int) -> list[tuple[int, int]]:
+    """[out, in] matrices of a small model's layers, `repeats` times, and a vocabulary head."""
+    return [(3072, 1024), (1024, 1024), (5632, 1024), (1024, 2816)] * repeats + [(32000, 1024)]
+
+
+def _streamed_matmul(precision: str) -> dict[str, float]:
+    """Seconds per weight byte of the runtime's linear over ~0.3-1 GB of matrices (more than any cache).
+
+    int8 / int4 layers widen their weights on every call, which is slow: a quarter as many matrices
+    time them well enough."""
+    layers = [(cols, *_torch_layer(precision, rows, cols))
+              for rows, cols in stream_shapes(16 if precision in DTYPES else 4)]
+    total = sum(nbytes for _, _, nbytes in layers)
+    x_dtype = DTYPES.get(precision, torch.float32)
     out = {}
     for batch in BATCHES:
-        xs = {i: torch.randn(batch, i).to(dtype) for _, i in shapes}
-        seconds = _best_time(lambda xs=xs: [linear(xs[i]) for i, linear in layers], 3)
+        xs = {cols: torch.randn(batch, cols).to(x_dtype) for cols, _, _ in layers}
+        seconds = best_time(lambda xs=xs: [linear(xs[cols]) for cols, linear, _ in layers], 3)
         out[str(batch)] = seconds / total
     return out
 
 
-def _prefill_gflops(dtype: torch.dtype) -> float:
-    a = torch.randn(512, 1024).to(dtype)
-    linear = _runtime_linear(torch.randn(2816, 1024).to(dtype).t().contiguous().t())
-    seconds = _best_time(lambda: linear(a), 5)
+def _prefill_gflops(precision: str) -> float:
+    a = torch.randn(512, 1024).to(DTYPES.get(precision, torch.float32))
+    linear, _ = _torch_layer(precision, 2816, 1024)
+    seconds = best_time(lambda: linear(a), 5)
     return 2 * 512 * 1024 * 2816 / seconds / 1e9
 
 
-def _probe_model(layers: int, dtype: torch.dtype) -> Any:
+def probe_model(layers: int, dtype: torch.dtype) -> Any:
     from kiln.model.llama import LlamaModel, storage_layout
 
     torch.manual_seed(0)
@@ -162,7 +205,7 @@ def _probe_model(layers: int, dtype: torch.dtype) -> Any:
     return model.eval()
 
 
-def _engine_step_s(model: Any, tokenizer: Any, batch: int, prompt: int) -> float:
+def engine_step_s(model: Any, tokenizer: Any, batch: int, prompt: int) -> float:
     """Seconds per decode step of kiln's engine for `batch` sequences after `prompt`-token prompts."""
     from kiln.engine.generate import Generator
     from kiln.engine.sampler import SamplingParams
@@ -208,26 +251,61 @@ def _probe_run(model: Any, tokenizer: Any, batch: int, prompt: int, per_byte: di
     if isinstance(model.lm_head, PackedLinear) and model.spec.tie_embeddings:
         weights -= model.embed.weight.numel() * element  # the step reads the head's packed copy, not the table
     attended = batch * (prompt + PROBE_NEW_TOKENS / 2) * attended_bytes_per_token(model.spec, element)
-    return ProbeRun(_engine_step_s(model, tokenizer, batch, prompt),
+    return ProbeRun(engine_step_s(model, tokenizer, batch, prompt),
                     weights * _interpolate(_keyed(per_byte), batch), attended, model.spec.num_layers)
 
 
-def _engine_costs(tokenizer: Any, per_byte: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The engine's per-layer, per-step and per-KV-byte decode costs, by dtype and batch (fit_step_costs)."""
-    costs: dict[str, Any] = {"layer_overhead_s": {}, "step_overhead_s": {}, "kv_seconds_per_byte": {}}
+def prefill_seconds(model: Any, tokenizer: Any, prompt: int) -> float:
+    """Seconds from a lone `prompt`-token request to its first token on kiln's engine (best of two)."""
+    from kiln.engine.generate import Generator
+    from kiln.engine.sampler import SamplingParams
+
+    generator = Generator(model, tokenizer, prefix_caching=False)
+    ids = [[(31 * j) % 30000 + 100 for j in range(prompt)]]
+    return best_time(lambda: generator.generate(ids, SamplingParams(temperature=0.0, max_tokens=1,
+                                                                     ignore_eos=True)), 2)
+
+
+def prefill_efficiency(spec: ModelSpec, prompt: int, seconds: float, gflops: float) -> float:
+    """The share of the bare matmul rate a whole prefill reached: attention, norms, the engine's chunks."""
+    return prompt * spec.matmul_flops_per_token(prompt // 2) / (gflops * 1e9) / seconds
+
+
+def fit_probe(runs: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Per batch size, the fitted (per-layer, per-step, per-KV-byte) costs; `runs(batch, layers, prompt)`
+    measures one probe decode as a ProbeRun. At batch 1, where a step takes a few milliseconds and
+    the machine's noise is largest beside it, each probe runs three times in turn and its median counts."""
     deep, shallow = PROBE_LAYERS
     short, long = PROBE_PROMPTS
+    layer_s, step_s, kv_s = {}, {}, {}
+    for batch in BATCHES:
+        rounds = [[runs(batch, deep, short), runs(batch, deep, long), runs(batch, shallow, short)]
+                  for _ in range(3 if batch == 1 else 1)]
+        medians = [replace(probe[0], step_s=statistics.median(r.step_s for r in probe))
+                   for probe in zip(*rounds, strict=True)]
+        layer_s[str(batch)], step_s[str(batch)], kv_s[str(batch)] = fit_step_costs(*medians)
+    return layer_s, step_s, kv_s
+
+
+def _engine_costs(tokenizer: Any, per_byte: dict[str, dict[str, float]],
+                  gflops: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """The torch engine's per-layer, per-step and per-KV-byte decode costs and its prefill efficiency, by key."""
+    costs: dict[str, dict[str, Any]] = {"layer_overhead_s": {}, "step_overhead_s": {}, "kv_seconds_per_byte": {},
+                                        "prefill_efficiency": {}}
     for name, dtype in DTYPES.items():
-        deep_model, shallow_model = _probe_model(deep, dtype), _probe_model(shallow, dtype)
-        layer_s, step_s, kv_s = {}, {}, {}
+        key = engine_key("torch", name)
+        models = {layers: probe_model(layers, dtype) for layers in PROBE_LAYERS}
         with torch.inference_mode():
-            for batch in BATCHES:
-                fitted = fit_step_costs(_probe_run(deep_model, tokenizer, batch, short, per_byte[name]),
-                                        _probe_run(deep_model, tokenizer, batch, long, per_byte[name]),
-                                        _probe_run(shallow_model, tokenizer, batch, short, per_byte[name]))
-                layer_s[str(batch)], step_s[str(batch)], kv_s[str(batch)] = fitted
-        costs["layer_overhead_s"][name], costs["step_overhead_s"][name] = layer_s, step_s
-        costs["kv_seconds_per_byte"][name] = kv_s
+            fitted = fit_probe(lambda b, n, p, models=models, key=key:
+                               _probe_run(models[n], tokenizer, b, p, per_byte[key]))
+            deep = models[PROBE_LAYERS[0]]
+            seconds = prefill_seconds(deep, tokenizer, PROBE_PROMPTS[1])
+        for field, value in zip(("layer_overhead_s", "step_overhead_s", "kv_seconds_per_byte"), fitted, strict=True):
+            costs[field][key] = value
+        costs["prefill_efficiency"][key] = prefill_efficiency(deep.spec, PROBE_PROMPTS[1], seconds, gflops[key])
+    for name in TORCH_FORMATS:  # the same graph at fp32 around the widened matmuls
+        for field in costs:
+            costs[field][engine_key("torch", name)] = costs[field][engine_key("torch", "fp32")]
     return costs
 
 
@@ -247,18 +325,32 @@ def _runtime_tokenizer() -> Any:
 
 
 def calibrate() -> MachineProfile:
-    """Measure this machine (about a minute) and cache the profile."""
+    """Measure this machine (a few minutes) and cache the profile."""
+    from kiln.plan import onnx_profile
+
     tokenizer = _runtime_tokenizer()
-    runtime = _rss_bytes()
-    per_byte = {name: _streamed_matmul(dt) for name, dt in DTYPES.items()}
+    runtime, threads = _rss_bytes(), torch.get_num_threads()  # before an ONNX session narrows torch's count
+    precisions = (*DTYPES, *TORCH_FORMATS)
+    per_byte = {engine_key("torch", p): _streamed_matmul(p) for p in precisions}
+    gflops = {engine_key("torch", p): _prefill_gflops(p) for p in precisions}
+    costs: dict[str, dict[str, Any]] = _engine_costs(tokenizer, per_byte, gflops)
+    if onnx_profile.available():
+        onnx = onnx_profile.measure(tokenizer)
+        per_byte.update(onnx.pop("seconds_per_weight_byte"))
+        gflops.update(onnx.pop("prefill_gflops"))
+        for field, values in onnx.items():
+            costs[field].update(values)
     profile = MachineProfile(
         cpu=cpu_name(),
-        threads=torch.get_num_threads(),
+        threads=threads,
         read_bandwidth_gbs=read_bandwidth_gbs(),
         seconds_per_weight_byte=per_byte,
-        prefill_gflops={name: _prefill_gflops(dt) for name, dt in DTYPES.items()},
+        prefill_gflops=gflops,
         runtime_bytes=runtime,
-        **_engine_costs(tokenizer, per_byte),
+        prefill_efficiency=costs["prefill_efficiency"],
+        layer_overhead_s=costs["layer_overhead_s"],
+        step_overhead_s=costs["step_overhead_s"],
+        kv_seconds_per_byte=costs["kv_seconds_per_byte"],
     )
     path = profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)

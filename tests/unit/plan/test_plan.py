@@ -7,23 +7,39 @@ from pathlib import Path
 
 import pytest
 
+from kiln.errors import InvalidParameterError
 from kiln.model.info import spec_of
 from kiln.model.spec import ModelSpec
 from kiln.plan import estimate, memory
-from kiln.plan.profile import MachineProfile, ProbeRun, _interpolate, fit_step_costs
+from kiln.plan.profile import MachineProfile, ProbeRun, _interpolate, fit_probe, fit_step_costs, prefill_efficiency
 
 SMOL = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
         "max_position_embeddings": 8192, "tie_word_embeddings": True}
-PROFILE = MachineProfile(
-    cpu="test", threads=2, read_bandwidth_gbs=25.0,
-    seconds_per_weight_byte={d: {"1": 4e-11, "4": 6e-11, "16": 8e-11} for d in ("fp32", "bf16")},
-    prefill_gflops={"fp32": 300.0, "bf16": 600.0},
-    layer_overhead_s={d: {"1": 1e-4, "4": 1.2e-4, "16": 2e-4} for d in ("fp32", "bf16")},
-    step_overhead_s={d: {"1": 1e-3, "4": 2e-3, "16": 5e-3} for d in ("fp32", "bf16")},
-    kv_seconds_per_byte={d: {"1": 5e-11, "4": 3e-11, "16": 3e-11} for d in ("fp32", "bf16")},
-    runtime_bytes=250_000_000,
-)
+TORCH = ("torch:fp32", "torch:bf16", "torch:int8", "torch:int4")
+ONNX = ("onnxruntime:fp32", "onnxruntime:int8", "onnxruntime:int4")
+
+
+def profile_with(keys: tuple[str, ...]) -> MachineProfile:
+    """A fixed profile; onnxruntime's weights stream at half torch's seconds per byte, so the plans differ."""
+    def per_byte(key: str) -> dict[str, float]:
+        factor = 0.5 if key.startswith("onnxruntime") else 1.0
+        return {"1": 4e-11 * factor, "4": 6e-11 * factor, "16": 8e-11 * factor}
+
+    return MachineProfile(
+        cpu="test", threads=2, read_bandwidth_gbs=25.0,
+        seconds_per_weight_byte={k: per_byte(k) for k in keys},
+        prefill_gflops={k: 600.0 if k == "torch:bf16" else 300.0 for k in keys},
+        prefill_efficiency={k: 0.5 for k in keys},
+        layer_overhead_s={k: {"1": 1e-4, "4": 1.2e-4, "16": 2e-4} for k in keys},
+        step_overhead_s={k: {"1": 1e-3, "4": 2e-3, "16": 5e-3} for k in keys},
+        kv_seconds_per_byte={k: {"1": 5e-11, "4": 3e-11, "16": 3e-11} for k in keys},
+        runtime_bytes=250_000_000,
+    )
+
+
+PROFILE = profile_with(TORCH + ONNX)
+TORCH_ONLY = profile_with(TORCH)  # a machine calibrated without ONNX Runtime installed
 
 
 @pytest.fixture
@@ -46,7 +62,7 @@ def test_kv_cache(spec: ModelSpec) -> None:
 
 
 def test_decode_estimate_is_the_roofline_sum(spec: ModelSpec) -> None:
-    plan = estimate.estimate(spec, "fp32", 640, 1, PROFILE)
+    plan = estimate.estimate(spec, "fp32", 640, 1, PROFILE, "torch")
     attended = 30 * 3 * 64 * 2 * 4  # each cached token's keys and values, KV heads only
     step = plan.weights_bytes * 4e-11 + attended * 640 * 5e-11 + 30 * 1e-4 + 1e-3
     assert plan.decode_tokens_per_s == pytest.approx(1 / step)
@@ -55,8 +71,10 @@ def test_decode_estimate_is_the_roofline_sum(spec: ModelSpec) -> None:
 
 
 def test_fewer_bits_decode_faster_and_batches_add_up(spec: ModelSpec) -> None:
-    speeds = [estimate.estimate(spec, p, 2048, 1, PROFILE).decode_tokens_per_s for p in ("fp32", "int8", "int4")]
-    assert speeds == sorted(speeds)
+    for runtime in ("torch", "onnxruntime"):
+        speeds = [estimate.estimate(spec, p, 2048, 1, PROFILE, runtime).decode_tokens_per_s
+                  for p in ("fp32", "int8", "int4")]
+        assert speeds == sorted(speeds)
     one, sixteen = (estimate.estimate(spec, "fp32", 2048, c, PROFILE) for c in (1, 16))
     assert sixteen.total_decode_tokens_per_s > one.total_decode_tokens_per_s > sixteen.decode_tokens_per_s
 
@@ -101,8 +119,70 @@ def test_bf16_counts_the_tied_heads_packed_copy_in_memory_not_in_reads(spec: Mod
     copy = 49152 * 576 * 2
     assert memory.packed_head_bytes(spec, "bf16") == copy and memory.packed_head_bytes(spec, "fp32") == 0
     bf16 = estimate.estimate(spec, "bf16", 640, 1, PROFILE)
+    assert bf16.runtime == "torch"  # onnxruntime does not run bf16
     assert bf16.weights_bytes == memory.weights_bytes(spec, "bf16") + copy
     assert bf16.total_bytes == bf16.weights_bytes + bf16.kv_cache_bytes + bf16.activations_bytes + 250_000_000
     attended = 30 * 3 * 64 * 2 * 2
     step = memory.weights_bytes(spec, "bf16") * 4e-11 + attended * 640 * 5e-11 + 30 * 1e-4 + 1e-3
     assert bf16.decode_tokens_per_s == pytest.approx(1 / step)
+
+
+def test_auto_plans_the_runtime_the_other_commands_pick(spec: ModelSpec) -> None:
+    assert [estimate.estimate(spec, p, 640, 1, PROFILE).runtime for p in ("fp32", "bf16", "int8", "int4")] == \
+        ["onnxruntime", "torch", "onnxruntime", "onnxruntime"]
+    assert estimate.estimate(spec, "int4", 640, 1, TORCH_ONLY).runtime == "torch"
+    odd = ModelSpec.from_hf_config({**SMOL, "hidden_size": 72 * 9})  # head size 72: ONNX Runtime refuses it
+    assert estimate.estimate(odd, "fp32", 640, 1, PROFILE).runtime == "torch"
+    with pytest.raises(InvalidParameterError, match="bf16"):
+        estimate.estimate(spec, "bf16", 640, 1, PROFILE, "onnxruntime")
+    with pytest.raises(InvalidParameterError, match="--calibrate"):
+        estimate.estimate(spec, "int4", 640, 1, TORCH_ONLY, "onnxruntime")
+
+
+def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: ModelSpec) -> None:
+    torch_plan, onnx_plan = (estimate.estimate(spec, "int8", 640, 1, PROFILE, r) for r in ("torch", "onnxruntime"))
+    weights = memory.weights_bytes(spec, "int8")
+    assert torch_plan.weights_bytes == weights
+    # the session holds the int8 weights again, and an fp32 table for the tied embedding's lookup
+    assert onnx_plan.weights_bytes == 2 * weights + 49152 * 576 * 4
+    assert onnx_plan.total_bytes == (onnx_plan.weights_bytes + onnx_plan.kv_cache_bytes
+                                     + onnx_plan.activations_bytes + 250_000_000)
+    cached = 30 * 3 * 64 * 2 * 4 * 640
+    fixed = 30 * 1e-4 + 1e-3
+    # ONNX Runtime's attention reads the cache once per query head (9 of them over 3 KV heads)
+    assert onnx_plan.decode_tokens_per_s == pytest.approx(1 / (weights * 2e-11 + 3 * cached * 5e-11 + fixed))
+    assert torch_plan.decode_tokens_per_s == pytest.approx(1 / (weights * 4e-11 + cached * 5e-11 + fixed))
+    assert "onnxruntime session's own copy" in " ".join(onnx_plan.explanation)
+    # its keys and values: each sequence's buffers doubled from 256 tokens; beside them, once several
+    # sequences decode together, a shared batch buffer with a quarter more room
+    per_token = 30 * 3 * 64 * 2 * 4
+    assert onnx_plan.kv_cache_bytes == per_token * 1024
+    four = estimate.estimate(spec, "int8", 640, 4, PROFILE, "onnxruntime")
+    assert four.kv_cache_bytes == per_token * 4 * (1024 + 640 + 160 + 16)
+    assert memory.onnx_session_bytes(spec, "int4") == memory.weights_bytes(spec, "int4")  # the lookup reads the head
+
+
+def test_prefill_is_the_matmul_rate_times_the_measured_efficiency(spec: ModelSpec) -> None:
+    plan = estimate.estimate(spec, "fp32", 2048, 1, PROFILE)
+    assert plan.prefill_tokens_per_s == pytest.approx(1 / (spec.matmul_flops_per_token(256) / (300e9 * 0.5)))
+    # a probe prefill that ran at a quarter of the bare rate measures an efficiency of a quarter
+    seconds = 480 * spec.matmul_flops_per_token(240) / 100e9
+    assert prefill_efficiency(spec, 480, seconds, 400.0) == pytest.approx(0.25)
+
+
+def test_probe_fit_takes_the_median_of_three_runs_at_batch_one() -> None:
+    per_layer, per_step, per_kv_byte = 3e-4, 2e-3, 4e-11
+    calls: list[tuple[int, int, int]] = []
+
+    def runs(batch: int, layers: int, prompt: int) -> ProbeRun:
+        calls.append((batch, layers, prompt))
+        kv_bytes = batch * prompt * 1e5
+        step = 0.010 + layers * per_layer + per_step + kv_bytes * per_kv_byte
+        if len(calls) == 1:  # the first run of all is disturbed; the median leaves it out
+            step *= 3
+        return ProbeRun(step_s=step, stream_s=0.010, kv_bytes=kv_bytes, layers=layers)
+
+    layer_s, step_s, kv_s = fit_probe(runs)
+    assert len(calls) == 3 * 3 + 3 + 3  # three probes, three rounds at batch 1, one above
+    for batch in ("1", "4", "16"):
+        assert (layer_s[batch], step_s[batch], kv_s[batch]) == pytest.approx((per_layer, per_step, per_kv_byte))

@@ -1,0 +1,164 @@
+"""The onnxruntime runtime's part of the machine profile (kiln.plan.profile), when ONNX Runtime is installed.
+
+Streamed weights: one ONNX graph per weight format, holding the same small-model matrices as the torch
+measurement, timed at each batch size and at prefill shape. The formats are the nodes kiln's exports
+use: MatMul over fp32 weights, MatMulNBits over int8 codes in blocks of 64 and int4 codes in groups
+of 128, both at accuracy level 4 (activations rounded to int8, as the exports run them). Their codes
+are random bytes: a kernel's speed does not depend on the values.
+
+The engine's costs on top of that come from the two probe models (kiln.plan.profile.PROBE) exported as
+symmetric int4 with an int4 head, kiln's default compressed form and the one whose weights stream
+fastest, so the fitted per-layer, per-step and KV costs are least blurred by the weights' share. The
+same graph runs every format on the runtime, so its costs serve fp32 and int8 plans too.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.plan.memory import INT4_GROUP
+from kiln.plan.profile import (
+    BATCHES,
+    PROBE_LAYERS,
+    PROBE_NEW_TOKENS,
+    PROBE_PROMPTS,
+    ProbeRun,
+    attended_bytes_per_token,
+    best_time,
+    engine_key,
+    engine_step_s,
+    fit_probe,
+    prefill_efficiency,
+    prefill_seconds,
+    probe_model,
+    stream_shapes,
+)
+
+FORMATS = ("fp32", "int8", "int4")
+INT8_BLOCK = 64  # what kiln's int8 exports use for a model whose sizes divide by it (onnx_export.int8_block)
+PREFILL_ROWS = 512
+
+
+def available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxruntime_genai  # noqa: F401  (the exporter's builder)
+    except ImportError:
+        return False
+    return True
+
+
+def _stream_graph(precision: str, shapes: list[tuple[int, int]]) -> tuple[bytes, int]:
+    """(a serialized graph of one matmul per [out, in] shape over `precision` weights, the weights' bytes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inputs = {cols: helper.make_tensor_value_info(f"x{cols}", TensorProto.FLOAT, ["rows", cols]) for _, cols in shapes}
+    nodes, weights, outputs, total = [], [], [], 0
+    for i, (rows, cols) in enumerate(shapes):
+        tensors: list[np.ndarray]
+        if precision == "fp32":
+            tensors = [rng.standard_normal((cols, rows), dtype=np.float32)]
+            nodes.append(helper.make_node("MatMul", [f"x{cols}", f"w{i}"], [f"y{i}"]))
+        else:
+            bits, block = (8, INT8_BLOCK) if precision == "int8" else (4, INT4_GROUP)
+            blocks = cols // block
+            tensors = [rng.integers(0, 256, (rows, blocks, block * bits // 8), dtype=np.uint8),
+                       rng.uniform(0.005, 0.015, (rows, blocks)).astype(np.float32)]
+            nodes.append(helper.make_node("MatMulNBits", [f"x{cols}", f"w{i}", f"s{i}"], [f"y{i}"],
+                                          domain="com.microsoft", K=cols, N=rows, bits=bits, block_size=block,
+                                          accuracy_level=4))
+        weights += [numpy_helper.from_array(t, f"{name}{i}") for t, name in zip(tensors, "ws", strict=False)]
+        total += sum(t.nbytes for t in tensors)
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["rows", rows]))
+    graph = helper.make_graph(nodes, "streamed", list(inputs.values()), outputs, weights)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    return model.SerializeToString(), total
+
+
+def _streamed(precision: str) -> tuple[dict[str, float], float]:
+    """(seconds per weight byte by batch, GFLOP/s at prefill shape) of `precision` matmuls on ONNX Runtime."""
+    import onnxruntime as ort
+
+    from kiln.engine.hugepages import with_huge_pages
+    from kiln.engine.onnx_runtime import session_options
+
+    def session(shapes: list[tuple[int, int]]) -> tuple[Any, int]:
+        graph, total = _stream_graph(precision, shapes)
+        # the runtime's sessions move their weights to huge pages (engine/hugepages.py); so do these
+        built = with_huge_pages(lambda: ort.InferenceSession(graph, session_options(),
+                                                             providers=["CPUExecutionProvider"]))[0]
+        return built, total
+
+    def timed(run: Any, shapes: list[tuple[int, int]], rows: int) -> float:
+        feeds = {f"x{cols}": np.random.default_rng(rows).standard_normal((rows, cols), dtype=np.float32)
+                 for _, cols in shapes}
+        return best_time(lambda: run.run(None, feeds), 3)
+
+    # half the torch measurement's matrices: 0.5 GB at fp32 is already far beyond any cache
+    shapes = stream_shapes(8)
+    streamed, total = session(shapes)
+    per_byte = {str(batch): timed(streamed, shapes, batch) / total for batch in BATCHES}
+    del streamed
+    # a prompt is compute-bound: two layers' matrices, without the head (the engine runs it on one row)
+    shapes = stream_shapes(2)[:-1]
+    flops = 2 * PREFILL_ROWS * sum(rows * cols for rows, cols in shapes)
+    return per_byte, flops / timed(session(shapes)[0], shapes, PREFILL_ROWS) / 1e9
+
+
+def _probe_export(layers: int, tokenizer: Any, scratch: Path) -> tuple[Any, int]:
+    """(an OnnxModel of the int4 probe with `layers` layers, the bytes of weights a decode step reads)."""
+    from kiln.artifact.onnx_export import BuildPlan, export
+    from kiln.engine.onnx_runtime import OnnxModel
+    from kiln.model.load import LoadedModel, hf_folder, resolve
+    from kiln.model.source import ModelSource
+
+    model = probe_model(layers, torch.float32)
+    folder = hf_folder(resolve("default"))  # its tokenizer files go into the export; the weights are the probe's
+    loaded = LoadedModel(model.spec, model, tokenizer, ModelSource("probe", "hf", folder), folder, "0" * 64, 0.0)
+    plan = BuildPlan("int4", INT4_GROUP, symmetric=True, quantize_head=True, tied=model.spec.tie_embeddings)
+    out = export(loaded, scratch / f"probe-{layers}", "int4", check=False, plan=plan)
+    # the head's int4 blocks serve the embedding lookup too, so every weight in the file streams per step
+    return OnnxModel(out, model.spec), sum(f.stat().st_size for f in out.glob("*.onnx.data"))
+
+
+def measure(tokenizer: Any) -> dict[str, dict[str, Any]]:
+    """The profile's fields for the onnxruntime runtime's engine keys (about a minute)."""
+    fields: dict[str, dict[str, Any]] = {name: {} for name in (
+        "seconds_per_weight_byte", "prefill_gflops", "prefill_efficiency", "layer_overhead_s", "step_overhead_s",
+        "kv_seconds_per_byte")}
+    for precision in FORMATS:
+        key = engine_key("onnxruntime", precision)
+        fields["seconds_per_weight_byte"][key], fields["prefill_gflops"][key] = _streamed(precision)
+    from kiln.engine.threads import use_threads_for
+
+    int4 = engine_key("onnxruntime", "int4")
+    with tempfile.TemporaryDirectory(prefix="kiln-plan-") as scratch:
+        probes = {layers: _probe_export(layers, tokenizer, Path(scratch)) for layers in PROBE_LAYERS}
+
+        def run(batch: int, layers: int, prompt: int) -> ProbeRun:
+            model, weights = probes[layers]
+            per_byte = fields["seconds_per_weight_byte"][int4]
+            attended = batch * (prompt + PROBE_NEW_TOKENS / 2) * attended_bytes_per_token(model.spec, 4, "onnxruntime")
+            stream_s = weights * per_byte[str(batch)]
+            return ProbeRun(engine_step_s(model, tokenizer, batch, prompt), stream_s, attended, layers)
+
+        deep = probes[PROBE_LAYERS[0]][0]
+        use_threads_for(deep)  # torch samples on one thread beside the session, as the runtime sets it
+        try:
+            fitted = fit_probe(run)
+            seconds = prefill_seconds(deep, tokenizer, PROBE_PROMPTS[1])
+        finally:
+            use_threads_for(None)
+    efficiency = prefill_efficiency(deep.spec, PROBE_PROMPTS[1], seconds, fields["prefill_gflops"][int4])
+    for precision in FORMATS:  # one graph and engine for every format: the probe's costs are theirs
+        key = engine_key("onnxruntime", precision)
+        fields["layer_overhead_s"][key], fields["step_overhead_s"][key], fields["kv_seconds_per_byte"][key] = fitted
+        fields["prefill_efficiency"][key] = efficiency
+    return fields
