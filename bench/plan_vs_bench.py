@@ -4,10 +4,10 @@ For each case (fp32 and bf16 on the torch runtime; fp32, an int8 artifact and an
 onnxruntime, which `--runtime auto` picks for them): the plan for a 640-token context (512-token prompt
 + 128 new tokens) at concurrency 1, 4 and 16, with the same `--runtime`, then `kiln bench` in a fresh
 process with the same shape, so its peak resident memory belongs to that case alone. The artifacts
-are the ones `kiln plan --precision int8|int4` describes (int8 per output row; int4 in symmetric
-groups of 128 with the head at int4), made by `kiln compress` into a scratch folder. Prints predicted /
-measured for decode speed (per sequence), prefill and peak memory; --update writes the table into
-BENCHMARKS.md.
+are the ones `kiln plan --precision int8|int4` describes, every matrix at those bits, the head included
+(int8 per output row; int4 in symmetric groups of 128), made by `kiln compress` into a scratch folder.
+Prints predicted / measured for decode speed (per sequence), prefill and peak memory; --update writes
+the table into BENCHMARKS.md.
 
     .venv/bin/python bench/plan_vs_bench.py [--runs 3] [--recalibrate] [--runtimes torch,onnxruntime] [--update]
 """
@@ -27,7 +27,7 @@ KILN = str(Path(sys.executable).parent / "kiln")
 BATCHES = (1, 4, 16)
 # (precision, runtime, the compress flags of its artifact, or None for the model itself)
 CASES = (("fp32", "torch", None), ("bf16", "torch", None), ("fp32", "onnxruntime", None),
-         ("int8", "onnxruntime", ["--quantize", "int8"]),
+         ("int8", "onnxruntime", ["--quantize", "int8", "--quantize-embeddings"]),
          ("int4", "onnxruntime", ["--quantize", "int4", "--group-size", "128", "--symmetric", "--quantize-embeddings"]))
 
 
