@@ -130,14 +130,14 @@ def _probe_export(layers: int, tokenizer: Any, scratch: Path) -> tuple[Any, int]
 
 def measure(tokenizer: Any) -> dict[str, dict[str, Any]]:
     """The profile's fields for the onnxruntime runtime's engine keys (about a minute)."""
+    from kiln.engine.threads import use_threads_for
+
     fields: dict[str, dict[str, Any]] = {name: {} for name in (
         "seconds_per_weight_byte", "prefill_gflops", "prefill_efficiency", "layer_overhead_s", "step_overhead_s",
         "kv_seconds_per_byte")}
     for precision in FORMATS:
         key = engine_key("onnxruntime", precision)
         fields["seconds_per_weight_byte"][key], fields["prefill_gflops"][key] = _streamed(precision)
-    from kiln.engine.threads import use_threads_for
-
     int4 = engine_key("onnxruntime", "int4")
     with tempfile.TemporaryDirectory(prefix="kiln-plan-") as scratch:
         probes = {layers: _probe_export(layers, tokenizer, Path(scratch)) for layers in PROBE_LAYERS}

@@ -326,24 +326,37 @@ def _runtime_tokenizer() -> Any:
 
 def calibrate() -> MachineProfile:
     """Measure this machine (a few minutes) and cache the profile."""
+    from tqdm import tqdm
+
     from kiln.plan import onnx_profile
 
     tokenizer = _runtime_tokenizer()
     runtime, threads = _rss_bytes(), torch.get_num_threads()  # before an ONNX session narrows torch's count
     precisions = (*DTYPES, *TORCH_FORMATS)
-    per_byte = {engine_key("torch", p): _streamed_matmul(p) for p in precisions}
-    gflops = {engine_key("torch", p): _prefill_gflops(p) for p in precisions}
-    costs: dict[str, dict[str, Any]] = _engine_costs(tokenizer, per_byte, gflops)
-    if onnx_profile.available():
-        onnx = onnx_profile.measure(tokenizer)
-        per_byte.update(onnx.pop("seconds_per_weight_byte"))
-        gflops.update(onnx.pop("prefill_gflops"))
-        for field, values in onnx.items():
-            costs[field].update(values)
+    onnx_too = onnx_profile.available()
+    with tqdm(total=4 if onnx_too else 3, desc="calibrating", unit="stage", disable=None) as bar:
+        bar.set_postfix_str("torch kernels")
+        per_byte = {engine_key("torch", p): _streamed_matmul(p) for p in precisions}
+        gflops = {engine_key("torch", p): _prefill_gflops(p) for p in precisions}
+        bar.update()
+        bar.set_postfix_str("torch engine on probe models")
+        costs: dict[str, dict[str, Any]] = _engine_costs(tokenizer, per_byte, gflops)
+        bar.update()
+        if onnx_too:
+            bar.set_postfix_str("onnxruntime kernels and engine")
+            onnx = onnx_profile.measure(tokenizer)
+            per_byte.update(onnx.pop("seconds_per_weight_byte"))
+            gflops.update(onnx.pop("prefill_gflops"))
+            for field, values in onnx.items():
+                costs[field].update(values)
+            bar.update()
+        bar.set_postfix_str("memory bandwidth")
+        bandwidth = read_bandwidth_gbs()
+        bar.update()
     profile = MachineProfile(
         cpu=cpu_name(),
         threads=threads,
-        read_bandwidth_gbs=read_bandwidth_gbs(),
+        read_bandwidth_gbs=bandwidth,
         seconds_per_weight_byte=per_byte,
         prefill_gflops=gflops,
         runtime_bytes=runtime,
