@@ -14,10 +14,13 @@ def run_graph(precision: str, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.n
     import onnx
     from onnx import numpy_helper
 
+    from kiln.engine.onnx_runtime import session_options
+
     graph, nbytes = onnx_profile._stream_graph(precision, [(64, 256)])
     model = onnx.load_from_string(graph)
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    # kiln's options: once any session of the process used the shared thread pool, every one must
+    session = ort.InferenceSession(graph, session_options(), providers=["CPUExecutionProvider"])
     assert nbytes == sum(w.nbytes for w in weights.values())
     return session.run(None, {"x256": x})[0], weights
 
