@@ -174,7 +174,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise ModelFormatError(
             f"{args.model} has no chat template, so `kiln chat` cannot lay out a conversation; "
             "use `kiln generate -m MODEL TEXT` (plain text) instead")
-    return run_repl(ChatSession(loaded, params, system=args.system, model=_runtime_model(loaded, args.runtime)))
+    model = _runtime_model(loaded, args.runtime)
+    if model is not loaded.model:
+        # a conversation can stay open for hours: as in kiln serve, the session's weights are the only copy
+        loaded.release_weights()
+    return run_repl(ChatSession(loaded, params, system=args.system, model=model))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -90,6 +90,8 @@ class Engine:
         owns_kv = getattr(model, "owns_kv", False)
         self.cache = PagedKVCache(model.spec, self.config.kv_budget_bytes, model.dtype, self.config.block_size,
                                   int8=self.config.kv_cache == "int8", store=not owns_kv)
+        if owns_kv:
+            self.cache.on_free = model.forget  # type: ignore[union-attr,assignment]
         # a runtime with its own keys and values shares prefixes only if it can copy blocks in and out
         self.shares_prefixes = self.config.prefix_caching and (not owns_kv or getattr(model, "shares_prefixes", False))
         self.scheduler = Scheduler(

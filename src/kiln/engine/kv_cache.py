@@ -18,7 +18,7 @@ about 3.8x the tokens at fp32 (1.9x at bf16). They are dequantized when gathered
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,9 @@ class PagedKVCache:
         # store=False: a runtime that keeps its own keys and values may keep its copies of published
         # prefix blocks here, indexed by these block ids, so they live and die with this cache
         self.runtime_store: list[Any] = []
+        # such a runtime's own buffers for a sequence go when its blocks do (finished, cancelled, preempted),
+        # not at the runtime's next step: an idle engine holds nothing for finished requests
+        self.on_free: Callable[[int], None] | None = None
 
     @staticmethod
     def bytes_per_token(spec: ModelSpec, dtype: torch.dtype, int8: bool = False) -> int:
@@ -129,6 +132,8 @@ class PagedKVCache:
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             return
+        if self.on_free is not None:
+            self.on_free(seq_id)
         for block in seq.blocks:
             self.refs[block] -= 1
             if self.refs[block] == 0:

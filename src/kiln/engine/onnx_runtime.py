@@ -3,13 +3,15 @@
 The session runs the graph `kiln export --format onnx` writes (ORT GenAI's builder: GroupQueryAttention,
 MatMulNBits). Its keys and values are explicit inputs and outputs, so this class keeps them per sequence
 and answers the same call the engine makes on kiln's torch graph: append each row's tokens to that
-sequence and return logits. Each sequence owns one buffer per layer, bound as both the past input and the
-present output (GroupQueryAttention's shared-buffer mode writes the new keys in place, so a step copies
-nothing) and doubled when full; the binding itself lives as long as the buffers, so a decode step only
-rebinds its token, mask and logits. Exports that have the `logits_to_keep` input compute lm_head on the
-last position only. The engine's paged cache
-does the accounting (budget, admission, preemption) and stores nothing itself. All decode rows of a step
-run as one batch, each at its own position (`_run_batch`); first prompt chunks of one width batch too.
+sequence and return logits. A sequence's keys and values live in exactly one place. While it runs alone
+(its prompt, or decoding by itself) that is its own buffer per layer, bound as both the past input and
+the present output (GroupQueryAttention's shared-buffer mode writes the new keys in place, so a step
+copies nothing) and grown by a quarter when full; the binding lives as long as the buffers, so a decode
+step only rebinds its token, mask and logits. While several sequences decode together (`_decode_batch`) their keys
+and values move into one batch buffer, bound the same way, and their own buffers are freed: decoding
+copies nothing and holds no second copy. Exports that have the `logits_to_keep` input compute lm_head on
+the last position only. The engine's paged cache does the accounting (budget, admission, preemption) and
+stores nothing itself. First prompt chunks of one width batch too.
 
 Prefix caching: when the engine publishes a prompt's full blocks, their keys and values are copied out of
 the sequence's buffers into a block store laid out like the engine's pool (indexed by the engine's block
@@ -44,16 +46,17 @@ from kiln.errors import InvalidParameterError, KilnError
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
 
-FIRST_CAPACITY = 256  # tokens a sequence's key/value buffers hold before they are doubled
+FIRST_CAPACITY = 256  # tokens a sequence's own key/value buffers hold at least
 HUGE_PAGES_FROM = 64 << 20  # bytes of exported weights from which a session's memory moves to huge pages
 
 
 @dataclass
 class _BatchKV:
     """Several sequences' keys and values side by side, [B, Hkv, capacity, D] per past input, bound as both
-    past and present; with the preallocated logits [B, 1, V] the binding writes."""
+    past and present; with the preallocated logits [B, 1, V] the binding writes. The only copy of its
+    sequences' keys and values."""
 
-    seqs: tuple[int, ...]
+    seqs: list[int | None]  # row j's sequence; None once it left (finished, or moved to its own buffers)
     lengths: list[int]  # tokens each row holds
     arrays: list[np.ndarray]
     values: list[Any]  # onnxruntime.OrtValue over the same memory
@@ -78,17 +81,11 @@ class _SeqKV:
 _POOL_THREADS: list[int] = []  # the shared pool's size, once set
 
 
-def sequence_capacity(tokens: int) -> int:
-    """Tokens a sequence's own key/value buffers hold once it has `tokens`: doubled from FIRST_CAPACITY."""
-    capacity = FIRST_CAPACITY
-    while capacity < tokens:
-        capacity *= 2
-    return capacity
-
-
-def batch_capacity(tokens: int) -> int:
-    """Tokens per row of a decode batch's buffer: room for a quarter more before it is rebuilt."""
-    return tokens + tokens // 4 + 16
+def kv_capacity(tokens: int) -> int:
+    """Tokens a key/value buffer (a sequence's own, or a decode batch's rows) gets when it must hold
+    `tokens`: a quarter more, so a growing sequence moves O(1) times per token on average, and at most a
+    fifth of the buffer is ever empty (doubling left up to half of it)."""
+    return max(FIRST_CAPACITY, tokens + tokens // 4 + 16)
 
 
 def _shared_pool(ort: Any, threads: int) -> None:
@@ -166,14 +163,14 @@ class OnnxModel:
     def publish(self, seq: int, cache: PagedKVCache) -> None:
         """Copy the sequence's registered full prompt blocks (cache.register_prefix) into the block store."""
         blocks = cache.seqs[seq]
-        kv = self.states.get(seq)
-        if kv is None:
+        layers = self._layers(seq)
+        if not layers:
             return
         size, store = cache.block_size, self._store(cache)
         first, last = self.published.get(seq, 0), min(len(blocks.hashes), blocks.length // size)
         for i in range(first, last):
-            for pool, array in zip(store, kv.arrays, strict=True):
-                pool[blocks.blocks[i]] = array[0, :, i * size : (i + 1) * size]
+            for pool, array in zip(store, layers, strict=True):
+                pool[blocks.blocks[i]] = array[:, i * size : (i + 1) * size]
         self.published[seq] = max(first, last)
 
     def _restore(self, seq: int, start: int, cache: PagedKVCache) -> None:
@@ -189,6 +186,15 @@ class OnnxModel:
             picked = pool[blocks]  # [blocks, Hkv, block, D]
             array[0, :, :start] = picked.transpose(1, 0, 2, 3).reshape(picked.shape[1], start, picked.shape[3])
         self.published[seq] = len(blocks)  # those blocks are in the store already
+
+    def _layers(self, seq: int) -> list[np.ndarray]:
+        """The sequence's keys and values per past input, [Hkv, capacity, D], wherever they live ([] if nowhere)."""
+        batch = self._batch
+        if batch is not None and seq in batch.seqs:
+            row = batch.seqs.index(seq)
+            return [array[row] for array in batch.arrays]
+        kv = self.states.get(seq)
+        return [array[0] for array in kv.arrays] if kv is not None else []
 
     def _empty(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -210,12 +216,17 @@ class OnnxModel:
         capacity = kv.arrays[0].shape[2] if kv else 0
         if need <= capacity and kv is not None:
             return kv
-        size = max(need, 2 * capacity, FIRST_CAPACITY)
-        shape = (1, self.spec.num_kv_heads, size, self.spec.head_dim)
-        arrays = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
+        shape = (1, self.spec.num_kv_heads, kv_capacity(need), self.spec.head_dim)
+        held: list[Any] = kv.arrays if kv is not None else []
         if kv is not None:
-            for new, old in zip(arrays, kv.arrays, strict=True):
-                new[:, :, :capacity] = old
+            kv.values.clear()  # the OrtValues and binding over the old arrays go: only `held` keeps them
+            kv.binding = None
+        arrays = []
+        for layer in range(len(self.past_names)):  # one layer at a time: growing holds one old layer more
+            arrays.append(np.zeros(shape, dtype=np.float32))
+            if held:
+                arrays[-1][:, :, :capacity] = held[layer]
+                held[layer] = None
         values, binding = self._bind_in_place(arrays, self._last_value)
         kv = _SeqKV(arrays, values, binding)
         self.states[seq] = kv
@@ -256,10 +267,11 @@ class OnnxModel:
         return torch.from_numpy(logits[0, -keep:])
 
     def forget(self, seq: int) -> None:
-        """Free a sequence's buffers (extend's counterpart; the engine frees its own sequences)."""
-        self._touch(seq)
-        self.states.pop(seq, None)
+        """Free a sequence's buffers: extend's counterpart, and the engine's cache calls it as it frees a
+        sequence's blocks."""
+        self._drop(seq)
         self.lengths.pop(seq, None)
+        self.published.pop(seq, None)
 
     def logits_all(self, ids: Sequence[int]) -> Tensor:
         """Logits [T, V] at every position of one sequence, with no cache kept."""
@@ -281,8 +293,7 @@ class OnnxModel:
         _forward says why). At batch 1 the result is a view that the next call overwrites."""
         seqs = cache.seqs  # the paged cache's block tables (the length of each)
         for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
-            self._touch(gone)
-            self.states.pop(gone, None)
+            self._drop(gone)
             self.lengths.pop(gone)
             self.published.pop(gone, None)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -332,7 +343,7 @@ class OnnxModel:
         assert not any(starts), "prompt chunks over a past run one sequence at a time"
         logits, presents = self._run(ids, self._empty(b), last=True)
         for j, seq in enumerate(seqs):
-            self._touch(seq)
+            self._drop(seq)  # from position 0: nothing it held before counts
             for array, present in zip(self._buffers(seq, n).arrays, presents, strict=True):
                 array[0, :, :n] = present[j]
         return logits
@@ -344,41 +355,82 @@ class OnnxModel:
         both past and present, as a single sequence's are: GroupQueryAttention writes each row's new key
         at that row's length, which it reads from the attention mask's row sums (the builder's graph
         derives seqlens_k from them), so right padding is never attended. The buffer lives while the same
-        sequences keep decoding; each step copies only the new keys and values back into the sequences'
-        own buffers, which stay the reference. (Fresh pasts and presents per step cost 1.45x the step
-        time at 16 rows of 200 tokens here.)
+        sequences keep decoding and is their only copy; when the members change or it fills up, its rows
+        move to a new one (`_regroup`). (Fresh pasts and presents per step cost 1.45x the step time at 16
+        rows of 200 tokens here.)
         """
         batch = self._batch
         need = max(starts) + 1
-        if batch is None or batch.seqs != tuple(seqs) or batch.lengths != starts or batch.capacity < need:
-            batch = self._batch = self._new_decode_batch(seqs, starts, batch_capacity(need))
+        if batch is None or batch.seqs != seqs or batch.lengths != starts or batch.capacity < need:
+            batch = self._regroup(seqs, starts, kv_capacity(need))
         mask = np.zeros((len(seqs), need), dtype=np.int64)
         for j, start in enumerate(starts):
             mask[j, : start + 1] = 1
         batch.binding.bind_cpu_input("input_ids", ids)
         batch.binding.bind_cpu_input("attention_mask", mask)
         self.session.run_with_iobinding(batch.binding)
-        for j, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-            for array, shared in zip(self._buffers(seq, start + 1).arrays, batch.arrays, strict=True):
-                array[0, :, start] = shared[j, :, start]
         batch.lengths = [start + 1 for start in starts]
         return batch.logits if self.keeps_last else batch.binding.get_outputs()[0].numpy()
 
     def _touch(self, seq: int) -> None:
-        """`seq`'s own buffers are about to change outside the decode batch: the batch's copy goes stale."""
-        if self._batch is not None and seq in self._batch.seqs:
+        """`seq` is about to run outside the decode batch: move its keys and values to its own buffers."""
+        batch = self._batch
+        if batch is None or seq not in batch.seqs:
+            return
+        row = batch.seqs.index(seq)
+        length = batch.lengths[row]
+        for own, shared in zip(self._buffers(seq, length).arrays, batch.arrays, strict=True):
+            own[0, :, :length] = shared[row, :, :length]
+        batch.seqs[row] = None
+        if all(s is None for s in batch.seqs):
             self._batch = None
 
-    def _new_decode_batch(self, seqs: list[int], starts: list[int], capacity: int) -> _BatchKV:
-        self._batch = None  # release the old buffer before the new one is filled
+    def _drop(self, seq: int) -> None:
+        """Forget `seq`'s keys and values wherever they live; the batch buffer goes with its last member."""
+        self.states.pop(seq, None)
+        batch = self._batch
+        if batch is not None and seq in batch.seqs:
+            batch.seqs[batch.seqs.index(seq)] = None
+            if all(s is None for s in batch.seqs):
+                self._batch = None
+
+    def _regroup(self, seqs: list[int], starts: list[int], capacity: int) -> _BatchKV:
+        """A new batch buffer for `seqs`, filled from the old one's rows and the others' own buffers, which
+        are freed one layer at a time as they are copied: the move holds about one layer more, not a
+        second cache. Members of the old batch that are not in the new one move to their own buffers."""
+        old = self._batch
+        if old is not None:
+            for seq in [s for s in old.seqs if s is not None and s not in seqs]:
+                self._touch(seq)
+        old = self._batch  # None if _touch emptied it
+        self._batch = None
+        sources: list[tuple[list[Any], int]] = []  # per row: (its arrays per layer, its row in them)
+        for seq, start in zip(seqs, starts, strict=True):
+            if old is not None and seq in old.seqs:
+                row = old.seqs.index(seq)
+                assert old.lengths[row] >= start, "a decode row lost keys and values"
+                sources.append((old.arrays, row))
+            else:
+                kv = self.states.pop(seq)
+                assert kv.arrays[0].shape[2] >= start, "a decode row lost keys and values"
+                sources.append((kv.arrays, 0))
+                kv.values.clear()  # the OrtValues and binding over its arrays go: only the list holds them
+        if old is not None:
+            old.values.clear()
+            old.binding = None
         shape = (len(seqs), self.spec.num_kv_heads, capacity, self.spec.head_dim)
-        arrays = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
-        for j, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-            for array, own in zip(arrays, self._buffers(seq, start).arrays, strict=True):
-                array[j, :, :start] = own[0, :, :start]
+        arrays = []
+        for layer in range(len(self.past_names)):
+            array = np.zeros(shape, dtype=np.float32)
+            for j, ((held, row), start) in enumerate(zip(sources, starts, strict=True)):
+                array[j, :, :start] = held[layer][row, :, :start]
+            for held, _ in sources:
+                held[layer] = None  # freed here (the old batch's array once its last row is copied)
+            arrays.append(array)
         logits = np.empty((len(seqs), 1, self.spec.vocab_size), dtype=np.float32)
         values, binding = self._bind_in_place(arrays, self._ort.OrtValue.ortvalue_from_numpy(logits))
-        return _BatchKV(tuple(seqs), list(starts), arrays, values, binding, logits)
+        self._batch = _BatchKV(list(seqs), list(starts), arrays, values, binding, logits)
+        return self._batch
 
     def _bind_in_place(self, arrays: list[np.ndarray], logits: Any) -> tuple[list[Any], Any]:
         """(OrtValues over `arrays`, an IO binding with them as both past and present). With logits_to_keep

@@ -118,12 +118,12 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
         f"weights: {spec.num_parameters / 1e6:.1f}M parameters x {memory.bytes_per_weight(precision):g} B"
         + (" + one fp32 scale per output row" if precision == "int8" else "")
         + (f" + {resident - weights:,} B for the tied head's packed copy" if resident > weights else "")
-        + (f" + {session / 1e6:.0f} MB for the onnxruntime session's own copy (kiln serve drops kiln's copy "
-           "once the session is built)" if session else ""),
+        + (f" + {session / 1e6:.0f} MB for the onnxruntime session's own copy (kiln serve and kiln chat "
+           "drop kiln's copy once the session is built; loading holds both)" if session else ""),
         f"KV cache: {concurrency} x {context} tokens x {kv_per_token:,} B/token ({spec.num_layers} layers x "
         f"{spec.num_kv_heads} KV heads x {spec.head_dim} x 2 (K and V) x {memory.kv_bytes_per_element(precision)} B)"
-        + (f"; onnxruntime holds {kv / 1e6:.0f} MB: each sequence's buffers grow by doubling, and sequences that "
-           "decode together share a batch buffer beside their own" if runtime == "onnxruntime" else ""),
+        + (f"; onnxruntime holds {kv / 1e6:.0f} MB: each sequence's keys and values once, fp32, in buffers with "
+           "room for up to a quarter more tokens" if runtime == "onnxruntime" else ""),
         f"activations: one {memory.ENGINE_CHUNK}-token prefill chunk, one layer's attention over every sequence, "
         "the logits",
         f"runtime memory: kiln, torch and a tokenizer, {profile.runtime_bytes / 1e6:.0f} MB measured",

@@ -58,14 +58,12 @@ def kv_cache_bytes(spec: ModelSpec, precision: PlanPrecision, context: int, conc
 
 
 def onnx_kv_cache_bytes(spec: ModelSpec, context: int, concurrency: int) -> int:
-    """Keys and values the onnxruntime runtime holds (fp32; engine/onnx_runtime.py): each sequence's own
-    buffers, doubled as they fill, and while several sequences decode together, a batch buffer the graph
-    reads and writes in place, with room for a quarter more tokens."""
-    from kiln.engine.onnx_runtime import batch_capacity, sequence_capacity
+    """Keys and values the onnxruntime runtime holds (fp32; engine/onnx_runtime.py): each sequence's
+    once, in its own buffer or in the batch buffer of the sequences decoding together, with room for up
+    to a quarter more tokens than it has (kv_capacity)."""
+    from kiln.engine.onnx_runtime import kv_capacity
 
-    per_token = spec.kv_bytes_per_token(4)
-    batch = concurrency * batch_capacity(context) if concurrency > 1 else 0
-    return per_token * (concurrency * sequence_capacity(context) + batch)
+    return spec.kv_bytes_per_token(4) * concurrency * kv_capacity(context)
 
 
 def activations_bytes(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int) -> int:

@@ -25,16 +25,15 @@ from kiln.plan.memory import INT4_GROUP
 from kiln.plan.profile import (
     BATCHES,
     PROBE_LAYERS,
-    PROBE_NEW_TOKENS,
     PROBE_PROMPTS,
     ProbeRun,
-    attended_bytes_per_token,
     best_time,
     engine_key,
     engine_step_s,
     fit_probe,
     prefill_efficiency,
     prefill_seconds,
+    probe_attended_bytes,
     probe_model,
     stream_shapes,
 )
@@ -145,7 +144,7 @@ def measure(tokenizer: Any) -> dict[str, dict[str, Any]]:
         def run(batch: int, layers: int, prompt: int) -> ProbeRun:
             model, weights = probes[layers]
             per_byte = fields["seconds_per_weight_byte"][int4]
-            attended = batch * (prompt + PROBE_NEW_TOKENS / 2) * attended_bytes_per_token(model.spec, 4, "onnxruntime")
+            attended = probe_attended_bytes(model.spec, batch, prompt, 4, "onnxruntime")
             stream_s = weights * per_byte[str(batch)]
             return ProbeRun(engine_step_s(model, tokenizer, batch, prompt), stream_s, attended, layers)
 

@@ -250,9 +250,13 @@ def _probe_run(model: Any, tokenizer: Any, batch: int, prompt: int, per_byte: di
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) + packed_nbytes(model)
     if isinstance(model.lm_head, PackedLinear) and model.spec.tie_embeddings:
         weights -= model.embed.weight.numel() * element  # the step reads the head's packed copy, not the table
-    attended = batch * (prompt + PROBE_NEW_TOKENS / 2) * attended_bytes_per_token(model.spec, element)
-    return ProbeRun(engine_step_s(model, tokenizer, batch, prompt),
-                    weights * _interpolate(_keyed(per_byte), batch), attended, model.spec.num_layers)
+    return ProbeRun(engine_step_s(model, tokenizer, batch, prompt), weights * _interpolate(_keyed(per_byte), batch),
+                    probe_attended_bytes(model.spec, batch, prompt, element), model.spec.num_layers)
+
+
+def probe_attended_bytes(spec: ModelSpec, batch: int, prompt: int, element_bytes: int, runtime: str = "torch") -> float:
+    """KV bytes an average decode step of a probe run attends: every row's prompt and half its new tokens."""
+    return batch * (prompt + PROBE_NEW_TOKENS / 2) * attended_bytes_per_token(spec, element_bytes, runtime)
 
 
 def prefill_seconds(model: Any, tokenizer: Any, prompt: int) -> float:

@@ -69,15 +69,25 @@ def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, 
 def test_decode_rows_at_different_positions_run_as_one_batch(tiny: LoadedModel, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequences of different lengths decode in one session run, with the log-probabilities each gets alone;
-    one of them stops early, so the batch changes members midway."""
+    one of them stops early, so the batch changes members midway, and the last decodes alone. While they
+    decode together their keys and values are held once: in the batch buffer, not in their own too."""
     folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
     prompts = [[1, *range(500, 504)], [1, *range(600, 616)], [1, *range(700, 729)]]
     lengths = {len(p): n for p, n in zip(prompts, (8, 3, 40), strict=True)}  # 40: past the first capacity
     onnx = OnnxModel(folder, tiny.spec, 1)
     batches: list[int] = []
+    held_twice: list[int] = []  # decode rows that still had buffers of their own after a batched step
     real_batch = onnx._run_batch
-    monkeypatch.setattr(onnx, "_run_batch", lambda ids, seqs, starts: batches.append(len(set(starts))) or
-                        real_batch(ids, seqs, starts))
+
+    def run_batch(ids: Any, seqs: list[int], starts: list[int]) -> Any:
+        batches.append(len(set(starts)))
+        logits = real_batch(ids, seqs, starts)
+        if ids.shape[1] == 1:
+            assert onnx._batch is not None and onnx._batch.seqs == seqs
+            held_twice.extend(s for s in seqs if s in onnx.states)
+        return logits
+
+    monkeypatch.setattr(onnx, "_run_batch", run_batch)
 
     def run(group: list[list[int]]) -> list[list[float]]:
         engine = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20))  # type: ignore[arg-type]
@@ -88,9 +98,30 @@ def test_decode_rows_at_different_positions_run_as_one_batch(tiny: LoadedModel, 
 
     together = run(prompts)
     assert batches and max(batches) == 3  # three rows, three positions, one run
+    assert not held_twice
+    # each sequence's buffers went as the engine freed its blocks, not at a next step that never came
+    assert onnx._batch is None and not onnx.states and not onnx.lengths
     alone = [run([p])[0] for p in prompts]
     for got, want in zip(together, alone, strict=True):
         assert len(got) == len(want) and torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
+
+
+def test_cancelling_frees_the_onnx_runtimes_buffers_at_once(tiny: LoadedModel, tmp_path: Path) -> None:
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    onnx = OnnxModel(folder, tiny.spec, 1)
+    engine = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20))  # type: ignore[arg-type]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    requests = [engine.add_request([1, *range(500 + 20 * i, 510 + 20 * i)], params) for i in range(3)]
+    for _ in range(4):  # the prompts, then decode steps of all three in one batch
+        engine.step()
+    assert onnx._batch is not None and len(onnx._batch.seqs) == 3 and not onnx.states
+    assert engine.abort(requests[0].request_id)
+    assert requests[0].seq_id not in onnx.lengths and requests[0].seq_id not in onnx._batch.seqs
+    engine.step()  # the other two move to a batch of their own
+    assert onnx._batch is not None and len(onnx._batch.seqs) == 2
+    for r in requests[1:]:
+        assert engine.abort(r.request_id)
+    assert onnx._batch is None and not onnx.states and not onnx.lengths
 
 
 def test_prefix_caching_on_the_onnx_runtime_gives_the_same_tokens(tiny: LoadedModel, tmp_path: Path) -> None:

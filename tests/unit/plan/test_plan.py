@@ -153,12 +153,11 @@ def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: M
     assert onnx_plan.decode_tokens_per_s == pytest.approx(1 / (weights * 2e-11 + 3 * cached * 5e-11 + fixed))
     assert torch_plan.decode_tokens_per_s == pytest.approx(1 / (weights * 4e-11 + cached * 5e-11 + fixed))
     assert "onnxruntime session's own copy" in " ".join(onnx_plan.explanation)
-    # its keys and values: each sequence's buffers doubled from 256 tokens; beside them, once several
-    # sequences decode together, a shared batch buffer with a quarter more room
+    # its keys and values: each sequence's once, fp32, in a buffer with room for a quarter more tokens
     per_token = 30 * 3 * 64 * 2 * 4
-    assert onnx_plan.kv_cache_bytes == per_token * 1024
+    assert onnx_plan.kv_cache_bytes == per_token * (640 + 160 + 16)
     four = estimate.estimate(spec, "int8", 640, 4, PROFILE, "onnxruntime")
-    assert four.kv_cache_bytes == per_token * 4 * (1024 + 640 + 160 + 16)
+    assert four.kv_cache_bytes == 4 * onnx_plan.kv_cache_bytes
     assert memory.onnx_session_bytes(spec, "int4") == memory.weights_bytes(spec, "int4")  # the lookup reads the head
 
 
