@@ -124,6 +124,48 @@ def test_cancelling_frees_the_onnx_runtimes_buffers_at_once(tiny: LoadedModel, t
     assert onnx._batch is None and not onnx.states and not onnx.lengths
 
 
+def test_requests_arriving_and_preempted_keep_their_logprobs_on_the_onnx_runtime(
+        tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode batch gains and loses rows as requests arrive, finish, attach a cached prefix and are
+    preempted by a small budget, and its buffers grow (a first capacity of 16 tokens here); each request
+    keeps the log-probabilities it gets alone, and no buffer outlives its sequence."""
+    import random
+
+    from kiln.engine import onnx_runtime
+
+    monkeypatch.setattr(onnx_runtime, "FIRST_CAPACITY", 16)
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    onnx = OnnxModel(folder, tiny.spec, 1)
+    rng = random.Random(0)
+    prefix = [1, *range(900, 931)]  # two full blocks that every third prompt shares
+    prompts = [(prefix if i % 3 == 0 else [1]) + [rng.randint(100, 40000) for _ in range(rng.randint(2, 30))]
+               for i in range(16)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(3, 40), ignore_eos=True, logprobs=0)
+              for _ in prompts]
+    arrival = sorted(rng.randint(0, 30) for _ in prompts)
+    per_block = 16 * tiny.spec.kv_bytes_per_token(4)
+    engine = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=20 * per_block,  # type: ignore[arg-type]
+                                                       max_batch_tokens=48))
+    requests: dict[int, Any] = {}
+    step = 0
+    while len(requests) < len(prompts) or engine.has_work:
+        for i in range(len(prompts)):
+            if i not in requests and arrival[i] <= step:
+                requests[i] = engine.add_request(prompts[i], params[i])
+        engine.step()
+        step += 1
+    assert sum(r.num_preemptions for r in requests.values()) > 0, "the budget should force preemption"
+    assert any(r.cached_tokens for r in requests.values())
+    assert onnx._batch is None and not onnx.states and not onnx.lengths
+    for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+        single = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20))  # type: ignore[arg-type]
+        want = single.add_request(prompt, sp)
+        single.run()
+        got = [p.logprob for p in requests[i].logprobs]
+        assert len(got) == sp.max_tokens and requests[i].output == want.output, f"request {i}"
+        assert torch.allclose(torch.tensor(got), torch.tensor([p.logprob for p in want.logprobs]), atol=1e-4)
+
+
 def test_prefix_caching_on_the_onnx_runtime_gives_the_same_tokens(tiny: LoadedModel, tmp_path: Path) -> None:
     folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
     prefix = [1, *range(400, 439)]  # 40 tokens: two full blocks of 16 can be shared
