@@ -75,9 +75,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _runtime_model(loaded: object, runtime: str, kv_cache: str = "model") -> Any:
+    """The model the engine calls; under an ONNX Runtime session kiln's copy of the weights is let go (the
+    command needs only the tokenizer and config), so a process holds one copy, as kiln serve does."""
     from kiln.engine.onnx_runtime import pick_runtime
 
-    return pick_runtime(loaded, runtime, kv_cache)[0]  # type: ignore[arg-type]
+    return pick_runtime(loaded, runtime, kv_cache, keep_weights=False)[0]  # type: ignore[arg-type]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -174,11 +176,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise ModelFormatError(
             f"{args.model} has no chat template, so `kiln chat` cannot lay out a conversation; "
             "use `kiln generate -m MODEL TEXT` (plain text) instead")
-    model = _runtime_model(loaded, args.runtime)
-    if model is not loaded.model:
-        # a conversation can stay open for hours: as in kiln serve, the session's weights are the only copy
-        loaded.release_weights()
-    return run_repl(ChatSession(loaded, params, system=args.system, model=model))
+    return run_repl(ChatSession(loaded, params, system=args.system, model=_runtime_model(loaded, args.runtime)))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -126,7 +126,9 @@ def measure_once(outputs: Sequence[GenerationOutput], batch_size: int) -> dict[s
 def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     from kiln.engine.onnx_runtime import pick_runtime
 
-    model, runtime = pick_runtime(loaded, options.runtime, options.kv_cache)
+    weights, precision = model_bytes(loaded), str(loaded.model.dtype).removeprefix("torch.")
+    # as generate, chat and serve do: under an ONNX Runtime session only the session's copy stays
+    model, runtime = pick_runtime(loaded, options.runtime, options.kv_cache, keep_weights=False)
     # no prefix caching: every run must prefill its prompts, not find them cached by the run before
     generator = Generator(model, loaded.tokenizer, kv_cache=options.kv_cache,  # type: ignore[arg-type]
                           prefix_caching=False)
@@ -152,12 +154,12 @@ def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> di
     return {
         "model": loaded.source.name,
         "model_sha256": loaded.sha256,
-        "precision": str(loaded.model.dtype).removeprefix("torch."),
+        "precision": precision,
         "kv_cache": options.kv_cache,
         "runtime": runtime,
         "load_seconds": loaded.load_seconds,
         "bytes_on_disk": loaded.source.size_bytes,
-        "bytes_in_memory": model_bytes(loaded),
+        "bytes_in_memory": weights,
         "prompt_tokens": options.prompt_tokens,
         "new_tokens": options.new_tokens,
         "runs": options.runs,

@@ -495,9 +495,10 @@ def why_not_onnx(loaded: LoadedModel, kv_cache: str = "model") -> str | None:
 def no_room_for_onnx(loaded: LoadedModel, share: float = 0.5) -> str | None:
     """Why the session's own copy of the weights should not be made, or None when it fits.
 
-    The process keeps `loaded` on kiln's graph as well, so a session is a second copy of the weights:
-    little for an int4 artifact, the whole model again for an fp32 one (the default model: about 0.7 GB
-    more resident). It is made only while it fits in `share` of the memory available now; where that is
+    Where the caller keeps kiln's graph (pick_runtime's keep_weights), the session is a second copy of the
+    weights beside `loaded`'s, and the export made on first use holds its own while `loaded` is still
+    there: little for an int4 artifact, the whole model again for an fp32 one (the default model: about
+    0.7 GB more resident). It is made only while it fits in `share` of the memory available now; where that is
     unknown (0), it is made.
     """
     from kiln.benchmark.latency import model_bytes
@@ -509,12 +510,17 @@ def no_room_for_onnx(loaded: LoadedModel, share: float = 0.5) -> str | None:
     return None
 
 
-def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model") -> tuple[object, str]:
-    """(the model the engine should call, the runtime it is) for `--runtime` (auto resolved per model)."""
+def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model",
+                 keep_weights: bool = True) -> tuple[object, str]:
+    """(the model the engine should call, the runtime it is) for `--runtime` (auto resolved per model).
+
+    keep_weights=False: the caller needs nothing of kiln's graph once an ONNX Runtime session runs the
+    model (generate, chat, bench, serve), so kiln's copy of the weights goes before the session loads
+    its own, and the two are never resident together."""
     if runtime not in RUNTIMES:
         raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if runtime != "auto":
-        return runtime_model(loaded, runtime), runtime
+        return runtime_model(loaded, runtime, keep_weights=keep_weights), runtime
     if why_not_onnx(loaded, kv_cache) is None:
         short = no_room_for_onnx(loaded)
         if short:  # the user would expect onnxruntime here: say why it is torch
@@ -522,14 +528,14 @@ def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model") -> 
                   file=sys.stderr)
             return runtime_model(loaded, "torch"), "torch"
         try:
-            return runtime_model(loaded, "onnxruntime"), "onnxruntime"
+            return runtime_model(loaded, "onnxruntime", keep_weights=keep_weights), "onnxruntime"
         except KilnError as exc:  # an export that fails its check: kiln's own graph still runs the artifact
             print(f"kiln: the onnxruntime runtime is not available for this model ({exc}); running it on torch",
                   file=sys.stderr)
     return runtime_model(loaded, "torch"), "torch"
 
 
-def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") -> object:
+def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto", keep_weights: bool = True) -> object:
     """The model the engine should call for `runtime`, with the calling thread's torch count set for it.
 
     The count is set for every runtime, so a process that runs an ONNX Runtime model and then a torch one
@@ -538,13 +544,13 @@ def runtime_model(loaded: LoadedModel, runtime: str, precision: str = "auto") ->
     if runtime not in RUNTIMES:
         raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if runtime == "auto":
-        return pick_runtime(loaded, runtime)[0]
-    model = _build(loaded, runtime, precision)
+        return pick_runtime(loaded, runtime, keep_weights=keep_weights)[0]
+    model = _build(loaded, runtime, precision, keep_weights)
     use_threads_for(model)
     return model
 
 
-def _build(loaded: LoadedModel, runtime: str, precision: str) -> object:
+def _build(loaded: LoadedModel, runtime: str, precision: str, keep_weights: bool = True) -> object:
     if runtime == "torch":
         return loaded.model
     if runtime == "torch-compiled":
@@ -559,5 +565,9 @@ def _build(loaded: LoadedModel, runtime: str, precision: str) -> object:
         raise InvalidParameterError(
             "--runtime onnxruntime runs its export's own precision from the fp32 model; drop --dtype bf16"
         )
+    folder = onnx_folder(loaded, precision)  # the export, if not cached yet, reads kiln's weights
+    if not keep_weights:
+        # before the session loads its copy: the default fp32 model's peak is then one copy, not two
+        loaded.release_weights()
     # ORT's pool gets the process's cores even when this thread's torch count was narrowed before
-    return OnnxModel(onnx_folder(loaded, precision), loaded.spec, PROCESS_THREADS)
+    return OnnxModel(folder, loaded.spec, PROCESS_THREADS)

@@ -118,8 +118,9 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
         f"weights: {spec.num_parameters / 1e6:.1f}M parameters x {memory.bytes_per_weight(precision):g} B"
         + (" + one fp32 scale per output row" if precision == "int8" else "")
         + (f" + {resident - weights:,} B for the tied head's packed copy" if resident > weights else "")
-        + (f" + {session / 1e6:.0f} MB for the onnxruntime session's own copy (kiln serve and kiln chat "
-           "drop kiln's copy once the session is built; loading holds both)" if session else ""),
+        + (f"; on onnxruntime the session holds its own copy, {session / 1e6:.0f} MB, and kiln lets its own go "
+           "before the session loads (the peak counts whichever is larger: kiln's copy while loading, or the "
+           "session's with the cache and activations)" if session else ""),
         f"KV cache: {concurrency} x {context} tokens x {kv_per_token:,} B/token ({spec.num_layers} layers x "
         f"{spec.num_kv_heads} KV heads x {spec.head_dim} x 2 (K and V) x {memory.kv_bytes_per_element(precision)} B)"
         + (f"; onnxruntime holds {kv / 1e6:.0f} MB: each sequence's keys and values once, fp32, in buffers with "
@@ -138,10 +139,11 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
         f"{profile.prefill_gflops[key]:.0f} GFLOP/s ({kernel[precision]}, measured) x "
         f"{profile.prefill_efficiency[key]:.2f} (the share a whole prefill reached on a probe model)",
     ]
+    held = session + kv + activations if session else resident + kv + activations
     return Plan(
         precision=precision, runtime=runtime, context=context, concurrency=concurrency,
-        weights_bytes=resident + session, kv_cache_bytes=kv, activations_bytes=activations,
-        runtime_bytes=profile.runtime_bytes, total_bytes=resident + session + kv + activations + profile.runtime_bytes,
+        weights_bytes=session or resident, kv_cache_bytes=kv, activations_bytes=activations,
+        runtime_bytes=profile.runtime_bytes, total_bytes=max(resident, held) + profile.runtime_bytes,
         prefill_tokens_per_s=prompt / prefill_s, decode_tokens_per_s=1 / step_s,
         total_decode_tokens_per_s=concurrency / step_s, explanation=explanation,
     )

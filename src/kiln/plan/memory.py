@@ -42,8 +42,8 @@ def packed_head_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
 
 
 def onnx_session_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
-    """The onnxruntime session's own copy of the weights, held beside kiln's (kiln serve drops kiln's once
-    the session is built; loading holds both). An int8 export keeps the embedding lookup as an fp32 table
+    """The onnxruntime session's own copy of the weights (kiln drops its own before the session loads:
+    engine/onnx_runtime.pick_runtime's keep_weights). An int8 export keeps the embedding lookup as an fp32 table
     (a tied head's int8 copy serves the matmul); fp32 exports share one table, int4 exports read the
     lookup from the head's int4 blocks."""
     lookup = spec.vocab_size * spec.hidden_size

@@ -79,11 +79,9 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
     def build() -> tuple[LoadedModel, Engine, str]:
         use_threads_for(None)  # a new thread starts from the last count set anywhere: one, after an ORT model
         loaded = load(source, precision=precision, progress=False)
-        model, picked = pick_runtime(loaded, runtime, engine.kv_cache)
-        if picked == "onnxruntime":
-            # the session has its own weights and a server asks kiln's graph for nothing else (routes use
-            # the tokenizer and spec), so kiln's copy goes: the default fp32 model's 0.5 GB
-            loaded.release_weights()
+        # a server asks kiln's graph for nothing once a session runs the model (routes use the tokenizer
+        # and spec), so kiln's copy goes before the session loads its own: the default fp32 model's 0.5 GB
+        model, picked = pick_runtime(loaded, runtime, engine.kv_cache, keep_weights=False)
         return loaded, Engine(model, loaded.tokenizer, engine), picked  # type: ignore[arg-type]
 
     loaded, built, picked = in_passing_thread(build)

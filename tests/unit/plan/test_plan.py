@@ -143,8 +143,9 @@ def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: M
     torch_plan, onnx_plan = (estimate.estimate(spec, "int8", 640, 1, PROFILE, r) for r in ("torch", "onnxruntime"))
     weights = memory.weights_bytes(spec, "int8")
     assert torch_plan.weights_bytes == weights
-    # the session holds the int8 weights again, and an fp32 table for the tied embedding's lookup
-    assert onnx_plan.weights_bytes == 2 * weights + 49152 * 576 * 4
+    # the session holds the int8 weights and an fp32 table for the tied embedding's lookup; kiln's own copy
+    # is let go before the session loads, so it counts only while loading (here the smaller of the two)
+    assert onnx_plan.weights_bytes == weights + 49152 * 576 * 4
     assert onnx_plan.total_bytes == (onnx_plan.weights_bytes + onnx_plan.kv_cache_bytes
                                      + onnx_plan.activations_bytes + 250_000_000)
     cached = 30 * 3 * 64 * 2 * 4 * 640
@@ -152,7 +153,7 @@ def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: M
     # ONNX Runtime's attention reads the cache once per query head (9 of them over 3 KV heads)
     assert onnx_plan.decode_tokens_per_s == pytest.approx(1 / (weights * 2e-11 + 3 * cached * 5e-11 + fixed))
     assert torch_plan.decode_tokens_per_s == pytest.approx(1 / (weights * 4e-11 + cached * 5e-11 + fixed))
-    assert "onnxruntime session's own copy" in " ".join(onnx_plan.explanation)
+    assert "the session holds its own copy" in " ".join(onnx_plan.explanation)
     # its keys and values: each sequence's once, fp32, in a buffer with room for a quarter more tokens
     per_token = 30 * 3 * 64 * 2 * 4
     assert onnx_plan.kv_cache_bytes == per_token * (640 + 160 + 16)
