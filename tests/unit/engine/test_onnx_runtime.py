@@ -426,6 +426,31 @@ def test_auto_runtime_picks_onnxruntime_where_it_takes_the_model(onnx_tiny_folde
     assert pick_runtime(fp32, "auto")[1] == "onnxruntime"
 
 
+def test_a_caller_that_needs_no_graph_lets_kilns_weights_go_before_the_session_loads(
+        onnx_tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.engine import onnx_runtime
+    from kiln.engine.onnx_runtime import pick_runtime
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    kept = load(str(onnx_tiny_folder), progress=False)
+    reference, _ = pick_runtime(kept, "onnxruntime")  # builds the export, keeps kiln's weights
+    assert not any(t.is_meta for t in kept.model.parameters())
+    released = load(str(onnx_tiny_folder), progress=False)
+    seen: list[bool] = []  # whether kiln's weights were still there as the session was built
+    real = onnx_runtime.OnnxModel
+    monkeypatch.setattr(onnx_runtime, "OnnxModel", lambda *a, **k: seen.append(
+        any(not t.is_meta for t in released.model.parameters())) or real(*a, **k))
+    model, runtime = pick_runtime(released, "auto", keep_weights=False)
+    assert runtime == "onnxruntime" and seen == [False]
+    assert all(t.is_meta for t in released.model.parameters())
+    prompts = [[1, 5, 9, 200], [1, 7]]
+    assert greedy(model, released, prompts) == greedy(reference, kept, prompts)
+    # on torch the weights are the model: they stay
+    fresh = load(str(onnx_tiny_folder), progress=False)
+    assert pick_runtime(fresh, "torch", keep_weights=False) == (fresh.model, "torch")
+    assert not any(t.is_meta for t in fresh.model.parameters())
+
+
 def test_auto_runtime_falls_back_to_torch_when_the_export_fails(onnx_tiny_folder: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
