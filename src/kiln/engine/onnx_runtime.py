@@ -404,17 +404,22 @@ class OnnxModel:
                 self._touch(seq)
         old = self._batch  # None if _touch emptied it
         self._batch = None
-        sources: list[tuple[list[Any], int]] = []  # per row: (its arrays per layer, its row in them)
+        # per row: (its arrays per layer, its row in them); None for a one-token prompt, which has no past
+        sources: list[tuple[list[Any], int] | None] = []
         for seq, start in zip(seqs, starts, strict=True):
             if old is not None and seq in old.seqs:
                 row = old.seqs.index(seq)
                 assert old.lengths[row] >= start, "a decode row lost keys and values"
                 sources.append((old.arrays, row))
-            else:
-                kv = self.states.pop(seq)
-                assert kv.arrays[0].shape[2] >= start, "a decode row lost keys and values"
-                sources.append((kv.arrays, 0))
-                kv.values.clear()  # the OrtValues and binding over its arrays go: only the list holds them
+                continue
+            kv = self.states.pop(seq, None)
+            if kv is None:
+                assert start == 0, "a decode row lost keys and values"
+                sources.append(None)
+                continue
+            assert kv.arrays[0].shape[2] >= start, "a decode row lost keys and values"
+            sources.append((kv.arrays, 0))
+            kv.values.clear()  # the OrtValues and binding over its arrays go: only the list holds them
         if old is not None:
             old.values.clear()
             old.binding = None
@@ -422,10 +427,12 @@ class OnnxModel:
         arrays = []
         for layer in range(len(self.past_names)):
             array = np.zeros(shape, dtype=np.float32)
-            for j, ((held, row), start) in enumerate(zip(sources, starts, strict=True)):
-                array[j, :, :start] = held[layer][row, :, :start]
-            for held, _ in sources:
-                held[layer] = None  # freed here (the old batch's array once its last row is copied)
+            for j, (source, start) in enumerate(zip(sources, starts, strict=True)):
+                if source is not None:
+                    array[j, :, :start] = source[0][layer][source[1], :, :start]
+            for source in sources:
+                if source is not None:
+                    source[0][layer] = None  # freed here (the old batch's array once its last row is copied)
             arrays.append(array)
         logits = np.empty((len(seqs), 1, self.spec.vocab_size), dtype=np.float32)
         values, binding = self._bind_in_place(arrays, self._ort.OrtValue.ortvalue_from_numpy(logits))

@@ -140,9 +140,11 @@ def test_requests_arriving_and_preempted_keep_their_logprobs_on_the_onnx_runtime
     prefix = [1, *range(900, 931)]  # two full blocks that every third prompt shares
     prompts = [(prefix if i % 3 == 0 else [1]) + [rng.randint(100, 40000) for _ in range(rng.randint(2, 30))]
                for i in range(16)]
+    prompts[5] = prompts[6] = [1]  # one-token prompts arriving together: their chunks run as a decode batch
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(3, 40), ignore_eos=True, logprobs=0)
               for _ in prompts]
     arrival = sorted(rng.randint(0, 30) for _ in prompts)
+    arrival[6] = arrival[5]
     per_block = 16 * tiny.spec.kv_bytes_per_token(4)
     engine = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=20 * per_block,  # type: ignore[arg-type]
                                                        max_batch_tokens=48))
