@@ -291,11 +291,8 @@ class OnnxModel:
         """The engine's call: row i appends tokens[i, :num_tokens[i]] to sequence rows[i]; logits after
         each row's last token [B, V]. numpy in and out, so a decode step touches no torch (the engine's
         _forward says why). At batch 1 the result is a view that the next call overwrites."""
+        # (finished, cancelled and preempted sequences are gone already: the cache's on_free calls forget)
         seqs = cache.seqs  # the paged cache's block tables (the length of each)
-        for gone in [s for s in self.lengths if s not in seqs]:  # finished, cancelled or preempted
-            self._drop(gone)
-            self.lengths.pop(gone)
-            self.published.pop(gone, None)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         starts: list[int] = []
         for i, row in enumerate(rows):
@@ -381,13 +378,15 @@ class OnnxModel:
         length = batch.lengths[row]
         for own, shared in zip(self._buffers(seq, length).arrays, batch.arrays, strict=True):
             own[0, :, :length] = shared[row, :, :length]
-        batch.seqs[row] = None
-        if all(s is None for s in batch.seqs):
-            self._batch = None
+        self._leave_batch(seq)
 
     def _drop(self, seq: int) -> None:
-        """Forget `seq`'s keys and values wherever they live; the batch buffer goes with its last member."""
+        """Forget `seq`'s keys and values wherever they live."""
         self.states.pop(seq, None)
+        self._leave_batch(seq)
+
+    def _leave_batch(self, seq: int) -> None:
+        """Take `seq`'s row out of the decode batch; the batch buffer goes with its last member."""
         batch = self._batch
         if batch is not None and seq in batch.seqs:
             batch.seqs[batch.seqs.index(seq)] = None
