@@ -192,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     loaded = load(args.model, precision=args.dtype)
     baseline = load(args.baseline, precision=args.dtype) if args.baseline else None
-    outcome = run(loaded, options, baseline)
+    outcome = run(loaded, options, baseline, keep_weights=False)  # the model is not used after the task
     settings = {**outcome.settings, "precision": args.dtype,
                 **({"baseline": args.baseline, "baseline_sha256": baseline.sha256} if baseline else {})}
     runs.add(runs.Run(

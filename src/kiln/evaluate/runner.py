@@ -91,8 +91,12 @@ class EvalInterrupted(KilnError):
 
 
 def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None = None,
-        progress: bool = True) -> EvalOutcome:
-    """Evaluate `loaded` on options.task; finished items survive Ctrl-C for --resume."""
+        progress: bool = True, keep_weights: bool = True) -> EvalOutcome:
+    """Evaluate `loaded` on options.task; finished items survive Ctrl-C for --resume.
+
+    keep_weights=False: a generation task that runs on an ONNX Runtime session lets kiln's copy of the
+    weights go before the session loads its own (engine/onnx_runtime.pick_runtime), for a caller that
+    is done with `loaded` afterwards, as `kiln eval` is."""
     ref = resolve(options.task)
     if baseline is not None and ref.kind != "perplexity":
         raise InvalidParameterError(f"--baseline applies to perplexity tasks, not {ref.name!r}")
@@ -106,7 +110,7 @@ def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None 
         from kiln.engine.onnx_runtime import pick_runtime
 
         # resolved before the checkpoint, so --resume continues on the runtime that started the run
-        runtime_model, picked = pick_runtime(loaded, options.runtime)
+        runtime_model, picked = pick_runtime(loaded, options.runtime, keep_weights=keep_weights)
         options = replace(options, runtime=picked)
     checkpoint = Checkpoint({"model": loaded.sha256, "baseline": baseline.sha256 if baseline else None,
                              "precision": str(loaded.model.dtype), **options.settings()})

@@ -575,6 +575,11 @@ def test_eval_generation_tasks_run_on_the_chosen_runtime(onnx_tiny_folder: Path,
     on_torch, on_onnx = outputs("torch"), outputs("onnxruntime")
     assert all(on_torch[0]) and on_onnx == (on_torch[0], "onnxruntime") and on_torch[1] == "torch"
     assert outputs("auto")[1] == "onnxruntime"  # as kiln serve would run this fp32 model
+    # `kiln eval` lets kiln's weights go before the session loads, with the same outputs
+    released = run(tiny, EvalOptions(task=f"gen:{data}", max_new_tokens=8, runtime="auto"), progress=False,
+                   keep_weights=False)
+    assert [r["output"] for r in released.records] == on_onnx[0]
+    assert all(t.is_meta for t in tiny.model.parameters())
     with pytest.raises(InvalidParameterError, match="applies to generation tasks"):
         EvalOptions(task="wikitext2", runtime="onnxruntime")
 
