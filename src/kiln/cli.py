@@ -143,8 +143,10 @@ def _speculative_generate(args: argparse.Namespace, loaded: Any, prompt: list[in
     runtime = args.runtime
     if runtime == "auto" and why_not_onnx(draft) is not None:
         runtime = "torch"  # a draft onnxruntime cannot take keeps both on kiln's graph
-    target, runtime = pick_runtime(loaded, runtime)  # the draft follows: one runtime (and thread setup) for both
-    decoder = SpeculativeDecoder(target, runtime_model(draft, runtime), args.speculate)  # type: ignore[arg-type]
+    # the draft follows: one runtime (and thread setup) for both; on onnxruntime neither keeps kiln's weights
+    target, runtime = pick_runtime(loaded, runtime, keep_weights=False)
+    decoder = SpeculativeDecoder(target, runtime_model(draft, runtime, keep_weights=False),  # type: ignore[arg-type]
+                                 args.speculate)
     result = decoder.generate(prompt, params, loaded.tokenizer.eos_token_ids)
     tokens = [t for t in result.tokens if t not in loaded.tokenizer.eos_token_ids]
     text = loaded.tokenizer.decode(tokens)
