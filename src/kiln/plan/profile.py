@@ -44,6 +44,7 @@ PROBE = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=640,
 PROBE_LAYERS = (16, 8)
 PROBE_PROMPTS = (32, 480)
 PROBE_NEW_TOKENS = 32
+PROBE_ROUNDS = 3  # per probe and batch size; the median counts
 
 
 @dataclass
@@ -277,14 +278,16 @@ def prefill_efficiency(spec: ModelSpec, prompt: int, seconds: float, gflops: flo
 
 def fit_probe(runs: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Per batch size, the fitted (per-layer, per-step, per-KV-byte) costs; `runs(batch, layers, prompt)`
-    measures one probe decode as a ProbeRun. At batch 1, where a step takes a few milliseconds and
-    the machine's noise is largest beside it, each probe runs three times in turn and its median counts."""
+    measures one probe decode as a ProbeRun. Three runs determine the three costs exactly, so one
+    disturbed run moves all of them: each probe runs three times in turn and its median counts. (With
+    one run at batch 4 and 16, the plan's decode at batch 16 ran 1.13-1.50x of the bench in one
+    calibration and 0.86-1.05x in the one before it.)"""
     deep, shallow = PROBE_LAYERS
     short, long = PROBE_PROMPTS
     layer_s, step_s, kv_s = {}, {}, {}
     for batch in BATCHES:
         rounds = [[runs(batch, deep, short), runs(batch, deep, long), runs(batch, shallow, short)]
-                  for _ in range(3 if batch == 1 else 1)]
+                  for _ in range(PROBE_ROUNDS)]
         medians = [replace(probe[0], step_s=statistics.median(r.step_s for r in probe))
                    for probe in zip(*rounds, strict=True)]
         layer_s[str(batch)], step_s[str(batch)], kv_s[str(batch)] = fit_step_costs(*medians)
