@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.plan.memory import INT4_GROUP
+from kiln.plan.memory import INT4_GROUP, INT8_BLOCK
 from kiln.plan.profile import (
     BATCHES,
     PROBE_LAYERS,
@@ -39,7 +39,6 @@ from kiln.plan.profile import (
 )
 
 FORMATS = ("fp32", "int8", "int4")
-INT8_BLOCK = 64  # what kiln's int8 exports use for a model whose sizes divide by it (onnx_export.int8_block)
 PREFILL_ROWS = 512
 
 
