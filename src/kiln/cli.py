@@ -340,6 +340,7 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
 def cmd_compress(args: argparse.Namespace) -> int:
     import tomllib
 
+    from kiln.artifact.io import check_output
     from kiln.compress.pipeline import compress
     from kiln.compress.recipe import Recipe, RecipeError
 
@@ -357,6 +358,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     else:
         recipe = Recipe.from_toml(args.recipe) if args.recipe else _recipe_from_flags(args)
         outputs = [(args.output, recipe)]
+    for out, _ in outputs:  # a file or a folder of other things would be lost (or refused) only after the work
+        check_output(out)
     for out, recipe in outputs:  # every recipe is validated above, before any work
         manifest = compress(args.model, recipe, out, data_dir=args.data)
         size = (out / "model.safetensors").stat().st_size
@@ -367,9 +370,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     import json as _json
 
+    from kiln.artifact.io import check_output
     from kiln.compress.pipeline import distill_to_artifact
     from kiln.compress.recipe import Distill, RecipeError
 
+    check_output(args.output)  # before the training, not after it
     layers = None
     if args.student_config:
         try:

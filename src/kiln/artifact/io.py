@@ -27,7 +27,7 @@ from kiln.compress.quantize.qlinear import (
     QuantEmbedding,
     W8A8Linear,
 )
-from kiln.errors import ModelFormatError
+from kiln.errors import InvalidParameterError, ModelFormatError
 from kiln.model.llama import LlamaModel, storage_layout
 from kiln.model.load import SafetensorsReader, read_config
 from kiln.model.spec import ModelSpec
@@ -86,12 +86,28 @@ def state_of(model: LlamaModel) -> tuple[dict[str, Tensor], dict[str, dict[str, 
     return tensors, formats
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output path that `save` would have to destroy: a file, or a folder of other things.
+
+    `save` replaces `out` whole, which is right for an older artifact but would delete a user's files;
+    callers run this before any work so a wrong -o costs nothing.
+    """
+    if out.exists() and not out.is_dir():
+        raise InvalidParameterError(f"output {out} is a file, not a folder; pass a new folder for the artifact")
+    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise InvalidParameterError(
+            f"output folder {out} is not empty and not a kiln artifact; writing would replace its files, "
+            "so pass a new or empty folder"
+        )
+
+
 def save(model: LlamaModel, tokenizer_folder: Path, out: Path, manifest: Manifest) -> Path:
-    """Write the artifact folder `out` (replacing one that exists) and return it."""
+    """Write the artifact folder `out` (replacing an artifact that exists) and return it."""
+    check_output(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         tensors, formats = state_of(model)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "kiln"})
         (tmp / "config.json").write_text(json.dumps(model.spec.to_hf_config(), indent=2))
@@ -103,6 +119,10 @@ def save(model: LlamaModel, tokenizer_folder: Path, out: Path, manifest: Manifes
         manifest.write(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
+    except OSError as exc:  # a read-only place or a full disk: one line, not a traceback after the work
+        raise InvalidParameterError(
+            f"cannot write the artifact {out} ({exc}); pass a writable folder with room for it"
+        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

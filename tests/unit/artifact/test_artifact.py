@@ -14,7 +14,7 @@ from kiln.artifact import io
 from kiln.artifact.manifest import Manifest
 from kiln.compress.prune import unstructured
 from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, QuantEmbedding, W8A8Linear
-from kiln.errors import ModelFormatError
+from kiln.errors import InvalidParameterError, ModelFormatError
 from kiln.model.llama import Block, LlamaModel
 
 from ..compress.conftest import tiny_model
@@ -95,3 +95,41 @@ def test_damaged_manifest(saved: tuple[LlamaModel, Path]) -> None:
     (folder / "manifest.json").write_text(json.dumps({"format": "kiln-artifact", "format_version": 99}))
     with pytest.raises(ModelFormatError, match="upgrade kiln"):
         io.load_graph(folder, torch.float32, progress=False)
+
+
+def test_save_refuses_a_file_or_a_folder_of_other_things(saved: tuple[LlamaModel, Path], tmp_path: Path) -> None:
+    # save() replaces its output whole: an artifact may be replaced, a user's files must not be deleted.
+    model, folder = saved
+    manifest = Manifest(source={"name": "tiny"}, recipe={})
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("keep me")
+    with pytest.raises(InvalidParameterError, match="is a file"):
+        io.save(model, folder, user_file, manifest)
+    user_dir = tmp_path / "docs"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(InvalidParameterError, match="not empty and not a kiln artifact"):
+        io.save(model, folder, user_dir, manifest)
+    assert user_file.read_text() == "keep me" and (user_dir / "notes.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".*.partial"))
+    assert io.save(model, folder, folder, manifest) == folder  # an existing artifact is replaced
+
+
+def test_save_to_an_unwritable_place_is_one_error(saved: tuple[LlamaModel, Path]) -> None:
+    model, folder = saved
+    with pytest.raises(InvalidParameterError, match="cannot write the artifact"):
+        io.save(model, folder, Path("/proc/kiln-artifact"), Manifest(source={"name": "tiny"}, recipe={}))
+
+
+@pytest.mark.parametrize("verb", [["compress", "--quantize", "int8"], ["distill", "--steps", "1"]])
+def test_cli_refuses_the_output_before_any_work(verb: list[str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.cli import main
+
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("keep me")
+    # the model does not exist: a refusal that names the output shows it came before the load
+    code = main([*verb, *(["-m"] if verb[0] == "compress" else ["--teacher"]), str(tmp_path / "missing"),
+                 "-o", str(user_file)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is a file" in err and user_file.read_text() == "keep me"
