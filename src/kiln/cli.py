@@ -192,6 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task=args.task, limit=args.limit, ctx=args.ctx, limit_tokens=args.limit_tokens, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, data_dir=args.data, resume=args.resume, runtime=args.runtime,
     )
+    runs.check()  # the result is stored at the end: a damaged database must not cost the evaluation
     loaded = load(args.model, precision=args.dtype)
     baseline = load(args.baseline, precision=args.dtype) if args.baseline else None
     outcome = run(loaded, options, baseline, keep_weights=False)  # the model is not used after the task
@@ -241,6 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batch_sizes=tuple(_int_list(args.batch_sizes, "--batch-sizes")), kv_cache=args.kv_cache,
         runtime=args.runtime,
     )
+    runs.check()  # the result is stored at the end: a damaged database must not cost the benchmark
     loaded = load(args.model, precision=args.dtype)
     report = latency.run(loaded, options)
     runs.add(runs.Run(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import settings
+from kiln.errors import DataFormatError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -57,8 +58,19 @@ def db_path() -> Path:
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path)
-    conn.executescript(SCHEMA)
+    try:
+        conn.executescript(SCHEMA)
+    except sqlite3.DatabaseError as exc:  # a damaged or foreign file: say which, and how to start afresh
+        conn.close()
+        raise DataFormatError(
+            f"{path} is not a usable runs database ({exc}); move it aside and kiln starts a new one"
+        ) from exc
     return conn
+
+
+def check(path: Path | None = None) -> None:
+    """Open the database once, so a command refuses a damaged one before its work, not after it."""
+    _connect(path or db_path()).close()
 
 
 def add(run: Run, path: Path | None = None) -> int:

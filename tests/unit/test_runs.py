@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kiln import runs
+from kiln.errors import DataFormatError
 
 
 def make(model: str, sha: str, task: str) -> runs.Run:
@@ -23,3 +26,22 @@ def test_add_and_query(tmp_path: Path) -> None:
     assert len(found) == 1 and found[0].metrics == {"acc": 0.5} and found[0].worst == [{"index": 3}]
     assert runs.query(model="other", path=db)[0].model_sha256 == "def456"
     assert runs.query(kind="bench", path=db) == []
+
+
+def test_a_damaged_database_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.cli import main
+
+    db = tmp_path / "runs.sqlite"
+    db.write_text("not a database")
+    with pytest.raises(DataFormatError, match="move it aside"):
+        runs.query(path=db)
+    with pytest.raises(DataFormatError, match="not a usable runs database"):
+        runs.add(make("default", "abc123", "piqa"), db)
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    # eval checks the database before loading the model (missing here), so no evaluation is lost
+    for argv in (["runs"], ["eval", "-m", str(tmp_path / "missing"), "--task", "piqa"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "runs.sqlite is not a usable runs database" in err
+    assert db.read_text() == "not a database"
