@@ -266,9 +266,15 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from kiln.errors import InvalidParameterError
     from kiln.model.info import spec_of
     from kiln.plan import estimate, profile
 
+    # a zero or negative count gave negative memory and speeds with exit 0; refuse it before any work
+    for flag, value in (("--context", args.context), ("--concurrency", args.concurrency),
+                        ("--target-tokens-per-s", args.target_tokens_per_s)):
+        if value is not None and value <= 0:
+            raise InvalidParameterError(f"{flag} {value:g} is not a positive number; pass one above 0")
     if args.calibrate:
         machine = profile.calibrate()
         print(f"kiln: calibrated this machine; profile cached in {profile.profile_path()}", file=sys.stderr)

@@ -190,3 +190,14 @@ def test_probe_fit_takes_the_median_of_three_runs_at_every_batch_size() -> None:
     assert len(calls) == 3 * 3 * 3  # three probes, three rounds, three batch sizes
     for batch in ("1", "4", "16"):
         assert (layer_s[batch], step_s[batch], kv_s[batch]) == pytest.approx((per_layer, per_step, per_kv_byte))
+
+
+@pytest.mark.parametrize("flags", [["--concurrency", "-1"], ["--concurrency", "0"], ["--context", "-5"],
+                                   ["--context", "0"], ["--target-tokens-per-s", "-3"]])
+def test_cli_refuses_counts_below_one(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # these once printed negative memory and speeds (or silently the model's context) with exit 0
+    from kiln.cli import main
+
+    assert main(["plan", "--json", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"kiln: error: {flags[0]} " in captured.err and "above 0" in captured.err
