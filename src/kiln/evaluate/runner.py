@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kiln.compress.quantize.qlinear import widened
 from kiln.engine import RUNTIMES
 from kiln.engine.generate import Generator
-from kiln.errors import InvalidParameterError, KilnError
+from kiln.errors import DataFormatError, InvalidParameterError, KilnError
 from kiln.evaluate import generation, loglikelihood, multiple_choice, perplexity
 from kiln.evaluate.checkpoint import Checkpoint
 from kiln.evaluate.data import data_file
@@ -189,9 +189,17 @@ def _run_perplexity(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, bas
     return records, metrics
 
 
+def _some(items: list[T], ref: TaskRef) -> list[T]:
+    """The items, or a one-line error: no items once gave NaN metrics (invalid JSON) or a ZeroDivisionError."""
+    if not items:
+        fix = "write one JSON object a line" if ref.path else "check its data files in KILN_DATA_DIR"
+        raise DataFormatError(f"{ref.path or ref.name} has no items to evaluate; {fix}")
+    return items
+
+
 def _run_multiple_choice(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
                          checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
-    items = list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit))
+    items = _some(list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit)), ref)
     rows = options.batch_size or loglikelihood.MAX_ROWS
 
     def work(batch: list[mc_tasks.MCItem]) -> list[dict[str, Any]]:
@@ -208,7 +216,7 @@ def _run_multiple_choice(loaded: LoadedModel, options: EvalOptions, ref: TaskRef
 def _run_generation(loaded: LoadedModel, model: object, options: EvalOptions, ref: TaskRef,
                     checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
     source = gen_tasks.squad(options.data_dir) if ref.name == "squad" else gen_tasks.custom(ref.path or Path())
-    items = list(itertools.islice(source, options.limit))
+    items = _some(list(itertools.islice(source, options.limit)), ref)
     generator = Generator(model, loaded.tokenizer)  # type: ignore[arg-type]
     stop = ("\n",) if ref.name == "squad" else ()
 

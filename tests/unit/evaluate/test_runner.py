@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.errors import InvalidParameterError
+from kiln.errors import DataFormatError, InvalidParameterError
 from kiln.evaluate import multiple_choice, runner
 from kiln.evaluate.runner import EvalInterrupted, EvalOptions, run
 from kiln.model.load import LoadedModel
@@ -90,3 +90,12 @@ def test_perplexity_run_with_baseline(default_model: LoadedModel, home: Path) ->
     m = outcome.metrics
     assert m["chunks"] == 2 and m["tokens_scored"] == 2 * 255
     assert 5 < m["ppl"] < 100 and m["kld"] == pytest.approx(0, abs=1e-6) and m["same_top1"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["mc", "gen"])
+def test_a_file_without_items_is_refused(kind: str, default_model: LoadedModel, tmp_path: Path, home: Path) -> None:
+    # an empty file once gave NaN metrics (printed as invalid JSON, stored as a run) or a ZeroDivisionError
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataFormatError, match=f"{path} has no items to evaluate"):
+        run(default_model, EvalOptions(task=f"{kind}:{path}"), progress=False)
