@@ -12,6 +12,7 @@ gguf-py's (llama.cpp's own Python package).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +140,12 @@ def _copy_tokenizer(writer: Any, gguf_path: Path) -> None:
 
 
 def export(loaded: LoadedModel, out: Path) -> Path:
-    """Write `loaded` as the GGUF file `out`."""
+    """Write `loaded` as the GGUF file `out`, through a temporary file beside it: an interrupted or failed
+    export leaves no half-written GGUF (and keeps the file it was to replace)."""
     from gguf import GGUFWriter
 
+    if out.is_dir():
+        raise InvalidParameterError(f"output {out} is a folder; pass a file name such as {out / 'model.gguf'}")
     spec, model = loaded.spec, loaded.model
     source = _source_gguf(loaded)
     if source is None:
@@ -150,7 +154,8 @@ def export(loaded: LoadedModel, out: Path) -> Path:
             "export models made from a .gguf (such as the default)"
         )
     arch = GGUF_ARCH[spec.model_type]
-    writer = GGUFWriter(str(out), arch)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    writer = GGUFWriter(str(tmp), arch)
     writer.add_name(f"{loaded.source.name} (kiln)")
     writer.add_block_count(spec.num_layers)
     writer.add_context_length(spec.max_position)
@@ -198,9 +203,15 @@ def export(loaded: LoadedModel, out: Path) -> Path:
         add(f"blk.{i}.ffn_down.weight", *_tensor(block.mlp.down_proj))
         add(f"blk.{i}.attn_norm.weight", block.input_norm.weight.detach().float().numpy(), None)
         add(f"blk.{i}.ffn_norm.weight", block.post_attn_norm.weight.detach().float().numpy(), None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except OSError as exc:  # a missing or read-only folder, a full disk: one line, not a traceback
+        raise InvalidParameterError(f"cannot write {out} ({exc}); pass a writable path with room for it") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 

@@ -101,3 +101,15 @@ def test_int8_blocks_hold_kilns_integers(exported: tuple[LoadedModel, Path]) -> 
     out = tensors(path)["blk.0.attn_output.weight"]
     q_out = out.data.reshape(out.data.shape[0], -1, 34)[..., 2:].copy().view(np.int8).reshape(out.data.shape[0], -1)
     assert np.array_equal(q_out, w8a8.qweight_t.t().numpy())
+
+
+def test_a_folder_or_unwritable_output_is_one_error(exported: tuple[LoadedModel, Path], tmp_path: Path) -> None:
+    # these once ended in IsADirectoryError / FileNotFoundError tracebacks
+    from kiln.errors import InvalidParameterError
+
+    loaded, _ = exported
+    with pytest.raises(InvalidParameterError, match="is a folder"):
+        export(loaded, tmp_path)
+    with pytest.raises(InvalidParameterError, match="cannot write /proc/kiln.gguf"):
+        export(loaded, Path("/proc/kiln.gguf"))
+    assert not list(tmp_path.glob(".*.partial"))
