@@ -403,11 +403,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from kiln.artifact import onnx_export
     from kiln.model.load import load
 
+    if args.format == "onnx":
+        onnx_export.check_output(args.output)  # before loading and building, not after
     loaded = load(args.model, precision="fp32")
     if args.format == "onnx":
-        from kiln.artifact import onnx_export
 
         path = onnx_export.export(loaded, args.output, args.precision)
         size = sum(f.stat().st_size for f in path.iterdir())

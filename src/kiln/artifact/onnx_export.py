@@ -180,6 +180,16 @@ def write_hf_folder(loaded: LoadedModel, out: Path) -> Path:
 # --- export ----------------------------------------------------------------------------------------
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output `export` would have to destroy: a file, or a folder that is not an earlier ONNX
+    export (export replaces its folder whole, which would delete a user's files). Run before any work."""
+    if out.exists() and not out.is_dir():
+        raise InvalidParameterError(f"output {out} is a file, not a folder; pass a new folder for the ONNX export")
+    if out.is_dir() and not (out / "kiln-export.json").is_file() and any(out.iterdir()):
+        raise InvalidParameterError(f"output folder {out} is not empty and not a kiln ONNX export; writing would "
+                                    "replace its files, so pass a new or empty folder")
+
+
 def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", check: bool = True,
            plan: BuildPlan | None = None) -> Path:
     """Build the ONNX model folder `out` (model.onnx and kiln.onnx + weights + genai_config.json + tokenizer);
@@ -219,9 +229,14 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
                     f"the ONNX export's logits differ from the source by {error:.4f} of their range "
                     f"(tolerance {TOLERANCE[plan.precision]}); it was not written"
                 )
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(staging), out)
+        try:
+            if out.exists():
+                shutil.rmtree(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(staging), out)
+        except OSError as exc:  # a read-only place or a full disk: one line, not a traceback after the work
+            raise InvalidParameterError(f"cannot write the ONNX export {out} ({exc}); pass a writable folder "
+                                        "with room for it") from exc
     return out
 
 

@@ -133,3 +133,26 @@ def test_cli_refuses_the_output_before_any_work(verb: list[str], tmp_path: Path,
                  "-o", str(user_file)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "is a file" in err and user_file.read_text() == "keep me"
+
+
+def test_onnx_export_refuses_a_file_or_a_folder_of_other_things_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the export replaces its folder whole: a user's folder would have been deleted after the build
+    from kiln.cli import main
+
+    user_dir = tmp_path / "docs"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("keep me")
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("keep me")
+    for out, says in ((user_dir, "not empty and not a kiln ONNX export"), (user_file, "is a file")):
+        # the model does not exist: a refusal that names the output shows it came before the load
+        code = main(["export", "--format", "onnx", "-m", str(tmp_path / "missing"), "-o", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and says in err
+    assert (user_dir / "notes.txt").read_text() == "keep me" and user_file.read_text() == "keep me"
+    earlier = tmp_path / "earlier"  # an earlier export may be replaced: the refusal is the missing model's
+    earlier.mkdir()
+    (earlier / "kiln-export.json").write_text("{}")
+    assert main(["export", "--format", "onnx", "-m", str(tmp_path / "missing"), "-o", str(earlier)]) == 2
+    assert "missing" in capsys.readouterr().err
