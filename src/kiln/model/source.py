@@ -89,7 +89,23 @@ def resolve(name: str) -> ModelSource:
             else ""
         )
         raise ModelFormatError(f"folder {name!r} has no *.safetensors weights{hint}")
+    if _written_by_kiln(path / "model.safetensors"):  # read as a Hugging Face folder it fails on a missing weight
+        raise ModelFormatError(
+            f"folder {name!r} holds a kiln artifact's weights but no manifest.json; restore the file, or "
+            "make the artifact again with kiln compress"
+        )
     return ModelSource(name, "hf", path.resolve())
+
+
+def _written_by_kiln(weights: Path) -> bool:
+    """Whether a safetensors file carries kiln's artifact metadata (artifact/io.py writes format=kiln)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return (f.metadata() or {}).get("format") == "kiln"
+    except Exception:  # noqa: BLE001  (absent or damaged: the Hugging Face loader says what is wrong)
+        return False
 
 
 def default_gguf_path() -> Path:

@@ -87,6 +87,18 @@ def test_truncated_and_missing_files_are_refused(saved: tuple[LlamaModel, Path],
         io.load_graph(cut, torch.float32, progress=False)
 
 
+def test_an_artifact_without_its_manifest_says_so(saved: tuple[LlamaModel, Path], tmp_path: Path) -> None:
+    # without manifest.json the folder looked like a Hugging Face one, refused for a "missing" weight
+    from kiln.model.source import resolve
+
+    _, folder = saved
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    (bare / "manifest.json").unlink()
+    with pytest.raises(ModelFormatError, match="no manifest.json"):
+        resolve(str(bare))
+
+
 def test_damaged_manifest(saved: tuple[LlamaModel, Path]) -> None:
     _, folder = saved
     (folder / "manifest.json").write_text("{not json")
