@@ -51,6 +51,10 @@ def spec_of(name: str) -> ModelSpec:
         from kiln.model.load import read_config
 
         return ModelSpec.from_hf_config(read_config(path.parent, path.name))
+    if name != "default" and (path / "config.json").is_file():  # a folder's config, with or without weights
+        from kiln.model.load import read_config
+
+        return ModelSpec.from_hf_config(read_config(path))
     source = resolve(name)
     if source.kind == "gguf":
         return gguf.read_header(source.path).spec

@@ -109,6 +109,11 @@ def test_spec_from_a_bare_config(tmp_path: Path) -> None:
     path = tmp_path / "my-config.json"
     path.write_text(json.dumps(SMOL))
     assert spec_of(str(path)).num_parameters == 134_515_008
+    # a folder with only its config.json (no weights downloaded yet) plans as well
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(SMOL))
+    assert spec_of(str(folder)).num_parameters == 134_515_008
 
 
 def test_spec_from_the_default_gguf_header() -> None:
