@@ -115,6 +115,7 @@ def test_echo_prompt_logprobs(client: openai.OpenAI, server: Server) -> None:
     ({"messages": "hello"}, "messages"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),  # over 64 bits stopped the engine
 ])
 def test_bad_fields_are_400_with_param(server: Server, body: dict, param: str) -> None:
     r = server.post("/v1/chat/completions", body)

@@ -50,7 +50,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # torch's generator takes a 64-bit seed
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep generating past the end-of-sequence token
 

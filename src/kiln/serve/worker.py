@@ -126,7 +126,7 @@ class EngineWorker:
             try:
                 self.engine.add_request(command.prompt, command.params, command.request_id)
                 self.sinks[command.request_id] = command.deliver
-            except KilnError as exc:
+            except Exception as exc:  # noqa: BLE001 - one request that cannot be added fails alone, not the engine
                 command.deliver(exc)
         elif isinstance(command, _Abort):
             self.engine.abort(command.request_id)

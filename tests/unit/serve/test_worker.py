@@ -52,6 +52,21 @@ def test_one_failed_step_fails_its_requests_and_the_engine_goes_on(worker: Engin
     assert worker.alive and worker.fault is None and worker.stats.errors == 1
 
 
+def test_a_request_the_engine_cannot_add_fails_alone(worker: EngineWorker, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_add = worker.engine.add_request
+
+    def add(prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Any:
+        if request_id == "bad":  # as torch's generator does with a seed over 64 bits
+            raise ValueError("Overflow when unpacking long long")
+        return real_add(prompt, params, request_id)
+
+    monkeypatch.setattr(worker.engine, "add_request", add)
+    with pytest.raises(ValueError, match="Overflow"):
+        asyncio.run(collect(worker, "bad"))
+    assert len(asyncio.run(collect(worker, "good"))) == 8
+    assert worker.alive and worker.fault is None
+
+
 def test_a_broken_engine_stops_and_refuses_at_once(worker: EngineWorker, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken() -> list:
         raise RuntimeError("kernel fault")
