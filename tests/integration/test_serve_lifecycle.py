@@ -4,6 +4,7 @@ and registry hot swap and canary under load without a failed request."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,36 @@ def test_sigterm_drains_in_flight_requests(module_tmp: Path) -> None:
         assert server.proc.wait(60) == 0
         lines = result["lines"]
         assert isinstance(lines, list) and lines[-1] == "data: [DONE]" and len(lines) >= 60
+
+
+def test_sigterm_past_the_drain_timeout_ends_requests_with_abort(module_tmp: Path) -> None:
+    # --drain-timeout 0 used to mean "wait forever", and a request still running at the timeout got a stream cut
+    # mid-body or a plain-text 500; vLLM's abort mode ends them with finish_reason "abort" and exits at once
+    with kiln_server("--drain-timeout", "0", tmp=module_tmp) as server:
+        result: dict[str, object] = {}
+
+        def streamed() -> None:
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=120, json={**LONG, "stream": True}) as r:
+                result["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        def plain() -> None:
+            result["plain"] = httpx.post(server.url + "/v1/completions", json=LONG, timeout=120)
+
+        workers = [threading.Thread(target=streamed), threading.Thread(target=plain)]
+        for w in workers:
+            w.start()
+        time.sleep(2.0)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.join(60)
+        assert server.proc.wait(60) == 0 and time.monotonic() - start < 10
+        lines = result["lines"]
+        assert isinstance(lines, list) and lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        response = result["plain"]
+        assert isinstance(response, httpx.Response) and response.status_code == 200, response
+        assert response.json()["choices"][0]["finish_reason"] == "abort"
 
 
 def test_hot_swap_and_canary_without_failed_requests(module_tmp: Path) -> None:

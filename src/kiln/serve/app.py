@@ -3,7 +3,7 @@
 Middleware, outermost first: access log with X-Request-Id (JSON lines), API keys (fail-closed), body
 size limit. Probes: /health is live as soon as the process answers; /ready is 503 until every model is
 loaded and warmed up, and again while draining. SIGTERM stops admitting (503), lets in-flight requests
-finish within --drain-timeout, and exits 0.
+finish within --drain-timeout, ends the rest with finish_reason "abort", and exits 0.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -232,12 +234,29 @@ async def _follow_registry(state: ServerState) -> None:
             log.error("registry: %s", exc)
 
 
+ABORT_GRACE_S = 2.0  # after the drain deadline, time to send the aborted requests' last chunks before exiting
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn that, on SIGTERM/SIGINT, first marks the app as draining so /ready and new requests get 503."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.kiln_state = state
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn cancels what still runs at its timeout, which cuts streams mid-body and answers the rest with a
+        # plain-text 500; at the drain deadline end the generations instead (finish_reason "abort"), so every
+        # client gets a complete response, and give uvicorn ABORT_GRACE_S more to send them
+        def abort() -> None:
+            for dep in self.kiln_state.router.deployments():
+                dep.worker.abort_requests()
+
+        deadline = asyncio.get_running_loop().call_later(self.kiln_state.config.drain_timeout_s, abort)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.kiln_state.draining = True
@@ -252,7 +271,7 @@ def serve(config: ServeConfig) -> int:
     app = create_app(config)
     state: ServerState = app.state.kiln
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
+                                           timeout_graceful_shutdown=math.ceil(config.drain_timeout_s + ABORT_GRACE_S),
                                            access_log=False), state)
     server.run()
     return 0

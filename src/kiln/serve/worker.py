@@ -86,6 +86,20 @@ class EngineWorker:
         self.commands.put(None)
         self.thread.join(timeout)
 
+    def abort_requests(self) -> None:
+        """End every queued or running request now with finish_reason "abort" (the drain deadline): each caller
+        gets a last, finished output and can answer its client with what was generated so far."""
+
+        def abort(engine: Engine) -> None:
+            for request_id, sink in list(self.sinks.items()):
+                request = engine.requests.get(request_id)
+                if request is not None and engine.abort(request_id):
+                    sink(StepOutput(request, [], "", finished=True))
+                    del self.sinks[request_id]
+
+        with contextlib.suppress(EngineStopped):  # a stopped engine has already failed its requests
+            self._submit(_Call(abort, lambda _: None))
+
     # --- thread side --------------------------------------------------------------------------------
 
     def _run(self) -> None:
