@@ -165,6 +165,15 @@ def test_guardrails_block_with_400_and_a_metric(server: Server) -> None:
     assert server.metric("kiln_guardrail_blocks_total") == before + 1
 
 
+def test_output_guardrail_covers_completions(server: Server) -> None:
+    # the greedy continuation repeats the e-mail address: the output rule (pii) must refuse it on /v1/completions
+    # as it does on /v1/chat/completions
+    prompt = "Contact: ada@example.com\n" * 3 + "Contact:"
+    r = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "output_blocked" and "ada@" not in r.text
+
+
 def test_metrics_cover_the_requests(server: Server) -> None:
     text = server.get("/metrics").text
     for name in ("kiln_requests_total", "kiln_time_to_first_token_seconds", "kiln_time_per_output_token_seconds",

@@ -286,6 +286,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                                     body.stream_options.include_usage, chat=False)
         outs = await _collect(job, request, len(job.params))
         _record(job, outs)
+        _guard(state, dep, [o.request.text for o in outs], "output")  # as chat: the generated text, not the echo
         echoes = [await _echo(dep, prompts[i], body.logprobs) if body.echo else None for i in range(len(prompts))]
         choices = []
         for i, out in enumerate(outs):
