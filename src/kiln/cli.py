@@ -629,7 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests queued or running at once; more get 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds; 0 = none")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds to finish in-flight requests on SIGTERM; those still running then end with "
+                        "finish_reason abort")
     p.add_argument("--log-requests", action="store_true", help="keep requests and responses (redacted) for feedback")
     p.add_argument("--guardrails", action="append", default=[], help="filters: FILE, or NAME=FILE for one model")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
