@@ -141,6 +141,20 @@ def test_context_limit_names_the_numbers(server: Server) -> None:
     assert r.status_code == 400
     message = r.json()["error"]["message"]
     assert "100 tokens" in message and "8100" in message and "8192" in message
+    assert r.json()["error"]["param"] == "max_tokens" and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("extra", [{}, {"max_tokens": 5}])
+def test_a_prompt_over_the_context_is_context_length_exceeded(server: Server, extra: dict) -> None:
+    # without max_tokens this was a 400 with neither code nor param (the engine's refusal)
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 9000}], **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages", error
+    assert "8192" in error["message"]
+    r = server.post("/v1/completions", {"prompt": [42] * 8192, **extra})  # exactly the context: no room to generate
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "prompt"
 
 
 def test_feedback_is_stored_redacted_and_exported(server: Server, client: openai.OpenAI, module_tmp: Path) -> None:

@@ -114,8 +114,13 @@ def _guard(state: ServerState, deployment: Deployment, texts: Sequence[str],
 
 
 def _max_tokens(state: ServerState, deployment: Deployment, prompt: list[int], asked: int | None,
-                default: int | None) -> int:
+                default: int | None, prompt_param: str) -> int:
+    """The request's token budget; a prompt that leaves no room in the context is a 400 naming `prompt_param`
+    (OpenAI's code and param), whether or not max_tokens was given."""
     context = deployment.loaded.spec.max_position
+    if len(prompt) >= context:  # at least one token must be generated
+        raise ApiError(400, f"the prompt has {len(prompt)} tokens, which leaves no room in the model's context of "
+                       f"{context} tokens; shorten the prompt", param=prompt_param, code="context_length_exceeded")
     wanted = asked if asked is not None else (default if default is not None else context - len(prompt))
     if len(prompt) + wanted > context:
         raise ApiError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {wanted}, more than the "
@@ -274,7 +279,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raw_prompts = body.prompts()
         _guard(state, dep, [p for p in raw_prompts if isinstance(p, str)], "input")
         prompts = [_prompt_ids(dep, p) for p in raw_prompts]
-        budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS) for p in prompts]
+        budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
         if body.echo and body.stream:
             raise ApiError(400, "echo is not supported with stream; drop one of them", param="echo")
         per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
@@ -361,7 +366,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         prompt = dep.loaded.tokenizer.encode_chat(
             messages, fix="send a plain-text prompt to /v1/completions instead")
         asked = body.max_completion_tokens or body.max_tokens
-        budget = _max_tokens(state, dep, prompt, asked, None)
+        budget = _max_tokens(state, dep, prompt, asked, None, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i)
                                                          for i in range(body.n)])
