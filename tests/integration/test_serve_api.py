@@ -50,6 +50,10 @@ def test_models_and_probes(server: Server, client: openai.OpenAI) -> None:
     assert server.get("/health").json() == {"status": "ok"}
     assert server.get("/ready").status_code == 200
     assert [m.id for m in client.models.list().data] == ["default"]
+    assert client.models.retrieve("default") == client.models.list().data[0]
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.models.retrieve("nope")
+    assert refused.value.code == "model_not_found" and refused.value.body["param"] == "model"  # type: ignore[index]
 
 
 def test_chat(client: openai.OpenAI) -> None:

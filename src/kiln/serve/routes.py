@@ -1,4 +1,4 @@
-"""The OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models, /v1/feedback.
+"""The OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models[/{id}], /v1/feedback.
 
 Order of work for a generation request, cheapest refusal first: admission to the bounded queue, the
 per-key request rate, model lookup, guardrails on the input, tokenization, the context limit, the
@@ -18,11 +18,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from kiln.engine.engine import StepOutput
 from kiln.engine.request import TokenLogprob
 from kiln.engine.sampler import SamplingParams
-from kiln.serve.deploy import Deployment
+from kiln.serve.deploy import Deployment, Route
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest, error_body
 from kiln.serve.state import ServerState
 
@@ -251,17 +252,40 @@ def _usage(outs: Sequence[StepOutput]) -> dict[str, int]:
 # --- endpoints ------------------------------------------------------------------------------------------
 
 
+def _model_card(state: ServerState, name: str, route: Route) -> dict[str, Any]:
+    canary = route.canary
+    return {"id": name, "object": "model", "created": state.started, "owned_by": "kiln",
+            "version": route.live.version, "runtime": route.live.runtime,
+            **({"canary": {"version": canary.version, "share": route.share, "runtime": canary.runtime}}
+               if canary else {})}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state: ServerState = request.app.state.kiln
-    data = []
-    for name, route in state.router.routes.items():
-        canary = route.canary
-        data.append({"id": name, "object": "model", "created": state.started, "owned_by": "kiln",
-                     "version": route.live.version, "runtime": route.live.runtime,
-                     **({"canary": {"version": canary.version, "share": route.share, "runtime": canary.runtime}}
-                        if canary else {})})
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model_card(state, name, route)
+                                       for name, route in list(state.router.routes.items())]}
+
+
+class _ModelIdConvertor(PathConvertor):
+    """A model name in a URL: it may hold slashes (org/name, out/int8), as starlette's path, but is never empty,
+    so /v1/models/ still redirects to the list."""
+
+    regex = ".+"
+
+
+register_url_convertor("model_id", _ModelIdConvertor())
+
+
+@router.get("/v1/models/{model_id:model_id}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    state: ServerState = request.app.state.kiln
+    route = state.router.routes.get(model_id)
+    if route is None:
+        known = ", ".join(state.router.routes) or "none"
+        raise ApiError(404, f"model {model_id!r} is not served here; models: {known}", param="model",
+                       code="model_not_found")
+    return _model_card(state, model_id, route)
 
 
 def _sse(data: dict[str, Any]) -> bytes:
