@@ -62,6 +62,15 @@ def test_chat(client: openai.OpenAI) -> None:
     assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
 
 
+def test_chat_content_parts_are_the_joined_text(client: openai.OpenAI) -> None:
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    reply = client.chat.completions.create(model="default", messages=[{"role": "user", "content": parts}],
+                                           temperature=0, max_tokens=8)
+    plain = ask(client, "What is the capital\nof France?", temperature=0, max_tokens=8)
+    assert reply.choices[0].message.content == plain.choices[0].message.content
+    assert reply.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 def test_streaming_matches_the_non_streamed_text(client: openai.OpenAI) -> None:
     kw = dict(temperature=0, max_tokens=40)
     full = ask(client, "Write two sentences about the sea.", **kw).choices[0].message.content
@@ -120,6 +129,8 @@ def test_echo_prompt_logprobs(client: openai.OpenAI, server: Server) -> None:
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
     ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),  # over 64 bits stopped the engine
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "messages.0.content"),  # text only
 ])
 def test_bad_fields_are_400_with_param(server: Server, body: dict, param: str) -> None:
     r = server.post("/v1/chat/completions", body)

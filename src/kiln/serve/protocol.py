@@ -100,8 +100,30 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str  # or OpenAI's list of content parts, of which text parts are taken (joined as below)
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        """Join a list of text parts into one string with newlines between them, as vLLM does; any other part
+        (image_url, input_audio, file, ...) is refused by type, since kiln's models take text only."""
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("the list of content parts is empty; send a string or at least one text part")
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict):
+                raise ValueError(f"content part {i} is not an object; send {{\"type\": \"text\", \"text\": \"...\"}}")
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"content part {i} has type {kind!r}; this model takes text only, so send parts "
+                                 "of type 'text' or a string")
+            if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise ValueError(f"content part {i} must be {{\"type\": \"text\", \"text\": \"...\"}} and nothing more")
+            texts.append(part["text"])
+        return "\n".join(texts)
 
 
 class ChatCompletionRequest(_Sampling):
