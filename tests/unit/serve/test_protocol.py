@@ -1,10 +1,12 @@
-"""The request schemas at the HTTP edge: chat content parts."""
+"""The request schemas at the HTTP edge: chat content parts, and per-choice seeds."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
+from kiln.engine.sampler import SamplerState
 from kiln.serve.protocol import ChatCompletionRequest
 
 
@@ -32,3 +34,14 @@ def test_other_parts_are_refused_at_the_content(parts: list[object], words: str)
         chat(parts)
     error = refused.value.errors()[0]
     assert error["loc"] == ("messages", 0, "content") and words in error["msg"], error
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
+def test_choices_at_the_seed_limits_draw_distinct_streams(seed: int) -> None:
+    # choice i is seeded seed + i: past 2**63 - 1 that is still a valid torch seed (it takes 64 unsigned bits and
+    # keeps the low 32), and consecutive seeds differ in those 32 bits, so no two choices share a stream
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "seed": seed,
+                                                 "n": 8, "temperature": 0.8})
+    draws = {tuple(torch.rand(4, generator=SamplerState(body.sampling(8, None, seed_offset=i), [1], 10).generator)
+                   .tolist()) for i in range(body.n)}
+    assert len(draws) == body.n
