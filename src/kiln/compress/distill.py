@@ -89,9 +89,15 @@ def run_fraction(state: TrainState, cfg: Distill) -> float:
     return min(done, 1.0)
 
 
-def batches(tokens: Tensor, batch_size: int, seq_len: int, seed: int) -> Iterator[Tensor]:
-    """Endless random windows of seq_len + 1 tokens from one long token stream."""
+def batches(tokens: Tensor, batch_size: int, seq_len: int, seed: int, skip: int = 0) -> Iterator[Tensor]:
+    """Endless random windows of seq_len + 1 tokens from one long token stream, after the first `skip` batches.
+
+    A resumed run skips the batches of the steps already done, so it trains on the same windows as an
+    uninterrupted run (reseeding at the resumed step gave other windows, and other final weights).
+    """
     rng = random.Random(seed)
+    for _ in range(skip * batch_size):
+        rng.randrange(0, tokens.numel() - seq_len - 1)
     while True:
         starts = [rng.randrange(0, tokens.numel() - seq_len - 1) for _ in range(batch_size)]
         yield torch.stack([tokens[s : s + seq_len + 1] for s in starts])
@@ -137,7 +143,7 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
     state = TrainState()
     if resume and checkpoint is not None and (checkpoint / "state.json").is_file():
         state = load_checkpoint(checkpoint, student, optimizer)
-    stream = batches(tokens, cfg.batch_size, cfg.seq_len, seed=state.step)
+    stream = batches(tokens, cfg.batch_size, cfg.seq_len, seed=0, skip=state.step)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=None if progress else True)
     running, count = 0.0, 0
     start = time.perf_counter() - state.seconds
