@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kiln.compress.recipe import Distill
+from kiln.errors import InvalidParameterError
 from kiln.model.llama import Block, LlamaModel
 
 WARMUP = 0.05  # fraction of steps for the linear warm-up
 CLIP = 1.0
+EXTENSIBLE = ("steps", "time_budget_s")  # settings a resumed run may change: it can be made longer
 
 
 def layer_choice(teacher_layers: int, student_layers: int) -> list[int]:
@@ -111,18 +114,34 @@ class TrainState:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last point)
 
 
-def save_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+def save_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer, state: TrainState,
+                    identity: dict[str, Any] | None = None) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict()}, tmp / "weights.pt")
     (tmp / "state.json").write_text(json.dumps(state.__dict__))
     (tmp / "spec.json").write_text(json.dumps(student.spec.to_hf_config()))
+    (tmp / "run.json").write_text(json.dumps(identity or {}))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
 
-def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer) -> TrainState:
+def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer,
+                    identity: dict[str, Any] | None = None) -> TrainState:
+    """The state of the checkpointed run, into `student` and `optimizer`; refused if `identity` differs.
+
+    Another student shape ended in load_state_dict's traceback; another teacher, layer choice or setting
+    would have continued silently from weights the command did not ask for."""
+    run = folder / "run.json"
+    saved = json.loads(run.read_text()) if run.is_file() else {}
+    wanted = json.loads(json.dumps(identity or {}))  # as JSON stores it: tuples are lists
+    if saved != wanted:
+        differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        raise InvalidParameterError(
+            f"the checkpoint {folder} is of another distillation ({', '.join(differ)} differ); pass the settings "
+            "it was started with, or drop --resume to start afresh"
+        )
     data = torch.load(folder / "weights.pt", weights_only=True)  # kiln's own file; tensors and plain types only
     student.load_state_dict(data["student"])
     optimizer.load_state_dict(data["optimizer"])
@@ -133,16 +152,21 @@ def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Op
 
 def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill, checkpoint: Path | None = None,
           resume: bool = False, every: int = 50, log_every: int = 10, progress: bool = True,
-          on_step: Callable[[TrainState], None] | None = None) -> TrainState:
-    """Train `student` in place on windows of `tokens`; stops at cfg.steps or cfg.time_budget_s."""
+          on_step: Callable[[TrainState], None] | None = None, identity: dict[str, Any] | None = None) -> TrainState:
+    """Train `student` in place on windows of `tokens`; stops at cfg.steps or cfg.time_budget_s.
+
+    identity: what else defines the run (the teacher, its layers); with the student's shape and the settings
+    it is stored in each checkpoint, and a resume from a checkpoint of another run is refused."""
     for p in student.parameters():
         p.requires_grad_(True)
     teacher.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     state = TrainState()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXTENSIBLE}
+    identity = {"student": student.spec.to_hf_config(), "settings": settings, **(identity or {})}
     if resume and checkpoint is not None and (checkpoint / "state.json").is_file():
-        state = load_checkpoint(checkpoint, student, optimizer)
+        state = load_checkpoint(checkpoint, student, optimizer, identity)
     stream = batches(tokens, cfg.batch_size, cfg.seq_len, seed=0, skip=state.step)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=None if progress else True)
     running, count = 0.0, 0
@@ -177,7 +201,7 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
             if checkpoint is not None and state.step % every == 0:
-                save_checkpoint(checkpoint, student, optimizer, state)
+                save_checkpoint(checkpoint, student, optimizer, state, identity)
             if on_step is not None:
                 on_step(state)
     finally:

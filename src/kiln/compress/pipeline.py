@@ -221,9 +221,10 @@ def _stream(ctx: Context) -> torch.Tensor:
 
 
 def _train(ctx: Context, teacher: LlamaModel, student: LlamaModel, cfg: Distill, key: str,
-           checkpoint: Path | None = None, resume: bool = False, every: int = 50) -> None:
+           checkpoint: Path | None = None, resume: bool = False, every: int = 50,
+           identity: dict[str, Any] | None = None) -> None:
     state = distill.train(teacher, student, _stream(ctx), cfg, checkpoint=checkpoint, resume=resume, every=every,
-                          progress=ctx.progress)
+                          progress=ctx.progress, identity=identity)
     ctx.history[key] = {"steps": state.step, "tokens": state.tokens, "seconds": round(state.seconds, 1),
                         "loss_curve": state.losses}
 
@@ -234,7 +235,9 @@ def distil(ctx: Context, step: Distill, layers: list[int] | None = None, checkpo
     wanted = step.student_layers or teacher.spec.num_layers // 2
     chosen = layers or distill.layer_choice(teacher.spec.num_layers, wanted)
     student = distill.make_student(teacher, chosen)
-    _train(ctx, teacher, student, step, "distillation", checkpoint, resume, every)
+    # a checkpoint of another teacher or layer choice is not resumed
+    _train(ctx, teacher, student, step, "distillation", checkpoint, resume, every,
+           {"teacher": ctx.loaded.sha256, "teacher_layers": chosen})
     ctx.history["distillation"]["teacher_layers"] = chosen
     ctx.loaded.model = student
 

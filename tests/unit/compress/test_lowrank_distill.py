@@ -11,6 +11,7 @@ from torch import nn
 from kiln.compress import distill, lowrank
 from kiln.compress.quantize.qlinear import LowRankLinear
 from kiln.compress.recipe import Distill
+from kiln.errors import InvalidParameterError
 from kiln.model.llama import LlamaModel
 
 
@@ -87,6 +88,24 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_does(tiny: LlamaMod
     # steps 7-12 see the same windows of text as in the uninterrupted run, so the weights end the same
     for name, value in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_resume_refuses_a_checkpoint_of_another_student(tiny: LlamaModel, tmp_path: Path) -> None:
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    cfg = Distill(steps=4, batch_size=2, seq_len=16)
+    checkpoint = tmp_path / "ckpt"
+    distill.train(tiny, distill.make_student(tiny, [0, 3]), text, cfg, checkpoint=checkpoint, every=2,
+                  progress=False, identity={"teacher_layers": [0, 3]})
+    # another layer count once ended in load_state_dict's traceback; another choice of the same count, or
+    # other settings, would have continued silently from weights the new command did not ask for
+    for layers, other in (([0, 1, 3], cfg), ([0, 2], cfg), ([0, 3], Distill(steps=4, batch_size=2, seq_len=32))):
+        with pytest.raises(InvalidParameterError, match="--resume"):
+            distill.train(tiny, distill.make_student(tiny, layers), text, other, checkpoint=checkpoint,
+                          resume=True, progress=False, identity={"teacher_layers": layers})
+    # more steps continue the same run
+    state = distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=6, batch_size=2, seq_len=16),
+                          checkpoint=checkpoint, resume=True, progress=False, identity={"teacher_layers": [0, 3]})
+    assert state.step == 6
 
 
 def test_time_budget_stops_training(tiny: LlamaModel) -> None:
