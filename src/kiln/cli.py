@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -670,17 +671,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_on_next_ctrl_c() -> None:
+    """After Ctrl-C the command is over: a second one ends the process at once (exit status 130 in the
+    shell) instead of raising KeyboardInterrupt into the exit handlers, which printed their tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except KilnError as exc:
+        if exc.exit_code == 130:  # an interruption the command turned into its own message (kiln eval)
+            _end_on_next_ctrl_c()
         if args.debug:
             traceback.print_exc()
         print(f"kiln: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        _end_on_next_ctrl_c()
         print("kiln: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
