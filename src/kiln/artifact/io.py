@@ -28,6 +28,7 @@ from kiln.compress.quantize.qlinear import (
     W8A8Linear,
 )
 from kiln.errors import InvalidParameterError, ModelFormatError
+from kiln.files import replace_folder
 from kiln.model.llama import LlamaModel, storage_layout
 from kiln.model.load import SafetensorsReader, read_config
 from kiln.model.spec import ModelSpec
@@ -117,8 +118,7 @@ def save(model: LlamaModel, tokenizer_folder: Path, out: Path, manifest: Manifes
         manifest.tensors = formats
         manifest.files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest.write(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except OSError as exc:  # a read-only place or a full disk: one line, not a traceback after the work
         raise InvalidParameterError(
             f"cannot write the artifact {out} ({exc}); pass a writable folder with room for it"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from kiln.compress.recipe import Distill
 from kiln.errors import InvalidParameterError
+from kiln.files import replace_folder
 from kiln.model.llama import Block, LlamaModel
 
 WARMUP = 0.05  # fraction of steps for the linear warm-up
@@ -123,8 +123,7 @@ def save_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Op
     (tmp / "state.json").write_text(json.dumps(state.__dict__))
     (tmp / "spec.json").write_text(json.dumps(student.spec.to_hf_config()))
     (tmp / "run.json").write_text(json.dumps(identity or {}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    replace_folder(tmp, folder)
 
 
 def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer,
