@@ -25,6 +25,7 @@ import torch
 
 from kiln import settings
 from kiln.benchmark.machine import cpu_name, read_bandwidth_gbs
+from kiln.files import write_text
 from kiln.model.packed import PackedLinear, can_pack, pack_linears, packed_nbytes
 from kiln.model.spec import ModelSpec
 from kiln.plan.memory import INT4_GROUP
@@ -279,17 +280,20 @@ def prefill_efficiency(spec: ModelSpec, prompt: int, seconds: float, gflops: flo
 def fit_probe(runs: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Per batch size, the fitted (per-layer, per-step, per-KV-byte) costs; `runs(batch, layers, prompt)`
     measures one probe decode as a ProbeRun. Three runs determine the three costs exactly, so one
-    disturbed run moves all of them: each probe runs three times in turn and its median counts. (With
-    one run at batch 4 and 16, the plan's decode at batch 16 ran 1.13-1.50x of the bench in one
-    calibration and 0.86-1.05x in the one before it.)"""
+    disturbed run moves all of them: each probe runs PROBE_ROUNDS times and its median counts. The rounds
+    go over every batch size in turn, so a probe's runs are spread over the whole stage and a slow spell
+    of the machine disturbs one of them, not all. (With one run at batch 4 and 16, the plan's decode at
+    batch 16 ran 1.13-1.50x of the bench in one calibration and 0.86-1.05x in the one before it.)"""
     deep, shallow = PROBE_LAYERS
     short, long = PROBE_PROMPTS
+    rounds: dict[int, list[list[ProbeRun]]] = {batch: [] for batch in BATCHES}
+    for _ in range(PROBE_ROUNDS):
+        for batch in BATCHES:
+            rounds[batch].append([runs(batch, deep, short), runs(batch, deep, long), runs(batch, shallow, short)])
     layer_s, step_s, kv_s = {}, {}, {}
     for batch in BATCHES:
-        rounds = [[runs(batch, deep, short), runs(batch, deep, long), runs(batch, shallow, short)]
-                  for _ in range(PROBE_ROUNDS)]
         medians = [replace(probe[0], step_s=statistics.median(r.step_s for r in probe))
-                   for probe in zip(*rounds, strict=True)]
+                   for probe in zip(*rounds[batch], strict=True)]
         layer_s[str(batch)], step_s[str(batch)], kv_s[str(batch)] = fit_step_costs(*medians)
     return layer_s, step_s, kv_s
 
@@ -374,5 +378,5 @@ def calibrate() -> MachineProfile:
     )
     path = profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(profile), indent=2))
+    write_text(path, json.dumps(asdict(profile), indent=2))  # whole or not at all: a Ctrl-C keeps the old one
     return profile

@@ -187,12 +187,14 @@ def test_probe_fit_takes_the_median_of_three_runs_at_every_batch_size() -> None:
         calls.append((batch, layers, prompt))
         kv_bytes = batch * prompt * 1e5
         step = 0.010 + layers * per_layer + per_step + kv_bytes * per_kv_byte
-        if len(calls) in (1, 11, 24):  # one run at each batch size is disturbed; the medians leave them out
-            step *= 3 if len(calls) < 24 else 0.3
+        # rounds go over the batch sizes in turn (1, 4, 16, 1, ...): one run at each size is disturbed
+        if len(calls) in (1, 14, 26):
+            step *= 3 if len(calls) < 26 else 0.3
         return ProbeRun(step_s=step, stream_s=0.010, kv_bytes=kv_bytes, layers=layers)
 
     layer_s, step_s, kv_s = fit_probe(runs)
     assert len(calls) == 3 * 3 * 3  # three probes, three rounds, three batch sizes
+    assert [batch for batch, _, _ in calls][::3] == [1, 4, 16] * 3  # each round visits every batch size
     for batch in ("1", "4", "16"):
         assert (layer_s[batch], step_s[batch], kv_s[batch]) == pytest.approx((per_layer, per_step, per_kv_byte))
 
