@@ -411,7 +411,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         onnx_export.check_output(args.output)  # before loading and building, not after
     loaded = load(args.model, precision="fp32")
     if args.format == "onnx":
-
         path = onnx_export.export(loaded, args.output, args.precision)
         size = sum(f.stat().st_size for f in path.iterdir())
         # the folder is ORT GenAI's format (genai_config.json); kiln's onnxruntime runtime builds and caches its own
@@ -683,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except KilnError as exc:
-        if exc.exit_code == 130:  # an interruption the command turned into its own message (kiln eval)
+        if exc.exit_code == 130:  # an interruption the command turned into its own message (eval, distill)
             _end_on_next_ctrl_c()
         if args.debug:
             traceback.print_exc()

@@ -36,3 +36,9 @@ class DataNotFoundError(KilnError):
 
 class DataFormatError(KilnError):
     """A data file has a malformed line or record."""
+
+
+class Interrupted(KilnError):
+    """Ctrl-C during long work that can be resumed; the message says how."""
+
+    exit_code = 130

@@ -8,6 +8,7 @@ model by a trained student. Calibration-based steps walk the blocks in order (ki
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from kiln.compress.prune import structured, unstructured
 from kiln.compress.quantize import awq, gptq, smoothquant
 from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, QuantEmbedding, W8A8Linear
 from kiln.compress.recipe import Distill, LowRank, Prune, Quantize, Recipe, kind_of
-from kiln.errors import InvalidParameterError
+from kiln.errors import Interrupted, InvalidParameterError
 from kiln.model.llama import Block, LlamaModel
 from kiln.model.load import LoadedModel, load
 
@@ -263,10 +264,23 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
     start = time.perf_counter()
     ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
     checkpoint = out.with_name(out.name + ".checkpoint")
-    distil(ctx, cfg, layers, checkpoint, resume, every)
+    try:
+        distil(ctx, cfg, layers, checkpoint, resume, every)
+    except KeyboardInterrupt:
+        raise Interrupted(_resume_hint(checkpoint, every)) from None
     manifest = _write(ctx, teacher, out, start)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return manifest
+
+
+def _resume_hint(checkpoint: Path, every: int) -> str:
+    """What an interrupted distillation can do next: resume from its last checkpoint, or start again."""
+    try:
+        step = json.loads((checkpoint / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return f"interrupted before the first checkpoint (one every {every} steps); rerun the command to start again"
+    return (f"interrupted; the checkpoint at step {step} is in {checkpoint}: rerun the same command with --resume "
+            "to continue from it")
 
 
 def _write(ctx: Context, model: str, out: Path, start: float) -> Manifest:

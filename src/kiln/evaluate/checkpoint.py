@@ -1,7 +1,7 @@
 """Per-item results of a run in progress, appended as they finish, so `--resume` can skip them.
 
 The file lives under $KILN_HOME/partial/, named by a hash of everything that defines the run
-(model, baseline, task, settings); it is removed once the run has been stored.
+(model, baseline, task, settings); it is removed once the run has finished.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kiln.compress.quantize.qlinear import widened
 from kiln.engine import RUNTIMES
 from kiln.engine.generate import Generator
-from kiln.errors import DataFormatError, InvalidParameterError, KilnError
+from kiln.errors import DataFormatError, Interrupted, InvalidParameterError
 from kiln.evaluate import generation, loglikelihood, multiple_choice, perplexity
 from kiln.evaluate.checkpoint import Checkpoint
 from kiln.evaluate.data import data_file
@@ -86,8 +86,8 @@ class EvalOutcome:
         return sorted(self.records, key=lambda r: r["score"])[:n]
 
 
-class EvalInterrupted(KilnError):
-    exit_code = 130
+class EvalInterrupted(Interrupted):
+    pass
 
 
 def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None = None,

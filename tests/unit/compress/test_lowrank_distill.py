@@ -126,3 +126,34 @@ def test_schedule_warms_up_then_decays_to_zero_by_steps_or_time() -> None:
     assert distill.run_fraction(distill.TrainState(step=10, seconds=50.0), cfg) == pytest.approx(0.5)
     assert distill.run_fraction(distill.TrainState(step=900, seconds=1.0), cfg) == pytest.approx(0.9)
     assert distill.run_fraction(distill.TrainState(step=10, seconds=500.0), cfg) == 1.0
+
+
+def test_ctrl_c_in_kiln_distill_says_how_to_resume(tiny: LlamaModel, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # the message named no checkpoint and no --resume; it now says which step the run can resume from
+    from kiln.compress import pipeline
+    from kiln.errors import Interrupted
+
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "student"
+    checkpoint = out.with_name("student.checkpoint")
+
+    def stopped_at(step: int) -> Interrupted:
+        def ctrl_c(state: distill.TrainState) -> None:
+            if state.step == step:
+                raise KeyboardInterrupt
+
+        def distil(*args: object, **kwargs: object) -> None:
+            distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=8, batch_size=2, seq_len=16),
+                          checkpoint=checkpoint, every=3, progress=False, on_step=ctrl_c)
+
+        monkeypatch.setattr(pipeline, "load", lambda *a, **k: None)
+        monkeypatch.setattr(pipeline, "distil", distil)
+        with pytest.raises(Interrupted) as caught:
+            pipeline.distill_to_artifact("teacher", Distill(steps=8), out, every=3, progress=False)
+        return caught.value
+
+    early = stopped_at(2)
+    assert early.exit_code == 130 and "before the first checkpoint" in str(early)
+    later = stopped_at(7)
+    assert "checkpoint at step 6" in str(later) and "--resume" in str(later) and not out.exists()
