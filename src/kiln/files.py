@@ -6,6 +6,19 @@ import os
 import shutil
 from pathlib import Path
 
+from kiln.errors import InvalidParameterError
+
+
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """Refuse an output folder that writing a `what` there would destroy: a file, or a non-empty folder
+    without `marker` (the file every earlier `what` holds), whose files the replacement would delete.
+    Callers run it before any work, so a wrong -o costs nothing."""
+    if out.exists() and not out.is_dir():
+        raise InvalidParameterError(f"output {out} is a file, not a folder; pass a new folder for the {what}")
+    if out.is_dir() and not (out / marker).is_file() and any(out.iterdir()):
+        raise InvalidParameterError(f"output folder {out} is not empty and not a kiln {what}; writing would "
+                                    "replace its files, so pass a new or empty folder")
+
 
 def replace_folder(new: Path, out: Path) -> None:
     """Move the finished folder `new` to `out`. A previous `out` is renamed aside first and deleted only once

@@ -28,7 +28,7 @@ from kiln.compress.quantize.qlinear import (
     W8A8Linear,
 )
 from kiln.errors import InvalidParameterError, ModelFormatError
-from kiln.files import replace_folder
+from kiln.files import check_replaceable, replace_folder
 from kiln.model.llama import LlamaModel, storage_layout
 from kiln.model.load import SafetensorsReader, read_config
 from kiln.model.spec import ModelSpec
@@ -88,18 +88,9 @@ def state_of(model: LlamaModel) -> tuple[dict[str, Tensor], dict[str, dict[str, 
 
 
 def check_output(out: Path) -> None:
-    """Refuse an output path that `save` would have to destroy: a file, or a folder of other things.
-
-    `save` replaces `out` whole, which is right for an older artifact but would delete a user's files;
-    callers run this before any work so a wrong -o costs nothing.
-    """
-    if out.exists() and not out.is_dir():
-        raise InvalidParameterError(f"output {out} is a file, not a folder; pass a new folder for the artifact")
-    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise InvalidParameterError(
-            f"output folder {out} is not empty and not a kiln artifact; writing would replace its files, "
-            "so pass a new or empty folder"
-        )
+    """Refuse an output that `save` would have to destroy (it replaces `out` whole: right for an older
+    artifact, not for a user's files)."""
+    check_replaceable(out, "manifest.json", "artifact")
 
 
 def save(model: LlamaModel, tokenizer_folder: Path, out: Path, manifest: Manifest) -> Path:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from kiln.artifact.io import TOKENIZER_FILES
 from kiln.artifact.manifest import Manifest, is_artifact
 from kiln.errors import InvalidParameterError, KilnError
+from kiln.files import check_replaceable, replace_folder
 from kiln.model.llama import Block, LlamaModel, weight_map
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
@@ -181,13 +182,8 @@ def write_hf_folder(loaded: LoadedModel, out: Path) -> Path:
 
 
 def check_output(out: Path) -> None:
-    """Refuse an output `export` would have to destroy: a file, or a folder that is not an earlier ONNX
-    export (export replaces its folder whole, which would delete a user's files). Run before any work."""
-    if out.exists() and not out.is_dir():
-        raise InvalidParameterError(f"output {out} is a file, not a folder; pass a new folder for the ONNX export")
-    if out.is_dir() and not (out / "kiln-export.json").is_file() and any(out.iterdir()):
-        raise InvalidParameterError(f"output folder {out} is not empty and not a kiln ONNX export; writing would "
-                                    "replace its files, so pass a new or empty folder")
+    """Refuse an output `export` would have to destroy (it replaces its folder whole). Run before any work."""
+    check_replaceable(out, "kiln-export.json", "ONNX export")
 
 
 def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", check: bool = True,
@@ -229,14 +225,17 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
                     f"the ONNX export's logits differ from the source by {error:.4f} of their range "
                     f"(tolerance {TOLERANCE[plan.precision]}); it was not written"
                 )
+        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
         try:
-            if out.exists():
-                shutil.rmtree(out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(staging), out)
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.move(str(staging), partial)  # beside `out` (the scratch folder may be on another file system)
+            replace_folder(partial, out)
         except OSError as exc:  # a read-only place or a full disk: one line, not a traceback after the work
             raise InvalidParameterError(f"cannot write the ONNX export {out} ({exc}); pass a writable folder "
                                         "with room for it") from exc
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
