@@ -203,6 +203,22 @@ def test_output_guardrail_covers_completions(server: Server) -> None:
     assert r.json()["error"]["code"] == "output_blocked" and "ada@" not in r.text
 
 
+def test_output_guardrail_stops_a_stream_before_the_blocked_text(server: Server) -> None:
+    # the same continuation streamed: the choice ends with finish_reason "content_filter" and none of the
+    # address goes out; the stream itself still ends properly
+    before = server.metric("kiln_guardrail_blocks_total")
+    prompt = "Contact: ada@example.com\n" * 3 + "Contact:"
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "content_filter"
+    assert "ada@" not in "".join(c["choices"][0]["text"] for c in chunks)
+    assert server.metric("kiln_guardrail_blocks_total") == before + 1
+
+
 def test_metrics_cover_the_requests(server: Server) -> None:
     text = server.get("/metrics").text
     for name in ("kiln_requests_total", "kiln_time_to_first_token_seconds", "kiln_time_per_output_token_seconds",

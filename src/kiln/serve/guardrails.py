@@ -1,7 +1,8 @@
 """Optional per-model input and output filters: regex patterns, whole-word blocklists and a PII check.
 
 Rules come from a small TOML file validated at load, so a bad regex fails at startup, not on a request.
-This module only says whether text violates the rules; refusing the request (and how) is the server's job.
+This module only says whether text violates the rules (and, for a streamed response, how much of it may be
+sent yet); refusing the request (and how) is the server's job.
 """
 
 from __future__ import annotations
@@ -137,6 +138,59 @@ def check(rules: FilterRules, text: str) -> Violation | None:
             if counts[kind]:
                 return Violation("pii", f"contains {redact.DESCRIPTIONS[kind]}")
     return None
+
+
+# A streamed response is checked up to the end of its last whole word (a phrase at the very end of the text
+# so far may yet turn out to be part of a longer word) and sent up to there, less the words a blocked phrase
+# could have begun with, and with the PII check on, less this many characters: more than a printed card
+# or phone number (or a usual e-mail address) takes, so that none of one goes out before it is recognised.
+PII_HOLD_CHARS = 40
+_WORD_CHAR = re.compile(r"\w")
+
+
+class StreamFilter:
+    """The output rules applied to one response as it streams: feed() returns the part that may be sent now,
+    or the rule the text broke (then nothing more of it may be sent).
+
+    No part of a blocked phrase or of a PII number goes out, and nothing is sent before it has been
+    checked. What it cannot promise for patterns: a match is caught before its end is sent, but its start
+    may be in text that broke no rule when it went out (as may any match of a pattern that looks ahead).
+    """
+
+    def __init__(self, rules: FilterRules) -> None:
+        self.rules = rules
+        self.text = ""
+        self.sent = 0  # characters of `text` sent
+        self.checked = 0  # characters of `text` known to break no rule
+        self.hold_words = max((len(phrase.split()) for phrase in rules.blocklist), default=1) - 1
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, Violation | None]:
+        self.text += piece
+        end = len(self.text) if final else self._back(len(self.text), words=0)
+        if end > self.checked:
+            violation = check(self.rules, self.text[:end])
+            if violation is not None:
+                return "", violation
+            self.checked = end
+        if not final:
+            end = self._back(end, words=self.hold_words)
+            if self.rules.pii:
+                end = min(end, len(self.text) - PII_HOLD_CHARS)
+        if end <= self.sent:
+            return "", None
+        ready, self.sent = self.text[self.sent : end], end
+        return ready, None
+
+    def _back(self, end: int, words: int) -> int:
+        """`end` moved back over a trailing part-word, then over `words` whole words (never before what was sent)."""
+        while end > self.sent and _WORD_CHAR.match(self.text[end - 1]):
+            end -= 1
+        for _ in range(words):
+            while end > self.sent and not _WORD_CHAR.match(self.text[end - 1]):
+                end -= 1
+            while end > self.sent and _WORD_CHAR.match(self.text[end - 1]):
+                end -= 1
+        return end
 
 
 def _message_texts(content: Any) -> list[str]:

@@ -24,6 +24,7 @@ from kiln.engine.engine import StepOutput
 from kiln.engine.request import TokenLogprob
 from kiln.engine.sampler import SamplingParams
 from kiln.serve.deploy import Deployment, Route
+from kiln.serve.guardrails import StreamFilter
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest, error_body
 from kiln.serve.state import ServerState
 
@@ -424,6 +425,15 @@ def _release(state: ServerState, dep: Deployment | None) -> None:
         dep.leave()
 
 
+def _stream_filters(state: ServerState, dep: Deployment, count: int) -> list[StreamFilter | None]:
+    """One output filter per streamed choice ([] when the model has no output rules): the whole-response check
+    of the non-streamed path, applied as the text grows (guardrails.StreamFilter)."""
+    rules = state.guardrails_for(dep.name)
+    if rules is None or not rules.output.is_active:
+        return []
+    return [StreamFilter(rules.output) for _ in range(count)]
+
+
 def _stream_response(job: Job, request: Request, include_usage: bool, chat: bool) -> StreamingResponse:
     return _with_version(StreamingResponse(_sse_events(job, request, include_usage, chat),
                                            media_type="text/event-stream"), job.deployment)
@@ -448,6 +458,10 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 raise
 
     tasks = [asyncio.create_task(pump(i)) for i in range(len(job.params))]
+    filters = _stream_filters(state, dep, len(tasks))
+    held: list[list[TokenLogprob]] = [[] for _ in tasks]  # logprobs of tokens whose text a filter holds back
+    sent: list[str] = ["" for _ in tasks]
+    texts: list[str] = []  # per finished choice, in finishing order
     try:
         if chat:
             for i in range(len(job.params)):
@@ -456,6 +470,8 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
         remaining = len(tasks)
         while remaining:
             i, item = await queue.get()  # type: ignore[misc]
+            if filters and filters[i] is None:
+                continue  # a choice the guardrail stopped: what its cancelled task still reports is dropped
             if isinstance(item, BaseException):
                 message = ("the request did not finish before its deadline" if isinstance(item, TimeoutError)
                            else "generation failed")
@@ -464,23 +480,34 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 yield _sse(error_body(message, "timeout_error" if isinstance(item, TimeoutError) else "server_error"))
                 break
             out = item
-            if out.text or out.finished:
-                delta: dict[str, Any] = {"content": out.text} if chat else {}
-                choice: dict[str, Any] = ({"index": i, "delta": delta} if chat else {"index": i, "text": out.text})
-                choice["finish_reason"] = out.request.finish_reason if out.finished else None
-                if job.params[i].logprobs is not None and out.tokens:
-                    lp = out.request.logprobs[-1:]
+            text, finish = out.text, out.request.finish_reason if out.finished else None
+            if job.params[i].logprobs is not None and out.tokens:
+                held[i] += out.request.logprobs[-1:]
+            if filters:
+                text, violation = filters[i].feed(out.text, out.finished)  # type: ignore[union-attr]
+                if violation is not None:  # this choice ends here; the others go on
+                    state.metrics.guardrail_blocks.labels(dep.name, "output", violation.kind).inc()
+                    filters[i], finish, text, held[i] = None, "content_filter", "", []
+                    tasks[i].cancel()
+            if text or finish:
+                delta: dict[str, Any] = {"content": text} if chat else {}
+                choice: dict[str, Any] = ({"index": i, "delta": delta} if chat else {"index": i, "text": text})
+                choice["finish_reason"] = finish
+                if held[i]:
+                    lp, held[i] = held[i], []
                     choice["logprobs"] = chat_logprobs(tok, lp) if chat else completion_logprobs(
                         tok, [v.token for v in lp], lp)
                 yield _sse({**base, "choices": [choice]})
-            if out.finished:
+                sent[i] += text
+            if finish:
                 finished.append(out)
+                texts.append(sent[i])  # what the client got: short of the text a guardrail stopped
                 remaining -= 1
         if include_usage and finished:
             yield _sse({**base, "choices": [], "usage": _usage(finished)})
         yield b"data: [DONE]\n\n"
         _record(job, finished)
-        state.log_response(job, {"stream": True}, [o.request.text for o in finished], finished)
+        state.log_response(job, {"stream": True}, texts, finished)
     except asyncio.CancelledError:
         state.metrics.disconnects.inc()
         raise

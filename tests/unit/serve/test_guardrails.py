@@ -11,6 +11,7 @@ from kiln.serve.guardrails import (
     FilterRules,
     GuardrailConfig,
     GuardrailConfigError,
+    StreamFilter,
     Violation,
     check,
     check_messages,
@@ -140,3 +141,45 @@ def test_check_messages_reads_text_parts_and_skips_missing_content() -> None:
                                           {"type": "text", "text": "a badword here"}]}]
     assert check_messages(rules, parts) == Violation("blocklist", "contains blocked phrase 'badword'")
     assert check_messages(rules, [{"role": "assistant"}, {"role": "user", "content": None}]) is None
+
+
+def stream(rules: FilterRules, pieces: list[str]) -> tuple[str, Violation | None]:
+    """What a StreamFilter lets out of `pieces` (the last one final), and the violation that stopped it."""
+    guard, out = StreamFilter(rules), ""
+    for n, piece in enumerate(pieces):
+        ready, violation = guard.feed(piece, final=n == len(pieces) - 1)
+        if violation is not None:
+            return out, violation
+        out += ready
+    return out, None
+
+
+def test_stream_filter_lets_clean_text_out_whole() -> None:
+    pieces = ["The sea", " is calm", " today, and the", " boats are out", "."]
+    assert stream(FilterRules(blocklist=("badword",), pii=True), pieces) == ("".join(pieces), None)
+    assert stream(FilterRules(), pieces) == ("".join(pieces), None)
+
+
+def test_stream_filter_stops_before_a_phrase_split_across_pieces() -> None:
+    out, violation = stream(FilterRules(blocklist=("bad word",)), ["it is a bad", " wo", "rd here", " and more"])
+    assert violation is not None and violation.kind == "blocklist"
+    assert out == "it is a "  # "bad" waited for its next word; none of the phrase went out
+
+
+def test_stream_filter_does_not_block_a_phrase_that_becomes_a_longer_word() -> None:
+    # "bad" at the end of the text so far matches as a whole word; it must wait for the next piece
+    assert stream(FilterRules(blocklist=("bad",)), ["a bad", "ge of honour"]) == ("a badge of honour", None)
+    out, violation = stream(FilterRules(blocklist=("bad",)), ["a bad", " day"])
+    assert violation is not None and out == "a "
+
+
+def test_stream_filter_checks_a_pattern_before_sending_it() -> None:
+    out, violation = stream(FilterRules(patterns=(r"secret\d+",)), ["the secret1", "23 is", " out"])
+    assert violation is not None and violation.kind == "pattern" and "secret" not in out
+
+
+def test_stream_filter_sends_no_part_of_a_phone_number() -> None:
+    text = "The weather today is sunny and warm, so call me at 555-123-4567 when you land."
+    out, violation = stream(FilterRules(pii=True), list(text))  # one character at a time
+    assert violation is not None and violation.kind == "pii"
+    assert out and "555" not in out  # text before it went out; none of the number did
