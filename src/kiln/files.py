@@ -25,9 +25,14 @@ def replace_folder(new: Path, out: Path) -> None:
     `new` is in place: deleting it first lost the last good output to a Ctrl-C between the two steps."""
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
     shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(new, out)
+    try:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:  # a Ctrl-C (or a failed rename) between the two: the previous output goes back
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

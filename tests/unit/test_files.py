@@ -32,7 +32,7 @@ def test_replace_folder_keeps_the_last_good_output_until_the_new_one_is_in_place
     with pytest.raises(KeyboardInterrupt):
         files.replace_folder(_folder(tmp_path / "newer", "newer"), out)
     kept = [p for p in tmp_path.iterdir() if (p / "weights").is_file() and (p / "weights").read_text() == "new"]
-    assert len(kept) == 1  # deleting it first, as before, lost it
+    assert kept == [out]  # back in its place (deleting it first, as before, lost it; then it stayed aside)
 
 
 def test_write_text_leaves_the_old_file_when_the_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
