@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kiln.engine.sampler import SamplingParams
 
@@ -63,6 +63,15 @@ class _Sampling(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # refused rather than ignored, as OpenAI and vLLM do: options for a stream that is not asked for are a mistake
+        # (stream is declared first, so it is in info.data unless it failed its own check)
+        if value is not None and info.data.get("stream") is False:
+            raise ValueError("stream_options is only allowed when stream is true; drop stream_options or set stream")
+        return value
 
     def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
         seed = None if self.seed is None else self.seed + seed_offset

@@ -1,4 +1,4 @@
-"""The request schemas at the HTTP edge: chat content parts, and per-choice seeds."""
+"""The request schemas at the HTTP edge: chat content parts, per-choice seeds, and stream_options."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from kiln.engine.sampler import SamplerState
-from kiln.serve.protocol import ChatCompletionRequest
+from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def chat(content: object) -> ChatCompletionRequest:
@@ -45,3 +45,17 @@ def test_choices_at_the_seed_limits_draw_distinct_streams(seed: int) -> None:
     draws = {tuple(torch.rand(4, generator=SamplerState(body.sampling(8, None, seed_offset=i), [1], 10).generator)
                    .tolist()) for i in range(body.n)}
     assert len(draws) == body.n
+
+
+@pytest.mark.parametrize("schema,body", [
+    (CompletionRequest, {"prompt": "hi"}),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]}),
+])
+@pytest.mark.parametrize("stream", [{}, {"stream": False}])
+def test_stream_options_without_a_stream_are_refused(schema: type, body: dict, stream: dict) -> None:
+    with pytest.raises(ValidationError) as refused:
+        schema.model_validate({**body, **stream, "stream_options": {"include_usage": True}})
+    error = refused.value.errors()[0]
+    assert error["loc"] == ("stream_options",) and "only allowed when stream is true" in error["msg"], error
+    assert schema.model_validate({**body, "stream": True, "stream_options": {"include_usage": True}}).stream_options
+    assert schema.model_validate({**body, "stream_options": None}).stream_options is None
