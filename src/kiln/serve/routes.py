@@ -2,8 +2,8 @@
 
 Order of work for a generation request, cheapest refusal first: admission to the bounded queue, the
 per-key request rate, model lookup, guardrails on the input, tokenization, the context limit, the
-per-key token rate; then the engine. Every way out of the engine (done, client gone, deadline) frees
-the request's slot and cache.
+per-key token rate; then the engine. Every way out of the engine (done, failed, client gone, deadline) frees
+the request's slot and cache and gives the key back the reserved tokens it did not use.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from kiln.engine.engine import StepOutput
+from kiln.engine.request import Request as EngineRequest
 from kiln.engine.request import TokenLogprob
 from kiln.engine.sampler import SamplingParams
 from kiln.serve.deploy import Deployment, Route
@@ -57,7 +58,9 @@ class Job:
     deadline: float | None
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
-    reserved_tokens: int = 0
+    reserved_tokens: int = 0  # prompt + max_tokens of every choice, taken from the key's token rate
+    is_reserved: bool = False  # reserved_tokens are taken and the unused part is not yet refunded
+    started: dict[int, EngineRequest] = field(default_factory=dict)  # choice index -> its request, once it ran
 
 
 # --- admission -------------------------------------------------------------------------------------------
@@ -131,12 +134,25 @@ def _max_tokens(state: ServerState, deployment: Deployment, prompt: list[int], a
     return max(1, wanted)
 
 
-def _reserve_tokens(state: ServerState, key: str, tokens: int) -> None:
-    wait = state.limiter.take(key, tokens=tokens)
+def _reserve_tokens(job: Job) -> None:
+    state = job.state
+    wait = state.limiter.take(job.key, tokens=job.reserved_tokens)
     if wait is not None:
         state.metrics.rejections.labels("rate_limit_tokens").inc()
         raise ApiError(429, f"token rate limit reached for this key; retry in {wait:.1f} s", "rate_limit_error",
                        code="rate_limit_tokens", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+    job.is_reserved = True
+
+
+def _refund(job: Job | None) -> None:
+    """Give the key back the part of its token reserve that was not used: the reserve less the prompt and generated
+    tokens of each choice that ran (none, if none ran). Called on every way out, so a request that fails, times out
+    or is cancelled does not keep its whole reserve; refunds once however often it is called."""
+    if job is None or not job.is_reserved:
+        return
+    job.is_reserved = False
+    used = sum(len(r.prompt) + len(r.output) for r in job.started.values())
+    job.state.limiter.refund(job.key, job.reserved_tokens - used)
 
 
 # --- running -------------------------------------------------------------------------------------------
@@ -146,6 +162,7 @@ async def _run_one(job: Job, index: int) -> AsyncIterator[StepOutput]:
     dep = job.deployment
     async for out in dep.worker.stream(job.prompts[index], job.params[index], f"{job.request_id}-{index}",
                                        job.deadline):
+        job.started[index] = out.request  # what ran counts against the token reserve (see _refund)
         yield out
 
 
@@ -163,8 +180,7 @@ def _record(job: Job, outs: Sequence[StepOutput]) -> None:
                 metrics.tpot.labels(*labels).observe((r.finished_at - r.first_token_at) / (len(r.output) - 1))
         if r.finished_at is not None:
             metrics.e2e.labels(*labels).observe(r.finished_at - r.arrival)
-    used = sum(len(o.request.prompt) + len(o.request.output) for o in outs)
-    job.state.limiter.refund(job.key, job.reserved_tokens - used)
+    _refund(job)
 
 
 async def _collect(job: Job, request: Request, count: int) -> list[StepOutput]:
@@ -298,6 +314,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     state: ServerState = request.app.state.kiln
     key = _admit(state, request)
     dep: Deployment | None = None
+    job: Job | None = None
     try:
         dep = _deployment(state, body.model)
         tok = dep.loaded.tokenizer
@@ -310,7 +327,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
         job = _job(state, dep, key, per_choice, [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i)
                                                   for i in range(len(per_choice))])
-        _reserve_tokens(state, key, job.reserved_tokens)
+        _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
                                     body.stream_options.include_usage, chat=False)
@@ -334,11 +351,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                                            "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
     except BaseException:
         if body.stream:  # the stream never started: its generator would have released these
-            _release(state, dep)
+            _release(state, dep, job)
         raise
     finally:
         if not body.stream:
-            _release(state, dep)
+            _release(state, dep, job)
 
 
 def _join_logprobs(echo: dict[str, Any] | None, generated: dict[str, Any]) -> dict[str, Any]:
@@ -384,6 +401,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     state: ServerState = request.app.state.kiln
     key = _admit(state, request)
     dep: Deployment | None = None
+    job: Job | None = None
     try:
         dep = _deployment(state, body.model)
         messages = body.chat_messages()
@@ -396,7 +414,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i)
                                                          for i in range(body.n)])
         job.request_id = "chatcmpl-" + job.request_id.split("-", 1)[1]
-        _reserve_tokens(state, key, job.reserved_tokens)
+        _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
                                     body.stream_options.include_usage, chat=True)
@@ -412,14 +430,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                            "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
     except BaseException:
         if body.stream:
-            _release(state, dep)
+            _release(state, dep, job)
         raise
     finally:
         if not body.stream:
-            _release(state, dep)
+            _release(state, dep, job)
 
 
-def _release(state: ServerState, dep: Deployment | None) -> None:
+def _release(state: ServerState, dep: Deployment | None, job: Job | None) -> None:
+    """Free what a request holds: its queue slot, its deployment, and its token reserve's unused part."""
+    _refund(job)
     state.admission.leave()
     if dep is not None:
         dep.leave()
@@ -514,8 +534,10 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
     finally:
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        _release(state, dep)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # a client gone mid-stream cancels this task again at each await (anyio's cancel scope)
+            _release(state, dep, job)
 
 
 @router.post("/v1/feedback")

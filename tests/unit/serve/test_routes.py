@@ -1,12 +1,27 @@
-"""The generation endpoints in process (a TestClient, no subprocess): how they refuse requests."""
+"""The generation endpoints in process (a TestClient, no subprocess): how they refuse requests, and the
+per-key token reserve that every way out of a generation refunds down to what was used."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from kiln.engine.request import Request
 from kiln.serve.app import create_app
 from kiln.serve.state import ServeConfig
+from kiln.serve.worker import EngineWorker
+
+TOKENS_PER_MIN = 60  # the bucket holds 60 tokens and refills one a second
+PROMPT = [42] * 4
+MAX_TOKENS = 50  # so a request reserves 54 of the 60: a second one fits only if the first gave back its unused part
 
 
 @pytest.mark.parametrize("path,body", [
@@ -22,3 +37,114 @@ def test_stream_options_without_a_stream_are_400(path: str, body: dict, stream: 
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == "stream_options", error
     assert "only allowed when stream is true; drop stream_options or set stream" in error["message"]
+
+
+# --- the token reserve --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limited(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            ready_client: Callable[[Any], AbstractContextManager[Any]]) -> Iterator[tuple[FastAPI, TestClient]]:
+    """The tiny model behind a token rate limit and a 1-second request timeout."""
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20, request_timeout_s=1.0,
+                                 tokens_per_min=TOKENS_PER_MIN))
+    with ready_client(app) as client:
+        yield app, client
+
+
+def worker_of(app: FastAPI) -> EngineWorker:
+    worker: EngineWorker = app.state.kiln.router.deployments()[0].worker
+    return worker
+
+
+def tokens_left(app: FastAPI) -> float:
+    """The key's token bucket as the last take or refund left it, rounded to 0.01 (only take() refills, and the
+    one take here, the reservation, was a moment after the bucket was made)."""
+    return round(float(app.state.kiln.limiter.buckets[("testclient", "tokens")].level), 2)
+
+
+def added_requests(worker: EngineWorker, monkeypatch: pytest.MonkeyPatch) -> list[Request]:
+    """The engine's requests, collected as they are added, to count what each used."""
+    added: list[Request] = []
+    real_add = worker.engine.add_request
+
+    def add(*args: Any, **kw: Any) -> Request:
+        added.append(real_add(*args, **kw))
+        return added[-1]
+
+    monkeypatch.setattr(worker.engine, "add_request", add)
+    return added
+
+
+def generate(client: TestClient, stream: bool) -> tuple[int, str]:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                             "ignore_eos": True, "stream": stream})
+    return r.status_code, r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_generation_refunds_what_it_did_not_use(limited: tuple[FastAPI, TestClient], stream: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = limited
+    worker = worker_of(app)
+    added, real_step, steps = added_requests(worker, monkeypatch), worker.engine.step, []
+
+    def fails_on_the_fourth() -> list:
+        steps.append(1)
+        if len(steps) == 4:
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(worker.engine, "step", fails_on_the_fourth)
+    status, text = generate(client, stream)
+    assert (status, "generation failed" in text) == ((200, True) if stream else (500, False)), text
+    [request] = added
+    assert 0 < len(request.output) < MAX_TOKENS
+    assert tokens_left(app) == TOKENS_PER_MIN - len(PROMPT) - len(request.output)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_timed_out_request_that_never_ran_refunds_its_whole_reserve(limited: tuple[FastAPI, TestClient],
+                                                                     stream: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = limited
+    worker = worker_of(app)
+    real_step = worker.engine.step
+
+    def stalls() -> list:
+        time.sleep(0.05)
+        return []
+
+    monkeypatch.setattr(worker.engine, "step", stalls)
+    status, text = generate(client, stream)
+    assert (status, "deadline" in text) == ((200, True) if stream else (504, True)), text
+    assert tokens_left(app) == TOKENS_PER_MIN
+    monkeypatch.setattr(worker.engine, "step", real_step)
+    assert generate(client, False)[0] == 200  # the next request's reserve fits
+
+
+def test_a_cancelled_stream_refunds_what_it_did_not_use(limited: tuple[FastAPI, TestClient],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = limited
+    worker = worker_of(app)
+    added, real_step = added_requests(worker, monkeypatch), worker.engine.step
+
+    def slow() -> list:
+        time.sleep(0.02)  # 50 tokens take a second: the client leaves long before the end
+        return real_step()
+
+    monkeypatch.setattr(worker.engine, "step", slow)
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data: {"))
+        assert json.loads(next(lines).removeprefix("data: "))["choices"]
+    # closing the stream cancels the app; the engine drops the request at its next step
+    [request] = added
+    deadline = time.monotonic() + 10
+    while not request.status.finished or app.state.kiln.admission.current:
+        assert time.monotonic() < deadline, "the cancelled stream still holds its request or its queue slot"
+        time.sleep(0.05)
+    assert len(request.output) < MAX_TOKENS
+    # the refund reads the output before the abort reaches the engine, which may append one more token meanwhile
+    assert tokens_left(app) == pytest.approx(TOKENS_PER_MIN - len(PROMPT) - len(request.output), abs=1)
