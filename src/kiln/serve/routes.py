@@ -120,18 +120,29 @@ def _guard(state: ServerState, deployment: Deployment, texts: Sequence[str],
 
 def _max_tokens(state: ServerState, deployment: Deployment, prompt: list[int], asked: int | None,
                 default: int | None, prompt_param: str) -> int:
-    """The request's token budget; a prompt that leaves no room in the context is a 400 naming `prompt_param`
-    (OpenAI's code and param), whether or not max_tokens was given."""
+    """The request's token budget; a prompt that leaves no room in the context or the KV cache is a 400 naming
+    `prompt_param` (OpenAI's code and param for the context), whether or not max_tokens was given."""
     context = deployment.loaded.spec.max_position
     if len(prompt) >= context:  # at least one token must be generated
         raise ApiError(400, f"the prompt has {len(prompt)} tokens, which leaves no room in the model's context of "
                        f"{context} tokens; shorten the prompt", param=prompt_param, code="context_length_exceeded")
+    _check_kv_budget(deployment, prompt, prompt_param)
     wanted = asked if asked is not None else (default if default is not None else context - len(prompt))
     if len(prompt) + wanted > context:
         raise ApiError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {wanted}, more than the "
                        f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
                        param="max_tokens", code="context_length_exceeded")
     return max(1, wanted)
+
+
+def _check_kv_budget(deployment: Deployment, prompt: list[int], prompt_param: str) -> None:
+    """Refuse, as the engine would, a prompt that the whole KV cache cannot hold with one generated token: here,
+    before a token is reserved or a stream has begun (a stream's 200 would already be sent when the engine says no)."""
+    capacity = deployment.worker.kv_capacity_tokens
+    if len(prompt) + 1 > capacity:
+        raise ApiError(400, f"the prompt has {len(prompt)} tokens, which with one generated token do not fit the KV "
+                       f"cache budget of {capacity} tokens; shorten the prompt or raise --kv-budget-mb",
+                       param=prompt_param, code="kv_budget_exceeded")
 
 
 def _reserve_tokens(job: Job) -> None:

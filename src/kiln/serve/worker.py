@@ -70,6 +70,8 @@ class EngineWorker:
 
     def __init__(self, engine: Engine, name: str = "engine") -> None:
         self.engine = engine
+        # fixed for the engine's life, so handlers can refuse a prompt that never fits without asking the thread
+        self.kv_capacity_tokens = engine.cache.capacity_tokens
         self.commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self.sinks: dict[str, Callable[[object], None]] = {}
         self.stats = WorkerStats()

@@ -22,6 +22,7 @@ from kiln.serve.worker import EngineWorker
 TOKENS_PER_MIN = 60  # the bucket holds 60 tokens and refills one a second
 PROMPT = [42] * 4
 MAX_TOKENS = 50  # so a request reserves 54 of the 60: a second one fits only if the first gave back its unused part
+ReadyClient = Callable[[Any], AbstractContextManager[Any]]  # tests/conftest.py's ready_client
 
 
 @pytest.mark.parametrize("path,body", [
@@ -44,7 +45,7 @@ def test_stream_options_without_a_stream_are_400(path: str, body: dict, stream: 
 
 @pytest.fixture
 def limited(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-            ready_client: Callable[[Any], AbstractContextManager[Any]]) -> Iterator[tuple[FastAPI, TestClient]]:
+            ready_client: ReadyClient) -> Iterator[tuple[FastAPI, TestClient]]:
     """The tiny model behind a token rate limit and a 1-second request timeout."""
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20, request_timeout_s=1.0,
@@ -148,3 +149,29 @@ def test_a_cancelled_stream_refunds_what_it_did_not_use(limited: tuple[FastAPI, 
     assert len(request.output) < MAX_TOKENS
     # the refund reads the output before the abort reaches the engine, which may append one more token meanwhile
     assert tokens_left(app) == pytest.approx(TOKENS_PER_MIN - len(PROMPT) - len(request.output), abs=1)
+
+
+# --- the KV cache budget --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_over_the_kv_budget_is_400_kv_budget_exceeded(tiny_folder: Path, tmp_path: Path, stream: bool,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               ready_client: ReadyClient) -> None:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=12 << 10))  # 3 blocks: 32 tokens
+    with ready_client(app) as client:
+        capacity = worker_of(app).engine.cache.capacity_tokens
+        assert capacity < 40  # under the 64-token context: the KV cache, not the context, refuses below
+        asks = {"prompt": {"prompt": [42] * capacity}, "messages": {"messages": [{"role": "user",
+                                                                                   "content": "hello " * 30}]}}
+        for param, body in asks.items():
+            path = "/v1/completions" if param == "prompt" else "/v1/chat/completions"
+            r = client.post(path, json={**body, "max_tokens": 2, "stream": stream})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert (error["code"], error["param"], error["type"]) == ("kv_budget_exceeded", param,
+                                                                      "invalid_request_error"), error
+            assert f"budget of {capacity} tokens" in error["message"] and "--kv-budget-mb" in error["message"]
+        fits = client.post("/v1/completions", json={"prompt": [42] * (capacity - 1), "max_tokens": 1})
+        assert fits.status_code == 200, fits.text  # the edge: prompt + the one generated token fill the cache
