@@ -219,6 +219,34 @@ def test_output_guardrail_stops_a_stream_before_the_blocked_text(server: Server)
     assert server.metric("kiln_guardrail_blocks_total") == before + 1
 
 
+def test_response_format_holds_the_output_to_a_json_schema(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"enum": ["France", "Spain"]}},
+              "required": ["city", "country"], "additionalProperties": False}
+    reply = ask(client, "Which is the capital of France? Answer in JSON.", temperature=0, max_tokens=48,
+                response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}})
+    answer = json.loads(reply.choices[0].message.content)
+    assert set(answer) == {"city", "country"} and answer["country"] in ("France", "Spain")
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = ask(client, "Which is the capital of France? Answer in JSON.", temperature=0, max_tokens=48,
+                   stream=True, response_format={"type": "json_schema",
+                                                 "json_schema": {"name": "capital", "schema": schema}})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+    plain = client.completions.create(model="default", prompt="JSON for the capital of France:\n", max_tokens=32,
+                                      temperature=0, extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(plain.choices[0].text), dict)
+
+
+def test_response_format_with_a_bad_schema_is_400(server: Server) -> None:
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "[a-"}}}})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format" and error["code"] == "invalid_schema" and "unclosed" in error["message"]
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                             "response_format": {"type": "json_schema"}})
+    assert r.status_code == 400 and "needs a json_schema" in r.text
+
+
 def test_metrics_cover_the_requests(server: Server) -> None:
     text = server.get("/metrics").text
     for name in ("kiln_requests_total", "kiln_time_to_first_token_seconds", "kiln_time_per_output_token_seconds",

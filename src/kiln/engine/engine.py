@@ -28,6 +28,7 @@ from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from kiln.engine.grammar import Constraint
     from kiln.engine.onnx_runtime import OnnxModel
 
 KV_CACHE_TYPES = ("model", "int8")
@@ -121,7 +122,7 @@ class Engine:
         request = Request(
             request_id=request_id or f"req-{seq_id}", seq_id=seq_id, prompt=list(prompt), params=params,
             budget=min(params.max_tokens, self.context - len(prompt)),
-            sampler=SamplerState(params, prompt, self.model.spec.vocab_size),
+            sampler=SamplerState(params, prompt, self.model.spec.vocab_size, self._constraint(params)),
             detok=IncrementalDetokenizer(self.tokenizer, prompt), stops=StopMatcher(params.stop),
         )
         if request.request_id in self.requests:
@@ -129,6 +130,14 @@ class Engine:
         self.requests[request.request_id] = request
         self.scheduler.add(request)
         return request
+
+    def _constraint(self, params: SamplingParams) -> Constraint | None:
+        """The grammar state for a request with params.grammar (None without one)."""
+        if params.grammar is None:
+            return None
+        from kiln.engine.grammar import Constraint, ll_tokenizer
+
+        return Constraint(params.grammar, ll_tokenizer(self.tokenizer, self.model.spec.vocab_size))
 
     def abort(self, request_id: str) -> bool:
         """Cancel a queued or running request and free its cache now; False if it is unknown or done."""

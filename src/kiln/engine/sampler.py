@@ -3,7 +3,9 @@
 Hand-written because it is the product's core (it runs once per decode step on every sequence):
 penalties (repetition as in arXiv 1909.05858, presence and frequency as OpenAI defines them), then
 temperature, top-k, top-p (arXiv 1904.09751) and min-p (arXiv 2407.01082). A per-sequence seeded
-generator makes sampling reproducible whatever else shares the batch.
+generator makes sampling reproducible whatever else shares the batch. A sequence held to a grammar
+(engine/grammar.py) has the tokens it does not allow removed first, so every other rule picks among
+allowed tokens only.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from kiln.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from kiln.engine.grammar import Constraint
 
 Logits = Tensor | np.ndarray  # [n, V]: torch from the torch runtime, numpy from onnxruntime
 
@@ -38,6 +44,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # strings that end the generation (not included in the text)
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
     logprobs: int | None = None  # report each sampled token's log-probability and this many top alternatives
+    grammar: str | None = None  # llguidance grammar the output must follow (engine/grammar.py json_grammar)
 
     def __post_init__(self) -> None:
         _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
@@ -52,6 +59,8 @@ class SamplingParams:
             raise InvalidParameterError("stop strings must not be empty; drop the empty --stop value")
         if self.logprobs is not None:
             _check("logprobs", self.logprobs, 0 <= self.logprobs <= 20, "in [0, 20]")
+        if self.grammar is not None and self.ignore_eos:  # the grammar allows only the end once it is complete
+            raise InvalidParameterError("ignore_eos cannot be used with a grammar; drop one of them")
 
     @property
     def is_greedy(self) -> bool:
@@ -66,8 +75,10 @@ def _check(name: str, value: float, ok: bool, allowed: str) -> None:
 class SamplerState:
     """One sequence's sampling state: its parameters, random stream and token counts."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int,
+                 constraint: Constraint | None = None) -> None:
         self.params = params
+        self.constraint = constraint  # the grammar's state for params.grammar
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: Tensor | None = None  # [V] generated-token counts, for presence/frequency
@@ -78,9 +89,12 @@ class SamplerState:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             if prompt_ids:
                 self.seen[torch.tensor(list(prompt_ids))] = True
-        self.argmax_only = params.is_greedy and self.counts is None and self.seen is None  # no penalties either
+        # no penalties or grammar either
+        self.argmax_only = params.is_greedy and self.counts is None and self.seen is None and constraint is None
 
     def observe(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self.counts is not None:
             self.counts[token] += 1
         if self.seen is not None:
@@ -98,6 +112,16 @@ def apply_penalties(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
         if st.counts is not None:
             p = st.params
             logits[i] -= p.frequency_penalty * st.counts + p.presence_penalty * (st.counts > 0)
+    return logits
+
+
+def apply_constraints(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
+    """-inf for the tokens a row's grammar does not allow next (a copy: the caller's logits stay as they were,
+    for logprobs)."""
+    logits = logits.float().clone()
+    for i, st in enumerate(states):
+        if st.constraint is not None:
+            st.constraint.mask(logits[i].numpy())
     return logits
 
 
@@ -130,6 +154,8 @@ def sample(logits: Logits, states: Sequence[SamplerState]) -> list[int]:
         logits = torch.from_numpy(logits)
     if any(st.seen is not None or st.counts is not None for st in states):  # penalties write in place
         logits = apply_penalties(logits.float().clone(), states)
+    if any(st.constraint is not None for st in states):
+        logits = apply_constraints(logits, states)
     if logits.dtype == torch.float32:  # numpy's argmax: a few us on a 49k row, torch's about 60 at batch 1
         tokens = logits.numpy().argmax(axis=-1).tolist()
     else:

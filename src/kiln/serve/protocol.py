@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kiln.engine.sampler import SamplingParams
 
@@ -35,6 +35,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: a named schema the output must match."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # kiln always holds the output to the schema
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object ({\"name\": ..., \"schema\": {...}})")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema goes with type json_schema, not {self.type!r}; drop one of them")
+        return self
+
+    def schema_or_none(self) -> dict[str, Any] | None:
+        """The schema the output must match ({} for any JSON object), or None for plain text."""
+        if self.type == "text":
+            return None
+        return (self.json_schema.schema_ if self.json_schema else None) or {"type": "object"}
+
+
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -53,6 +85,7 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # torch's generator takes a 64-bit seed
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep generating past the end-of-sequence token
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -64,6 +97,14 @@ class _Sampling(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @model_validator(mode="after")
+    def _json_ends(self) -> _Sampling:
+        # once the JSON is complete the grammar allows nothing but the end of the sequence
+        if self.ignore_eos and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("ignore_eos cannot be used with a JSON response_format, which ends at the end of "
+                             "the JSON; drop one of them")
+        return self
+
     @field_validator("stream_options")
     @classmethod
     def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
@@ -73,12 +114,13 @@ class _Sampling(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true; drop stream_options or set stream")
         return value
 
-    def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
+                 grammar: str | None = None) -> SamplingParams:
         seed = None if self.seed is None else self.seed + seed_offset
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=0, min_p=0.0,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=seed,
-            stop=tuple(self.stop or ()), logprobs=logprobs, ignore_eos=self.ignore_eos,
+            stop=tuple(self.stop or ()), logprobs=logprobs, ignore_eos=self.ignore_eos, grammar=grammar,
         )
 
 

@@ -26,7 +26,7 @@ from kiln.engine.request import TokenLogprob
 from kiln.engine.sampler import SamplingParams
 from kiln.serve.deploy import Deployment, Route
 from kiln.serve.guardrails import StreamFilter
-from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest, error_body
+from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest, ResponseFormat, error_body
 from kiln.serve.state import ServerState
 
 router = APIRouter()
@@ -143,6 +143,20 @@ def _check_kv_budget(deployment: Deployment, prompt: list[int], prompt_param: st
         raise ApiError(400, f"the prompt has {len(prompt)} tokens, which with one generated token do not fit the KV "
                        f"cache budget of {capacity} tokens; shorten the prompt or raise --kv-budget-mb",
                        param=prompt_param, code="kv_budget_exceeded")
+
+
+def _grammar(dep: Deployment, response_format: ResponseFormat | None) -> str | None:
+    """The grammar that holds every choice to response_format's JSON (None for plain text); a schema that
+    cannot be compiled is a 400 naming response_format, before anything is reserved."""
+    schema = response_format.schema_or_none() if response_format else None
+    if schema is None:
+        return None
+    from kiln.engine.grammar import GrammarError, json_grammar
+
+    try:
+        return json_grammar(schema)
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), param="response_format", code="invalid_schema") from None
 
 
 def _reserve_tokens(job: Job) -> None:
@@ -335,9 +349,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
         if body.echo and body.stream:
             raise ApiError(400, "echo is not supported with stream; drop one of them", param="echo")
+        grammar = _grammar(dep, body.response_format)
         per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
-        job = _job(state, dep, key, per_choice, [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i)
-                                                  for i in range(len(per_choice))])
+        job = _job(state, dep, key, per_choice, [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i,
+                                                               grammar=grammar) for i in range(len(per_choice))])
         _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
@@ -422,7 +437,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         asked = body.max_completion_tokens or body.max_tokens
         budget = _max_tokens(state, dep, prompt, asked, None, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i)
+        grammar = _grammar(dep, body.response_format)
+        job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i, grammar=grammar)
                                                          for i in range(body.n)])
         job.request_id = "chatcmpl-" + job.request_id.split("-", 1)[1]
         _reserve_tokens(job)

@@ -1,0 +1,86 @@
+"""Structured output: a sequence held to a JSON schema (OpenAI's `response_format`) token by token.
+
+llguidance, the grammar engine behind llama.cpp's and vLLM's guidance backends, compiles the schema and
+says before each token which tokens of the vocabulary keep the text a valid prefix; the sampler gives the
+others -inf. Not hand-written: an incremental JSON-schema matcher over a BPE vocabulary is a project of
+its own. Once the JSON is complete the only token left is end-of-sequence, so the sequence stops there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import InvalidParameterError
+
+ANY_OBJECT: dict[str, Any] = {"type": "object"}  # response_format json_object: any JSON object
+# Whitespace between JSON tokens: none, a space, or one or two line breaks and an indent of up to 20, as
+# llama.cpp's JSON grammars allow. Unbounded whitespace let the default model write newline after
+# newline until max_tokens (33 line breaks in a 64-token answer).
+WHITESPACE = r"( |\n{1,2}[ \t]{0,20})?"
+
+
+class GrammarError(InvalidParameterError):
+    """A JSON schema that cannot be compiled, or a token the grammar does not allow."""
+
+
+def json_grammar(schema: Mapping[str, Any] | None) -> str:
+    """llguidance's grammar for JSON that matches `schema` (any object when None); a schema it cannot
+    compile is a one-line GrammarError."""
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema or ANY_OBJECT),
+                                                                  defaults={"whitespace_pattern": WHITESPACE})
+    except (TypeError, ValueError) as exc:  # not serialisable, or not a schema llguidance understands
+        raise GrammarError(f"the JSON schema cannot be used ({_one_line(exc)}); fix the schema") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise GrammarError(f"the JSON schema cannot be used ({_one_line(error)}); fix the schema")
+    return grammar
+
+
+def _one_line(error: object) -> str:
+    """llguidance's message on one line (some span several, such as a regex's with a caret under the fault)."""
+    text = " ".join(str(error).split())
+    return (text[:197] + "...") if len(text) > 200 else text or type(error).__name__
+
+
+def ll_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
+    """llguidance's view of kiln's tokenizer (its vocabulary as byte strings), built once per tokenizer
+    (about 0.3 s for a 49k vocabulary) and kept on it."""
+    cached = getattr(tokenizer, "_ll_tokenizer", None)
+    if cached is None or cached.vocab_size != vocab_size:
+        import llguidance.hf
+
+        eos = sorted(tokenizer.eos_token_ids)
+        cached = llguidance.hf.from_tokenizer(tokenizer.hf, n_vocab=vocab_size, eos_token=eos)
+        tokenizer._ll_tokenizer = cached
+    return cached
+
+
+class Constraint:
+    """One sequence's position in its grammar: mask() before each sampled token, advance() after it."""
+
+    def __init__(self, grammar: str, tokenizer: Any) -> None:
+        import llguidance
+        import llguidance.numpy
+
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar)
+        if self.matcher.is_error():
+            raise GrammarError(f"the grammar cannot be used ({_one_line(self.matcher.get_error())})")
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
+        self._fill = llguidance.numpy.fill_next_token_bitmask
+        self._apply = llguidance.numpy.apply_token_bitmask_inplace
+
+    def mask(self, row: np.ndarray) -> None:
+        """Give the tokens the grammar does not allow next -inf, in place; row: [V] float32, contiguous."""
+        self._fill(self.matcher, self.bitmask, 0)
+        self._apply(row.reshape(1, -1), self.bitmask)
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise GrammarError(f"token {token} breaks the grammar ({_one_line(self.matcher.get_error())})")

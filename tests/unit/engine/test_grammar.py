@@ -1,0 +1,67 @@
+"""Structured output: sequences held to a JSON schema give valid JSON, leave the other rows of a batch as they
+were, and bad schemas are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln.engine.engine import Engine, EngineConfig
+from kiln.engine.grammar import GrammarError, json_grammar
+from kiln.engine.request import RequestStatus
+from kiln.engine.sampler import SamplingParams
+from kiln.errors import InvalidParameterError
+from kiln.model.load import LoadedModel
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "role": {"enum": ["pilot", "chemist"]}},
+          "required": ["name", "age", "role"], "additionalProperties": False}
+
+
+def run(model: LoadedModel, jobs: list[tuple[str, SamplingParams]]) -> list[tuple[str, RequestStatus]]:
+    engine = Engine(model.model, model.tokenizer, EngineConfig(kv_budget_bytes=64 << 20))
+    tok = model.tokenizer
+    requests = [engine.add_request(tok.encode_chat([{"role": "user", "content": text}]), params)
+                for text, params in jobs]
+    engine.run()
+    return [(r.text, r.status) for r in requests]
+
+
+def test_greedy_and_sampled_output_match_the_schema(default_model: LoadedModel) -> None:
+    grammar = json_grammar(PERSON)
+    ask = "Describe Ada, a 36 year old chemist, as JSON."
+    outs = run(default_model, [(ask, SamplingParams(max_tokens=96, temperature=0, grammar=grammar)),
+                               (ask, SamplingParams(max_tokens=96, temperature=1.0, seed=3, grammar=grammar))])
+    for text, status in outs:
+        assert status == RequestStatus.FINISHED_STOPPED, text  # ended by the grammar, not by max_tokens
+        person = json.loads(text)
+        assert set(person) == {"name", "age", "role"} and isinstance(person["age"], int)
+        assert person["role"] in ("pilot", "chemist") and isinstance(person["name"], str)
+
+
+def test_any_object_and_an_unconstrained_row_beside_it(default_model: LoadedModel) -> None:
+    plain = SamplingParams(max_tokens=24, temperature=0)
+    ask = "What is the capital of France? Answer in JSON."
+    alone = run(default_model, [(ask, plain)])[0]
+    both = run(default_model, [(ask, SamplingParams(max_tokens=64, temperature=0, grammar=json_grammar(None))),
+                               (ask, plain)])
+    assert isinstance(json.loads(both[0][0]), dict)
+    assert both[1] == alone  # the grammar of one row changes nothing in another
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ({"type": "nonsense"}, "Invalid type"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, "does not exist"),
+    ({"type": "string", "pattern": "[a-"}, "unclosed character class"),
+])
+def test_bad_schemas_are_one_line_errors(schema: dict, message: str) -> None:
+    with pytest.raises(GrammarError) as info:
+        json_grammar(schema)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, InvalidParameterError)
+
+
+def test_ignore_eos_with_a_grammar_is_refused() -> None:
+    with pytest.raises(InvalidParameterError, match="ignore_eos"):
+        SamplingParams(grammar=json_grammar(None), ignore_eos=True)
