@@ -456,14 +456,25 @@ class OnnxModel:
         return values, binding
 
 
+def export_path(loaded: LoadedModel, precision: str = "auto") -> Path:
+    """Where onnx_folder finds (or builds) the ONNX export of `loaded`: the model's own folder when it is
+    itself an export, else $KILN_CACHE/onnx by sha256 and precision."""
+    if (loaded.folder / ONNX_FILE).is_file():
+        return loaded.folder
+    return settings.cache_dir() / "onnx" / f"{loaded.sha256[:16]}-{precision}-v{EXPORT_VERSION}"
+
+
+def has_export(loaded: LoadedModel, precision: str = "auto") -> bool:
+    """Whether onnx_folder would find the export already built (and so read none of kiln's weights)."""
+    return (export_path(loaded, precision) / ONNX_FILE).is_file()
+
+
 def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
     """The ONNX export of `loaded`, built once and cached under $KILN_CACHE/onnx by sha256 and precision."""
     from kiln.artifact.onnx_export import export
 
-    if (loaded.folder / "model.onnx").is_file():  # the model is itself an export folder
-        return loaded.folder
-    folder = settings.cache_dir() / "onnx" / f"{loaded.sha256[:16]}-{precision}-v{EXPORT_VERSION}"
-    if not (folder / "model.onnx").is_file():
+    folder = export_path(loaded, precision)
+    if not has_export(loaded, precision):
         print(f"kiln: building the ONNX export of {loaded.source.name} for the onnxruntime runtime (once; cached "
               f"in {folder.parent})", file=sys.stderr)
         export(loaded, folder, precision)  # type: ignore[arg-type]
@@ -498,19 +509,30 @@ def why_not_onnx(loaded: LoadedModel, kv_cache: str = "model") -> str | None:
     return None
 
 
-def no_room_for_onnx(loaded: LoadedModel, share: float = 0.5) -> str | None:
+def no_room_for_onnx(loaded: LoadedModel, share: float = 0.5, keep_weights: bool = True) -> str | None:
     """Why the session's own copy of the weights should not be made, or None when it fits.
 
     Where the caller keeps kiln's graph (pick_runtime's keep_weights), the session is a second copy of the
     weights beside `loaded`'s, and the export made on first use holds its own while `loaded` is still
     there: little for an int4 artifact, the whole model again for an fp32 one (the default model: about
     0.7 GB more resident). It is made only while it fits in `share` of the memory available now; where that is
-    unknown (0), it is made.
+    unknown (0), it is made. With keep_weights=False and the export already built, kiln's weights go before
+    the session loads (_build), so the one copy resident then is weighed against the memory available
+    plus what they free; an export still to be built reads kiln's weights as it writes, so that case is
+    weighed as two copies.
     """
     from kiln.benchmark.latency import model_bytes
 
     copy, free = model_bytes(loaded), available_bytes()
-    if free and copy > share * free:
+    if not free:
+        return None
+    if not keep_weights and has_export(loaded):
+        room = free + copy  # kiln's weights (model_bytes again) are released before the session loads
+        if copy > share * room:
+            return (f"its onnxruntime copy of the weights ({copy / 2**20:.0f} MB) would take more than "
+                    f"{share:.0%} of the memory available once kiln's own copy is released ({room / 2**20:.0f} MB)")
+        return None
+    if copy > share * free:
         return (f"its onnxruntime copy of the weights ({copy / 2**20:.0f} MB) would take more than "
                 f"{share:.0%} of the memory available ({free / 2**20:.0f} MB)")
     return None
@@ -528,7 +550,7 @@ def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model",
     if runtime != "auto":
         return runtime_model(loaded, runtime, keep_weights=keep_weights), runtime
     if why_not_onnx(loaded, kv_cache) is None:
-        short = no_room_for_onnx(loaded)
+        short = no_room_for_onnx(loaded, keep_weights=keep_weights)
         if short:  # the user would expect onnxruntime here: say why it is torch
             print(f"kiln: running {loaded.source.name} on torch: {short}; --runtime onnxruntime forces it",
                   file=sys.stderr)

@@ -629,3 +629,36 @@ def test_a_server_runs_each_model_on_its_own_runtime(onnx_tiny_folder: Path, tin
     finally:
         for route in router.routes.values():
             route.live.worker.stop()
+
+
+def test_auto_runtime_weighs_one_copy_when_kilns_weights_go_and_the_export_is_built(
+        onnx_tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.benchmark import latency
+    from kiln.engine import onnx_runtime
+    from kiln.engine.onnx_runtime import onnx_folder, pick_runtime
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    # 600 MB of weights, 1000 MB available: two copies would not fit in half of it, one copy in half of
+    # the 1600 MB there once kiln's weights go does
+    monkeypatch.setattr(latency, "model_bytes", lambda _: 600 << 20)
+    monkeypatch.setattr(onnx_runtime, "available_bytes", lambda: 1000 << 20)
+    unbuilt = load(str(onnx_tiny_folder), progress=False)
+    # no export yet: building it reads kiln's weights, so both copies count, released or not
+    assert pick_runtime(unbuilt, "auto", keep_weights=False) == (unbuilt.model, "torch")
+    assert "more than 50% of the memory available (1000 MB)" in capsys.readouterr().err
+    assert not any(t.is_meta for t in unbuilt.model.parameters())
+    onnx_folder(load(str(onnx_tiny_folder), progress=False))  # now the export is cached
+    kept = load(str(onnx_tiny_folder), progress=False)
+    assert pick_runtime(kept, "auto") == (kept.model, "torch")  # kiln's graph stays: two copies
+    released = load(str(onnx_tiny_folder), progress=False)
+    model, runtime = pick_runtime(released, "auto", keep_weights=False)
+    assert runtime == "onnxruntime" and isinstance(model, OnnxModel)
+    assert all(t.is_meta for t in released.model.parameters())
+    # one copy that would not fit even then: torch, saying so
+    monkeypatch.setattr(onnx_runtime, "available_bytes", lambda: 500 << 20)
+    capsys.readouterr()
+    late = load(str(onnx_tiny_folder), progress=False)
+    assert pick_runtime(late, "auto", keep_weights=False) == (late.model, "torch")
+    err = capsys.readouterr().err
+    assert "more than 50% of the memory available once kiln's own copy is released (1100 MB)" in err
