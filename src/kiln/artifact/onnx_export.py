@@ -43,7 +43,7 @@ from kiln.errors import InvalidParameterError, KilnError
 from kiln.files import check_replaceable, replace_folder
 from kiln.model.llama import Block, LlamaModel, weight_map
 from kiln.model.load import LoadedModel
-from kiln.model.spec import ModelSpec
+from kiln.model.spec import int8_block  # also onnx_export.int8_block for the export's callers
 
 OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
 ONNX_FILE = "model.onnx"
@@ -120,20 +120,6 @@ def head_bits(plan: BuildPlan) -> int:
     if not plan.quantize_head or plan.precision == "fp32":
         return 0
     return plan.head_bits or (8 if plan.precision == "int8" else 4)
-
-
-def int8_block(spec: ModelSpec) -> int:
-    """MatMulNBits block size for a kiln int8 artifact: the largest of 64, 32, 16 that divides every matmul's
-    input size.
-
-    kiln's int8 is one scale per output row, so any block size carries it exactly (the row's scale is
-    repeated per block). Larger blocks mean fewer scales to read and, at accuracy level 4, coarser
-    int8 rounding of the activations: on the default model 64 instead of 32 decoded 12.7% faster
-    (121.3 against 107.6 tok/s, a bare loop of session runs) at the same wikitext2 perplexity on 12
-    chunks (26.90 both; 26.73 with the torch runtime's fp32 activations).
-    """
-    sizes = (spec.hidden_size, spec.num_heads * spec.head_dim, spec.intermediate_size)
-    return next(b for b in (64, 32, 16) if all(k % b == 0 for k in sizes))
 
 
 # --- dense Hugging Face folder ---------------------------------------------------------------------

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kiln.model.spec import ModelSpec
+from kiln.model.spec import ModelSpec, int8_block
 
 PlanPrecision = Literal["fp32", "bf16", "int8", "int4"]
 PRECISIONS: tuple[PlanPrecision, ...] = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 128
-INT8_BLOCK = 64  # what kiln's int8 ONNX exports use where the sizes divide by it (onnx_export.int8_block)
 ENGINE_CHUNK = 256  # prompt tokens the engine prefills per step, over all sequences (max_batch_tokens)
 
 
@@ -47,7 +46,7 @@ def onnx_session_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
     engine/onnx_runtime.pick_runtime's keep_weights), as ONNX Runtime holds it once built.
 
     MatMulNBits repacks its blocks with one fp32 sum per block for its int8-activation kernels (4 B per
-    block more; int8 exports also store a scale per block of INT8_BLOCK rather than per row). The
+    block more; int8 exports also store a scale per block of int8_block(spec) rather than per row). The
     embedding lookup of a tied model: fp32 exports read it through a Transpose of the head's matrix,
     which the session folds into a second fp32 table; int8 exports keep it as an fp32 table of its own;
     int4 exports read the head's int4 blocks, whose reshape the session also folds into a copy. Measured
@@ -61,7 +60,7 @@ def onnx_session_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
         extra = lookup * 4.0
     elif precision == "int8":
         extra = lookup * (4.0 if tied else 4.0 - bytes_per_weight(precision))
-        extra += spec.num_parameters * 8.0 / INT8_BLOCK  # block scales and block sums
+        extra += spec.num_parameters * 8.0 / int8_block(spec)  # block scales and block sums
     elif precision == "int4":
         # block sums take the place of the zero points weights_bytes counts (the exports are symmetric)
         extra = lookup * 0.5 if tied else 0.0

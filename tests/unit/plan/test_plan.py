@@ -171,6 +171,17 @@ def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: M
     assert memory.onnx_session_bytes(spec, "fp32") == memory.weights_bytes(spec, "fp32") + 49152 * 576 * 4
 
 
+def test_an_int8_onnxruntime_plan_counts_the_block_its_export_uses() -> None:
+    # hidden and head sizes 32 x 17 = 544: divisible by 32 but not 64, so the export's blocks are of 32
+    # (onnx_export.int8_block) and the session holds a scale and a sum per 32 weights, twice the default's
+    config = {**SMOL, "hidden_size": 544, "num_attention_heads": 17, "num_key_value_heads": 1}
+    spec = ModelSpec.from_hf_config(config)
+    assert spec.head_dim == 32
+    tied_lookup = 49152 * 544 * 4
+    want = memory.weights_bytes(spec, "int8") + tied_lookup + int(spec.num_parameters * 8 / 32)
+    assert memory.onnx_session_bytes(spec, "int8") == want
+
+
 def test_prefill_is_the_matmul_rate_times_the_measured_efficiency(spec: ModelSpec) -> None:
     plan = estimate.estimate(spec, "fp32", 2048, 1, PROFILE)
     assert plan.prefill_tokens_per_s == pytest.approx(1 / (spec.matmul_flops_per_token(256) / (300e9 * 0.5)))
