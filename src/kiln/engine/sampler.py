@@ -10,6 +10,7 @@ allowed tokens only.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -72,6 +73,21 @@ def _check(name: str, value: float, ok: bool, allowed: str) -> None:
         raise InvalidParameterError(f"{name}={value} is out of range; it must be {allowed}")
 
 
+def torch_seed(seed: int) -> int:
+    """The torch generator seed for a request's seed: the seed itself in [0, 2**32), else a stable 64-bit
+    hash (BLAKE2b) of the whole integer, whatever its size or sign.
+
+    torch's CPU generator seeds its mt19937 from the low 32 bits of the seed it is given, so seeds that
+    differ only above bit 32 (7 and 7 + 2**32; -1 and 2**32 - 1) drew the same stream. Hashing lets every
+    bit count: there are still only 2**32 streams, so two seeds now share one by chance (1 in 2**32), not
+    by construction, and the seeds below 2**32 keep the streams they always had.
+    """
+    if 0 <= seed < 2**32:
+        return seed
+    whole = seed.to_bytes(seed.bit_length() // 8 + 1, "little", signed=True)  # distinct ints, distinct bytes
+    return int.from_bytes(hashlib.blake2b(whole, digest_size=8).digest(), "little")
+
+
 class SamplerState:
     """One sequence's sampling state: its parameters, random stream and token counts."""
 
@@ -80,7 +96,7 @@ class SamplerState:
         self.params = params
         self.constraint = constraint  # the grammar's state for params.grammar
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(torch_seed(seed))
         self.counts: Tensor | None = None  # [V] generated-token counts, for presence/frequency
         self.seen: Tensor | None = None  # [V] tokens in prompt or output, for repetition penalty
         if params.presence_penalty or params.frequency_penalty:

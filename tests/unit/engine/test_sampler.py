@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kiln.engine.sampler import SamplerState, SamplingParams, apply_penalties, sample
+from kiln.engine.sampler import SamplerState, SamplingParams, apply_penalties, sample, torch_seed
 from kiln.errors import InvalidParameterError
 
 V = 50
@@ -83,6 +83,31 @@ def test_seed_reproduces_and_batch_does_not_matter() -> None:
     assert alone == batched
     other = [sample(logits.unsqueeze(0), [st])[0] for st in [state(temperature=1.0, seed=8)] * 20]
     assert other != alone
+
+
+def draws(seed: int, logits: torch.Tensor, n: int = 20) -> list[int]:
+    st = state(temperature=1.0, seed=seed)
+    return [sample(logits.unsqueeze(0), [st])[0] for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed,twin", [(7, 7 + 2**32), (7, 7 + 2**40), (-1, 2**32 - 1), (-5, 2**64 - 5),
+                                       (2**63 - 1, 2**64 - 1), (3, 3 + 2**64)])
+def test_seeds_that_differ_only_above_32_bits_draw_different_streams(seed: int, twin: int) -> None:
+    # torch's generator keeps a seed's low 32 bits: these pairs shared them, and so their samples
+    logits = torch.zeros(V)  # uniform: 20 draws from 50 tokens agree by chance with probability 50**-20
+    assert draws(seed, logits) != draws(twin, logits)
+    assert draws(twin, logits) == draws(twin, logits)  # still reproducible
+
+
+@pytest.mark.parametrize("seed", [0, 7, 12345, 2**31, 2**32 - 1])
+def test_seeds_below_2_to_the_32_keep_their_streams(seed: int) -> None:
+    # the stream such a seed always gave: torch's generator seeded with the seed itself
+    assert torch_seed(seed) == seed
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(seed)
+    probs = logits.softmax(dim=-1)
+    want = [int(torch.multinomial(probs, 1, generator=generator)) for _ in range(20)]
+    assert draws(seed, logits) == want
 
 
 def test_per_row_parameters_in_one_batch() -> None:

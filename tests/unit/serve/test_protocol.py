@@ -38,8 +38,8 @@ def test_other_parts_are_refused_at_the_content(parts: list[object], words: str)
 
 @pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
 def test_choices_at_the_seed_limits_draw_distinct_streams(seed: int) -> None:
-    # choice i is seeded seed + i: past 2**63 - 1 that is still a valid torch seed (it takes 64 unsigned bits and
-    # keeps the low 32), and consecutive seeds differ in those 32 bits, so no two choices share a stream
+    # choice i is seeded seed + i: past 2**63 - 1 that is still a valid seed (the sampler hashes one outside
+    # [0, 2**32) whole, engine/sampler.torch_seed), so no two choices share a stream
     body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "seed": seed,
                                                  "n": 8, "temperature": 0.8})
     draws = {tuple(torch.rand(4, generator=SamplerState(body.sampling(8, None, seed_offset=i), [1], 10).generator)

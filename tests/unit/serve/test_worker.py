@@ -56,7 +56,7 @@ def test_a_request_the_engine_cannot_add_fails_alone(worker: EngineWorker, monke
     real_add = worker.engine.add_request
 
     def add(prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Any:
-        if request_id == "bad":  # as torch's generator does with a seed over 64 bits
+        if request_id == "bad":  # as torch's generator once did with a seed over 64 bits
             raise ValueError("Overflow when unpacking long long")
         return real_add(prompt, params, request_id)
 
