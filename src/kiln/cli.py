@@ -45,6 +45,8 @@ def _sampling() -> argparse.ArgumentParser:
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="hold the output to a JSON schema: inline JSON or a .json file; '{}' = any JSON object")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute precision")
     return p
@@ -64,7 +66,32 @@ def _params(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
         frequency_penalty=args.frequency_penalty,
         seed=args.seed,
         stop=tuple(args.stop),
+        grammar=_json_schema_grammar(args.json_schema),
     )
+
+
+def _json_schema_grammar(value: str | None) -> str | None:
+    """--json-schema: inline JSON or a file's path, compiled to the grammar the sampler follows."""
+    if value is None:
+        return None
+    from kiln.engine.grammar import json_grammar
+    from kiln.errors import InvalidParameterError
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text()
+        except OSError as exc:
+            raise InvalidParameterError(f"--json-schema {value!r} is neither inline JSON nor a readable file "
+                                        f"({exc.strerror}); pass a schema such as '{{\"type\": \"object\"}}'") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameterError(f"--json-schema is not valid JSON ({exc.msg} at line {exc.lineno} column "
+                                    f"{exc.colno}); fix it") from None
+    if not isinstance(schema, dict):
+        raise InvalidParameterError("--json-schema must be a JSON object (a schema); '{}' allows any JSON object")
+    return json_grammar(schema)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -129,9 +156,9 @@ def _check_speculative(args: argparse.Namespace, params: Any) -> None:
     from kiln.errors import InvalidParameterError
 
     if not params.is_greedy or params.stop or args.repetition_penalty != 1.0 or args.presence_penalty \
-            or args.frequency_penalty or args.kv_cache != "model":
-        raise InvalidParameterError("--draft decodes greedily without stop strings, penalties or --kv-cache int8; "
-                                    "pass --temperature 0 and drop the others")
+            or args.frequency_penalty or args.kv_cache != "model" or params.grammar is not None:
+        raise InvalidParameterError("--draft decodes greedily without stop strings, penalties, --json-schema or "
+                                    "--kv-cache int8; pass --temperature 0 and drop the others")
 
 
 def _speculative_generate(args: argparse.Namespace, loaded: Any, prompt: list[int], params: Any) -> int:

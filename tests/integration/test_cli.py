@@ -116,6 +116,26 @@ def test_bad_sampling_parameter() -> None:
     assert_one_line_error(run("generate", "hi", "--top-p", "0"), "top_p=0.0")
 
 
+def test_generate_follows_a_json_schema(tmp_path: Path) -> None:
+    schema = tmp_path / "capital.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"capital": {"type": "string"}},
+                                  "required": ["capital"], "additionalProperties": False}))
+    proc = run("generate", "What is the capital of France? Answer in JSON.", "--temperature", "0",
+               "--json-schema", str(schema), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert json.loads(out["text"]) == {"capital": "Paris"} and out["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ('{"type":', "not valid JSON"),
+    ("nowhere.json", "neither inline JSON nor a readable file"),
+    ('{"type": "string", "pattern": "[a-"}', "unclosed character class"),
+])
+def test_bad_json_schema(schema: str, message: str) -> None:
+    assert_one_line_error(run("generate", "hi", "--json-schema", schema), message)
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     proc = run("generate", "--debug", "-m", str(tmp_path / "x.gguf"), "hi")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
