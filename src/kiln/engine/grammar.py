@@ -81,6 +81,10 @@ class Constraint:
         self._fill(self.matcher, self.bitmask, 0)
         self._apply(row.reshape(1, -1), self.bitmask)
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar takes `token` next (about a microsecond, where mask() takes 0.1-1 ms)."""
+        return bool(self.matcher.validate_tokens([token]) == 1)
+
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} breaks the grammar ({_one_line(self.matcher.get_error())})")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from kiln.engine.engine import Engine, EngineConfig
-from kiln.engine.grammar import GrammarError, json_grammar
+from kiln.engine.grammar import Constraint, GrammarError, json_grammar, ll_tokenizer
 from kiln.engine.request import RequestStatus
-from kiln.engine.sampler import SamplingParams
+from kiln.engine.sampler import SamplerState, SamplingParams, sample
 from kiln.errors import InvalidParameterError
 from kiln.model.load import LoadedModel
 
@@ -65,3 +66,21 @@ def test_bad_schemas_are_one_line_errors(schema: dict, message: str) -> None:
 def test_ignore_eos_with_a_grammar_is_refused() -> None:
     with pytest.raises(InvalidParameterError, match="ignore_eos"):
         SamplingParams(grammar=json_grammar(None), ignore_eos=True)
+
+
+def test_greedy_takes_the_best_allowed_token_and_masks_only_when_it_must(
+        default_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = default_model.tokenizer
+    brace, word = tok.encode("{", add_special_tokens=False)[0], tok.encode("hello", add_special_tokens=False)[0]
+    state = SamplerState(SamplingParams(temperature=0, grammar=json_grammar(None)), [], default_model.spec.vocab_size,
+                         Constraint(json_grammar(None), ll_tokenizer(tok, default_model.spec.vocab_size)))
+    masks = []
+    real_mask = Constraint.mask
+    monkeypatch.setattr(Constraint, "mask", lambda self, row: (masks.append(1), real_mask(self, row)))
+    logits = np.zeros((1, default_model.spec.vocab_size), dtype=np.float32)
+    logits[0, word], logits[0, brace] = 9.0, 5.0  # the best token cannot start a JSON object
+    assert sample(logits.copy(), [state]) == [brace] and len(masks) == 1
+    logits[0, word] = 0.0
+    quote = tok.encode('"', add_special_tokens=False)[0]
+    logits[0, quote] = 7.0  # after "{" a key's quote is allowed: no mask needed
+    assert sample(logits, [state]) == [quote] and len(masks) == 1
