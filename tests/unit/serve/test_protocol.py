@@ -1,4 +1,4 @@
-"""The request schemas at the HTTP edge: chat content parts, per-choice seeds, and stream_options."""
+"""The request schemas at the HTTP edge: chat content parts, per-choice seeds, stream_options and response_format."""
 
 from __future__ import annotations
 
@@ -59,3 +59,27 @@ def test_stream_options_without_a_stream_are_refused(schema: type, body: dict, s
     assert error["loc"] == ("stream_options",) and "only allowed when stream is true" in error["msg"], error
     assert schema.model_validate({**body, "stream": True, "stream_options": {"include_usage": True}}).stream_options
     assert schema.model_validate({**body, "stream_options": None}).stream_options is None
+
+
+@pytest.mark.parametrize(("response_format", "message"), [
+    ({"type": "json_schema"}, "needs a json_schema"),
+    ({"type": "text", "json_schema": {"name": "x"}}, "goes with type json_schema"),
+    ({"type": "xml"}, "json_object"),
+])
+def test_response_format_is_checked_at_the_edge(response_format: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
+                                              "response_format": response_format})
+
+
+def test_response_format_schema_and_ignore_eos() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    named = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "array"}}}
+    assert ChatCompletionRequest.model_validate({**body, "response_format": named}).response_format.schema_or_none() \
+        == {"type": "array"}
+    assert ChatCompletionRequest.model_validate({**body, "response_format": {"type": "json_object"}}) \
+        .response_format.schema_or_none() == {"type": "object"}
+    assert ChatCompletionRequest.model_validate({**body, "response_format": {"type": "text"}}) \
+        .response_format.schema_or_none() is None
+    with pytest.raises(ValidationError, match="ignore_eos cannot be used"):
+        ChatCompletionRequest.model_validate({**body, "ignore_eos": True, "response_format": {"type": "json_object"}})
