@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
 
-from kiln.errors import ModelFormatError, UnsupportedArchitectureError
+from kiln.errors import InvalidParameterError, ModelFormatError, UnsupportedArchitectureError
 
 # Hugging Face architecture name -> model_type. Everything else is refused with this list.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -192,7 +192,11 @@ def int8_block(spec: ModelSpec) -> int:
     (kiln.artifact.onnx_export) writes without importing the exporter (torch, the builder).
     """
     sizes = (spec.hidden_size, spec.num_heads * spec.head_dim, spec.intermediate_size)
-    return next(b for b in (64, 32, 16) if all(k % b == 0 for k in sizes))
+    for block in (64, 32, 16):
+        if all(k % block == 0 for k in sizes):
+            return block
+    raise InvalidParameterError(f"ONNX Runtime's int8 kernels need matrix input sizes that are multiples of 16, and "
+                                f"this model's are {', '.join(map(str, sizes))}; run it with --runtime torch")
 
 
 def _architecture(cfg: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kiln.errors import InvalidParameterError
-from kiln.model.spec import ModelSpec
+from kiln.model.spec import ModelSpec, int8_block
 from kiln.plan import memory
 from kiln.plan.memory import PRECISIONS, PlanPrecision
 from kiln.plan.profile import MachineProfile, attended_bytes_per_token, engine_key
@@ -66,13 +66,25 @@ def _compute_dtype(precision: PlanPrecision) -> str:
     return "bf16" if precision == "bf16" else "fp32"
 
 
+def _int8_blocks_fit(spec: ModelSpec) -> bool:
+    """Whether the int8 ONNX export can be made (its MatMulNBits blocks need sizes in multiples of 16);
+    where it cannot, `--runtime auto` falls back to torch (pick_runtime), and so does the plan."""
+    try:
+        int8_block(spec)
+    except InvalidParameterError:
+        return False
+    return True
+
+
 def resolve_runtime(spec: ModelSpec, precision: PlanPrecision, runtime: str, profile: MachineProfile) -> str:
     """The runtime whose costs price the plan: `--runtime auto` as generate, bench and serve resolve it
     (engine/onnx_runtime.why_not_onnx: onnxruntime for fp32, int8 and int4 weights where its attention
     takes the head size and it is installed; torch for bf16), or the one asked for."""
     onnx = engine_key("onnxruntime", precision)
     if runtime == "auto":
-        return "onnxruntime" if profile.has(onnx) and precision != "bf16" and spec.head_dim % 16 == 0 else "torch"
+        takes = profile.has(onnx) and precision != "bf16" and spec.head_dim % 16 == 0 and (
+            precision != "int8" or _int8_blocks_fit(spec))
+        return "onnxruntime" if takes else "torch"
     if runtime == "onnxruntime":
         if precision == "bf16":
             raise InvalidParameterError("--runtime onnxruntime runs fp32, int8 and int4 weights; use --runtime torch "

@@ -219,3 +219,14 @@ def test_cli_refuses_counts_below_one(flags: list[str], capsys: pytest.CaptureFi
     assert main(["plan", "--json", *flags]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and f"kiln: error: {flags[0]} " in captured.err and "above 0" in captured.err
+
+
+def test_an_int8_model_whose_sizes_onnxruntime_cannot_block_plans_torch() -> None:
+    # an MLP of 1544 (a multiple of 8, not of 16): no int8 MatMulNBits block fits, so the export cannot be
+    # made; --runtime auto plans torch as the other commands fall back to it, and asking for onnxruntime is
+    # a one-line error rather than a StopIteration
+    odd = ModelSpec.from_hf_config({**SMOL, "intermediate_size": 1544})
+    assert estimate.estimate(odd, "int8", 640, 1, PROFILE).runtime == "torch"
+    assert estimate.estimate(odd, "int4", 640, 1, PROFILE).runtime == "onnxruntime"
+    with pytest.raises(InvalidParameterError, match="multiples of 16.*576, 576, 1544.*--runtime torch"):
+        estimate.estimate(odd, "int8", 640, 1, PROFILE, "onnxruntime")
