@@ -24,6 +24,7 @@ from kiln.engine.engine import StepOutput
 from kiln.engine.request import Request as EngineRequest
 from kiln.engine.request import TokenLogprob
 from kiln.engine.sampler import SamplingParams
+from kiln.errors import KilnError
 from kiln.serve.deploy import Deployment, Route
 from kiln.serve.guardrails import StreamFilter
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest, ResponseFormat, error_body
@@ -472,6 +473,16 @@ def _release(state: ServerState, dep: Deployment | None, job: Job | None) -> Non
         dep.leave()
 
 
+def _stream_error(error: BaseException) -> dict[str, Any]:
+    """The error chunk of a stream that cannot go on (its 200 is already sent): a refusal of the engine's
+    (a KilnError: its one-line message says what to change) is the client's to fix; anything else is ours."""
+    if isinstance(error, TimeoutError):
+        return error_body("the request did not finish before its deadline", "timeout_error")
+    if isinstance(error, KilnError):
+        return error_body(str(error), "invalid_request_error")
+    return error_body("generation failed", "server_error")
+
+
 def _stream_filters(state: ServerState, dep: Deployment, count: int) -> list[StreamFilter | None]:
     """One output filter per streamed choice ([] when the model has no output rules): the whole-response check
     of the non-streamed path, applied as the text grows (guardrails.StreamFilter)."""
@@ -520,11 +531,9 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
             if filters and filters[i] is None:
                 continue  # a choice the guardrail stopped: what its cancelled task still reports is dropped
             if isinstance(item, BaseException):
-                message = ("the request did not finish before its deadline" if isinstance(item, TimeoutError)
-                           else "generation failed")
                 if isinstance(item, TimeoutError):
                     state.metrics.timeouts.inc()
-                yield _sse(error_body(message, "timeout_error" if isinstance(item, TimeoutError) else "server_error"))
+                yield _sse(_stream_error(item))
                 break
             out = item
             text, finish = out.text, out.request.finish_reason if out.finished else None

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from kiln.engine.request import Request
+from kiln.errors import InvalidParameterError
 from kiln.serve.app import create_app
 from kiln.serve.state import ServeConfig
 from kiln.serve.worker import EngineWorker
@@ -175,3 +176,17 @@ def test_a_prompt_over_the_kv_budget_is_400_kv_budget_exceeded(tiny_folder: Path
             assert f"budget of {capacity} tokens" in error["message"] and "--kv-budget-mb" in error["message"]
         fits = client.post("/v1/completions", json={"prompt": [42] * (capacity - 1), "max_tokens": 1})
         assert fits.status_code == 200, fits.text  # the edge: prompt + the one generated token fill the cache
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_refusal_says_why_streamed_or_not(limited: tuple[FastAPI, TestClient], stream: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = limited
+
+    def refuses(*args: Any, **kw: Any) -> Request:
+        raise InvalidParameterError("the prompt cannot run here; shorten it")
+
+    monkeypatch.setattr(worker_of(app).engine, "add_request", refuses)
+    status, text = generate(client, stream)
+    assert status == (200 if stream else 400) and "the prompt cannot run here; shorten it" in text, text
+    assert "invalid_request_error" in text and "generation failed" not in text
