@@ -213,6 +213,11 @@ class Engine:
         outputs = []
         for i, (r, tok) in enumerate(zip(requests, tokens, strict=True)):
             r.first_token_at = r.first_token_at or now
+            constraint = r.sampler.constraint
+            if constraint is not None and constraint.error is not None:  # this sequence fails; the batch goes on
+                r.error = constraint.error
+                outputs.append(self._finish(r, RequestStatus.FINISHED_ABORTED, now, [], "", flush=False))
+                continue
             if r.params.logprobs is not None:
                 r.logprobs.append(token_logprob(logits[i], tok, r.params.logprobs))
             if tok in self.tokenizer.eos_token_ids and not r.params.ignore_eos:

@@ -63,7 +63,12 @@ def ll_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
 
 
 class Constraint:
-    """One sequence's position in its grammar: mask() before each sampled token, advance() after it."""
+    """One sequence's position in its grammar: mask() before each sampled token, advance() after it.
+
+    Neither raises once the matcher is running: a grammar that fails part-way (llguidance's parser has
+    limits, such as 2000 items in an Earley row, that a schema may only reach on some token) sets `error`,
+    and the engine ends that sequence alone; an exception here would fail the step of the whole batch.
+    """
 
     def __init__(self, grammar: str, tokenizer: Any) -> None:
         import llguidance
@@ -75,10 +80,16 @@ class Constraint:
         self.bitmask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
         self._fill = llguidance.numpy.fill_next_token_bitmask
         self._apply = llguidance.numpy.apply_token_bitmask_inplace
+        self.error: GrammarError | None = None  # why the grammar failed part-way; the sequence must end
 
     def mask(self, row: np.ndarray) -> None:
         """Give the tokens the grammar does not allow next -inf, in place; row: [V] float32, contiguous."""
+        if self.error is not None:
+            return
         self._fill(self.matcher, self.bitmask, 0)
+        if self.matcher.is_error():  # an empty mask would leave no token to sample (NaN probabilities)
+            self._fail()
+            return
         self._apply(row.reshape(1, -1), self.bitmask)
 
     def allows(self, token: int) -> bool:
@@ -86,5 +97,9 @@ class Constraint:
         return bool(self.matcher.validate_tokens([token]) == 1)
 
     def advance(self, token: int) -> None:
-        if not self.matcher.consume_token(token):
-            raise GrammarError(f"token {token} breaks the grammar ({_one_line(self.matcher.get_error())})")
+        if self.error is None and not self.matcher.consume_token(token):
+            self._fail()
+
+    def _fail(self) -> None:
+        reason = _one_line(self.matcher.get_error().split("<state>")[0])  # not its dump of the parser's state
+        self.error = GrammarError(f"the output could not be held to the JSON schema ({reason}); simplify the schema")

@@ -15,6 +15,7 @@ from typing import Literal
 from kiln.engine.detokenize import IncrementalDetokenizer
 from kiln.engine.sampler import SamplerState, SamplingParams
 from kiln.engine.stopping import StopMatcher
+from kiln.errors import KilnError
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -69,6 +70,7 @@ class Request:
     finished_at: float | None = None
     token_times: list[float] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when params.logprobs is set
+    error: KilnError | None = None  # why the engine ended this request alone (status FINISHED_ABORTED)
 
     @property
     def tokens(self) -> list[int]:

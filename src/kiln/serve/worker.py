@@ -171,7 +171,7 @@ class EngineWorker:
         for out in outputs:
             sink = self.sinks.get(out.request.request_id)
             if sink is not None:
-                sink(out)
+                sink(out.request.error or out)  # a request the engine ended alone fails with its reason
             if out.finished:
                 self.sinks.pop(out.request.request_id, None)
 

@@ -84,3 +84,21 @@ def test_greedy_takes_the_best_allowed_token_and_masks_only_when_it_must(
     quote = tok.encode('"', add_special_tokens=False)[0]
     logits[0, quote] = 7.0  # after "{" a key's quote is allowed: no mask needed
     assert sample(logits, [state]) == [quote] and len(masks) == 1
+
+
+# 600 optional properties: compiles, but after '{' llguidance's Earley row outgrows its limit of 2000 items
+TOO_WIDE = {"type": "object", "properties": {f"f{i}": {"type": "string"} for i in range(600)}}
+
+
+def test_a_grammar_that_fails_part_way_ends_its_sequence_alone(default_model: LoadedModel) -> None:
+    engine = Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_budget_bytes=64 << 20))
+    prompt = default_model.tokenizer.encode_chat([{"role": "user", "content": "Any JSON object, please."}])
+    plain = SamplingParams(max_tokens=8, temperature=0)
+    alone = run(default_model, [("Any JSON object, please.", plain)])[0]
+    wide = engine.add_request(prompt, SamplingParams(max_tokens=16, temperature=0.7, seed=1,
+                                                     grammar=json_grammar(TOO_WIDE)))
+    other = engine.add_request(prompt, plain)
+    engine.run()  # no exception: the failing row does not fail the step of the batch
+    assert wide.status == RequestStatus.FINISHED_ABORTED and isinstance(wide.error, GrammarError)
+    assert "max is 2000" in str(wide.error) and "<state>" not in str(wide.error), wide.error
+    assert (other.text, other.status) == alone and other.error is None

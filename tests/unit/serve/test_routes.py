@@ -190,3 +190,27 @@ def test_an_engine_refusal_says_why_streamed_or_not(limited: tuple[FastAPI, Test
     status, text = generate(client, stream)
     assert status == (200 if stream else 400) and "the prompt cannot run here; shorten it" in text, text
     assert "invalid_request_error" in text and "generation failed" not in text
+
+
+# --- response_format -----------------------------------------------------------------------------------
+
+# 600 optional properties: compiles, but once a property name begins llguidance's Earley row outgrows its limit
+TOO_WIDE = {"type": "object", "properties": {f"f{i}": {"type": "string"} for i in range(600)}}
+
+
+def test_a_schema_the_grammar_cannot_follow_is_400_and_the_engine_goes_on(limited: tuple[FastAPI, TestClient]) -> None:
+    app, client = limited
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 2.0, "seed": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "wide", "schema": TOO_WIDE}}}
+    for _ in range(4):  # more than the worker's limit of failed steps in a row, were each a failed step
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and "simplify the schema" in error["message"], error
+    r = client.post("/v1/chat/completions", json={**body, "stream": True})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert "simplify the schema" in chunks[-1]["error"]["message"] and r.text.endswith("data: [DONE]\n\n")
+    assert worker_of(app).stats.errors == 0
+    time.sleep(1.0)  # the token bucket refills
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200, r.text
