@@ -46,7 +46,8 @@ def _sampling() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json-schema", default=None, metavar="SCHEMA",
-                   help="hold the output to a JSON schema: inline JSON or a .json file; '{}' = any JSON object")
+                   help="hold the output to a JSON schema: inline JSON or a .json file ('{\"type\": \"object\"}': any "
+                        "JSON object)")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute precision")
     return p
@@ -90,7 +91,8 @@ def _json_schema_grammar(value: str | None) -> str | None:
         raise InvalidParameterError(f"--json-schema is not valid JSON ({exc.msg} at line {exc.lineno} column "
                                     f"{exc.colno}); fix it") from None
     if not isinstance(schema, dict):
-        raise InvalidParameterError("--json-schema must be a JSON object (a schema); '{}' allows any JSON object")
+        raise InvalidParameterError("--json-schema must be a JSON object (a schema); '{\"type\": \"object\"}' "
+                                    "allows any JSON object")
     return json_grammar(schema)
 
 

@@ -28,12 +28,12 @@ class GrammarError(InvalidParameterError):
 
 
 def json_grammar(schema: Mapping[str, Any] | None) -> str:
-    """llguidance's grammar for JSON that matches `schema` (any object when None); a schema it cannot
-    compile is a one-line GrammarError."""
+    """llguidance's grammar for JSON that matches `schema` (any object when None; `{}` is any JSON value,
+    as JSON Schema reads it); a schema it cannot compile is a one-line GrammarError."""
     import llguidance
 
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema or ANY_OBJECT),
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(ANY_OBJECT if schema is None else schema),
                                                                   defaults={"whitespace_pattern": WHITESPACE})
     except (TypeError, ValueError) as exc:  # not serialisable, or not a schema llguidance understands
         raise GrammarError(f"the JSON schema cannot be used ({_one_line(exc)}); fix the schema") from None

@@ -41,7 +41,7 @@ class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str = Field(..., min_length=1, max_length=64)
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object; {}: any value
     strict: bool | None = None  # kiln always holds the output to the schema
 
 
@@ -61,10 +61,11 @@ class ResponseFormat(BaseModel):
         return self
 
     def schema_or_none(self) -> dict[str, Any] | None:
-        """The schema the output must match ({} for any JSON object), or None for plain text."""
+        """The schema the output must match (json_object: any JSON object), or None for plain text."""
         if self.type == "text":
             return None
-        return (self.json_schema.schema_ if self.json_schema else None) or {"type": "object"}
+        schema = self.json_schema.schema_ if self.json_schema else None
+        return {"type": "object"} if schema is None else schema
 
 
 class _Sampling(BaseModel):

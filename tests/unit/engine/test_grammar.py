@@ -102,3 +102,10 @@ def test_a_grammar_that_fails_part_way_ends_its_sequence_alone(default_model: Lo
     assert wide.status == RequestStatus.FINISHED_ABORTED and isinstance(wide.error, GrammarError)
     assert "max is 2000" in str(wide.error) and "<state>" not in str(wide.error), wide.error
     assert (other.text, other.status) == alone and other.error is None
+
+
+def test_an_empty_schema_is_any_value_and_none_any_object(default_model: LoadedModel) -> None:
+    tok, vocab = default_model.tokenizer, default_model.spec.vocab_size
+    digit = tok.encode("4", add_special_tokens=False)[0]
+    assert Constraint(json_grammar({}), ll_tokenizer(tok, vocab)).allows(digit)  # JSON Schema's {}: anything
+    assert not Constraint(json_grammar(None), ll_tokenizer(tok, vocab)).allows(digit)  # json_object
