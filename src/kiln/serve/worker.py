@@ -132,9 +132,10 @@ class EngineWorker:
                 if command is None:
                     return
                 self._handle(command)
-            if self.engine.has_work:
+            stepped = self.engine.has_work
+            if stepped:
                 self._step()
-            if commands or self.engine.has_work:
+            if commands or stepped:  # also after the step that finished the last request: the gauges read 0 then
                 self._refresh_stats()
 
     def _handle(self, command: _Add | _Abort | _Call) -> None:

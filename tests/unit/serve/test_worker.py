@@ -101,3 +101,12 @@ def test_health_and_requests_turn_503_when_the_engine_dies(tiny_folder: Path, tm
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["error"]["code"] == "engine_stopped"
         assert client.get("/ready").status_code == 503
+
+
+def test_the_gauges_read_zero_once_the_last_request_is_done(worker: EngineWorker) -> None:
+    assert len(asyncio.run(collect(worker, "only"))) == 8
+    for _ in range(50):  # the thread refreshes its stats after the step that finished the request
+        if worker.stats.running == 0 and worker.stats.waiting == 0:
+            break
+        time.sleep(0.1)
+    assert (worker.stats.running, worker.stats.waiting, worker.stats.kv_used_fraction) == (0, 0, 0.0)
