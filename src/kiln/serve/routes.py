@@ -350,7 +350,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
         if body.echo and body.stream:
             raise ApiError(400, "echo is not supported with stream; drop one of them", param="echo")
-        grammar = _grammar(body.response_format)
+        grammar = await asyncio.to_thread(_grammar, body.response_format)  # may take a second: off the loop
         per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
         job = _job(state, dep, key, per_choice, [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i,
                                                                grammar=grammar) for i in range(len(per_choice))])
@@ -438,7 +438,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         asked = body.max_completion_tokens or body.max_tokens
         budget = _max_tokens(state, dep, prompt, asked, None, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        grammar = _grammar(body.response_format)
+        grammar = await asyncio.to_thread(_grammar, body.response_format)  # may take a second: off the loop
         job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i, grammar=grammar)
                                                          for i in range(body.n)])
         job.request_id = "chatcmpl-" + job.request_id.split("-", 1)[1]

@@ -214,3 +214,34 @@ def test_a_schema_the_grammar_cannot_follow_is_400_and_the_engine_goes_on(limite
     time.sleep(1.0)  # the token bucket refills
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+# --- structured output -----------------------------------------------------------------------------------
+
+
+def test_a_schema_compiles_off_the_event_loop(limited: tuple[FastAPI, TestClient],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # a large schema takes about a second to compile: other requests must be answered meanwhile. The compile
+    # below waits for /health to answer; on the event loop, /health could not answer until it gave up waiting
+    import threading
+
+    from kiln.engine import grammar
+
+    app, client = limited
+    compiling, health_answered, gave_up = threading.Event(), threading.Event(), []
+    real = grammar.json_grammar
+
+    def slow(schema: Any) -> str:
+        compiling.set()
+        gave_up.append(not health_answered.wait(timeout=10))
+        return real(schema)
+
+    monkeypatch.setattr(grammar, "json_grammar", slow)
+    body = {"prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_object"}}
+    asking = threading.Thread(target=lambda: client.post("/v1/completions", json=body))
+    asking.start()
+    assert compiling.wait(timeout=30)
+    assert client.get("/health").status_code == 200
+    health_answered.set()
+    asking.join()
+    assert gave_up == [False]
