@@ -1,14 +1,20 @@
-"""What benchmark scripts share: writing a table into its own section of BENCHMARKS.md, and timing in a
-fresh process of their own."""
+"""What benchmark scripts share: writing a table into its own section of BENCHMARKS.md, a table cell of
+repeated measurements, and timing in a fresh process of their own."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def cell(values: list[float]) -> str:
+    """Repeated measurements as a table cell: median [min-max]."""
+    return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
 def update_section(script: str, table: str) -> None:

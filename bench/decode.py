@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from common import update_section
+from common import cell, update_section
 from kiln import settings
 from kiln.benchmark.machine import describe, machine_info, read_bandwidth_gbs
 from kiln.engine.generate import Generator
@@ -96,10 +96,6 @@ def main() -> None:
     print(table)
     if args.update:
         update_section("bench/decode.py", table)
-
-
-def cell(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
 def render(results: dict[str, list[dict[str, float]]], runs: int) -> str:

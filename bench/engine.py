@@ -37,7 +37,7 @@ from typing import TypeVar
 
 import torch
 
-from common import update_section
+from common import cell, update_section
 from kiln import settings
 from kiln.benchmark.latency import model_bytes
 from kiln.benchmark.machine import describe, machine_info, read_bandwidth_gbs
@@ -64,10 +64,6 @@ def settled(measure: Callable[..., T], *args: object, **kwargs: object) -> T:
     """`measure(*args)` after a pause: each timed run starts on a quiet machine, whoever ran before it."""
     time.sleep(SETTLE_S)
     return measure(*args, **kwargs)
-
-
-def cell(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
 def kiln_decode(loaded: LoadedModel, prompt: list[int], new: int = 128, model: object = None) -> float:

@@ -22,17 +22,13 @@ from pathlib import Path
 
 import torch
 
-from common import update_section
+from common import cell, update_section
 
 KILN = str(Path(sys.executable).parent / "kiln")
 PROMPT = "Describe a fictional person as JSON, with their name, age, city and three hobbies."
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city", "hobbies"],
           "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"},
                          "hobbies": {"type": "array", "items": {"type": "string"}, "minItems": 3, "maxItems": 3}}}
-
-
-def cell(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
 def main() -> None:
