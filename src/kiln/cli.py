@@ -344,13 +344,24 @@ def _calibrate_first(profile):  # noqa: ANN001, ANN202 (module passed to keep th
 
 def cmd_report(args: argparse.Namespace) -> int:
     from kiln.report import html
+    from kiln.report.select import Budget, choose
 
-    path = html.write(args.output, args.model or None, args.reference)
-    print(f"kiln: report written to {path.resolve()}")
-    choice = html.best(args.model or None, args.reference)
-    if choice:
-        print(f"kiln: best model: {choice[0]} ({choice[1]})\nkiln: serve it with: kiln serve -m {choice[0]}")
-    return 0
+    budget = Budget(args.max_ppl_increase, args.max_memory_mb, args.min_tokens_per_s, args.max_ttft_ms)
+    models = args.model or None
+    choice = choose(models, args.reference, budget)
+    path = html.write(args.output, models, args.reference, choice).resolve()
+    if args.json:
+        print(json.dumps({"report": str(path), **choice.as_dict()}))
+    else:
+        print(f"kiln: report written to {path}")
+        if choice.chosen:
+            print(f"kiln: best model: {choice.chosen} ({choice.reason})\n"
+                  f"kiln: serve it with: kiln serve -m {choice.chosen}")
+        elif budget.limits_resources:
+            print(f"kiln: {choice.reason}; " + "; ".join(f"{k}: {v}" for k, v in choice.rejected.items()),
+                  file=sys.stderr)
+    # a budget the caller set and no model meets is a failed check (scripts gate a deployment on it)
+    return 1 if budget.limits_resources and not choice.chosen else 0
 
 
 def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the import lazy)
@@ -581,6 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], help="include this model (repeatable; default: all)")
     p.add_argument("--reference", default=None, help="the model Δppl is measured against (default: the first)")
     p.add_argument("-o", "--output", type=Path, default=Path("report.html"))
+    g = p.add_argument_group("which model to serve: the least perplexity within these limits (with none, the "
+                             "smallest within the perplexity limit)")
+    g.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PCT",
+                   help="wikitext2 perplexity at most this many percent above the reference's (default 2)")
+    g.add_argument("--max-memory-mb", type=float, default=None, metavar="MB", help="peak RSS in `kiln bench`")
+    g.add_argument("--min-tokens-per-s", type=float, default=None, metavar="R",
+                   help="batch-1 decode tokens/s in `kiln bench`")
+    g.add_argument("--max-ttft-ms", type=float, default=None, metavar="MS",
+                   help="batch-1 time to first token in `kiln bench`")
+    p.add_argument("--json", action="store_true", help="print one JSON object: the report's path and the choice")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_report)
 

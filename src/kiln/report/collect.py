@@ -47,9 +47,9 @@ class ModelSummary:
 
     @property
     def peak_rss(self) -> float | None:
-        if self.bench is None:
-            return None
-        return max(float(r["peak_rss_bytes"]) for r in self.bench.metrics.get("results", [{"peak_rss_bytes": 0}]))
+        """The highest peak RSS over the latest bench's batch sizes (None without one)."""
+        rows = self.bench.metrics.get("results", []) if self.bench is not None else []
+        return max((float(r["peak_rss_bytes"]) for r in rows), default=None)
 
     @property
     def mean_accuracy(self) -> float | None:

@@ -15,6 +15,7 @@ from kiln import __version__
 from kiln.errors import InvalidParameterError
 from kiln.report.collect import TASK_COLUMNS, ModelSummary, collect
 from kiln.report.plots import line_svg, scatter_svg
+from kiln.report.select import Choice
 
 TEMPLATE = jinja2.Template(
     """<!doctype html>
@@ -38,6 +39,11 @@ pre { white-space: pre-wrap; background: #f8f9fa; padding: 0.5rem; }
 {% for row in rows %}<tr>{% for cell in row %}
 <td{% if loop.first %} class="name"{% endif %}>{{ cell }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
+{% if choice %}<h2>Which one to serve</h2>
+<p id="choice">{% if choice.chosen %}<strong><code>{{ choice.chosen }}</code></strong>: {{ choice.reason }}.
+{% else %}{{ choice.reason }}.{% endif %}</p>
+{% if choice.rejected %}<ul class="muted">{% for name, why in choice.rejected.items() %}
+<li><code>{{ name }}</code>: {{ why }}</li>{% endfor %}</ul>{% endif %}{% endif %}
 <h2>Quality against cost</h2>
 <p class="muted">Orange points and the dashed line are the Pareto front: no other model is better on both axes.</p>
 <div class="plots">{% for svg in plots %}<div>{{ svg|safe }}</div>{% endfor %}</div>
@@ -123,7 +129,7 @@ def _worst(models: Sequence[ModelSummary], per_task: int = 5) -> list[tuple[str,
     return out
 
 
-def render(models: list[str] | None = None, reference: str | None = None) -> str:
+def render(models: list[str] | None = None, reference: str | None = None, choice: Choice | None = None) -> str:
     found = collect(models)
     if not found:
         raise InvalidParameterError(
@@ -135,42 +141,13 @@ def render(models: list[str] | None = None, reference: str | None = None) -> str
               for m in found if m.extra.get("loss_curve")]
     return TEMPLATE.render(
         models=found, rows=_rows(found, ref), tasks=TASK_COLUMNS, plots=_plots(found), curves=curves,
-        worst=_worst(found), reference=ref.name if len(found) > 1 else None,
+        worst=_worst(found), reference=ref.name if len(found) > 1 else None, choice=choice,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), version=__version__,
     )
 
 
-def best(models: list[str] | None = None, reference: str | None = None,
-         max_delta_pct: float = 2.0) -> tuple[str, str] | None:
-    """(name, reason) of the smallest model whose perplexity is within max_delta_pct of the reference.
-
-    Smallest in memory where every candidate was benched: that is what serving it costs, and a file on
-    disk can be far smaller than the model it loads as (the default model: a 98 MB Q4_1 GGUF that runs
-    as 538 MB of fp32). Otherwise smallest on disk."""
-    found = collect(models)
-    ref = next((m for m in found if reference in (m.name, m.sha256[: len(reference or '')])), None) or (
-        found[0] if found else None)
-    ref_ppl = ref.metric("wikitext2", "ppl") if ref else None
-    if not ref_ppl:
-        return None
-    ok = [m for m in found if (ppl := m.metric("wikitext2", "ppl")) is not None
-          and 100 * (ppl / ref_ppl - 1) <= max_delta_pct]
-    if not ok:
-        return None
-    in_memory = all(m.bytes_in_memory is not None for m in ok)
-
-    def size_of(m: ModelSummary) -> int:
-        return (m.bytes_in_memory if in_memory else m.size_bytes) or 0
-
-    choice = min(ok, key=size_of)
-    size = size_of(choice)
-    delta = 100 * ((choice.metric("wikitext2", "ppl") or ref_ppl) / ref_ppl - 1)
-    where = "in memory" if in_memory else "on disk"
-    return choice.name, (f"smallest {where} within {max_delta_pct:g}% perplexity of the reference "
-                         f"({delta:+.2f}%, {size / 1e6:.0f} MB)")
-
-
-def write(path: Path, models: list[str] | None = None, reference: str | None = None) -> Path:
+def write(path: Path, models: list[str] | None = None, reference: str | None = None,
+          choice: Choice | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(models, reference), encoding="utf-8")
+    path.write_text(render(models, reference, choice), encoding="utf-8")
     return path

@@ -14,6 +14,7 @@ from kiln import runs
 from kiln.errors import InvalidParameterError
 from kiln.report import html
 from kiln.report.plots import pareto_front
+from kiln.report.select import Budget, choose
 
 
 def test_pareto_front() -> None:
@@ -105,11 +106,56 @@ def test_best_is_the_smallest_in_memory_when_every_candidate_was_benched(tmp_pat
     for name, sha, disk, ppl in (("default", "a" * 64, 98e6, 22.59), ("int4", "c" * 64, 108e6, 22.62)):
         common = dict(model=name, model_sha256=sha, model_size_bytes=int(disk), versions={}, duration_s=1.0)
         runs.add(runs.Run(kind="eval", task="wikitext2", settings={}, metrics={"ppl": ppl}, **common))
-    choice = html.best()
-    assert choice is not None and choice[0] == "default" and "on disk" in choice[1]  # no bench: disk sizes
+    choice = choose()
+    assert choice.chosen == "default" and "on disk" in choice.reason  # no bench: disk sizes
     for name, sha, disk, memory in (("default", "a" * 64, 98e6, 538e6), ("int4", "c" * 64, 108e6, 108e6)):
         runs.add(runs.Run(kind="bench", task="bench", model=name, model_sha256=sha, model_size_bytes=int(disk),
                           versions={}, duration_s=1.0, settings={}, metrics={"bytes_in_memory": int(memory),
                                                                              "results": []}))
-    choice = html.best()
-    assert choice is not None and choice[0] == "int4" and "in memory" in choice[1] and "108 MB" in choice[1]
+    choice = choose()
+    assert choice.chosen == "int4" and "in memory" in choice.reason and "108 MB" in choice.reason
+
+
+def test_a_budget_picks_the_least_loss_that_meets_it(home: Path) -> None:
+    # fp32 23.5 ppl at 36 tok/s, int8 23.6 at 90, int4 26.0 (+10.6%) at 120; every peak RSS 900 MB
+    assert choose().chosen == "int8"  # no resource limit: the smallest within +2%
+    choice = choose(budget=Budget(min_tokens_per_s=50))
+    assert choice.chosen == "int8" and "least perplexity" in choice.reason
+    assert choice.rejected == {"fp32": "batch-1 decode 36.0 tok/s < 50 tok/s",
+                               "int4": "perplexity +10.64% > +2%"}
+    choice = choose(budget=Budget(max_ppl_increase_pct=15, min_tokens_per_s=100))
+    assert choice.chosen == "int4"
+    assert choose(budget=Budget(max_ppl_increase_pct=15, max_memory_mb=1000)).chosen == "fp32"  # least loss
+    none = choose(budget=Budget(max_memory_mb=500))
+    assert none.chosen is None and "no recorded model meets the budget" in none.reason
+    assert none.rejected["int8"] == "peak RSS 900.0 MB > 500 MB"
+    page = html.render(choice=choose(budget=Budget(min_tokens_per_s=50)))
+    assert "Which one to serve" in page and "<code>int8</code>" in page and "36.0 tok/s &lt; 50 tok/s" in page
+
+
+def test_a_budget_needs_the_measurements_it_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    runs.add(runs.Run(kind="eval", task="wikitext2", settings={}, metrics={"ppl": 20.0}, model="m",
+                      model_sha256="e" * 64, model_size_bytes=1, versions={}, duration_s=1.0))
+    choice = choose(budget=Budget(max_ttft_ms=100))
+    assert choice.chosen is None and "no time to first token recorded (run `kiln bench`" in choice.rejected["m"]
+    with pytest.raises(InvalidParameterError, match="--min-tokens-per-s must be positive"):
+        Budget(min_tokens_per_s=0)
+
+
+def test_report_command_prints_the_choice_and_fails_an_unmet_budget(home: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from kiln import cli
+
+    out = tmp_path / "r.html"
+    assert cli.main(["report", "-o", str(out), "--min-tokens-per-s", "50", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["chosen"] == "int8" and shown["report"] == str(out.resolve()) and out.is_file()
+    assert cli.main(["report", "-o", str(out), "--max-memory-mb", "500"]) == 1
+    err = capsys.readouterr().err
+    assert "no recorded model meets the budget" in err and "fp32: peak RSS 900.0 MB > 500 MB" in err
+    assert "Which one to serve" in out.read_text()  # the page is written all the same
+    assert cli.main(["report", "-o", str(out), "--max-ttft-ms", "-1"]) != 0
+    assert "--max-ttft-ms must be positive" in capsys.readouterr().err
