@@ -215,7 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kiln import runs
     from kiln.benchmark.machine import machine_info
     from kiln.evaluate import summary
-    from kiln.evaluate.runner import EvalOptions, run
+    from kiln.evaluate.runner import EvalOptions, EvalOutcome, run
     from kiln.model.load import load
 
     options = EvalOptions(
@@ -225,14 +225,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     runs.check()  # the result is stored at the end: a damaged database must not cost the evaluation
     loaded = load(args.model, precision=args.dtype)
     baseline = load(args.baseline, precision=args.dtype) if args.baseline else None
-    outcome = run(loaded, options, baseline, keep_weights=False)  # the model is not used after the task
-    settings = {**outcome.settings, "precision": args.dtype,
-                **({"baseline": args.baseline, "baseline_sha256": baseline.sha256} if baseline else {})}
-    runs.add(runs.Run(
-        kind="eval", model=args.model, model_sha256=loaded.sha256, model_size_bytes=loaded.source.size_bytes,
-        task=outcome.task, settings=settings, metrics=outcome.metrics, versions=machine_info("transformers"),
-        duration_s=outcome.seconds, worst=outcome.worst(),
-    ))
+
+    def record(outcome: EvalOutcome) -> None:
+        settings = {**outcome.settings, "precision": args.dtype,
+                    **({"baseline": args.baseline, "baseline_sha256": baseline.sha256} if baseline else {})}
+        runs.add(runs.Run(
+            kind="eval", model=args.model, model_sha256=loaded.sha256, model_size_bytes=loaded.source.size_bytes,
+            task=outcome.task, settings=settings, metrics=outcome.metrics, versions=machine_info("transformers"),
+            duration_s=outcome.seconds, worst=outcome.worst(), run_key=outcome.run_key,
+        ))
+
+    outcome = run(loaded, options, baseline, keep_weights=False, record=record)  # the model is not used after
     if args.samples:
         summary.write_samples(outcome, args.samples)
     if args.json:

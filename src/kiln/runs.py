@@ -1,7 +1,8 @@
 """The runs database: every eval and bench result, with the model's identity, settings and versions.
 
 One SQLite file ($KILN_HOME/runs.sqlite); each result is written in a single transaction at the end
-of its run, so an interrupted run leaves the database as it was.
+of its run, so an interrupted run leaves the database as it was. A result with a run key is stored
+once: storing it again (a resumed run that had stored it before its checkpoint was removed) is a no-op.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ CREATE TABLE IF NOT EXISTS runs (
     metrics TEXT NOT NULL,             -- JSON
     versions TEXT NOT NULL,            -- JSON: machine and software versions
     duration_s REAL NOT NULL,
-    worst TEXT NOT NULL DEFAULT '[]'   -- JSON: the worst items, for the report
+    worst TEXT NOT NULL DEFAULT '[]',  -- JSON: the worst items, for the report
+    run_key TEXT                       -- an eval run's key, kept across --resume; NULL for bench
 );
 CREATE INDEX IF NOT EXISTS runs_model ON runs (model_sha256, task);
 """
+RUN_KEY_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS runs_run_key ON runs (run_key)"  # NULLs stay distinct
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Run:
     versions: dict[str, Any]
     duration_s: float
     worst: list[dict[str, Any]] = field(default_factory=list)
+    run_key: str | None = None  # a result stored again under the same key is kept once
     created_at: str = ""
     id: int | None = None
 
@@ -60,6 +64,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path)
     try:
         conn.executescript(SCHEMA)
+        if "run_key" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:
+            conn.execute("ALTER TABLE runs ADD COLUMN run_key TEXT")  # a database from before run keys
+        conn.execute(RUN_KEY_INDEX)
     except sqlite3.DatabaseError as exc:  # a damaged or foreign file: say which, and how to start afresh
         conn.close()
         raise DataFormatError(
@@ -74,17 +81,21 @@ def check(path: Path | None = None) -> None:
 
 
 def add(run: Run, path: Path | None = None) -> int:
-    """Store one finished run (one transaction) and return its id."""
+    """Store one finished run (one transaction) and return its id; a run_key stored before keeps its row."""
     run.created_at = run.created_at or datetime.now(UTC).isoformat(timespec="seconds")
     conn = _connect(path or db_path())
     try:
         with conn:
+            stored = conn.execute("SELECT id FROM runs WHERE run_key = ?", (run.run_key,)).fetchone()
+            if stored is not None:  # a resumed run whose result was stored before its checkpoint went
+                run.id = int(stored[0])
+                return run.id
             cursor = conn.execute(
                 "INSERT INTO runs (created_at, kind, model, model_sha256, model_size_bytes, task, settings, metrics,"
-                " versions, duration_s, worst) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " versions, duration_s, worst, run_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.created_at, run.kind, run.model, run.model_sha256, run.model_size_bytes, run.task,
                  json.dumps(run.settings), json.dumps(run.metrics), json.dumps(run.versions), run.duration_s,
-                 json.dumps(run.worst)),
+                 json.dumps(run.worst), run.run_key),
             )
         run.id = int(cursor.lastrowid or 0)
         return run.id
@@ -111,6 +122,6 @@ def query(model: str | None = None, kind: str | None = None, path: Path | None =
         Run(kind=r["kind"], model=r["model"], model_sha256=r["model_sha256"],
             model_size_bytes=r["model_size_bytes"], task=r["task"], settings=json.loads(r["settings"]),
             metrics=json.loads(r["metrics"]), versions=json.loads(r["versions"]), duration_s=r["duration_s"],
-            worst=json.loads(r["worst"]), created_at=r["created_at"], id=r["id"])
+            worst=json.loads(r["worst"]), run_key=r["run_key"], created_at=r["created_at"], id=r["id"])
         for r in rows
     ]

@@ -45,3 +45,21 @@ def test_a_damaged_database_is_one_error(tmp_path: Path, monkeypatch: pytest.Mon
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "runs.sqlite is not a usable runs database" in err
     assert db.read_text() == "not a database"
+
+
+def test_a_run_key_is_stored_once(tmp_path: Path) -> None:
+    # a resumed eval stores its result again under the key of the run that may have stored it already
+    import sqlite3
+
+    db = tmp_path / "runs.sqlite"
+    with sqlite3.connect(db) as conn:  # a database from before run keys
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at TEXT NOT NULL, kind TEXT"
+                     " NOT NULL, model TEXT NOT NULL, model_sha256 TEXT NOT NULL, model_size_bytes INTEGER NOT NULL,"
+                     " task TEXT NOT NULL, settings TEXT NOT NULL, metrics TEXT NOT NULL, versions TEXT NOT NULL,"
+                     " duration_s REAL NOT NULL, worst TEXT NOT NULL DEFAULT '[]')")
+    first = runs.add(make("default", "abc123", "piqa"), db)  # no key: bench, or a database from before
+    keyed = make("default", "abc123", "piqa")
+    keyed.run_key = "k1"
+    assert runs.add(keyed, db) == runs.add(keyed, db) == first + 1
+    assert runs.add(make("default", "abc123", "piqa"), db) == first + 2
+    assert [r.run_key for r in runs.query(path=db)] == [None, "k1", None]

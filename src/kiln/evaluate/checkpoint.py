@@ -1,7 +1,8 @@
 """Per-item results of a run in progress, appended as they finish, so `--resume` can skip them.
 
 The file lives under $KILN_HOME/partial/, named by a hash of everything that defines the run
-(model, baseline, task, settings); it is removed once the run has finished.
+(model, baseline, task, settings); it is removed once the run's result is stored. It also keeps the
+run's key, under which the result is stored, so a resumed run does not store the same result twice.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ class Checkpoint:
     def __init__(self, identity: dict[str, Any]) -> None:
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
         self.path: Path = settings.home_dir() / "partial" / f"{key}.jsonl"
+        self.run_key: str | None = None  # read by load(), made by key()
 
     def load(self) -> dict[int, dict[str, Any]]:
         """Records already finished, by item index (a torn last line from a crash is ignored)."""
@@ -30,8 +33,18 @@ class Checkpoint:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done[int(record["index"])] = record
+            if "run_key" in record:
+                self.run_key = str(record["run_key"])
+            else:
+                done[int(record["index"])] = record
         return done
+
+    def key(self) -> str:
+        """The run's key for the runs database: the one in the file, or a new one, written before it is used."""
+        if self.run_key is None:
+            self.run_key = uuid.uuid4().hex
+            self.append([{"run_key": self.run_key}])
+        return self.run_key
 
     def append(self, records: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

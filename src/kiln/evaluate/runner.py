@@ -81,6 +81,7 @@ class EvalOutcome:
     records: list[dict[str, Any]]
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    run_key: str | None = None  # set when run() stores the outcome: the same for a run and its resumptions
 
     def worst(self, n: int = WORST_ITEMS) -> list[dict[str, Any]]:
         return sorted(self.records, key=lambda r: r["score"])[:n]
@@ -91,8 +92,12 @@ class EvalInterrupted(Interrupted):
 
 
 def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None = None,
-        progress: bool = True, keep_weights: bool = True) -> EvalOutcome:
+        progress: bool = True, keep_weights: bool = True,
+        record: Callable[[EvalOutcome], None] | None = None) -> EvalOutcome:
     """Evaluate `loaded` on options.task; finished items survive Ctrl-C for --resume.
+
+    record: stores the outcome (kiln eval: in the runs database, under outcome.run_key) before the
+    checkpoint goes, so a Ctrl-C or crash between the two leaves the run to --resume, not lost.
 
     keep_weights=False: a generation task that runs on an ONNX Runtime session lets kiln's copy of the
     weights go before the session loads its own (engine/onnx_runtime.pick_runtime), for a caller that
@@ -126,8 +131,20 @@ def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None 
         else:
             runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice}
             records, metrics = runners[ref.kind](loaded, options, ref, baseline, checkpoint, done, progress)
+    outcome = EvalOutcome(ref.name, ref.kind, metrics, records, time.perf_counter() - start, options.settings())
+    if record is not None:
+        # Stored first, the checkpoint removed after. A crash between the two leaves a complete checkpoint
+        # holding the key the result was stored under: --resume scores no item again, and the runs database
+        # keeps one result per key, so the result is stored once whichever side of the write the crash fell.
+        outcome.run_key = checkpoint.key()
+        try:
+            record(outcome)
+        except KeyboardInterrupt:
+            raise EvalInterrupted(
+                "interrupted while storing the result; rerun the same command with --resume to store it"
+            ) from None
     checkpoint.discard()
-    return EvalOutcome(ref.name, ref.kind, metrics, records, time.perf_counter() - start, options.settings())
+    return outcome
 
 
 def _process(

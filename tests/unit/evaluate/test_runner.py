@@ -99,3 +99,47 @@ def test_a_file_without_items_is_refused(kind: str, default_model: LoadedModel, 
     path.write_text("\n")
     with pytest.raises(DataFormatError, match=f"{path} has no items to evaluate"):
         run(default_model, EvalOptions(task=f"{kind}:{path}"), progress=False)
+
+
+def test_a_result_is_stored_once_whenever_ctrl_c_comes_at_the_end(default_model: LoadedModel, items_file: Path,
+                                                                   home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The checkpoint was removed before the result was stored: a Ctrl-C in between lost the finished run.
+    # Now it is stored first, and --resume after a Ctrl-C on either side of the write stores it once.
+    from kiln import cli, runs
+    from kiln.evaluate import checkpoint
+    from kiln.model import load
+
+    monkeypatch.setattr(load, "load", lambda *args, **kwargs: default_model)
+    monkeypatch.setattr(cli, "_end_on_next_ctrl_c", lambda: None)  # leaves pytest's SIGINT handler alone
+    argv = ["eval", "--task", f"mc:{items_file}", "--limit", "5", "--json"]
+    partial = home / "home" / "partial"
+    real_add, real_discard = runs.add, checkpoint.Checkpoint.discard
+    stored: list[int] = []
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    def add(run: runs.Run, path: Path | None = None) -> int:
+        stored.append(real_add(run, path))
+        return stored[-1]
+
+    def discard_after_add(self: checkpoint.Checkpoint) -> None:
+        if stored:
+            raise KeyboardInterrupt
+        real_discard(self)
+
+    monkeypatch.setattr(runs, "add", ctrl_c)  # Ctrl-C while the result is written
+    assert cli.main(argv) == 130
+    assert runs.query() == [] and len(list(partial.glob("*.jsonl"))) == 1  # the scored items wait for --resume
+    monkeypatch.setattr(runs, "add", real_add)
+    assert cli.main([*argv, "--resume"]) == 0
+    assert len(runs.query()) == 1 and not list(partial.glob("*.jsonl"))
+
+    monkeypatch.setattr(runs, "add", add)  # Ctrl-C after the result is written, before the checkpoint goes
+    monkeypatch.setattr(checkpoint.Checkpoint, "discard", discard_after_add)
+    assert cli.main(argv) == 130
+    monkeypatch.setattr(checkpoint.Checkpoint, "discard", real_discard)
+    assert cli.main([*argv, "--resume"]) == 0
+    found = runs.query()
+    assert len(found) == 2 and found[1].id == stored[0] == stored[1]  # the resumed run found its row
+    assert found[0].run_key != found[1].run_key and not list(partial.glob("*.jsonl"))
