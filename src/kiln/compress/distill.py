@@ -2,8 +2,9 @@
 
 loss = T^2 KL(softmax(teacher / T) || softmax(student / T)) + ce_weight * CE(student, next token)
 (arXiv 1503.02531), AdamW with a linear warm-up and cosine decay, gradient clipping at 1. Checkpoints
-(student, optimizer, step, loss curve) are written atomically every N steps; a run resumes from one.
-Hand-written because it is one of kiln's compression methods; torch supplies autograd and AdamW.
+(student, optimizer, step, loss curve and the losses not yet in it) are written atomically every N
+steps; a run resumes from one. Hand-written because it is one of kiln's compression methods; torch
+supplies autograd and AdamW.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ class TrainState:
     seconds: float = 0.0
     tokens: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last point)
+    # the steps since the last point, checkpointed with it: resumed, the next point averages the same steps
+    # as an uninterrupted run's (it averaged the resumed ones only), and a run checkpointed at its last step
+    # still ends with its final point
+    loss_sum: float = 0.0
+    num_loss_steps: int = 0
 
 
 def save_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -168,7 +174,6 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
         state = load_checkpoint(checkpoint, student, optimizer, identity)
     stream = batches(tokens, cfg.batch_size, cfg.seq_len, seed=0, skip=state.step)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=None if progress else True)
-    running, count = 0.0, 0
     start = time.perf_counter() - state.seconds
     try:
         while state.step < cfg.steps and (cfg.time_budget_s is None or state.seconds < cfg.time_budget_s):
@@ -193,10 +198,9 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
             state.tokens += inputs.numel()
             state.seconds = time.perf_counter() - start
             value = loss.item()
-            running, count = running + value, count + 1
+            state.loss_sum, state.num_loss_steps = state.loss_sum + value, state.num_loss_steps + 1
             if state.step % log_every == 0:
-                state.losses.append((state.step, running / count))
-                running, count = 0.0, 0
+                _log_point(state)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
             if checkpoint is not None and state.step % every == 0:
@@ -208,9 +212,15 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
         student.eval()
         for p in student.parameters():
             p.requires_grad_(False)
-    if count:
-        state.losses.append((state.step, running / count))
+    if state.num_loss_steps:
+        _log_point(state)
     return state
+
+
+def _log_point(state: TrainState) -> None:
+    """Close the loss curve's point at state.step: the mean loss of the steps since the previous one."""
+    state.losses.append((state.step, state.loss_sum / state.num_loss_steps))
+    state.loss_sum, state.num_loss_steps = 0.0, 0
 
 
 def validation_loss(model: LlamaModel, tokens: Tensor, seq_len: int = 256, windows: int = 16) -> float:

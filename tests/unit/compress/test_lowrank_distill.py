@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,31 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_does(tiny: LlamaMod
     # steps 7-12 see the same windows of text as in the uninterrupted run, so the weights end the same
     for name, value in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("stop", [10, None], ids=["ctrl_c_mid_run", "ctrl_c_after_the_last_step"])
+def test_the_loss_curve_after_a_resume_is_the_uninterrupted_one(tiny: LlamaModel, tmp_path: Path,
+                                                                 stop: int | None) -> None:
+    # A point is the mean loss of the steps since the previous point, but a checkpoint kept the points alone:
+    # resumed from step 8, the point at step 10 averaged steps 9-10 instead of 6-10; and a run checkpointed
+    # at its last step (Ctrl-C while kiln distill wrote the artifact) lost its final point on --resume.
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    cfg = Distill(steps=12, lr=3e-3, batch_size=2, seq_len=16, precision="fp32")
+    whole = distill.train(tiny, distill.make_student(tiny, [0, 3]), text, cfg, log_every=5, progress=False)
+    assert [step for step, _ in whole.losses] == [5, 10, 12]
+
+    def ctrl_c(state: distill.TrainState) -> None:
+        if state.step == stop:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "ckpt"
+    with contextlib.suppress(KeyboardInterrupt):
+        distill.train(tiny, distill.make_student(tiny, [0, 3]), text, cfg, checkpoint=checkpoint, every=4,
+                      log_every=5, progress=False, on_step=ctrl_c)
+    resumed = distill.train(tiny, distill.make_student(tiny, [0, 3]), text, cfg, checkpoint=checkpoint,
+                            resume=True, every=4, log_every=5, progress=False)
+    assert [step for step, _ in resumed.losses] == [5, 10, 12]
+    assert [loss for _, loss in resumed.losses] == pytest.approx([loss for _, loss in whole.losses], rel=1e-5)
 
 
 def test_resume_refuses_a_checkpoint_of_another_student(tiny: LlamaModel, tmp_path: Path) -> None:
