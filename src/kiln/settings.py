@@ -24,3 +24,23 @@ def data_dir() -> Path:
         return Path(env)
     project_root = Path(__file__).resolve().parents[2]
     return project_root.parent / "shared" / "data"
+
+
+def _flag(name: str) -> bool:
+    """An on/off KILN_* switch that is on unless set to 0."""
+    return os.environ.get(name, "1") != "0"
+
+
+def ort_spin() -> bool:
+    """KILN_ORT_SPIN: ONNX Runtime's pool threads spin between ops (0 for hosts whose cores are shared)."""
+    return _flag("KILN_ORT_SPIN")
+
+
+def huge_pages() -> bool:
+    """KILN_HUGEPAGES: move an ONNX Runtime session's weights to 2 MiB pages once it is built."""
+    return _flag("KILN_HUGEPAGES")
+
+
+def ort_prefill_graph() -> bool:
+    """KILN_ORT_PREFILL: run int4 exports' prompts on their prefill graph (0 saves its copy of the weights)."""
+    return _flag("KILN_ORT_PREFILL")

@@ -48,9 +48,9 @@ from kiln.model.spec import int8_block  # also onnx_export.int8_block for the ex
 OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
 ONNX_FILE = "model.onnx"
 # 2: the logits_to_keep input; 3: int8 artifacts in larger blocks; 4: tied int4 heads shared with the
-# embedding lookup; 5: asymmetric int4 as symmetric kernels plus group-offset terms (runtimes cache
-# exports by version)
-EXPORT_VERSION = 5
+# embedding lookup; 5: asymmetric int4 as symmetric kernels plus group-offset terms; 6: int4 exports
+# carry a prefill graph (runtimes cache exports by version)
+EXPORT_VERSION = 6
 # max |logit difference| / logit range on a real prompt, per precision: fp32 is the same arithmetic in
 # another order; int4 / int8 add MatMulNBits' int8 activation rounding (accuracy level 4)
 TOLERANCE = {"fp32": 1e-3, "int8": 0.05, "int4": 0.08}
@@ -200,6 +200,7 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
         if plan.precision != "fp32":
             transplant(staging, loaded.model)
         keep_last_logits(staging)
+        write_prefill_graph(staging)
         (staging / "kiln-export.json").write_text(json.dumps({
             "source": loaded.source.name, "source_sha256": loaded.sha256, "precision": plan.precision,
             "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head,
@@ -417,6 +418,36 @@ def keep_last_logits(folder: Path) -> None:
     for offset, node in enumerate(nodes):
         graph.node.insert(index + offset, node)
     onnx.save_model(graph_model, str(folder / RUNTIME_FILE))  # its weights stay in model.onnx.data
+
+
+PREFILL_FILE = "kiln-prefill.onnx"  # kiln.onnx with fp32-activation int4 matmuls, for prompt chunks
+PREFILL_ACCURACY = 1  # MatMulNBits' accuracy level in the prefill graph: fp32 activations
+
+
+def write_prefill_graph(folder: Path) -> bool:
+    """Write kiln-prefill.onnx beside kiln.onnx when the export has int4 MatMulNBits; True if written.
+
+    The same graph and weights file, with the int4 matmuls at accuracy level 1 (fp32 activations, each
+    block widened) instead of 4 (activations rounded to int8). Level 4 is what makes batch-1 decode fast
+    (3x level 1 on a 1536x576 layer in groups of 32 here), but ONNX Runtime's int8-activation kernel runs
+    a many-row prompt at about 55 GFLOP/s on this CPU where level 1 reaches 110-120 at 256-512 rows; the
+    two cross near 32 rows (a throwaway sweep, 2 threads). The onnxruntime runtime runs prompt chunks on
+    this graph (engine/onnx_runtime.py, PREFILL_ROWS); int8 blocks keep level 4, which level 1 runs slower
+    at every row count. The prefill session holds a second copy of the int4 weights (about 82 MB for the
+    default model in groups of 32).
+    """
+    import onnx
+
+    graph_model = onnx.load(str(folder / RUNTIME_FILE), load_external_data=False)
+    changed = 0
+    for node in graph_model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "MatMulNBits" and attrs["bits"].i == 4 and "accuracy_level" in attrs:
+            attrs["accuracy_level"].i = PREFILL_ACCURACY
+            changed += 1
+    if changed:
+        onnx.save_model(graph_model, str(folder / PREFILL_FILE))  # its weights stay in model.onnx.data
+    return bool(changed)
 
 
 def max_logit_error(loaded: LoadedModel, folder: Path, text: str = "The capital of France is Paris. It is") -> float:

@@ -129,6 +129,7 @@ def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> di
     weights, precision = model_bytes(loaded), str(loaded.model.dtype).removeprefix("torch.")
     # as generate, chat and serve do: under an ONNX Runtime session only the session's copy stays
     model, runtime = pick_runtime(loaded, options.runtime, options.kv_cache, keep_weights=False)
+    weights += getattr(model, "prefill_bytes", 0)  # an int4 export's prefill session holds its blocks again
     # no prefix caching: every run must prefill its prompts, not find them cached by the run before
     generator = Generator(model, loaded.tokenizer, kv_cache=options.kv_cache,  # type: ignore[arg-type]
                           prefix_caching=False)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
+
+from kiln import settings
 
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
@@ -73,7 +74,7 @@ def _collapse(ranges: list[tuple[int, int]], libc: ctypes.CDLL) -> int:
 
 def with_huge_pages(build: Callable[[], T]) -> tuple[T, int]:
     """build(), then the anonymous memory it mapped backed by huge pages; (result, bytes collapsed)."""
-    if not sys.platform.startswith("linux") or os.environ.get("KILN_HUGEPAGES", "1") == "0":
+    if not sys.platform.startswith("linux") or not settings.huge_pages():
         return build(), 0
     try:
         before = _anonymous_regions()

@@ -23,7 +23,6 @@ blocks ever published take memory.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ import torch
 from torch import Tensor
 
 from kiln import settings
-from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, RUNTIME_FILE
+from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, PREFILL_FILE, RUNTIME_FILE
 from kiln.benchmark.machine import available_bytes
 from kiln.engine import RUNTIMES
 from kiln.engine.hugepages import with_huge_pages
@@ -48,6 +47,7 @@ from kiln.model.spec import ModelSpec
 
 FIRST_CAPACITY = 256  # tokens a sequence's own key/value buffers hold at least
 HUGE_PAGES_FROM = 64 << 20  # bytes of exported weights from which a session's memory moves to huge pages
+PREFILL_ROWS = 32  # tokens per row from which a step runs on an int4 export's prefill graph (where the two cross)
 
 
 @dataclass
@@ -103,7 +103,7 @@ def session_options(threads: int | None = None) -> Any:
     # ORT's pool threads spin between ops: 7 ms per int4 decode step here instead of 11 on an idle
     # machine, but when other jobs share a small CPU the spinning steals their cores (and ours):
     # KILN_ORT_SPIN=0 turns it off for such hosts (per-session pools: only they take that setting)
-    if os.environ.get("KILN_ORT_SPIN", "1") == "0":
+    if not settings.ort_spin():
         options.intra_op_num_threads = threads or PROCESS_THREADS
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     else:
@@ -126,14 +126,22 @@ class OnnxModel:
         import onnxruntime as ort
 
         options = session_options(threads)
-        graph = folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE
+        weights = sum(f.stat().st_size for f in folder.glob("*.onnx*") if f.name != PREFILL_FILE)
 
-        def build() -> Any:
-            return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        def load(graph: Path) -> Any:
+            def build() -> Any:
+                return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
-        # 2 MiB pages pay off when a step streams far more weights than the TLB covers (a few MB of small pages)
-        weights = sum(f.stat().st_size for f in folder.glob("*.onnx*"))
-        self.session = with_huge_pages(build)[0] if weights >= HUGE_PAGES_FROM else build()
+            # 2 MiB pages pay off when a step streams far more weights than the TLB covers (a few MB of small pages)
+            return with_huge_pages(build)[0] if weights >= HUGE_PAGES_FROM else build()
+
+        self.session = load(folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE)
+        # int4 exports: prompt chunks of PREFILL_ROWS or more run on a graph whose int4 matmuls take fp32
+        # activations (artifact/onnx_export.write_prefill_graph says why); KILN_ORT_PREFILL=0 saves its copy
+        # of the weights
+        use_prefill = (folder / PREFILL_FILE).is_file() and settings.ort_prefill_graph()
+        self.prefill_session = load(folder / PREFILL_FILE) if use_prefill else None
+        self.prefill_bytes = weights if use_prefill else 0  # what that session's copy of the weights holds
         self.spec = spec
         self.folder = folder
         names = [i.name for i in self.session.get_inputs()]
@@ -207,8 +215,12 @@ class OnnxModel:
                  **dict(zip(self.past_names, past, strict=True))}
         if self.keeps_last:
             feeds[LOGITS_TO_KEEP] = self._one if last else np.array([ids.shape[1]], dtype=np.int64)
-        logits, *presents = self.session.run(["logits", *self.present_names], feeds)
+        logits, *presents = self._session_for(ids.shape[1]).run(["logits", *self.present_names], feeds)
         return logits, presents
+
+    def _session_for(self, tokens: int) -> Any:
+        """The session that runs a step of `tokens` tokens per row: the prefill graph for prompt chunks."""
+        return self.prefill_session if self.prefill_session is not None and tokens >= PREFILL_ROWS else self.session
 
     def _buffers(self, seq: int, need: int) -> _SeqKV:
         """The sequence's buffers, grown (keeping their contents) to hold `need` tokens."""
@@ -239,6 +251,9 @@ class OnnxModel:
         an export without `logits_to_keep`). The [1, 1, V] array of keep=1 is reused by the next call."""
         if self._mask.shape[1] < total:
             self._mask = np.ones((1, max(total, 2 * self._mask.shape[1])), dtype=np.int64)
+        session = self._session_for(ids.shape[1])
+        if session is not self.session:  # a prompt chunk: a binding of the prefill session's over the same buffers
+            kv = _SeqKV(kv.arrays, kv.values, self._binding(session, kv.values, self._last_value))
         binding = kv.binding
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", self._mask[:, :total])
@@ -250,7 +265,7 @@ class OnnxModel:
             kv.keep = keep
         if not preallocated:
             binding.bind_output("logits")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         if preallocated:
             return self._last
         logits: np.ndarray = binding.get_outputs()[0].numpy()
@@ -442,7 +457,11 @@ class OnnxModel:
         """(OrtValues over `arrays`, an IO binding with them as both past and present). With logits_to_keep
         the last position's logits go to the OrtValue `logits`; an older export's come back as an output."""
         values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        binding = self.session.io_binding()
+        return values, self._binding(self.session, values, logits)
+
+    def _binding(self, session: Any, values: list[Any], logits: Any) -> Any:
+        """An IO binding of `session` with `values` as both past and present (see _bind_in_place)."""
+        binding = session.io_binding()
         # logits first: get_outputs() lists outputs in the order they were first bound
         if self.keeps_last:
             binding.bind_cpu_input(LOGITS_TO_KEEP, self._one)
@@ -453,7 +472,7 @@ class OnnxModel:
             binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.present_names, values, strict=True):
             binding.bind_ortvalue_output(name, value)
-        return values, binding
+        return binding
 
 
 def export_path(loaded: LoadedModel, precision: str = "auto") -> Path:
@@ -521,13 +540,16 @@ def no_room_for_onnx(loaded: LoadedModel, share: float = 0.5, keep_weights: bool
     plus what they free; an export still to be built reads kiln's weights as it writes, so that case is
     weighed as two copies.
     """
+    from kiln.artifact.onnx_export import plan_for
     from kiln.benchmark.latency import model_bytes
 
-    copy, free = model_bytes(loaded), available_bytes()
+    mine, free = model_bytes(loaded), available_bytes()
     if not free:
         return None
+    # an int4 export's prefill graph is a second session over the same blocks (write_prefill_graph)
+    copy = mine * (2 if plan_for(loaded, "auto").precision == "int4" and settings.ort_prefill_graph() else 1)
     if not keep_weights and has_export(loaded):
-        room = free + copy  # kiln's weights (model_bytes again) are released before the session loads
+        room = free + mine  # kiln's weights (model_bytes again) are released before the session loads
         if copy > share * room:
             return (f"its onnxruntime copy of the weights ({copy / 2**20:.0f} MB) would take more than "
                     f"{share:.0%} of the memory available once kiln's own copy is released ({room / 2**20:.0f} MB)")

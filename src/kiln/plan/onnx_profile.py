@@ -3,7 +3,8 @@
 Streamed weights: one ONNX graph per weight format, holding the same small-model matrices as the torch
 measurement, timed at each batch size and at prefill shape. The formats are the nodes kiln's exports
 use: MatMul over fp32 weights, MatMulNBits over int8 codes in blocks of 64 and int4 codes in groups
-of 128, both at accuracy level 4 (activations rounded to int8, as the exports run them). Their codes
+of 128, both at accuracy level 4 (activations rounded to int8, as the exports run decode steps), int4 at
+prefill shape at level 1 (fp32 activations: the prefill graph int4 exports run prompts on). Their codes
 are random bytes: a kernel's speed does not depend on the values.
 
 The engine's costs on top of that come from the two probe models (kiln.plan.profile.PROBE) exported as
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.artifact.onnx_export import PREFILL_ACCURACY
 from kiln.plan.memory import INT4_GROUP
 from kiln.plan.profile import (
     BATCHES,
@@ -52,7 +54,7 @@ def available() -> bool:
     return True
 
 
-def _stream_graph(precision: str, shapes: list[tuple[int, int]]) -> tuple[bytes, int]:
+def _stream_graph(precision: str, shapes: list[tuple[int, int]], accuracy_level: int = 4) -> tuple[bytes, int]:
     """(a serialized graph of one matmul per [out, in] shape over `precision` weights, the weights' bytes)."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -71,7 +73,7 @@ def _stream_graph(precision: str, shapes: list[tuple[int, int]]) -> tuple[bytes,
                        rng.uniform(0.005, 0.015, (rows, blocks)).astype(np.float32)]
             nodes.append(helper.make_node("MatMulNBits", [f"x{cols}", f"w{i}", f"s{i}"], [f"y{i}"],
                                           domain="com.microsoft", K=cols, N=rows, bits=bits, block_size=block,
-                                          accuracy_level=4))
+                                          accuracy_level=accuracy_level))
         weights += [numpy_helper.from_array(t, f"{name}{i}") for t, name in zip(tensors, "ws", strict=False)]
         total += sum(t.nbytes for t in tensors)
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["rows", rows]))
@@ -88,8 +90,8 @@ def _streamed(precision: str) -> tuple[dict[str, float], float]:
     from kiln.engine.hugepages import with_huge_pages
     from kiln.engine.onnx_runtime import session_options
 
-    def session(shapes: list[tuple[int, int]]) -> tuple[Any, int]:
-        graph, total = _stream_graph(precision, shapes)
+    def session(shapes: list[tuple[int, int]], accuracy_level: int = 4) -> tuple[Any, int]:
+        graph, total = _stream_graph(precision, shapes, accuracy_level)
         # the runtime's sessions move their weights to huge pages (engine/hugepages.py); so do these
         built = with_huge_pages(lambda: ort.InferenceSession(graph, session_options(),
                                                              providers=["CPUExecutionProvider"]))[0]
@@ -108,7 +110,8 @@ def _streamed(precision: str) -> tuple[dict[str, float], float]:
     # a prompt is compute-bound: two layers' matrices, without the head (the engine runs it on one row)
     shapes = stream_shapes(2)[:-1]
     flops = 2 * PREFILL_ROWS * sum(rows * cols for rows, cols in shapes)
-    return per_byte, flops / timed(session(shapes)[0], shapes, PREFILL_ROWS) / 1e9
+    prompt = session(shapes, PREFILL_ACCURACY if precision == "int4" else 4)[0]
+    return per_byte, flops / timed(prompt, shapes, PREFILL_ROWS) / 1e9
 
 
 def _probe_export(layers: int, tokenizer: Any, scratch: Path) -> tuple[Any, int]:

@@ -22,8 +22,9 @@ from kiln.model.load import LoadedModel, load
 pytest.importorskip("onnxruntime_genai", reason="the onnx extra is not installed: pip install 'lmkiln[onnx]'")
 
 
-def greedy(model: object, loaded: LoadedModel, prompts: list[list[int]]) -> list[list[int]]:
-    engine = Engine(model, loaded.tokenizer, EngineConfig(kv_budget_bytes=8 << 20, max_batch_tokens=16))  # type: ignore[arg-type]
+def greedy(model: object, loaded: LoadedModel, prompts: list[list[int]], max_batch_tokens: int = 16) -> list[list[int]]:
+    config = EngineConfig(kv_budget_bytes=8 << 20, max_batch_tokens=max_batch_tokens)
+    engine = Engine(model, loaded.tokenizer, config)  # type: ignore[arg-type]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     requests = [engine.add_request(p, params) for p in prompts]
     engine.run()
@@ -662,3 +663,58 @@ def test_auto_runtime_weighs_one_copy_when_kilns_weights_go_and_the_export_is_bu
     assert pick_runtime(late, "auto", keep_weights=False) == (late.model, "torch")
     err = capsys.readouterr().err
     assert "more than 50% of the memory available once kiln's own copy is released (1100 MB)" in err
+
+
+def test_int4_prompts_run_on_a_prefill_graph_with_fp32_activations(onnx_tiny_folder: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    artifact = tmp_path / "int4"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=4, group_size=32, symmetric=True),)), artifact,
+             progress=False)
+    loaded = load(str(artifact), progress=False)
+    folder = onnx_export.export(loaded, tmp_path / "onnx")
+
+    def levels(name: str) -> set[int]:
+        graph = onnx.load(str(folder / name), load_external_data=False).graph
+        return {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "accuracy_level"}
+
+    assert levels(onnx_export.RUNTIME_FILE) == {4} and levels(onnx_export.PREFILL_FILE) == {1}
+    model = OnnxModel(folder, loaded.spec, 1)
+    assert model.prefill_session is not None
+    ids = torch.randint(3, loaded.spec.vocab_size, (40,)).tolist()  # PREFILL_ROWS or more: the prefill graph
+    with torch.inference_mode():
+        want = loaded.model(torch.tensor([ids]))[0]
+    on_prefill = model.extend(1, ids, 0).clone()
+    model.forget(1)
+    prefill, model.prefill_session = model.prefill_session, None
+    on_decode_graph = model.extend(1, ids, 0).clone()
+    model.forget(1)
+    # fp32 activations are closer to kiln's own arithmetic than the int8-rounded ones of the decode graph
+    assert (on_prefill - want).abs().max() < (on_decode_graph - want).abs().max()
+    assert (on_prefill - want).abs().max() < 0.02 * float(want.max() - want.min())
+    # whole prompts on the prefill graph (two of one width in one run), decode steps on the other, rows
+    # batched or alone: the same tokens
+    class Counted:  # the prefill session, counting its runs
+        runs = 0
+
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("run"):
+                Counted.runs += 1
+            return getattr(prefill, name)
+
+    model.prefill_session = Counted()
+    prompts = [ids, ids[::-1], ids[:33], [5, 6, 7]]
+    together = greedy(model, loaded, prompts, max_batch_tokens=128)
+    assert Counted.runs == 2  # the two 40-token prompts in one run, the 33-token one alone
+    assert together == [greedy(model, loaded, [p], max_batch_tokens=128)[0] for p in prompts]
+    monkeypatch.setenv("KILN_ORT_PREFILL", "0")
+    assert OnnxModel(folder, loaded.spec, 1).prefill_session is None
+
+
+def test_int8_exports_have_no_prefill_graph(onnx_tiny_folder: Path, tmp_path: Path) -> None:
+    artifact = tmp_path / "int8"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=8),)), artifact, progress=False)
+    folder = onnx_export.export(load(str(artifact), progress=False), tmp_path / "onnx")
+    assert not (folder / onnx_export.PREFILL_FILE).exists()  # level 1 runs 8-bit blocks slower at every size

@@ -144,7 +144,8 @@ def test_auto_plans_the_runtime_the_other_commands_pick(spec: ModelSpec) -> None
         estimate.estimate(spec, "int4", 640, 1, TORCH_ONLY, "onnxruntime")
 
 
-def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: ModelSpec) -> None:
+def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: ModelSpec,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     torch_plan, onnx_plan = (estimate.estimate(spec, "int8", 640, 1, PROFILE, r) for r in ("torch", "onnxruntime"))
     weights = memory.weights_bytes(spec, "int8")
     assert torch_plan.weights_bytes == weights
@@ -165,9 +166,13 @@ def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: M
     assert onnx_plan.kv_cache_bytes == per_token * (640 + 160 + 16)
     four = estimate.estimate(spec, "int8", 640, 4, PROFILE, "onnxruntime")
     assert four.kv_cache_bytes == 4 * onnx_plan.kv_cache_bytes
-    # int4: the lookup reads the head's blocks, through a reshape the session folds into a copy of them;
-    # fp32: through a transpose, folded into a second table
-    assert memory.onnx_session_bytes(spec, "int4") == memory.weights_bytes(spec, "int4") + 49152 * 576 // 2
+    # int4: the lookup reads the head's blocks, through a reshape the session folds into a copy of them,
+    # and the prefill graph's session holds the blocks again; fp32: through a transpose, folded into a
+    # second table
+    int4 = memory.weights_bytes(spec, "int4")
+    assert memory.onnx_session_bytes(spec, "int4") == 2 * int4 + 49152 * 576 // 2
+    monkeypatch.setenv("KILN_ORT_PREFILL", "0")
+    assert memory.onnx_session_bytes(spec, "int4") == int4 + 49152 * 576 // 2
     assert memory.onnx_session_bytes(spec, "fp32") == memory.weights_bytes(spec, "fp32") + 49152 * 576 * 4
 
 
