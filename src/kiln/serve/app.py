@@ -81,6 +81,13 @@ def _param_of(error: dict[str, Any]) -> str | None:
     return ".".join(location) or None
 
 
+def _message_of(error: dict[str, Any]) -> str:
+    """The error's own sentence: a ValueError raised in one of our validators is the message alone, without the
+    "Value error, " that pydantic puts before it."""
+    message = str(error.get("msg", "invalid value"))
+    return message.removeprefix("Value error, ") if error.get("type") == "value_error" else message
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -91,7 +98,7 @@ def install_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         param = _param_of(first)
         # the message is built from the error's fields, never str(exc), so nothing internal leaks
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}" if first else "invalid request body"
+        message = f"{param or 'body'}: {_message_of(first)}" if first else "invalid request body"
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
     @app.exception_handler(KilnError)

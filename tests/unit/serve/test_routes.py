@@ -41,6 +41,20 @@ def test_stream_options_without_a_stream_are_400(path: str, body: dict, stream: 
     assert "only allowed when stream is true; drop stream_options or set stream" in error["message"]
 
 
+@pytest.mark.parametrize("path,body,param,sentence", [
+    ("/v1/completions", {"prompt": ""}, "prompt", "the prompt is empty"),
+    ("/v1/completions", {"prompt": "hi", "stop": [""]}, "stop", "stop sequences must not be empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, "messages.0.content",
+     "the list of content parts is empty; send a string or at least one text part"),
+])
+def test_a_validator_refusal_is_its_own_sentence(path: str, body: dict, param: str, sentence: str) -> None:
+    # a ValueError raised in a validator reaches the client as its message alone, not pydantic's "Value error, ..."
+    r = TestClient(create_app(ServeConfig())).post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["message"], error["param"], error["code"]) == (f"{param}: {sentence}", param, "invalid_value")
+
+
 # --- the token reserve --------------------------------------------------------------------------------
 
 
