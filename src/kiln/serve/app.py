@@ -33,7 +33,7 @@ from kiln.errors import KilnError
 from kiln.serve.auth import ApiKeyMiddleware, load_digests
 from kiln.serve.deploy import Router
 from kiln.serve.limits import BodyLimitMiddleware
-from kiln.serve.protocol import error_body
+from kiln.serve.protocol import error_body, error_code
 from kiln.serve.registry import Registry
 from kiln.serve.routes import ApiError, router
 from kiln.serve.state import ServeConfig, ServerState
@@ -103,7 +103,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(KilnError)
     async def kiln_error(_: Request, exc: KilnError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "invalid_request_error"), 400)
+        return JSONResponse(error_body(str(exc), "invalid_request_error", code=error_code(exc)), 400)
 
     @app.exception_handler(EngineStopped)
     async def engine_stopped(_: Request, exc: EngineStopped) -> JSONResponse:

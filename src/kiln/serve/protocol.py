@@ -6,6 +6,7 @@ does not support are refused by name rather than ignored.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -28,6 +29,13 @@ class ErrorResponse(BaseModel):
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_code(error: Exception) -> str:
+    """The code of a refusal that has none of its own: its error class's name in snake_case (InvalidParameterError:
+    "invalid_parameter_error", ContextLengthError: "context_length_error", KilnError: "kiln_error"), the same
+    streamed or not. Refusals the routes check themselves keep OpenAI's codes (context_length_exceeded, ...)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
 
 
 class StreamOptions(BaseModel):

@@ -27,7 +27,14 @@ from kiln.engine.sampler import SamplingParams
 from kiln.errors import KilnError
 from kiln.serve.deploy import Deployment, Route
 from kiln.serve.guardrails import StreamFilter
-from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest, ResponseFormat, error_body
+from kiln.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    ResponseFormat,
+    error_body,
+    error_code,
+)
 from kiln.serve.state import ServerState
 
 router = APIRouter()
@@ -479,7 +486,7 @@ def _stream_error(error: BaseException) -> dict[str, Any]:
     if isinstance(error, TimeoutError):
         return error_body("the request did not finish before its deadline", "timeout_error")
     if isinstance(error, KilnError):
-        return error_body(str(error), "invalid_request_error")
+        return error_body(str(error), "invalid_request_error", code=error_code(error))
     return error_body("generation failed", "server_error")
 
 

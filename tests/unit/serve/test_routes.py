@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from kiln.engine.request import Request
-from kiln.errors import InvalidParameterError
+from kiln.errors import ContextLengthError, InvalidParameterError, KilnError
 from kiln.serve.app import create_app
 from kiln.serve.state import ServeConfig
 from kiln.serve.worker import EngineWorker
@@ -193,17 +193,24 @@ def test_a_prompt_over_the_kv_budget_is_400_kv_budget_exceeded(tiny_folder: Path
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("error,code", [(InvalidParameterError, "invalid_parameter_error"),
+                                        (ContextLengthError, "context_length_error"), (KilnError, "kiln_error")])
 def test_an_engine_refusal_says_why_streamed_or_not(limited: tuple[FastAPI, TestClient], stream: bool,
+                                                    error: type[KilnError], code: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     app, client = limited
 
     def refuses(*args: Any, **kw: Any) -> Request:
-        raise InvalidParameterError("the prompt cannot run here; shorten it")
+        raise error("the prompt cannot run here; shorten it")
 
     monkeypatch.setattr(worker_of(app).engine, "add_request", refuses)
     status, text = generate(client, stream)
-    assert status == (200 if stream else 400) and "the prompt cannot run here; shorten it" in text, text
-    assert "invalid_request_error" in text and "generation failed" not in text
+    assert status == (200 if stream else 400), text
+    body = json.loads(text) if not stream else next(json.loads(line[6:]) for line in text.splitlines()
+                                                    if line.startswith("data: {"))
+    # a refusal with no code of its own is coded by its error class, the same streamed or not
+    assert body["error"] == {"message": "the prompt cannot run here; shorten it", "type": "invalid_request_error",
+                             "param": None, "code": code}
 
 
 # --- response_format -----------------------------------------------------------------------------------
