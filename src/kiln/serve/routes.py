@@ -12,13 +12,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.types import Receive, Scope, Send
 
 from kiln.engine.engine import StepOutput
 from kiln.engine.request import Request as EngineRequest
@@ -499,12 +500,27 @@ def _stream_filters(state: ServerState, dep: Deployment, count: int) -> list[Str
     return [StreamFilter(rules.output) for _ in range(count)]
 
 
+class _EventStream(StreamingResponse):
+    """A stream of SSE events that closes its generator however the response ends. Starlette leaves the generator
+    suspended at its yield when the client leaves during a send; its cleanup (abort the generations, free the slot,
+    refund the reserve) would then wait for the garbage collector."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()  # a no-op when the stream ran to its end
+
+
 def _stream_response(job: Job, request: Request, include_usage: bool, chat: bool) -> StreamingResponse:
-    return _with_version(StreamingResponse(_sse_events(job, request, include_usage, chat),
-                                           media_type="text/event-stream"), job.deployment)
+    return _with_version(_EventStream(_sse_events(job, request, include_usage, chat)), job.deployment)
 
 
-async def _sse_events(job: Job, request: Request, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
+async def _sse_events(job: Job, request: Request, include_usage: bool, chat: bool) -> AsyncGenerator[bytes, None]:
     """SSE chunks of every choice as they come; always ends with `data: [DONE]` (an error chunk first if failed)."""
     state, dep = job.state, job.deployment
     tok = dep.loaded.tokenizer

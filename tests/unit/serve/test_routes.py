@@ -166,6 +166,33 @@ def test_a_cancelled_stream_refunds_what_it_did_not_use(limited: tuple[FastAPI, 
     assert tokens_left(app) == pytest.approx(TOKENS_PER_MIN - len(PROMPT) - len(request.output), abs=1)
 
 
+def test_a_client_gone_while_a_chunk_is_sent_frees_its_request_at_once(limited: tuple[FastAPI, TestClient],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the client reads one chunk, then nothing: the server is held sending the next when it leaves, and must
+    # still end the request then (slot, reserve, engine work), not when the collector finds the stream's generator
+    app, client = limited
+    worker = worker_of(app)
+    added, real_step = added_requests(worker, monkeypatch), worker.engine.step
+
+    def slow() -> list:
+        time.sleep(0.02)  # 50 tokens take a second: the client leaves long before the end
+        return real_step()
+
+    monkeypatch.setattr(worker.engine, "step", slow)
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data: {"))
+        assert json.loads(next(lines).removeprefix("data: "))["choices"]
+        time.sleep(0.2)  # more tokens are made meanwhile: the server waits to send one
+    assert app.state.kiln.admission.current == 0
+    [request] = added
+    deadline = time.monotonic() + 10
+    while not request.status.finished:
+        assert time.monotonic() < deadline, "the engine still runs the request of a client that left"
+        time.sleep(0.05)
+    assert len(request.output) < MAX_TOKENS
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
