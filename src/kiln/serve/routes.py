@@ -181,12 +181,23 @@ def _reserve_tokens(job: Job) -> None:
 def _refund(job: Job | None) -> None:
     """Give the key back the part of its token reserve that was not used: the reserve less the prompt and generated
     tokens of each choice that ran (none, if none ran). Called on every way out, so a request that fails, times out
-    or is cancelled does not keep its whole reserve; refunds once however often it is called."""
+    or is cancelled does not keep its whole reserve; refunds once however often it is called. A choice left running
+    (a client gone, a deadline) may still get a token before its abort reaches the engine: its count is read on the
+    engine thread once it is aborted, so the tokens generated are charged, no more and no fewer."""
     if job is None or not job.is_reserved:
         return
     job.is_reserved = False
-    used = sum(len(r.prompt) + len(r.output) for r in job.started.values())
-    job.state.limiter.refund(job.key, job.reserved_tokens - used)
+    started = list(job.started.values())
+
+    def give_back() -> None:
+        used = sum(len(r.prompt) + len(r.output) for r in started)
+        job.state.limiter.refund(job.key, job.reserved_tokens - used)
+
+    running = [r.request_id for r in started if not r.status.finished]
+    if running:
+        job.deployment.worker.after_end(running, give_back)
+    else:
+        give_back()
 
 
 # --- running -------------------------------------------------------------------------------------------

@@ -224,6 +224,22 @@ class EngineWorker:
             if not finished:
                 self.commands.put(_Abort(request_id))
 
+    def after_end(self, request_ids: Sequence[str], fn: Callable[[], None]) -> None:
+        """Call fn on the engine thread once the given requests can grow no more: any still running is aborted
+        there first (its caller has left it), so fn reads their final outputs. Does not wait; when the engine has
+        stopped, nothing grows any more and fn runs at once."""
+
+        def end(engine: Engine) -> None:
+            for request_id in request_ids:
+                engine.abort(request_id)
+                self.sinks.pop(request_id, None)
+            fn()
+
+        try:
+            self._submit(_Call(end, lambda result: fn() if isinstance(result, EngineStopped) else None))
+        except EngineStopped:
+            fn()
+
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run fn(engine) on the engine thread, between steps, and return its result."""
         loop = asyncio.get_running_loop()
