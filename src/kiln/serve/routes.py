@@ -67,7 +67,8 @@ class Job:
     deadline: float | None
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
-    reserved_tokens: int = 0  # prompt + max_tokens of every choice, taken from the key's token rate
+    reserved_tokens: int = 0  # prompt + max_tokens of every choice, and each prompt again for an echo with logprobs
+    echoed_tokens: int = 0  # prompt tokens scored by the echo passes that ran (one pass per prompt, not per choice)
     is_reserved: bool = False  # reserved_tokens are taken and the unused part is not yet refunded
     started: dict[int, EngineRequest] = field(default_factory=dict)  # choice index -> its request, once it ran
 
@@ -190,7 +191,7 @@ def _refund(job: Job | None) -> None:
     started = list(job.started.values())
 
     def give_back() -> None:
-        used = sum(len(r.prompt) + len(r.output) for r in started)
+        used = sum(len(r.prompt) + len(r.output) for r in started) + job.echoed_tokens
         job.state.limiter.refund(job.key, job.reserved_tokens - used)
 
     running = [r.request_id for r in started if not r.status.finished]
@@ -373,14 +374,18 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
         job = _job(state, dep, key, per_choice, [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i,
                                                                grammar=grammar) for i in range(len(per_choice))])
+        if body.echo and body.logprobs is not None:  # a model pass over each prompt: prompt work, charged as such
+            job.reserved_tokens += sum(len(p) for p in prompts)
         _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
                                     body.stream_options.include_usage, chat=False)
         outs = await _collect(job, request, len(job.params))
-        _record(job, outs)
-        _guard(state, dep, [o.request.text for o in outs], "output")  # as chat: the generated text, not the echo
-        echoes = [await _echo(dep, prompts[i], body.logprobs) if body.echo else None for i in range(len(prompts))]
+        try:  # the refund (in _record) waits for the echo passes, so that what they ran is charged
+            _guard(state, dep, [o.request.text for o in outs], "output")  # as chat: the generated text, not the echo
+            echoes = [await _echo(job, prompts[i], body.logprobs) if body.echo else None for i in range(len(prompts))]
+        finally:
+            _record(job, outs)
         choices = []
         for i, out in enumerate(outs):
             r = out.request
@@ -410,12 +415,13 @@ def _join_logprobs(echo: dict[str, Any] | None, generated: dict[str, Any]) -> di
     return {k: echo[k] + generated[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
-async def _echo(dep: Deployment, prompt: list[int], logprobs: int | None) -> tuple[str, dict[str, Any] | None]:
-    tok = dep.loaded.tokenizer
+async def _echo(job: Job, prompt: list[int], logprobs: int | None) -> tuple[str, dict[str, Any] | None]:
+    tok = job.deployment.loaded.tokenizer
     text = tok.decode(prompt, skip_special_tokens=False)
     if logprobs is None:
         return text, None
-    values = await dep.worker.prompt_logprobs(prompt, logprobs)
+    values = await job.deployment.worker.prompt_logprobs(prompt, logprobs)
+    job.echoed_tokens += len(prompt)
     return text, completion_logprobs(tok, prompt, values)
 
 

@@ -202,6 +202,19 @@ def test_a_client_gone_while_a_chunk_is_sent_frees_its_request_at_once(limited: 
     assert len(request.output) < MAX_TOKENS
 
 
+def test_the_echo_prompt_pass_is_charged_as_prompt_work(limited: tuple[FastAPI, TestClient],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # echo with logprobs runs the model over each prompt once more: its tokens count as prompt tokens do
+    app, client = limited
+    added = added_requests(worker_of(app), monkeypatch)
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+                                             "echo": True, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    [request] = added
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == len(PROMPT) + len(request.output)
+    assert tokens_left(app) == TOKENS_PER_MIN - len(PROMPT) - len(request.output) - len(PROMPT)
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
