@@ -43,7 +43,7 @@ def _sampling() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (a signed 64-bit integer)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json-schema", default=None, metavar="SCHEMA",
                    help="hold the output to a JSON schema: inline JSON or a .json file ('{\"type\": \"object\"}': any "
@@ -54,8 +54,12 @@ def _sampling() -> argparse.ArgumentParser:
 
 
 def _params(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
-    from kiln.engine.sampler import SamplingParams
+    from kiln.engine.sampler import MAX_SEED, MIN_SEED, SamplingParams
+    from kiln.errors import InvalidParameterError
 
+    if args.seed is not None and not MIN_SEED <= args.seed <= MAX_SEED:
+        raise InvalidParameterError(f"--seed {args.seed} is out of range; it must be in [-2**63, 2**63 - 1], as the "
+                                    "server's seed")
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

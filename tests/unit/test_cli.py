@@ -1,10 +1,18 @@
-"""The `kiln` command's top level: how a run ends when the user presses Ctrl-C."""
+"""The `kiln` command's top level: how a run ends when the user presses Ctrl-C, and its sampling options."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from kiln import cli
+from kiln.engine.sampler import SamplerState
+from kiln.serve.protocol import CompletionRequest
 
 # A command interrupted by Ctrl-C, then a second Ctrl-C while the process winds down (atexit handlers:
 # torch's compile-time dump, weakref finalizers), as when a user presses it twice.
@@ -29,3 +37,29 @@ def test_ctrl_c_twice_ends_with_one_line_and_no_traceback() -> None:
     done = subprocess.run([sys.executable, "-c", TWICE], capture_output=True, text=True, timeout=60)
     assert done.stderr.strip() == "kiln: interrupted"
     assert done.returncode in (130, -2)  # 130 by exit, or the SIGINT's own death (the shell shows 130)
+
+
+@pytest.mark.parametrize("verb", [["generate", "hi"], ["chat"]])
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**100])
+def test_a_seed_the_server_refuses_is_refused_in_one_line(verb: list[str], seed: int,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    def no_load(*args: object, **kw: object) -> None:
+        raise AssertionError("the seed is checked before the model loads")
+
+    monkeypatch.setattr("kiln.model.load.load", no_load)
+    assert cli.main([*verb, "--seed", str(seed)]) == 2
+    error = capsys.readouterr().err
+    assert error == f"kiln: error: --seed {seed} is out of range; it must be in [-2**63, 2**63 - 1], as the " \
+                    "server's seed\n"
+    with pytest.raises(ValidationError):  # the server's edge refuses the same seed
+        CompletionRequest.model_validate({"prompt": "hi", "seed": seed})
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), -1, 2**32])
+def test_a_seed_the_server_takes_is_taken_and_hashed_the_same_way(seed: int) -> None:
+    params = cli._params(cli.build_parser().parse_args(["generate", "hi", "--seed", str(seed)]))
+    served = CompletionRequest.model_validate({"prompt": "hi", "seed": seed}).sampling(16, None)
+    assert params.seed == served.seed == seed
+    draw = [torch.rand(4, generator=SamplerState(p, [1], 10).generator).tolist() for p in (params, served)]
+    assert draw[0] == draw[1]

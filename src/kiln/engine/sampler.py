@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from kiln.engine.grammar import Constraint
 
 Logits = Tensor | np.ndarray  # [n, V]: torch from the torch runtime, numpy from onnxruntime
+# the seeds a user may ask for, on the server and the CLI alike: a signed 64-bit integer, as OpenAI's seed (any
+# integer could be hashed, see torch_seed; the bound only keeps the two front ends the same)
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)

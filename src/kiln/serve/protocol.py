@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from kiln.engine.sampler import SamplingParams
+from kiln.engine.sampler import MAX_SEED, MIN_SEED, SamplingParams
 
 MAX_STOP = 4  # as OpenAI: up to four stop sequences
 
@@ -91,7 +91,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # torch's generator takes a 64-bit seed
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)  # hashed outside [0, 2**32): torch_seed
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep generating past the end-of-sequence token
     response_format: ResponseFormat | None = None
