@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from kiln.engine.sampler import MAX_SEED, MIN_SEED, SamplingParams
 
@@ -82,16 +82,16 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=8)
+    n: int = Field(default=1, ge=1, le=8, strict=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)  # hashed outside [0, 2**32): torch_seed
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED, strict=True)  # see sampler.torch_seed
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep generating past the end-of-sequence token
     response_format: ResponseFormat | None = None
@@ -134,10 +134,25 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(...)
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     suffix: None = None  # not supported: refused if set to anything
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        """One message for any prompt of the wrong shape, rather than one per member of the union above; token ids
+        are integers, never floats, strings or booleans, as every integer field here."""
+
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(value, str) or (isinstance(value, list) and (
+                all(isinstance(p, str) for p in value) or is_ids(value) or all(is_ids(p) for p in value))):
+            return value
+        raise ValueError("the prompt must be a string, a list of strings, a list of token ids (integers) or a list "
+                         "of such lists")
 
     @field_validator("prompt")
     @classmethod
@@ -188,9 +203,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
 
     def chat_messages(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's newer name for the system role

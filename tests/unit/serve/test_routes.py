@@ -57,6 +57,32 @@ def test_a_validator_refusal_is_its_own_sentence(path: str, body: dict, param: s
     assert (error["message"], error["param"], error["code"]) == (f"{param}: {sentence}", param, "invalid_value")
 
 
+COMPLETION, CHAT = {"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("path,body,field", [
+    *[("/v1/completions", COMPLETION, f) for f in ("max_tokens", "n", "seed", "logprobs")],
+    *[("/v1/chat/completions", CHAT, f) for f in ("max_tokens", "max_completion_tokens", "n", "seed",
+                                                  "top_logprobs")],
+])
+@pytest.mark.parametrize("value", ["2", 2.5, 2.0, True])
+def test_an_integer_field_takes_only_an_integer(path: str, body: dict, field: str, value: object) -> None:
+    # as OpenAI: a string, a fraction, an integral float or a boolean is a 400 naming the field, not coerced
+    r = TestClient(create_app(ServeConfig())).post(path, json={**body, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and error["message"] == f"{field}: Input should be a valid integer", error
+
+
+@pytest.mark.parametrize("prompt", [[1.0, 2.0], [True], [[1, 2.0]], ["1", 2], 5])
+def test_prompt_token_ids_are_integers(prompt: object) -> None:
+    r = TestClient(create_app(ServeConfig())).post("/v1/completions", json={"prompt": prompt})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and error["message"] == "prompt: the prompt must be a string, a list of " \
+        "strings, a list of token ids (integers) or a list of such lists", error
+
+
 # --- the token reserve --------------------------------------------------------------------------------
 
 
