@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -275,13 +276,44 @@ def _piece(tokenizer: Any, token: int) -> str:
     return str(tokenizer.decode([token], skip_special_tokens=False))
 
 
+def _text_offsets(tokenizer: Any, tokens: Sequence[int], text: str, context: Sequence[int],
+                  skip_special_tokens: bool) -> list[int]:
+    """Where each token's text begins in `text`, which `tokens` decode to after `context`: the length of the part of
+    `text` that the tokens before it complete. A token that continues a character begun before it (byte-level BPE
+    splits multi-byte characters, and each piece alone decodes to U+FFFD) gets that character's offset, so every
+    offset indexes `text`; a genuine U+FFFD is a whole character. Tokens are decoded in windows that start where
+    the text so far is whole, after one token before them (SentencePiece drops a leading space otherwise), so the
+    work grows with the number of tokens, not its square."""
+
+    def decode(ids: Sequence[int]) -> str:
+        return str(tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def lead_of(window: int) -> str:  # the token before the window, alone: what its decode with the window begins with
+        return decode(ids[window - 1:window]) if window else ""
+
+    ids = [*context[-1:], *tokens]
+    window, base = len(ids) - len(tokens), 0  # the window's first token, and where its text begins in `text`
+    lead = lead_of(window)
+    offsets: list[int] = []
+    for i in range(window, len(ids)):
+        done = decode(ids[max(window - 1, 0):i])[len(lead):]  # the text of ids[window:i]
+        matched = len(os.path.commonprefix([done, text[base:base + len(done)]]))
+        offsets.append(max(base + matched, offsets[-1] if offsets else 0))
+        if matched == len(done) and i > window:  # no character is left open: the next window starts at token i
+            window, base, lead = i, base + matched, lead_of(i)
+    return offsets
+
+
 def completion_logprobs(tokenizer: Any, tokens: Sequence[int], values: Sequence[TokenLogprob | None],
-                        offset: int = 0) -> dict[str, Any]:
+                        text: str | None = None, offset: int = 0, context: Sequence[int] = (),
+                        skip_special_tokens: bool = True) -> dict[str, Any]:
+    """OpenAI's completions logprobs of `tokens`. Their text offsets index `text` (what they decode to after
+    `context`, by default), which begins at `offset` in the returned text."""
     pieces = [_piece(tokenizer, t) for t in tokens]
-    offsets, position = [], offset
-    for p in pieces:
-        offsets.append(position)
-        position += len(p)
+    if text is None:
+        lead = tokenizer.decode(list(context[-1:]), skip_special_tokens=skip_special_tokens)
+        text = str(tokenizer.decode([*context[-1:], *tokens], skip_special_tokens=skip_special_tokens))[len(lead):]
+    offsets = [offset + o for o in _text_offsets(tokenizer, tokens, text, context, skip_special_tokens)]
     tops: list[dict[str, float] | None] = []
     for v in values:
         if v is None:
@@ -393,8 +425,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             text = (echo[0] if echo else "") + r.text
             choice: dict[str, Any] = {"index": i, "text": text, "finish_reason": r.finish_reason, "logprobs": None}
             if body.logprobs is not None:
-                generated = completion_logprobs(tok, [v.token for v in r.logprobs], r.logprobs,
-                                                offset=len(echo[0]) if echo else 0)
+                generated = completion_logprobs(tok, [v.token for v in r.logprobs], r.logprobs, r.text,
+                                                offset=len(echo[0]) if echo else 0, context=r.prompt)
                 choice["logprobs"] = _join_logprobs(echo[1], generated) if echo else generated
             choices.append(choice)
         state.log_response(job, body.model_dump(), [c["text"] for c in choices], outs)
@@ -422,7 +454,7 @@ async def _echo(job: Job, prompt: list[int], logprobs: int | None) -> tuple[str,
         return text, None
     values = await job.deployment.worker.prompt_logprobs(prompt, logprobs)
     job.echoed_tokens += len(prompt)
-    return text, completion_logprobs(tok, prompt, values)
+    return text, completion_logprobs(tok, prompt, values, text, skip_special_tokens=False)
 
 
 def _prompt_ids(dep: Deployment, prompt: str | list[int]) -> list[int]:

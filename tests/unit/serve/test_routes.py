@@ -241,6 +241,23 @@ def test_the_echo_prompt_pass_is_charged_as_prompt_work(limited: tuple[FastAPI, 
     assert tokens_left(app) == TOKENS_PER_MIN - len(PROMPT) - len(request.output) - len(PROMPT)
 
 
+@pytest.mark.parametrize("prompt", ["I like 😀 and 日本語 text", "😀😀", "中文测试 ok", "a\ufffd😀\ufffdb"])
+def test_echo_offsets_index_the_returned_text(limited: tuple[FastAPI, TestClient], prompt: str) -> None:
+    # byte-level BPE splits a multi-byte character over tokens that each decode to U+FFFD: such a token's offset
+    # is that of the character it is part of, and every token after it starts where its text is in the text
+    _, client = limited
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+                                             "echo": True, "logprobs": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    assert text.startswith(prompt) and len(tokens) == len(offsets)
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(text), offsets
+    for token, offset in zip(tokens, offsets, strict=True):
+        if "\ufffd" not in token:  # a whole token: its text is where its offset says
+            assert text[offset:offset + len(token)] == token, (token, offset, text)
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
