@@ -549,6 +549,15 @@ def _stream_filters(state: ServerState, dep: Deployment, count: int) -> list[Str
     return [StreamFilter(rules.output) for _ in range(count)]
 
 
+def _step_logprobs(out: StepOutput, num_read: int) -> list[TokenLogprob]:
+    """The logprobs of the tokens of one step's output, `num_read` of its request's logprobs having been read before.
+    The request itself may have grown since (the engine thread runs ahead of the handler), so its newest logprobs
+    are not this step's: a step's are the next len(out.tokens) after those read, and a finished request's are all
+    it has left (it grows no more, and the end-of-sequence token that ends it has a logprob but no output token)."""
+    logprobs = out.request.logprobs
+    return logprobs[num_read:] if out.finished else logprobs[num_read:num_read + len(out.tokens)]
+
+
 class _EventStream(StreamingResponse):
     """A stream of SSE events that closes its generator however the response ends. Starlette leaves the generator
     suspended at its yield when the client leaves during a send; its cleanup (abort the generations, free the slot,
@@ -589,7 +598,8 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
 
     tasks = [asyncio.create_task(pump(i)) for i in range(len(job.params))]
     filters = _stream_filters(state, dep, len(tasks))
-    held: list[list[TokenLogprob]] = [[] for _ in tasks]  # logprobs of tokens whose text a filter holds back
+    held: list[list[TokenLogprob]] = [[] for _ in tasks]  # logprobs of tokens whose text is not sent yet
+    num_read = [0 for _ in tasks]  # logprobs of each choice's request read so far
     sent: list[str] = ["" for _ in tasks]
     texts: list[str] = []  # per finished choice, in finishing order
     try:
@@ -609,8 +619,10 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 break
             out = item
             text, finish = out.text, out.request.finish_reason if out.finished else None
-            if job.params[i].logprobs is not None and out.tokens:
-                held[i] += out.request.logprobs[-1:]
+            if job.params[i].logprobs is not None:
+                step_logprobs = _step_logprobs(out, num_read[i])
+                held[i] += step_logprobs
+                num_read[i] += len(step_logprobs)
             if filters:
                 text, violation = filters[i].feed(out.text, out.finished)  # type: ignore[union-attr]
                 if violation is not None:  # this choice ends here; the others go on

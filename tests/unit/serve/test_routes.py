@@ -258,6 +258,72 @@ def test_echo_offsets_index_the_returned_text(limited: tuple[FastAPI, TestClient
             assert text[offset:offset + len(token)] == token, (token, offset, text)
 
 
+# --- streamed logprobs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+           ready_client: ReadyClient) -> Iterator[tuple[FastAPI, TestClient]]:
+    """The tiny model, with no limits."""
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20))
+    with ready_client(app) as client:
+        yield app, client
+
+
+def runs_ahead(worker: EngineWorker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each engine step runs the engine until its work is done and hands over the outputs of all those steps at
+    once: the handler reads every output after its request has grown past it."""
+    real_step = worker.engine.step
+
+    def ahead() -> list:
+        outputs = []
+        while worker.engine.has_work:
+            outputs += real_step()
+        return outputs
+
+    monkeypatch.setattr(worker.engine, "step", ahead)
+
+
+def streamed(client: TestClient, path: str, body: dict) -> list[dict]:
+    r = client.post(path, json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("ends_at_eos", [False, True])
+def test_each_streamed_chunk_carries_the_logprobs_of_its_own_tokens(served: tuple[FastAPI, TestClient], chat: bool,
+                                                                    ends_at_eos: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # the engine is ahead of the handler: a chunk must still carry its own tokens' logprobs, not the newest ones;
+    # across the stream they are those of the answer without a stream, the end-of-sequence token's included
+    app, client = served
+    worker = worker_of(app)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    ask = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2} if chat else \
+        {"prompt": "Once upon a time", "logprobs": 2}
+    body = {**ask, "max_tokens": 8, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    if ends_at_eos:  # the fourth token of this answer ends the next ones
+        added = added_requests(worker, monkeypatch)
+        assert client.post(path, json=body).status_code == 200
+        monkeypatch.setattr(worker.engine.tokenizer, "eos_token_ids", frozenset({added[0].output[3]}))
+        body["ignore_eos"] = False
+    whole = client.post(path, json=body).json()["choices"][0]
+    assert whole["finish_reason"] == ("stop" if ends_at_eos else "length")
+    runs_ahead(worker, monkeypatch)
+    chunks = [c for chunk in streamed(client, path, body) for c in chunk["choices"]]
+    if chat:
+        expected = [(v["token"], v["logprob"]) for v in whole["logprobs"]["content"]]
+        got = [(v["token"], v["logprob"]) for c in chunks if c.get("logprobs") for v in c["logprobs"]["content"]]
+    else:
+        expected = list(zip(whole["logprobs"]["tokens"], whole["logprobs"]["token_logprobs"], strict=True))
+        got = [pair for c in chunks if c.get("logprobs")
+               for pair in zip(c["logprobs"]["tokens"], c["logprobs"]["token_logprobs"], strict=True)]
+    assert len(set(expected)) > 1  # distinct tokens: the newest token's logprob would not pass for each
+    assert got == expected
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
