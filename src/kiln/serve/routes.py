@@ -600,6 +600,7 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
     filters = _stream_filters(state, dep, len(tasks))
     held: list[list[TokenLogprob]] = [[] for _ in tasks]  # logprobs of tokens whose text is not sent yet
     num_read = [0 for _ in tasks]  # logprobs of each choice's request read so far
+    before = [job.prompts[i][-1:] for i in range(len(tasks))]  # the token before each choice's unsent ones
     sent: list[str] = ["" for _ in tasks]
     texts: list[str] = []  # per finished choice, in finishing order
     try:
@@ -635,8 +636,12 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 choice["finish_reason"] = finish
                 if held[i]:
                     lp, held[i] = held[i], []
+                    tokens = [v.token for v in lp]
+                    # offsets index the choice's whole text, as without a stream: this chunk's begins where the
+                    # text sent so far ends, and its tokens follow those sent before (the prompt's, at first)
                     choice["logprobs"] = chat_logprobs(tok, lp) if chat else completion_logprobs(
-                        tok, [v.token for v in lp], lp)
+                        tok, tokens, lp, text, offset=len(sent[i]), context=before[i])
+                    before[i] = tokens[-1:]
                 yield _sse({**base, "choices": [choice]})
                 sent[i] += text
             if finish:

@@ -324,6 +324,44 @@ def test_each_streamed_chunk_carries_the_logprobs_of_its_own_tokens(served: tupl
     assert got == expected
 
 
+def scripted(app: FastAPI, text: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Every choice generates the tokens of `text`, in order; returns how many there are."""
+    import kiln.engine.engine
+
+    script = app.state.kiln.router.deployments()[0].loaded.tokenizer.encode(text)
+    sampled: dict[int, int] = {}  # sampler id -> tokens it gave
+
+    def sample(logits: Any, states: Any) -> list[int]:
+        tokens = []
+        for state in states:
+            done = sampled[id(state)] = sampled.get(id(state), -1) + 1
+            tokens.append(script[done % len(script)])
+        return tokens
+
+    monkeypatch.setattr(kiln.engine.engine, "sample", sample)
+    return len(script)
+
+
+@pytest.mark.parametrize("text", [None, "日本語 😀, ok 🇯🇵 ü!"])  # None: what the model samples
+def test_streamed_text_offsets_count_from_the_start_of_the_text(served: tuple[FastAPI, TestClient], text: str | None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # as the answer without a stream's: each offset indexes the whole text of its choice, not its chunk's text,
+    # and a token that ends a character another began has that character's offset
+    app, client = served
+    num_tokens = 12 if text is None else scripted(app, text, monkeypatch)
+    body = {"prompt": "Once upon a time", "max_tokens": num_tokens, "temperature": 1.0, "seed": 5, "n": 2,
+            "ignore_eos": True, "logprobs": 1}
+    whole = client.post("/v1/completions", json=body).json()["choices"]
+    assert text is None or whole[0]["text"] == text
+    chunks = [c for chunk in streamed(client, "/v1/completions", body) for c in chunk["choices"]]
+    for i, choice in enumerate(whole):
+        assert len(choice["logprobs"]["text_offset"]) == num_tokens
+        mine = [c for c in chunks if c["index"] == i]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        offsets = [o for c in mine if c.get("logprobs") for o in c["logprobs"]["text_offset"]]
+        assert offsets == choice["logprobs"]["text_offset"]
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
