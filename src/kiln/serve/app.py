@@ -35,7 +35,7 @@ from kiln.serve.deploy import Router
 from kiln.serve.limits import BodyLimitMiddleware
 from kiln.serve.protocol import error_body, error_code
 from kiln.serve.registry import Registry
-from kiln.serve.routes import ApiError, router
+from kiln.serve.routes import ApiError, engine_stopped_error, router
 from kiln.serve.state import ServeConfig, ServerState
 from kiln.serve.worker import EngineStopped
 
@@ -107,8 +107,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineStopped)
     async def engine_stopped(_: Request, exc: EngineStopped) -> JSONResponse:
-        return JSONResponse(error_body(f"{exc}; the server must be restarted", "server_error", code="engine_stopped"),
-                            503)
+        return engine_stopped_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

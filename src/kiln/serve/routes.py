@@ -38,6 +38,7 @@ from kiln.serve.protocol import (
     error_code,
 )
 from kiln.serve.state import ServerState
+from kiln.serve.worker import EngineStopped
 
 router = APIRouter()
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -52,8 +53,22 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, self.headers)
+        return JSONResponse(self.body(), self.status, self.headers)
+
+
+def timeout_error() -> ApiError:
+    """A request that ran past its deadline; a stream's error chunk says the same."""
+    return ApiError(504, "the request did not finish before its deadline; it was cancelled", "timeout_error",
+                    code="timeout")
+
+
+def engine_stopped_error(error: EngineStopped) -> ApiError:
+    """The engine is gone: ours to fix (restart the server), not the client's; a stream's error chunk says the same."""
+    return ApiError(503, f"{error}; the server must be restarted", "server_error", code="engine_stopped")
 
 
 @dataclass
@@ -254,8 +269,7 @@ async def _collect(job: Job, request: Request, count: int) -> list[StepOutput]:
         return [t.result() for t in tasks]
     except TimeoutError:
         job.state.metrics.timeouts.inc()
-        raise ApiError(504, "the request did not finish before its deadline; it was cancelled", "timeout_error",
-                       code="timeout") from None
+        raise timeout_error() from None
     finally:
         for t in (*tasks, watcher):
             t.cancel()
@@ -531,10 +545,13 @@ def _release(state: ServerState, dep: Deployment | None, job: Job | None) -> Non
 
 
 def _stream_error(error: BaseException) -> dict[str, Any]:
-    """The error chunk of a stream that cannot go on (its 200 is already sent): a refusal of the engine's
-    (a KilnError: its one-line message says what to change) is the client's to fix; anything else is ours."""
+    """The error chunk of a stream that cannot go on (its 200 is already sent), typed and coded as the error body
+    of the same cause without a stream: a deadline, a stopped engine, a refusal of the engine's (a KilnError: its
+    one-line message says what to change, the client's to fix); anything else is ours."""
     if isinstance(error, TimeoutError):
-        return error_body("the request did not finish before its deadline", "timeout_error")
+        return timeout_error().body()
+    if isinstance(error, EngineStopped):
+        return engine_stopped_error(error).body()
     if isinstance(error, KilnError):
         return error_body(str(error), "invalid_request_error", code=error_code(error))
     return error_body("generation failed", "server_error")

@@ -409,6 +409,40 @@ def test_an_engine_refusal_says_why_streamed_or_not(limited: tuple[FastAPI, Test
                              "param": None, "code": code}
 
 
+@pytest.mark.parametrize("cause", ["timeout", "engine_stopped", "failed_step"])
+def test_a_stream_error_is_coded_as_the_answer_without_a_stream(tiny_folder: Path, tmp_path: Path, cause: str,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                ready_client: ReadyClient) -> None:
+    # the stream's 200 is sent before the cause is known, but its error chunk has the type and code (and, where
+    # the cause has its own words, the message) of the error body the same cause gives without a stream
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20, request_timeout_s=1.0))
+    with ready_client(app) as client:
+        worker = worker_of(app)
+
+        def broken() -> list:
+            if cause == "timeout":
+                time.sleep(0.05)
+                return []
+            raise RuntimeError("boom")
+
+        if cause == "engine_stopped":
+            worker.stop()
+        else:
+            monkeypatch.setattr(worker.engine, "step", broken)
+        answers = {}
+        for stream in (False, True):
+            status, text = generate(client, stream)
+            answers[stream] = (status, json.loads(text) if not stream else next(
+                json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")))
+    (status, whole), (stream_status, chunk) = answers[False], answers[True]
+    assert (status, stream_status) == ({"timeout": 504, "engine_stopped": 503, "failed_step": 500}[cause], 200)
+    assert {k: chunk["error"][k] for k in ("type", "code", "param")} == \
+        {k: whole["error"][k] for k in ("type", "code", "param")}, (chunk, whole)
+    if cause != "failed_step":  # a failure of ours is worded apart ("generation failed" in a stream), coded alike
+        assert chunk["error"]["message"] == whole["error"]["message"]
+
+
 # --- response_format -----------------------------------------------------------------------------------
 
 # 600 optional properties: compiles, but once a property name begins llguidance's Earley row outgrows its limit
