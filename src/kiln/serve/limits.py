@@ -96,8 +96,14 @@ class RateLimiter:
             bucket = self.buckets[(key, kind)] = Bucket(per_min / 60, per_min, per_min)
         return bucket
 
+    def never_fits(self, tokens: float) -> bool:
+        """Whether `tokens` is more than a key's whole token bucket (its per-minute limit): take() can never give
+        that much, however long the key waits."""
+        return self.tpm is not None and tokens > self.tpm
+
     def take(self, key: str, requests: float = 0, tokens: float = 0) -> float | None:
-        """Take from the buckets, or return the seconds until they could give that much (taking nothing)."""
+        """Take from the buckets, or return the seconds until they could give that much (taking nothing). An
+        amount over a whole bucket never fits: ask never_fits() first."""
         now = time.monotonic()
         wanted = [(kind, per_min, amount) for kind, per_min, amount in (("requests", self.rpm, requests),
                                                                         ("tokens", self.tpm, tokens))

@@ -187,6 +187,16 @@ def _grammar(response_format: ResponseFormat | None) -> str | None:
 
 def _reserve_tokens(job: Job) -> None:
     state = job.state
+    if state.limiter.never_fits(job.reserved_tokens):
+        # 429, as OpenAI answers a request over its tokens-per-minute limit ("Request too large ... on tokens per
+        # min"): the limit refused it. But no wait helps, so no Retry-After, and x-should-retry: false keeps the
+        # openai client from sending it again; a code of its own tells it from rate_limit_tokens, which a wait ends
+        state.metrics.rejections.labels("tokens_over_limit").inc()
+        choices = len(job.params)
+        raise ApiError(429, f"the request needs {job.reserved_tokens} tokens (prompt and max_tokens"
+                       f"{f' of each of its {choices} choices' if choices > 1 else ''}) but this key's limit is "
+                       f"{state.limiter.tpm:.0f} tokens per minute; lower max_tokens or n", "rate_limit_error",
+                       code="tokens_over_limit", headers={"x-should-retry": "false"})
     wait = state.limiter.take(job.key, tokens=job.reserved_tokens)
     if wait is not None:
         state.metrics.rejections.labels("rate_limit_tokens").inc()

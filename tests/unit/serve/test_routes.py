@@ -228,6 +228,22 @@ def test_a_client_gone_while_a_chunk_is_sent_frees_its_request_at_once(limited: 
     assert len(request.output) < MAX_TOKENS
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_over_the_whole_token_limit_is_refused_for_good(limited: tuple[FastAPI, TestClient],
+                                                                  stream: bool) -> None:
+    # two choices of 4 + 50 tokens need 108 of a 60-token minute: no wait makes them fit, so the answer says what
+    # to lower instead of "retry in 0.0 s", and asks the client not to retry
+    app, client = limited
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "n": 2, "stream": stream}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 429 and "retry-after" not in r.headers and r.headers["x-should-retry"] == "false", r.text
+    assert r.json()["error"] == {
+        "message": f"the request needs {2 * (len(PROMPT) + MAX_TOKENS)} tokens (prompt and max_tokens of each of its "
+                   f"2 choices) but this key's limit is {TOKENS_PER_MIN} tokens per minute; lower max_tokens or n",
+        "type": "rate_limit_error", "param": None, "code": "tokens_over_limit"}
+    assert client.post("/v1/completions", json={**body, "n": 1}).status_code == 200  # it took nothing
+
+
 def test_the_echo_prompt_pass_is_charged_as_prompt_work(limited: tuple[FastAPI, TestClient],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # echo with logprobs runs the model over each prompt once more: its tokens count as prompt tokens do
