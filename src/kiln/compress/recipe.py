@@ -23,9 +23,11 @@ Validation happens before any work: an error names the field, the value and the 
 from __future__ import annotations
 
 import tomllib
+import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from kiln.errors import KilnError
 
@@ -183,7 +185,10 @@ class Recipe:
         if not isinstance(raw_steps, list):
             raise RecipeError(f"{where}: steps must be an array of tables ([[step]])")
         steps = [_build_step(s, f"{where} step {i}") for i, s in enumerate(raw_steps, start=1)]
-        calibration = _build(Calibration, data.get("calibration", {}), f"{where} [calibration]")
+        calibration = data.get("calibration", {})
+        if not isinstance(calibration, dict):
+            raise RecipeError(f"{where}: [calibration] must be a table of file, samples, tokens and seed")
+        calibration = _build(Calibration, calibration, f"{where} [calibration]")
         return cls(tuple(steps), calibration)
 
     @classmethod
@@ -215,5 +220,30 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     if unknown:
         name = sorted(unknown)[0]
         raise RecipeError(f"{where}: unknown field {name!r}; the fields are {', '.join(sorted(names))}")
+    hints = get_type_hints(cls)
+    for name, value in raw.items():
+        _check_type(where, name, value, hints[name])
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     return cls(**values)
+
+
+# what a TOML value of each field type must be, and how an error names it
+_TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    tuple[str, ...]: (lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
+                      "a list of strings"),
+}
+
+
+def _check_type(where: str, name: str, value: Any, hint: Any) -> None:
+    """The field's annotation is the contract: a string where a bool goes was taken as true, and a string
+    where a number goes failed with a traceback only once the model had loaded."""
+    allowed = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is types.UnionType else [hint]
+    if value is None and len(allowed) < len(get_args(hint)):
+        return
+    checks = [_TYPES[a] for a in allowed]
+    if not any(ok(value) for ok, _ in checks):
+        raise RecipeError(f"{where}: {name} = {value!r} is not allowed; use {' or '.join(d for _, d in checks)}")

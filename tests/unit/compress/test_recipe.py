@@ -82,3 +82,18 @@ def test_embedding_flags_make_the_recipe(flags: list[str], keep: bool, head_bits
     args = build_parser().parse_args(["compress", "--quantize", "int4", *flags, "-o", "out"])
     step = _recipe_from_flags(args).steps[0]
     assert (step.keep_embeddings, step.head_bits, step.bits) == (keep, head_bits, 4)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[step]]\nkind = "quantize"\nsymmetric = "yes"', r"step 1: symmetric = 'yes' is not allowed; use true or false"),
+    ('[[step]]\nkind = "quantize"\nkeep_embeddings = 1', r"keep_embeddings = 1 .* true or false"),
+    ('[[step]]\nkind = "distill"\ntime_budget_s = "x"', r"time_budget_s = 'x' .* a number"),
+    ('[[step]]\nkind = "lowrank"\nrank = 8\ntargets = "mlp"', r"targets = 'mlp' .* a list of strings"),
+    ('[calibration]\nseed = "x"\n[[step]]\nkind = "quantize"', r"\[calibration\]: seed = 'x' .* an integer"),
+    ('[calibration]\nfile = 3\n[[step]]\nkind = "quantize"', r"\[calibration\]: file = 3 .* a string"),
+    ('calibration = 3\n[[step]]\nkind = "quantize"', r"\[calibration\] must be a table"),
+])
+def test_values_of_the_wrong_type_are_named(tmp_path: Path, text: str, message: str) -> None:
+    # these once reached the work: a traceback after the model loaded, or "yes" taken as true
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_toml(write(tmp_path, text))
