@@ -144,6 +144,9 @@ class Distill:
         if self.student_layers is not None:
             _range(where, "student_layers", self.student_layers, 1, 1024, int)
         _range(where, "steps", self.steps, 1, 10_000_000, int)
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise RecipeError(f"{where}: time_budget_s = {self.time_budget_s!r} is not allowed; use a number of "
+                              "seconds above 0 (or leave it out: steps ends the run)")
         _range(where, "lr", self.lr, 1e-8, 1.0)
         _range(where, "temperature", self.temperature, 0.1, 100.0)
         _range(where, "ce_weight", self.ce_weight, 0.0, 100.0)

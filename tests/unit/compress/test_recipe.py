@@ -97,3 +97,10 @@ def test_values_of_the_wrong_type_are_named(tmp_path: Path, text: str, message: 
     # these once reached the work: a traceback after the model loaded, or "yes" taken as true
     with pytest.raises(RecipeError, match=message):
         Recipe.from_toml(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("budget", [0, -5.0])
+def test_a_time_budget_must_leave_time_to_train(budget: float) -> None:
+    # a budget of 0 or less wrote an untrained student as a finished distillation, exit 0
+    with pytest.raises(RecipeError, match=rf"time_budget_s = {budget} is not allowed; use a number of seconds above 0"):
+        Recipe((Distill(time_budget_s=budget),))
