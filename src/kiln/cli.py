@@ -394,23 +394,12 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    import tomllib
-
     from kiln.artifact.io import check_output
     from kiln.compress.pipeline import compress
-    from kiln.compress.recipe import Recipe, RecipeError
+    from kiln.compress.recipe import Recipe, read_sweep
 
     if args.sweep:
-        try:
-            sweep = tomllib.loads(args.sweep.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise RecipeError(f"{args.sweep}: cannot read the sweep ({exc})") from exc
-        entries = sweep.get("artifact", [])
-        if not entries or not all(isinstance(e, dict) and e.get("name") for e in entries):
-            raise RecipeError(f"{args.sweep}: expected [[artifact]] tables, each with a name and [[artifact.step]]s")
-        recipes = [(e["name"], Recipe.from_dict({k: v for k, v in e.items() if k != "name"},
-                                                f"{args.sweep} artifact {e['name']!r}")) for e in entries]
-        outputs = [(args.output / name, recipe) for name, recipe in recipes]
+        outputs = [(args.output / name, recipe) for name, recipe in read_sweep(args.sweep)]
     else:
         recipe = Recipe.from_toml(args.recipe) if args.recipe else _recipe_from_flags(args)
         outputs = [(args.output, recipe)]

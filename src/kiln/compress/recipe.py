@@ -205,6 +205,32 @@ class Recipe:
         return cls.from_dict(data, str(path))
 
 
+def read_sweep(path: Path) -> list[tuple[str, Recipe]]:
+    """A sweep file's [[artifact]] recipes with their names, each the name of a folder under the output."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the sweep ({exc})") from exc
+    unknown = sorted(set(data) - {"artifact"})
+    if unknown:
+        raise RecipeError(f"{path}: unknown table {unknown[0]!r}; a sweep holds [[artifact]] tables only")
+    entries = data.get("artifact")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise RecipeError(f"{path}: expected [[artifact]] tables, each with a name and [[artifact.step]]s")
+    sweep: list[tuple[str, Recipe]] = []
+    for i, entry in enumerate(entries, start=1):
+        name = entry.get("name")
+        # the name is joined to -o: a path in it wrote elsewhere, and a repeated one replaced its twin's artifact
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise RecipeError(f"{path} artifact {i}: name = {name!r} is not allowed; use a folder name (no /) "
+                              "for its artifact under -o")
+        if name in (n for n, _ in sweep):
+            raise RecipeError(f"{path}: two artifacts are named {name!r}; give each its own name")
+        recipe = Recipe.from_dict({k: v for k, v in entry.items() if k != "name"}, f"{path} artifact {name!r}")
+        sweep.append((name, recipe))
+    return sweep
+
+
 def kind_of(step: Step) -> str:
     return next(k for k, t in STEP_TYPES.items() if isinstance(step, t))
 

@@ -104,3 +104,31 @@ def test_a_time_budget_must_leave_time_to_train(budget: float) -> None:
     # a budget of 0 or less wrote an untrained student as a finished distillation, exit 0
     with pytest.raises(RecipeError, match=rf"time_budget_s = {budget} is not allowed; use a number of seconds above 0"):
         Recipe((Distill(time_budget_s=budget),))
+
+
+STEP = '[[artifact.step]]\nkind = "quantize"\n'
+
+
+@pytest.mark.parametrize("text,message", [
+    ("artifact = 3\n", r"expected \[\[artifact\]\] tables"),
+    (f'[[artifact]]\nname = 5\n{STEP}', r"name = 5 .* a folder name"),
+    (f'[[artifact]]\nname = "../up"\n{STEP}', r"name = '../up' .* a folder name"),
+    (f'[[artifact]]\nname = "/tmp/elsewhere"\n{STEP}', r"name = '/tmp/elsewhere' .* a folder name"),
+    (f'[[artifact]]\nname = ".."\n{STEP}', r"name = '..' .* a folder name"),
+    (f'[[artifact]]\nname = "a"\n{STEP}[[artifact]]\nname = "a"\n{STEP}', r"two artifacts are named 'a'"),
+    (f'sample = 4\n[[artifact]]\nname = "a"\n{STEP}', r"unknown table 'sample'; a sweep holds \[\[artifact\]\]"),
+])
+def test_bad_sweeps_are_named(tmp_path: Path, text: str, message: str) -> None:
+    # each once wrote outside -o, overwrote the artifact before it, was ignored, or ended in a traceback
+    from kiln.compress.recipe import read_sweep
+
+    with pytest.raises(RecipeError, match=message):
+        read_sweep(write(tmp_path, text))
+
+
+def test_sweep_names_its_recipes(tmp_path: Path) -> None:
+    from kiln.compress.recipe import read_sweep
+
+    sweep = read_sweep(write(tmp_path, f'[[artifact]]\nname = "int8"\n{STEP}[[artifact]]\nname = "int4"\n'
+                                       '[[artifact.step]]\nkind = "quantize"\nbits = 4\n'))
+    assert [(name, recipe.steps[0].bits) for name, recipe in sweep] == [("int8", 8), ("int4", 4)]
