@@ -393,11 +393,29 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
     return Recipe(tuple(steps))
 
 
+def _check_one_recipe_source(args: argparse.Namespace) -> None:
+    """A --recipe or --sweep file holds the steps and calibration; flags beside it were silently ignored."""
+    from kiln.compress.recipe import RecipeError
+
+    source = "--recipe" if args.recipe else "--sweep" if args.sweep else None
+    if source is None:
+        return
+    if args.recipe and args.sweep:
+        raise RecipeError("--sweep does not apply with --recipe; pass one of them")
+    flags = {"--quantize": args.quantize, "--prune": args.prune, "--lowrank-rank": args.lowrank_rank,
+             "--lowrank-energy": args.lowrank_energy, "--calibration-samples": args.calibration_samples}
+    for flag, value in flags.items():
+        if value is not None:
+            raise RecipeError(f"{flag} does not apply with {source}: the file holds the steps and calibration; "
+                              f"put it in the file or drop {source}")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from kiln.artifact.io import check_output
     from kiln.compress.pipeline import compress
     from kiln.compress.recipe import Recipe, read_sweep
 
+    _check_one_recipe_source(args)
     if args.sweep:
         outputs = [(args.output / name, recipe) for name, recipe in read_sweep(args.sweep)]
     else:

@@ -132,3 +132,21 @@ def test_sweep_names_its_recipes(tmp_path: Path) -> None:
     sweep = read_sweep(write(tmp_path, f'[[artifact]]\nname = "int8"\n{STEP}[[artifact]]\nname = "int4"\n'
                                        '[[artifact.step]]\nkind = "quantize"\nbits = 4\n'))
     assert [(name, recipe.steps[0].bits) for name, recipe in sweep] == [("int8", 8), ("int4", 4)]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--quantize", "int8"],
+    ["--prune", "0.5"],
+    ["--calibration-samples", "4"],
+    ["--sweep", "sweep.toml"],
+])
+def test_a_recipe_file_takes_no_step_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           extra: list[str]) -> None:
+    # the flags were ignored: --calibration-samples 4 ran the recipe's 128 samples
+    from kiln.cli import main
+
+    recipe = write(tmp_path, '[[step]]\nkind = "quantize"\nbits = 4\nmethod = "gptq"')
+    assert main(["compress", "--recipe", str(recipe), *extra, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{extra[0]} does not apply with --recipe" in err
+    assert not (tmp_path / "out").exists()
