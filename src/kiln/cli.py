@@ -446,7 +446,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
             raise RecipeError(
                 f"{args.student_config}: expected {{\"layers\": [teacher layer indices]}} ({exc})"
             ) from exc
-    cfg = Distill(student_layers=args.student_layers or (len(layers) if layers else None), steps=args.steps,
+    count = len(layers) if isinstance(layers, list) and layers else None  # distil() checks the list itself
+    cfg = Distill(student_layers=args.student_layers or count, steps=args.steps,
                   time_budget_s=args.time_budget, lr=args.lr, temperature=args.temperature, ce_weight=args.ce_weight,
                   batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision)
     manifest = distill_to_artifact(args.teacher, cfg, args.output, layers, args.data, args.resume,

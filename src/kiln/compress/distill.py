@@ -44,6 +44,24 @@ def layer_choice(teacher_layers: int, student_layers: int) -> list[int]:
     return sorted({round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)})
 
 
+def student_layers(teacher_layers: int, wanted: int | None, layers: list[int] | None) -> list[int]:
+    """The teacher layers a student keeps: `layers` as given (checked), or `wanted` of them evenly spaced
+    (half the teacher's by default)."""
+    if layers is not None:
+        valid = isinstance(layers, list) and bool(layers) and len(set(layers)) == len(layers) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < teacher_layers for i in layers)
+        if not valid:
+            raise InvalidParameterError(
+                f"student layers {layers!r} are not allowed; list distinct teacher layer indices from 0 to "
+                f"{teacher_layers - 1}, e.g. {{\"layers\": [0, {teacher_layers - 1}]}}")
+        return layers
+    if wanted is not None and wanted > teacher_layers:
+        raise InvalidParameterError(
+            f"a student of {wanted} layers cannot be taken from a teacher of {teacher_layers}; pass --student-layers "
+            f"(student_layers in a recipe) of at most {teacher_layers}")
+    return layer_choice(teacher_layers, wanted or teacher_layers // 2)
+
+
 def make_student(teacher: LlamaModel, layers: list[int]) -> LlamaModel:
     """A copy of the teacher keeping only `layers` (embedding, final norm and head are copied too)."""
     spec = teacher.spec

@@ -233,8 +233,7 @@ def _train(ctx: Context, teacher: LlamaModel, student: LlamaModel, cfg: Distill,
 def distil(ctx: Context, step: Distill, layers: list[int] | None = None, checkpoint: Path | None = None,
            resume: bool = False, every: int = 50) -> None:
     teacher = ctx.model
-    wanted = step.student_layers or teacher.spec.num_layers // 2
-    chosen = layers or distill.layer_choice(teacher.spec.num_layers, wanted)
+    chosen = distill.student_layers(teacher.spec.num_layers, step.student_layers, layers)
     student = distill.make_student(teacher, chosen)
     # a checkpoint of another teacher or layer choice is not resumed
     _train(ctx, teacher, student, step, "distillation", checkpoint, resume, every,

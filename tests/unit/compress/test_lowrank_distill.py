@@ -183,3 +183,34 @@ def test_ctrl_c_in_kiln_distill_says_how_to_resume(tiny: LlamaModel, tmp_path: P
     assert early.exit_code == 130 and "before the first checkpoint" in str(early)
     later = stopped_at(7)
     assert "checkpoint at step 6" in str(later) and "--resume" in str(later) and not out.exists()
+
+
+@pytest.mark.parametrize("wanted,layers,message", [
+    (8, None, r"a student of 8 layers cannot be taken from a teacher of 4"),
+    (None, [0, 9], r"layers \[0, 9\] .* distinct teacher layer indices from 0 to 3"),
+    (None, ["a"], r"layers \['a'\] .* distinct teacher layer indices"),
+    (None, [], r"layers \[\] .* distinct teacher layer indices"),
+    (None, [1, 1], r"layers \[1, 1\] .* distinct"),
+    (None, "01", r"layers '01' .* distinct teacher layer indices"),
+])
+def test_impossible_students_are_refused(wanted: int | None, layers: object, message: str) -> None:
+    # more layers than the teacher's silently copied the teacher; a bad index list ended in a traceback
+    # after the teacher loaded, and an empty one fell back to the default choice
+    with pytest.raises(InvalidParameterError, match=message):
+        distill.student_layers(4, wanted, layers)  # type: ignore[arg-type]
+
+
+def test_student_layers_default_to_half_the_teacher() -> None:
+    assert distill.student_layers(30, None, None) == distill.layer_choice(30, 15)
+    assert distill.student_layers(4, 4, None) == [0, 1, 2, 3]
+    assert distill.student_layers(4, None, [3, 0]) == [3, 0]
+
+
+def test_student_config_that_is_not_a_list_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.cli import main
+
+    config = tmp_path / "student.json"
+    config.write_text('{"layers": 5}')  # len(5) raised TypeError in the command
+    assert main(["distill", "--student-config", str(config), "--steps", "1", "-o", str(tmp_path / "s")]) == 2
+    assert "student layers 5 are not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
