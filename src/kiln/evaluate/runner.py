@@ -179,6 +179,10 @@ def _batched(items: Iterable[T], size: int) -> Iterable[list[T]]:
 
 def _run_perplexity(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
                     checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
+    context = min(m.spec.max_position for m in (loaded, baseline) if m is not None)
+    if options.ctx > context:  # past it the rotary table has no rows: an IndexError mid-run
+        raise InvalidParameterError(f"--ctx {options.ctx} is more than the model's context of {context} tokens; "
+                                    f"pass --ctx {context} or less")
     tok = loaded.tokenizer
     text = data_file("wikitext-2-raw/wiki.test.raw", options.data_dir).read_text(encoding="utf-8")
     bos = tok.hf.bos_token_id if tok.adds_bos else None

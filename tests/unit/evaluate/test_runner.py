@@ -143,3 +143,10 @@ def test_a_result_is_stored_once_whenever_ctrl_c_comes_at_the_end(default_model:
     found = runs.query()
     assert len(found) == 2 and found[1].id == stored[0] == stored[1]  # the resumed run found its row
     assert found[0].run_key != found[1].run_key and not list(partial.glob("*.jsonl"))
+
+
+def test_ctx_beyond_the_model_context_is_one_line(default_model: LoadedModel, home: Path) -> None:
+    # an IndexError from the rotary table once ended the run with a traceback
+    limit = default_model.spec.max_position
+    with pytest.raises(InvalidParameterError, match=rf"--ctx {2 * limit} is more than the model's context of {limit}"):
+        run(default_model, EvalOptions(task="wikitext2", ctx=2 * limit, limit_tokens=2048), progress=False)
