@@ -15,7 +15,7 @@ from torch import Tensor
 
 from kiln.compress.recipe import Calibration
 from kiln.errors import DataNotFoundError, InvalidParameterError
-from kiln.evaluate.data import data_file
+from kiln.evaluate.data import data_file, read_text
 from kiln.model.source import sha256_file
 from kiln.model.tokenizer import Tokenizer
 
@@ -47,7 +47,8 @@ def locate(file: str, data_dir: Path | None = None) -> Path:
 def stream(settings: Calibration, tokenizer: Tokenizer, data_dir: Path | None = None) -> tuple[Tensor, Path, str]:
     """The whole calibration file as one token stream (for distillation), with its path and sha256."""
     path = locate(settings.file, data_dir)
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+    text = read_text(path)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     return torch.tensor(ids), path, sha256_file(path)
 
 
@@ -56,7 +57,8 @@ def load(settings: Calibration, tokenizer: Tokenizer, data_dir: Path | None = No
     if "wiki.test" in path.name:
         raise InvalidParameterError(f"calibration file {path.name} is a test split; calibrate on wiki.valid.raw "
                                     "or other text the evaluation does not use")
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+    text = read_text(path)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < settings.tokens + 1:
         raise InvalidParameterError(
             f"calibration file {path} has {len(ids)} tokens, fewer than one sample of {settings.tokens}"

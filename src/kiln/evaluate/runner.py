@@ -22,7 +22,7 @@ from kiln.engine.generate import Generator
 from kiln.errors import DataFormatError, Interrupted, InvalidParameterError
 from kiln.evaluate import generation, loglikelihood, multiple_choice, perplexity
 from kiln.evaluate.checkpoint import Checkpoint
-from kiln.evaluate.data import data_file
+from kiln.evaluate.data import data_file, read_text
 from kiln.evaluate.tasks import TaskKind, TaskRef, resolve
 from kiln.evaluate.tasks import generation as gen_tasks
 from kiln.evaluate.tasks import multiple_choice as mc_tasks
@@ -184,7 +184,7 @@ def _run_perplexity(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, bas
         raise InvalidParameterError(f"--ctx {options.ctx} is more than the model's context of {context} tokens; "
                                     f"pass --ctx {context} or less")
     tok = loaded.tokenizer
-    text = data_file("wikitext-2-raw/wiki.test.raw", options.data_dir).read_text(encoding="utf-8")
+    text = read_text(data_file("wikitext-2-raw/wiki.test.raw", options.data_dir))
     bos = tok.hf.bos_token_id if tok.adds_bos else None
     tokens = ([bos] if bos is not None else []) + tok.encode(text, add_special_tokens=False)
     chunks = perplexity.chunks(tokens, options.ctx, bos, options.limit_tokens)

@@ -94,3 +94,22 @@ def test_custom_generation_file(tmp_path: Path) -> None:
     path.write_text('{"prompt": "Say hi", "reference": 3}\n')
     with pytest.raises(DataFormatError, match="gen.jsonl:1"):
         list(generation.custom(path))
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    # a UnicodeDecodeError traceback before; a Latin-1 file is a common mistake
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"context": "x", "choices": ["a", "b"], "gold": 0}\n'
+                     b'{"context": "caf\xe9", "choices": ["a", "b"], "gold": 0}\n')
+    with pytest.raises(DataFormatError, match=r"latin1.jsonl:2: not UTF-8 text .*; save the file as UTF-8"):
+        list(multiple_choice.custom(path))
+
+
+def test_a_calibration_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    from kiln.compress import calibration
+    from kiln.compress.recipe import Calibration
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataFormatError, match=r"weights.bin: not UTF-8 text .*; save the file as UTF-8"):
+        calibration.load(Calibration(file=str(path)), tokenizer=None)  # type: ignore[arg-type]

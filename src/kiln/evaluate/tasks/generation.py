@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import DataFormatError
-from kiln.evaluate.data import data_file, read_jsonl, require, user_file
+from kiln.evaluate.data import data_file, read_jsonl, read_text, require, user_file
 
 SQUAD_INSTRUCTION = (
     "Answer the question with a short phrase copied from the passage. Reply with the answer only."
@@ -26,7 +26,7 @@ def squad(data_dir: Path | None = None) -> Iterator[GenItem]:
     """SQuAD v1.1 dev in file order: passage and question in one user message, all gold answers kept."""
     path = data_file("squad/dev-v1.1.json", data_dir)
     try:
-        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
+        articles = json.loads(read_text(path))["data"]
     except (ValueError, KeyError) as exc:
         raise DataFormatError(f"{path}: not a SQuAD v1.1 file ({exc}); expected {{'data': [...]}}") from exc
     index = 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import DataFormatError
-from kiln.evaluate.data import data_file, read_jsonl, require, user_file
+from kiln.evaluate.data import data_file, read_jsonl, read_text, require, user_file
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def hellaswag_preprocess(text: str) -> str:
 def hellaswag(data_dir: Path | None = None) -> Iterator[MCItem]:
     """The llama.cpp-format validation file: 6 lines per item (context, gold, 4 endings)."""
     path = data_file("hellaswag/hellaswag_val_full.txt", data_dir)
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
@@ -66,7 +66,7 @@ def piqa(data_dir: Path | None = None) -> Iterator[MCItem]:
     """PIQA validation: goals and two solutions, labels from the separate .lst file."""
     path = data_file("piqa/valid.jsonl", data_dir)
     labels_path = data_file("piqa/valid-labels.lst", data_dir)
-    labels = labels_path.read_text().split()
+    labels = read_text(labels_path).split()
     for index, (number, record) in enumerate(read_jsonl(path)):
         if index >= len(labels) or labels[index] not in ("0", "1"):
             raise DataFormatError(f"{labels_path}:{index + 1}: missing or bad label for {path}:{number}")
