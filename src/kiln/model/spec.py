@@ -17,6 +17,10 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
 }
 RopeKind = Literal["default", "linear", "llama3"]
+# ModelSpec's counts and the config.json keys they come from, each at least 1
+COUNTS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+          "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+          "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "max_position": "max_position_embeddings"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class ModelSpec:
                 f"architecture {self.architecture!r} is not supported; kiln runs "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3, Mistral, Qwen2, SmolLM)"
             )
+        for name, key in COUNTS.items():
+            value = getattr(self, name)
+            if value < 1:  # zero heads divided by zero below; negative layers planned a smaller model
+                raise ModelFormatError(f"{key} = {value} is not a positive count; fix the model's config "
+                                       "(config.json or the GGUF header)")
         if self.num_heads % self.num_kv_heads:
             raise ModelFormatError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -120,7 +129,7 @@ class ModelSpec:
                 num_layers=layers,
                 num_heads=num_heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-                head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+                head_dim=int(cfg.get("head_dim") or (hidden // num_heads if num_heads > 0 else 0)),
                 max_position=int(cfg.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,

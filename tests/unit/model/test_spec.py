@@ -68,3 +68,13 @@ def test_round_trip_through_hf_config() -> None:
 def test_kv_bytes_per_token() -> None:
     spec = ModelSpec.from_hf_config(LLAMA)
     assert spec.kv_bytes_per_token(4) == 2 * 2 * 2 * 8 * 4
+
+
+@pytest.mark.parametrize("key,value", [
+    ("num_attention_heads", 0), ("num_key_value_heads", -2), ("num_hidden_layers", -3), ("hidden_size", 0),
+    ("vocab_size", 0), ("intermediate_size", -1), ("max_position_embeddings", 0), ("head_dim", -8),
+])
+def test_counts_must_be_positive(key: str, value: int) -> None:
+    # zero heads raised ZeroDivisionError; negative layers planned a smaller model with exit 0
+    with pytest.raises(ModelFormatError, match=rf"{key} = {value} is not a positive count; fix the model's config"):
+        ModelSpec.from_hf_config({**LLAMA, key: value})
