@@ -312,13 +312,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         ("--target-tokens-per-s", args.target_tokens_per_s)):
         if value is not None and value <= 0:
             raise InvalidParameterError(f"{flag} {value:g} is not a positive number; pass one above 0")
+    spec = spec_of(args.model)  # a bad model fails before a calibration of minutes
+    if args.context is not None and args.context > spec.max_position:
+        raise InvalidParameterError(f"--context {args.context} is more than the model's context of "
+                                    f"{spec.max_position} tokens; pass {spec.max_position} or less")
+    context = args.context or spec.max_position
     if args.calibrate:
         machine = profile.calibrate()
         print(f"kiln: calibrated this machine; profile cached in {profile.profile_path()}", file=sys.stderr)
     else:
         machine = profile.load_cached() or _calibrate_first(profile)
-    spec = spec_of(args.model)
-    context = args.context or spec.max_position
     plan = estimate.estimate(spec, args.precision, context, args.concurrency, machine, args.runtime)
     advice = (estimate.recommend(spec, context, args.concurrency, args.target_tokens_per_s, machine)
               if args.target_tokens_per_s else [])

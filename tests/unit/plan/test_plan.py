@@ -235,3 +235,19 @@ def test_an_int8_model_whose_sizes_onnxruntime_cannot_block_plans_torch() -> Non
     assert estimate.estimate(odd, "int4", 640, 1, PROFILE).runtime == "onnxruntime"
     with pytest.raises(InvalidParameterError, match="multiples of 16.*576, 576, 1544.*--runtime torch"):
         estimate.estimate(odd, "int8", 640, 1, PROFILE, "onnxruntime")
+
+
+def test_cli_refuses_a_context_beyond_the_model_before_calibrating(capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # a context of 10^9 tokens was planned for a model of 8192 (138 TB of KV cache); the model is read
+    # before the machine profile, so a bad model or context never waits on a four-minute calibration
+    from kiln import cli
+    from kiln.plan import profile
+
+    def no_profile() -> None:
+        raise AssertionError("the profile was read before the model was checked")
+
+    monkeypatch.setattr(profile, "load_cached", no_profile)
+    assert cli.main(["plan", "--context", "1000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "kiln: error: --context 1000000000 is more than the model's context of 8192 tokens" in err
