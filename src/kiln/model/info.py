@@ -20,6 +20,10 @@ def describe(name: str) -> dict[str, Any]:
         header = gguf.read_header(source.path)
         spec, dtypes, num_params = header.spec, dict(header.tensor_types), header.num_parameters
     else:
+        if source.kind == "artifact":  # the files a load would refuse are not described as a model
+            from kiln.artifact.manifest import Manifest, verify
+
+            verify(source.path, Manifest.read(source.path))
         spec, dtypes, num_params = _describe_folder(source.path)
     return {
         "name": name,

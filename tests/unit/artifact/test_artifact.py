@@ -87,6 +87,22 @@ def test_truncated_and_missing_files_are_refused(saved: tuple[LlamaModel, Path],
         io.load_graph(cut, torch.float32, progress=False)
 
 
+def test_info_refuses_a_damaged_artifact(saved: tuple[LlamaModel, Path], tmp_path: Path) -> None:
+    # without its weights `kiln info` described 0 parameters, 0 bytes and the sha256 of nothing, exit 0
+    from kiln.model.info import describe
+
+    _, folder = saved
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="model.safetensors does not match its sha256"):
+        describe(str(folder))
+    weights.unlink()
+    with pytest.raises(ModelFormatError, match="model.safetensors is missing"):
+        describe(str(folder))
+
+
 def test_an_artifact_without_its_manifest_says_so(saved: tuple[LlamaModel, Path], tmp_path: Path) -> None:
     # without manifest.json the folder looked like a Hugging Face one, refused for a "missing" weight
     from kiln.model.source import resolve
