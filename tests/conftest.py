@@ -29,6 +29,45 @@ def _torch_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+class RecordedBar:
+    """Stands in for tqdm: how far a bar got, and whether it shows (disable=None: on a terminal)."""
+
+    def __init__(self, total: int | None = None, disable: bool | None = None, **_: object) -> None:
+        self.total, self.done, self.disable = total, 0, disable
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+
+    def set_postfix_str(self, _text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RecordedBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorded_bars(monkeypatch: pytest.MonkeyPatch) -> Callable[[object], list[RecordedBar]]:
+    """record(module): replace the module's tqdm; returns the list its bars are appended to."""
+
+    def record(module: object) -> list[RecordedBar]:
+        bars: list[RecordedBar] = []
+
+        def make(*args: Any, **kwargs: Any) -> RecordedBar:
+            bars.append(RecordedBar(*args, **kwargs))
+            return bars[-1]
+
+        monkeypatch.setattr(module, "tqdm", make)
+        return bars
+
+    return record
+
+
 @pytest.fixture(scope="session")
 def default_model() -> LoadedModel:
     return load("default", progress=False)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from kiln.artifact.manifest import Manifest, is_artifact
 from kiln.compress.quantize import grid
@@ -139,7 +140,7 @@ def _copy_tokenizer(writer: Any, gguf_path: Path) -> None:
             writer.add_key_value(key, field.contents(), kind)
 
 
-def export(loaded: LoadedModel, out: Path) -> Path:
+def export(loaded: LoadedModel, out: Path, progress: bool = True) -> Path:
     """Write `loaded` as the GGUF file `out`, through a temporary file beside it: an interrupted or failed
     export leaves no half-written GGUF (and keeps the file it was to replace)."""
     from gguf import GGUFWriter
@@ -169,7 +170,12 @@ def export(loaded: LoadedModel, out: Path) -> Path:
     writer.add_rope_freq_base(spec.rope_theta)
     writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
     writer.add_vocab_size(spec.vocab_size)
+    # steps: the tokenizer (its GGUF read takes seconds), each layer converted, the file written
+    bar = tqdm(total=len(model.layers) + 2, desc="export gguf", unit="step", disable=None if progress else True)
+    bar.set_postfix_str("tokenizer")
     _copy_tokenizer(writer, source)
+    bar.update(1)
+    bar.set_postfix_str("layers")
     permute = arch == "llama"  # llama.cpp's llama uses interleaved rotary pairs; qwen2 keeps halves
 
     def add(name: str, data: np.ndarray, raw: Any) -> None:
@@ -203,15 +209,19 @@ def export(loaded: LoadedModel, out: Path) -> Path:
         add(f"blk.{i}.ffn_down.weight", *_tensor(block.mlp.down_proj))
         add(f"blk.{i}.attn_norm.weight", block.input_norm.weight.detach().float().numpy(), None)
         add(f"blk.{i}.ffn_norm.weight", block.post_attn_norm.weight.detach().float().numpy(), None)
+        bar.update(1)
     try:
+        bar.set_postfix_str("write")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
+        bar.update(1)
     except OSError as exc:  # a missing or read-only folder, a full disk: one line, not a traceback
         raise InvalidParameterError(f"cannot write {out} ({exc}); pass a writable path with room for it") from exc
     finally:
+        bar.close()
         tmp.unlink(missing_ok=True)
     return out
 

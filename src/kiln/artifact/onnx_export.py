@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from kiln.artifact.io import TOKENIZER_FILES
 from kiln.artifact.manifest import Manifest, is_artifact
@@ -173,7 +174,7 @@ def check_output(out: Path) -> None:
 
 
 def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", check: bool = True,
-           plan: BuildPlan | None = None) -> Path:
+           plan: BuildPlan | None = None, progress: bool = True) -> Path:
     """Build the ONNX model folder `out` (model.onnx and kiln.onnx + weights + genai_config.json + tokenizer);
     `plan` overrides the builder settings that `plan_for` would derive from the artifact."""
     try:
@@ -188,7 +189,15 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             f"{loaded.spec.head_dim}; use the torch runtime"
         )
     plan = plan or plan_for(loaded, precision)
-    with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
+    stages = ["build", *(["transplant"] if plan.precision != "fp32" else []), *(["check"] if check else []), "write"]
+    # the builder alone takes half a minute on the default model: a bar says the export is under way
+    bar = tqdm(total=len(stages), desc="export onnx", unit="stage", disable=None if progress else True)
+
+    def begin(stage: str) -> None:
+        bar.set_postfix_str(stage)
+
+    with bar, tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
+        begin("build")
         folder = write_hf_folder(loaded, Path(scratch) / "hf")
         staging = Path(scratch) / "onnx"
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(staging),
@@ -197,8 +206,11 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
         if proc.returncode != 0 or not (staging / ONNX_FILE).is_file():
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise OnnxExportError(f"ONNX Runtime GenAI's model builder failed: {last[0]}")
+        bar.update(1)
         if plan.precision != "fp32":
+            begin("transplant")
             transplant(staging, loaded.model)
+            bar.update(1)
         keep_last_logits(staging)
         write_prefill_graph(staging)
         (staging / "kiln-export.json").write_text(json.dumps({
@@ -206,12 +218,15 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head,
             "head_bits": head_bits(plan)}))
         if check:
+            begin("check")
             error = max_logit_error(loaded, staging)
             if error > TOLERANCE[plan.precision]:
                 raise OnnxExportError(
                     f"the ONNX export's logits differ from the source by {error:.4f} of their range "
                     f"(tolerance {TOLERANCE[plan.precision]}); it was not written"
                 )
+            bar.update(1)
+        begin("write")
         partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +238,7 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
                                         "with room for it") from exc
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+        bar.update(1)
     return out
 
 

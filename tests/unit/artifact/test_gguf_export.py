@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,3 +115,15 @@ def test_a_folder_or_unwritable_output_is_one_error(exported: tuple[LoadedModel,
     with pytest.raises(InvalidParameterError, match="cannot write /proc/kiln.gguf"):
         export(loaded, Path("/proc/kiln.gguf"))
     assert not list(tmp_path.glob(".*.partial"))
+
+
+
+def test_export_shows_progress(default_model: LoadedModel, tmp_path: Path, recorded_bars: Callable[[object], list[Any]]
+                               ) -> None:
+    # the export ran for seconds (minutes on a larger model) with no bar after the load's
+    from kiln.artifact import gguf_export
+
+    bars = recorded_bars(gguf_export)
+    export(default_model, tmp_path / "m.gguf")
+    [bar] = bars
+    assert bar.disable is None and bar.total == default_model.spec.num_layers + 2 and bar.done == bar.total

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,15 @@ def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, 
     # the first two run as one batch (same position); the last is prefilled in two chunks
     prompts = [[1, 5, 9, 200], [1, 6, 10, 201], [1, 7], [1, *range(300, 330)]]
     assert greedy(OnnxModel(folder, tiny.spec, 1), tiny, prompts) == greedy(tiny.model, tiny, prompts)
+
+
+def test_export_shows_its_stages(tiny: LoadedModel, tmp_path: Path, recorded_bars: Callable[[object], list[Any]]
+                                 ) -> None:
+    # the builder ran for half a minute on the default model with no bar after the load's
+    bars = recorded_bars(onnx_export)
+    onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    [bar] = bars
+    assert bar.disable is None and bar.total == 3 and bar.done == 3  # build, check, write
 
 
 def test_decode_rows_at_different_positions_run_as_one_batch(tiny: LoadedModel, tmp_path: Path,
