@@ -750,11 +750,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except KilnError as exc:
-        if exc.exit_code == 130:  # an interruption the command turned into its own message (eval, distill)
+        is_interruption = exc.exit_code == 130  # one the command turned into its own message (eval, distill)
+        if is_interruption:
             _end_on_next_ctrl_c()
         if args.debug:
             traceback.print_exc()
-        print(f"kiln: error: {exc}", file=sys.stderr)
+        # an interruption is not a mistake: its line reads "kiln: interrupted ...", as any other Ctrl-C's does
+        print(f"kiln: {exc}" if is_interruption else f"kiln: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         _end_on_next_ctrl_c()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -63,3 +64,21 @@ def test_a_seed_the_server_takes_is_taken_and_hashed_the_same_way(seed: int) -> 
     assert params.seed == served.seed == seed
     draw = [torch.rand(4, generator=SamplerState(p, [1], 10).generator).tolist() for p in (params, served)]
     assert draw[0] == draw[1]
+
+
+def test_a_resumable_interruption_starts_as_any_interruption(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # eval and distill said "kiln: error: interrupted ...", as if the user had made a mistake
+    from kiln.errors import Interrupted
+
+    def interrupted(_args: object) -> int:
+        raise Interrupted("interrupted after 3 of 9 items; rerun the same command with --resume to continue")
+
+    monkeypatch.setattr(cli, "cmd_runs", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        assert cli.main(["runs"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, handler)  # main() leaves a second Ctrl-C to end the process
+    assert capsys.readouterr().err == ("kiln: interrupted after 3 of 9 items; rerun the same command with --resume "
+                                       "to continue\n")
