@@ -226,6 +226,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task=args.task, limit=args.limit, ctx=args.ctx, limit_tokens=args.limit_tokens, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, data_dir=args.data, resume=args.resume, runtime=args.runtime,
     )
+    if args.samples:
+        summary.check_samples_path(args.samples)  # written at the end: a bad path must not cost the evaluation
     runs.check()  # the result is stored at the end: a damaged database must not cost the evaluation
     loaded = load(args.model, precision=args.dtype)
     baseline = load(args.baseline, precision=args.dtype) if args.baseline else None

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kiln.errors import InvalidParameterError
 from kiln.evaluate.runner import EvalOutcome
+from kiln.files import write_text
 
 
 def _pm(metrics: dict[str, float], key: str, scale: float = 1.0, digits: int = 2) -> str:
@@ -50,8 +52,22 @@ def as_json(outcome: EvalOutcome, model: str, sha256: str) -> str:
     return json.dumps(data)
 
 
+def check_samples_path(path: Path) -> None:
+    """Refuse a --samples path that cannot take the file, before the evaluation rather than after it."""
+    if path.is_dir():
+        raise InvalidParameterError(f"--samples {path} is a folder; pass a file name such as {path / 'samples.jsonl'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidParameterError(f"--samples {path}: {parent} is a file, not a folder; pass another path")
+            break
+
+
 def write_samples(outcome: EvalOutcome, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in outcome.records:
-            f.write(json.dumps({"task": outcome.task, **r}) + "\n")
+    """One JSON record per item, written whole or not at all."""
+    text = "".join(json.dumps({"task": outcome.task, **r}) + "\n" for r in outcome.records)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, text)
+    except OSError as exc:  # a read-only folder or a full disk: one line (the result is already in kiln runs)
+        raise InvalidParameterError(f"cannot write --samples {path} ({exc.strerror}); pass a writable path") from exc

@@ -150,3 +150,19 @@ def test_ctx_beyond_the_model_context_is_one_line(default_model: LoadedModel, ho
     limit = default_model.spec.max_position
     with pytest.raises(InvalidParameterError, match=rf"--ctx {2 * limit} is more than the model's context of {limit}"):
         run(default_model, EvalOptions(task="wikitext2", ctx=2 * limit, limit_tokens=2048), progress=False)
+
+
+def test_samples_path_is_checked_before_the_evaluation(items_file: Path, home: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # a folder given as --samples raised IsADirectoryError after the whole evaluation had run
+    from kiln import cli
+    from kiln.model import load as load_module
+
+    def no_load(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded before --samples was checked")
+
+    monkeypatch.setattr(load_module, "load", no_load)
+    assert cli.main(["eval", "--task", f"mc:{items_file}", "--samples", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"kiln: error: --samples {home} is a folder" in err
