@@ -44,3 +44,8 @@ def huge_pages() -> bool:
 def ort_prefill_graph() -> bool:
     """KILN_ORT_PREFILL: run int4 exports' prompts on their prefill graph (0 saves its copy of the weights)."""
     return _flag("KILN_ORT_PREFILL")
+
+
+def threads() -> int:
+    """KILN_THREADS: the threads a torch model gets (0, the default: the cores torch sees)."""
+    return int(os.environ.get("KILN_THREADS", "0"))

@@ -9,13 +9,13 @@ sets its own and one process can step both kinds, as a server with an fp32 model
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from kiln import settings
 
 # the count this process was started with (KILN_THREADS, else torch's default: the cores it may use),
 # read at import, before any runtime has narrowed a thread's count
-PROCESS_THREADS = int(os.environ.get("KILN_THREADS", "0")) or torch.get_num_threads()
+PROCESS_THREADS = settings.threads() or torch.get_num_threads()
 
 
 def torch_threads_for(model: object | None) -> int:
