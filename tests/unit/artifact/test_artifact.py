@@ -64,12 +64,16 @@ def test_sparse_matrix_is_stored_compactly(saved: tuple[LlamaModel, Path]) -> No
     assert info["format"] == "sparse" and info["density"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_flipped_byte_is_refused(saved: tuple[LlamaModel, Path]) -> None:
-    _, folder = saved
+def flip_a_byte(folder: Path) -> None:
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
+
+
+def test_flipped_byte_is_refused(saved: tuple[LlamaModel, Path]) -> None:
+    _, folder = saved
+    flip_a_byte(folder)
     with pytest.raises(ModelFormatError, match="model.safetensors does not match its sha256"):
         io.load_graph(folder, torch.float32, progress=False)
 
@@ -92,13 +96,10 @@ def test_info_refuses_a_damaged_artifact(saved: tuple[LlamaModel, Path], tmp_pat
     from kiln.model.info import describe
 
     _, folder = saved
-    weights = folder / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_a_byte(folder)
     with pytest.raises(ModelFormatError, match="model.safetensors does not match its sha256"):
         describe(str(folder))
-    weights.unlink()
+    (folder / "model.safetensors").unlink()
     with pytest.raises(ModelFormatError, match="model.safetensors is missing"):
         describe(str(folder))
 

@@ -26,6 +26,13 @@ TOKENS_PER_MIN = 60  # the bucket holds 60 tokens and refills one a second
 PROMPT = [42] * 4
 MAX_TOKENS = 50  # so a request reserves 54 of the 60: a second one fits only if the first gave back its unused part
 ReadyClient = Callable[[Any], AbstractContextManager[Any]]  # tests/conftest.py's ready_client
+# a stream of MAX_TOKENS that a test's client leaves part-way
+LONG_STREAM = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
+
+
+def read_first_chunk(response: Any) -> None:
+    lines = (line for line in response.iter_lines() if line.startswith("data: {"))
+    assert json.loads(next(lines).removeprefix("data: "))["choices"]
 
 
 @pytest.mark.parametrize("path,body", [
@@ -185,10 +192,8 @@ def test_a_cancelled_stream_refunds_exactly_what_it_did_not_use(limited: tuple[F
         return real_step()
 
     monkeypatch.setattr(worker.engine, "step", held)
-    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
-    with client.stream("POST", "/v1/completions", json=body) as r:
-        lines = (line for line in r.iter_lines() if line.startswith("data: {"))
-        assert json.loads(next(lines).removeprefix("data: "))["choices"]
+    with client.stream("POST", "/v1/completions", json=LONG_STREAM) as r:
+        read_first_chunk(r)
         leaving.set()
         assert at_gate.wait(timeout=10)
     # closing the stream ends the handler, which frees the queue slot while the engine still holds the request
@@ -214,10 +219,8 @@ def test_a_client_gone_while_a_chunk_is_sent_frees_its_request_at_once(limited: 
         return real_step()
 
     monkeypatch.setattr(worker.engine, "step", slow)
-    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
-    with client.stream("POST", "/v1/completions", json=body) as r:
-        lines = (line for line in r.iter_lines() if line.startswith("data: {"))
-        assert json.loads(next(lines).removeprefix("data: "))["choices"]
+    with client.stream("POST", "/v1/completions", json=LONG_STREAM) as r:
+        read_first_chunk(r)
         time.sleep(0.2)  # more tokens are made meanwhile: the server waits to send one
     assert app.state.kiln.admission.current == 0
     [request] = added
