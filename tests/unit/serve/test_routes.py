@@ -30,9 +30,12 @@ ReadyClient = Callable[[Any], AbstractContextManager[Any]]  # tests/conftest.py'
 LONG_STREAM = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
 
 
-def read_first_chunk(response: Any) -> None:
+def read_first_chunk(response: Any) -> Iterator[str]:
+    """Read the stream's first chunk; the caller keeps the returned lines while it stays (once they are collected,
+    the client has left)."""
     lines = (line for line in response.iter_lines() if line.startswith("data: {"))
     assert json.loads(next(lines).removeprefix("data: "))["choices"]
+    return lines
 
 
 @pytest.mark.parametrize("path,body", [
@@ -193,9 +196,10 @@ def test_a_cancelled_stream_refunds_exactly_what_it_did_not_use(limited: tuple[F
 
     monkeypatch.setattr(worker.engine, "step", held)
     with client.stream("POST", "/v1/completions", json=LONG_STREAM) as r:
-        read_first_chunk(r)
+        rest = read_first_chunk(r)
         leaving.set()
         assert at_gate.wait(timeout=10)
+        rest.close()  # the client leaves
     # closing the stream ends the handler, which frees the queue slot while the engine still holds the request
     assert app.state.kiln.admission.current == 0
     [request] = added
@@ -220,8 +224,9 @@ def test_a_client_gone_while_a_chunk_is_sent_frees_its_request_at_once(limited: 
 
     monkeypatch.setattr(worker.engine, "step", slow)
     with client.stream("POST", "/v1/completions", json=LONG_STREAM) as r:
-        read_first_chunk(r)
+        rest = read_first_chunk(r)
         time.sleep(0.2)  # more tokens are made meanwhile: the server waits to send one
+        rest.close()  # the client leaves
     assert app.state.kiln.admission.current == 0
     [request] = added
     deadline = time.monotonic() + 10
