@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiln.benchmark.machine import cpu_name
+from kiln.plan.profile import PROFILE_VERSION
 
 KILN = str(Path(sys.executable).parent / "kiln")
 
@@ -96,7 +97,7 @@ def test_plan_json_from_a_cached_profile(env: dict[str, str], tmp_path: Path) ->
                "layer_overhead_s": {k: {"1": 1e-4, "4": 1.2e-4, "16": 2e-4} for k in engine_keys},
                "step_overhead_s": {k: {"1": 1e-3, "4": 2e-3, "16": 5e-3} for k in engine_keys},
                "kv_seconds_per_byte": {k: {"1": 5e-11, "4": 3e-11, "16": 3e-11} for k in engine_keys},
-               "runtime_bytes": 250_000_000, "version": 4}
+               "runtime_bytes": 250_000_000, "version": PROFILE_VERSION}
     (cache / "machine-profile.json").write_text(json.dumps(profile))
     proc = run({**env, "KILN_CACHE": str(cache)}, "plan", "--precision", "int8", "--context", "2048",
                "--concurrency", "4", "--target-tokens-per-s", "300", "--json")
