@@ -11,7 +11,8 @@ step only rebinds its token, mask and logits. While several sequences decode tog
 and values move into one batch buffer, bound the same way, and their own buffers are freed: decoding
 copies nothing and holds no second copy. Exports that have the `logits_to_keep` input compute lm_head on
 the last position only. The engine's paged cache does the accounting (budget, admission, preemption) and
-stores nothing itself. First prompt chunks of one width batch too.
+stores nothing itself. First prompt chunks of one width batch too. An int4 export's prompt chunks of
+PREFILL_ROWS tokens or more run on its prefill graph, a second session bound to the same buffers.
 
 Prefix caching: when the engine publishes a prompt's full blocks, their keys and values are copied out of
 the sequence's buffers into a block store laid out like the engine's pool (indexed by the engine's block
