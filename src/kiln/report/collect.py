@@ -74,6 +74,12 @@ def collect(models: list[str] | None = None) -> list[ModelSummary]:
     return list(found.values())
 
 
+def reference_of(found: list[ModelSummary], reference: str | None) -> ModelSummary | None:
+    """The summary `reference` names (a model name or sha256 prefix); the first one when it names none."""
+    named = next((m for m in found if reference in (m.name, m.sha256[: len(reference or "")])), None)
+    return named or (found[0] if found else None)
+
+
 def _training_history(name: str) -> dict[str, Any]:
     """The distillation loss curve of an artifact folder (when the model is one that still exists)."""
     folder = Path(name)

@@ -13,7 +13,7 @@ import jinja2
 
 from kiln import __version__
 from kiln.errors import InvalidParameterError
-from kiln.report.collect import TASK_COLUMNS, ModelSummary, collect
+from kiln.report.collect import TASK_COLUMNS, ModelSummary, collect, reference_of
 from kiln.report.plots import line_svg, scatter_svg
 from kiln.report.select import Choice
 
@@ -136,7 +136,7 @@ def render(models: list[str] | None = None, reference: str | None = None, choice
             "no runs recorded" + (f" for {', '.join(models)}" if models else "")
             + "; run `kiln eval` or `kiln bench` first (see `kiln runs`)"
         )
-    ref = next((m for m in found if reference in (m.name, m.sha256[: len(reference or '')])), found[0])
+    ref = reference_of(found, reference) or found[0]
     curves = [line_svg({m.name: m.extra["loss_curve"]}, "step", "loss", f"{m.name}: distillation loss")
               for m in found if m.extra.get("loss_curve")]
     return TEMPLATE.render(

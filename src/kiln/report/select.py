@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kiln.errors import InvalidParameterError
-from kiln.report.collect import ModelSummary, collect
+from kiln.report.collect import ModelSummary, collect, reference_of
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,7 @@ def choose(models: Sequence[str] | None = None, reference: str | None = None,
     other model's reason for not qualifying."""
     budget = budget or Budget()
     found = collect(list(models) if models else None)
-    ref = next((m for m in found if reference in (m.name, m.sha256[: len(reference or '')])), None) or (
-        found[0] if found else None)
+    ref = reference_of(found, reference)
     choice = Choice(budget, ref.name if ref else None)
     ref_ppl = ref.metric("wikitext2", "ppl") if ref else None
     if not ref_ppl:
