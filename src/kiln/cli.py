@@ -357,12 +357,14 @@ def _calibrate_first(profile):  # noqa: ANN001, ANN202 (module passed to keep th
 
 def cmd_report(args: argparse.Namespace) -> int:
     from kiln.report import html
+    from kiln.report.collect import collect
     from kiln.report.select import Budget, choose
 
     budget = Budget(args.max_ppl_increase, args.max_memory_mb, args.min_tokens_per_s, args.max_ttft_ms)
     models = args.model or None
-    choice = choose(models, args.reference, budget)
-    path = html.write(args.output, models, args.reference, choice).resolve()
+    found = collect(models)  # read once: the page and the choice describe the same runs
+    choice = choose(models, args.reference, budget, found)
+    path = html.write(args.output, models, args.reference, choice, found).resolve()
     if args.json:
         print(json.dumps({"report": str(path), **choice.as_dict()}))
     else:

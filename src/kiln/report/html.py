@@ -129,8 +129,10 @@ def _worst(models: Sequence[ModelSummary], per_task: int = 5) -> list[tuple[str,
     return out
 
 
-def render(models: list[str] | None = None, reference: str | None = None, choice: Choice | None = None) -> str:
-    found = collect(models)
+def render(models: list[str] | None = None, reference: str | None = None, choice: Choice | None = None,
+           found: list[ModelSummary] | None = None) -> str:
+    if found is None:
+        found = collect(models)
     if not found:
         raise InvalidParameterError(
             "no runs recorded" + (f" for {', '.join(models)}" if models else "")
@@ -147,7 +149,7 @@ def render(models: list[str] | None = None, reference: str | None = None, choice
 
 
 def write(path: Path, models: list[str] | None = None, reference: str | None = None,
-          choice: Choice | None = None) -> Path:
+          choice: Choice | None = None, found: list[ModelSummary] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(models, reference, choice), encoding="utf-8")
+    path.write_text(render(models, reference, choice, found), encoding="utf-8")
     return path

@@ -92,11 +92,12 @@ def _why_not(m: ModelSummary, ref_ppl: float, budget: Budget) -> str | None:
 
 
 def choose(models: Sequence[str] | None = None, reference: str | None = None,
-           budget: Budget | None = None) -> Choice:
-    """The model to serve among the recorded ones (`models` filters as in `kiln report`), with every
-    other model's reason for not qualifying."""
+           budget: Budget | None = None, found: list[ModelSummary] | None = None) -> Choice:
+    """The model to serve among the recorded ones (`models` filters as in `kiln report`; `found`: the
+    summaries already collected), with every other model's reason for not qualifying."""
     budget = budget or Budget()
-    found = collect(list(models) if models else None)
+    if found is None:
+        found = collect(list(models) if models else None)
     ref = reference_of(found, reference)
     choice = Choice(budget, ref.name if ref else None)
     ref_ppl = ref.metric("wikitext2", "ppl") if ref else None

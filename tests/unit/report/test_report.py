@@ -159,3 +159,21 @@ def test_report_command_prints_the_choice_and_fails_an_unmet_budget(home: Path, 
     assert "Which one to serve" in out.read_text()  # the page is written all the same
     assert cli.main(["report", "-o", str(out), "--max-ttft-ms", "-1"]) != 0
     assert "--max-ttft-ms must be positive" in capsys.readouterr().err
+
+
+def test_report_command_reads_the_runs_once(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The page and the choice describe the same runs: a run recorded between two reads could make the page
+    list a model the choice never saw."""
+    from kiln import cli
+
+    calls: list[int] = []
+    query = runs.query
+
+    def counted(*args: object, **kwargs: object) -> list[runs.Run]:
+        calls.append(1)
+        return query(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runs, "query", counted)
+    assert cli.main(["report", "-o", str(tmp_path / "r.html")]) == 0
+    assert len(calls) == 1 and "best model: int8" in capsys.readouterr().out
