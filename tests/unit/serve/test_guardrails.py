@@ -183,3 +183,31 @@ def test_stream_filter_sends_no_part_of_a_phone_number() -> None:
     out, violation = stream(FilterRules(pii=True), list(text))  # one character at a time
     assert violation is not None and violation.kind == "pii"
     assert out and "555" not in out  # text before it went out; none of the number did
+
+
+def test_stream_filter_reads_a_bounded_tail_and_finds_what_a_whole_check_finds() -> None:
+    """Each piece is checked from a window before the text already checked, not from the start (which cost
+    quadratic time), and the verdict is the whole text's: texts with phrases spread over long runs of
+    whitespace and PII, cut into random pieces, block exactly when check() on the whole text does."""
+    import random
+
+    rules = FilterRules(blocklist=("bad word", "three word phrase"), pii=True)
+    words = ["calm", "sea", "is", "out", "today", "bad", "word", "three", "phrase", "x,", "word,"] * 4
+    words += ["555-123-4567", "a@b.io", "4111", "1111"]
+    rng = random.Random(0)
+    blocked = 0
+    for _ in range(300):
+        text = "".join(rng.choice(words) + rng.choice([" ", "  ", "\n\n   ", "          " * 3, ","])
+                       for _ in range(rng.randint(3, 30)))
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 12))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        whole = check(rules, text)
+        _, streamed = stream(rules, pieces)
+        assert (whole is None) == (streamed is None), text
+        blocked += whole is not None
+    assert 50 < blocked < 250  # both verdicts were exercised
+
+    guard = StreamFilter(FilterRules(blocklist=("bad word",), pii=True))
+    for _ in range(2000):
+        guard.feed("the sea is calm today ")
+    assert guard.checked > 40_000 and guard.since() > guard.checked - 300
