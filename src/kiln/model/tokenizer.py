@@ -6,13 +6,17 @@ Streaming text out of token ids is left to kiln.engine.detokenize.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from kiln.errors import ModelFormatError
+from kiln.model.hermes import hermes_messages
 from kiln.model.spec import ModelSpec
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+# {"role": "system" | "user" | "assistant" | "tool", "content": ...}, and OpenAI's "tool_calls" (their arguments
+# parsed to objects, as templates expect) on an assistant turn
+Message = Mapping[str, Any]
 
 
 class Tokenizer:
@@ -53,6 +57,12 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders tools itself (Qwen 2.5, Hermes 2 Pro, Llama 3.1 name `tools` in their
+        Jinja source; SmolLM2's does not). A dict of named templates counts if any of them does."""
+        return self.has_chat_template and "tools" in str(self.hf.chat_template)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens (BOS) are added as the model's tokenizer is configured."""
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
@@ -67,18 +77,27 @@ class Tokenizer:
             )
         )
 
-    def render_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text") -> str:
+    def render_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text",
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The chat template applied to `messages`, ending with the assistant's turn opening.
 
-        `fix` ends the error for a model without a template: what the caller's user can do instead.
+        `tools` (OpenAI's function tools) go to a template that renders them; for one that does not, they, the
+        assistant's calls and the tools' results are written in the Hermes format (model/hermes.py) into plain
+        turns. `fix` ends the error for a model without a template: what the caller's user can do instead.
         """
         if not self.has_chat_template:
             raise ModelFormatError(f"this model has no chat template; {fix}")
-        return str(self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+        if self.template_takes_tools:
+            return str(self.hf.apply_chat_template([dict(m) for m in messages],
+                                                   tools=[dict(t) for t in tools] if tools else None,
+                                                   tokenize=False, add_generation_prompt=True))
+        return str(self.hf.apply_chat_template(hermes_messages(messages, tools), tokenize=False,
+                                               add_generation_prompt=True))
 
-    def encode_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text") -> list[int]:
+    def encode_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text",
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         # The template text carries its own special tokens (BOS included where the model wants one).
-        return self.encode(self.render_chat(messages, fix), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, fix, tools), add_special_tokens=False)
 
     def id_to_piece(self, token_id: int) -> str:
         return str(self.hf.convert_ids_to_tokens(token_id))
