@@ -1,4 +1,5 @@
-"""Structured output: a sequence held to a JSON schema (OpenAI's `response_format`) token by token.
+"""Structured output: a sequence held to a JSON schema (OpenAI's `response_format`), or to tool calls
+(a forcing `tool_choice`), token by token.
 
 llguidance, the grammar engine behind llama.cpp's and vLLM's guidance backends, compiles the schema and
 says before each token which tokens of the vocabulary keep the text a valid prefix; the sampler gives the
@@ -9,12 +10,13 @@ its own. Once the JSON is complete the only token left is end-of-sequence, so th
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from kiln.errors import InvalidParameterError
+from kiln.model.hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # response_format json_object: any JSON object
 # Whitespace between JSON tokens: none, a space, or one or two line breaks and an indent of up to 20, as
@@ -41,6 +43,39 @@ def json_grammar(schema: Mapping[str, Any] | None) -> str:
     if error:
         raise GrammarError(f"the JSON schema cannot be used ({_one_line(error)}); fix the schema")
     return grammar
+
+
+def tool_call_grammar(tools: Sequence[tuple[str, Mapping[str, Any] | None]], parallel: bool) -> str:
+    """llguidance's grammar for Hermes tool calls (model/hermes.py) to one of `tools` (name, parameters schema;
+    None: any object): one <tool_call> block, or with `parallel` one or more a line apart, each
+    {"name": <a tool's name>, "arguments": <JSON matching that tool's schema>}, and nothing else.
+
+    Each tool's schema is its own %json, so its "$ref"s resolve against its own root as the client wrote them;
+    the text around the arguments is fixed, as the prompt shows it. Check each schema with json_grammar first:
+    this says which tool's schema fails only as the whole grammar's error.
+    """
+    import llguidance
+
+    def literal(text: str) -> str:  # a Lark string takes JSON's escapes
+        return json.dumps(text)
+
+    names = " | ".join(f"fn_{i}" for i in range(len(tools)))
+    opening, closing, newline = literal(TOOL_CALL_OPEN + "\n"), literal("\n" + TOOL_CALL_CLOSE), literal("\n")
+    lines = ["%llguidance {}", f"start: call ({newline} call)*" if parallel else "start: call",
+             f"call: {opening} ({names}) {closing}"]
+    for i, (name, schema) in enumerate(tools):
+        head = literal('{"name": ' + json.dumps(name) + ', "arguments": ')
+        # no schema, or {}: any object (arguments are an object, whatever JSON Schema makes of {})
+        arguments = {"x-guidance": {"whitespace_pattern": WHITESPACE}, **(schema or ANY_OBJECT)}
+        lines.append(f"fn_{i}: {head} %json {json.dumps(arguments)} " + literal("}"))
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark("\n".join(lines))
+    except (TypeError, ValueError) as exc:
+        raise GrammarError(f"the tools' schemas cannot be used ({_one_line(exc)}); fix the schemas") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise GrammarError(f"the tools' schemas cannot be used together ({_one_line(error)}); fix the schemas")
+    return str(grammar)
 
 
 def _one_line(error: object) -> str:

@@ -1,5 +1,5 @@
 """Structured output: sequences held to a JSON schema give valid JSON, leave the other rows of a batch as they
-were, and bad schemas are one-line errors."""
+were, and bad schemas are one-line errors; tool calls held to their tools' schemas."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kiln.engine.engine import Engine, EngineConfig
-from kiln.engine.grammar import Constraint, GrammarError, json_grammar, ll_tokenizer
+from kiln.engine.grammar import Constraint, GrammarError, json_grammar, ll_tokenizer, tool_call_grammar
 from kiln.engine.request import RequestStatus
 from kiln.engine.sampler import SamplerState, SamplingParams, sample
 from kiln.errors import InvalidParameterError
@@ -109,3 +109,58 @@ def test_an_empty_schema_is_any_value_and_none_any_object(default_model: LoadedM
     digit = tok.encode("4", add_special_tokens=False)[0]
     assert Constraint(json_grammar({}), ll_tokenizer(tok, vocab)).allows(digit)  # JSON Schema's {}: anything
     assert not Constraint(json_grammar(None), ll_tokenizer(tok, vocab)).allows(digit)  # json_object
+
+
+# --- tool calls ---------------------------------------------------------------------------------------------
+
+# a schema with a $ref to its own $defs: it must resolve against the tool's schema, not the grammar around it
+CITY = {"type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+        "additionalProperties": False, "$defs": {"City": {"type": "string", "maxLength": 12}}}
+
+
+def call(name: str, arguments: str) -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+
+def accepted(model: LoadedModel, grammar: str, text: str) -> tuple[bool, bool]:
+    """Whether the grammar takes every token of `text`, and whether it may end there."""
+    import llguidance
+
+    matcher = llguidance.LLMatcher(ll_tokenizer(model.tokenizer, model.spec.vocab_size), grammar)
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    taken = matcher.validate_tokens(ids)
+    matcher.consume_tokens(ids[:taken])
+    return taken == len(ids), matcher.is_accepting()
+
+
+@pytest.mark.parametrize("text,whole,complete", [
+    (call("get_weather", '{"city": "Paris"}'), True, True),
+    (call("get_weather", '{"city": "Paris"}') + "\n" + call("noop", "{}"), True, True),  # parallel
+    (call("get_weather", '{"city": "Paris"}')[:-3], True, False),  # not closed yet
+    (call("get_weather", '{"town": "Paris"}'), False, False),  # not the tool's schema
+    (call("get_weather", '{"city": "Paris is a fine city"}'), False, False),  # the $ref's maxLength
+    (call("get_time", '{}'), False, False),  # not a given tool
+    ("Sure! " + call("noop", "{}"), False, False),  # text first
+])
+def test_tool_calls_are_held_to_their_tools_schemas(default_model: LoadedModel, text: str, whole: bool,
+                                                    complete: bool) -> None:
+    grammar = tool_call_grammar([("get_weather", CITY), ("noop", None)], parallel=True)
+    assert accepted(default_model, grammar, text) == (whole, complete)
+
+
+def test_one_call_unless_parallel(default_model: LoadedModel) -> None:
+    two = call("noop", "{}") + "\n" + call("noop", "{}")
+    assert accepted(default_model, tool_call_grammar([("noop", None)], parallel=False), call("noop", "{}")) == \
+        (True, True)
+    assert accepted(default_model, tool_call_grammar([("noop", None)], parallel=False), two)[0] is False
+    assert accepted(default_model, tool_call_grammar([("noop", None)], parallel=True), two) == (True, True)
+
+
+def test_a_tool_call_is_generated_whole(default_model: LoadedModel) -> None:
+    ask = "What is the weather in Paris? Call get_weather."
+    text, status = run(default_model, [(ask, SamplingParams(
+        max_tokens=40, temperature=0, grammar=tool_call_grammar([("get_weather", CITY)], parallel=False)))])[0]
+    assert status == RequestStatus.FINISHED_STOPPED, text  # ended by the grammar, not by max_tokens
+    assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>")
+    body = json.loads(text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
+    assert body["name"] == "get_weather" and set(body["arguments"]) == {"city"}
