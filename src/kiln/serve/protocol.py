@@ -6,6 +6,7 @@ does not support are refused by name rather than ignored.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, fi
 from kiln.engine.sampler import MAX_SEED, MIN_SEED, SamplingParams
 
 MAX_STOP = 4  # as OpenAI: up to four stop sequences
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 
 
 class ErrorInfo(BaseModel):
@@ -172,11 +174,85 @@ class CompletionRequest(_Sampling):
         return list(value)  # type: ignore[arg-type]
 
 
+class FunctionDefinition(BaseModel):
+    """A tool's function: its name, what it does, and the JSON schema of its arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # None: the function takes any object (OpenAI: no arguments)
+    strict: bool | None = None  # a forcing tool_choice always holds the arguments to the schema
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not TOOL_NAME.fullmatch(value):
+            raise ValueError(f"the function name {value!r} must be 1 to 64 letters, digits, '_' or '-'; rename it")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # the arguments come back as a JSON object (OpenAI's rule too), so a schema of anything else cannot be met
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError(f"the parameters schema has type {value['type']!r}; the arguments are a JSON object, "
+                             "so give it type 'object'")
+        return value
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it back
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made earlier in the conversation, sent back in its message."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    def template_form(self) -> dict[str, Any]:
+        """The call as chat templates take it: its arguments parsed to an object (Jinja templates write them
+        with tojson), or left as text when they are not JSON."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice {"type": "function", "function": {"name": ...}}: a call to that tool."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str  # or OpenAI's list of content parts, of which text parts are taken (joined as below)
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | None = None  # or OpenAI's list of content parts, of which text parts are taken (joined as below)
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (its content may then be null)
+    tool_call_id: str | None = None  # a tool message: the call whose result it is
 
     @field_validator("content", mode="before")
     @classmethod
@@ -200,16 +276,103 @@ class ChatMessage(BaseModel):
             texts.append(part["text"])
         return "\n".join(texts)
 
+    @model_validator(mode="after")
+    def _tool_fields_by_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls are the assistant's; a {self.role} message cannot carry them")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"tool_call_id goes with role 'tool', not {self.role!r}; drop it")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls may "
+                             "leave it null)")
+        return self
+
+    def template_form(self) -> dict[str, Any]:
+        # "developer" is OpenAI's newer name for the system role
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [c.template_form() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True  # a forcing tool_choice may make several calls, not just one
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for the system role
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, value: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in value or ()]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"the tool names {repeated} are given more than once; give each tool its own name")
+        return value or None  # [] is no tools, as vLLM and llama.cpp take it
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_shape(cls, value: Any) -> Any:
+        """One message for any tool_choice of the wrong shape, rather than one per member of the union."""
+        if value is None or value in ("none", "auto", "required"):
+            return value
+        function = value.get("function") if isinstance(value, dict) else None
+        if isinstance(value, dict) and value.get("type") == "function" and set(value) == {"type", "function"} \
+                and isinstance(function, dict) and set(function) == {"name"} and isinstance(function["name"], str):
+            return value
+        raise ValueError("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                         "{\"name\": ...}}")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_fits(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        # tools, response_format and ignore_eos are declared first: in info.data unless they failed their own check
+        if value is None or value == "none" or "tools" not in info.data:
+            return value
+        tools = info.data["tools"]
+        named = value.function.name if isinstance(value, NamedToolChoice) else None
+        shown = f"{{'function': {{'name': {named!r}}}}}" if named is not None else repr(value)
+        if not tools:  # refused as OpenAI does: a choice among no tools is a mistake
+            raise ValueError(f"tool_choice {shown} needs tools; send tools or drop tool_choice")
+        if named is not None and named not in [t.function.name for t in tools]:
+            raise ValueError(f"tool_choice names {named!r}, which is not among the tools "
+                             f"({', '.join(t.function.name for t in tools)}); name one of them")
+        if value == "auto":
+            return value
+        response_format = info.data.get("response_format")
+        if response_format is not None and response_format.type != "text":
+            raise ValueError(f"tool_choice {shown} and a JSON response_format both hold the output to a grammar; "
+                             "pick one")
+        if info.data.get("ignore_eos"):
+            raise ValueError(f"ignore_eos cannot be used with tool_choice {shown}, whose calls end the output; drop "
+                             "one of them")
+        return value
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [m.template_form() for m in self.messages]
+
+    def tool_mode(self) -> Literal["none", "auto", "forced"]:
+        """What the tools do: nothing (tool_choice none, or no tools), offered (auto, the default with tools: the
+        model may call one), or forced (required, or a named tool: the output is held to calls, forced_tools())."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        return "auto" if self.tool_choice in (None, "auto") else "forced"
+
+    def forced_tools(self) -> list[Tool]:
+        """The tools a forcing tool_choice chooses among: all for required, the named one, none otherwise."""
+        if self.tool_mode() != "forced":
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools or () if t.function.name == self.tool_choice.function.name]
+        return list(self.tools or ())
 
 
 class FeedbackRequest(BaseModel):

@@ -38,6 +38,7 @@ from kiln.serve.protocol import (
     error_code,
 )
 from kiln.serve.state import ServerState
+from kiln.serve.tools import ParsedCall, ToolCallParser, split_tool_calls
 from kiln.serve.worker import EngineStopped
 
 router = APIRouter()
@@ -87,6 +88,8 @@ class Job:
     echoed_tokens: int = 0  # prompt tokens scored by the echo passes that ran (one pass per prompt, not per choice)
     is_reserved: bool = False  # reserved_tokens are taken and the unused part is not yet refunded
     started: dict[int, EngineRequest] = field(default_factory=dict)  # choice index -> its request, once it ran
+    tool_names: tuple[str, ...] | None = None  # a chat with tools in effect: calls to these are read out of the text
+    is_tool_forced: bool = False  # a forcing tool_choice held the output to calls
 
 
 # --- admission -------------------------------------------------------------------------------------------
@@ -183,6 +186,28 @@ def _grammar(response_format: ResponseFormat | None) -> str | None:
         return json_grammar(schema)
     except GrammarError as exc:
         raise ApiError(400, str(exc), param="response_format", code="invalid_schema") from None
+
+
+def _chat_grammar(body: ChatCompletionRequest) -> str | None:
+    """The grammar that holds every choice to tool calls (a forcing tool_choice), else response_format's; a tool
+    whose parameters schema cannot be compiled is a 400 naming it, whatever the tool_choice (but none)."""
+    if body.tool_mode() == "none":
+        return _grammar(body.response_format)
+    from kiln.engine.grammar import GrammarError, json_grammar, tool_call_grammar
+
+    for i, tool in enumerate(body.tools or ()):
+        try:
+            json_grammar(tool.function.parameters or {"type": "object"})
+        except GrammarError as exc:
+            raise ApiError(400, f"tool {tool.function.name!r}: {exc}", param=f"tools.{i}.function.parameters",
+                           code="invalid_schema") from None
+    forced = body.forced_tools()
+    if not forced:
+        return _grammar(body.response_format)
+    try:
+        return tool_call_grammar([(t.function.name, t.function.parameters) for t in forced], body.parallel_tool_calls)
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), param="tools", code="invalid_schema") from None
 
 
 def _reserve_tokens(job: Job) -> None:
@@ -513,16 +538,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     try:
         dep = _deployment(state, body.model)
         messages = body.chat_messages()
-        _guard(state, dep, [m["content"] for m in messages], "input")
+        _guard(state, dep, _message_texts(messages), "input")
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.tool_mode() != "none" else None
         prompt = dep.loaded.tokenizer.encode_chat(
-            messages, fix="send a plain-text prompt to /v1/completions instead")
+            messages, fix="send a plain-text prompt to /v1/completions instead", tools=tools)
         asked = body.max_completion_tokens or body.max_tokens
         budget = _max_tokens(state, dep, prompt, asked, None, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        grammar = await asyncio.to_thread(_grammar, body.response_format)  # may take a second: off the loop
+        grammar = await asyncio.to_thread(_chat_grammar, body)  # may take a second: off the loop
         job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i, grammar=grammar)
                                                          for i in range(body.n)])
         job.request_id = "chatcmpl-" + job.request_id.split("-", 1)[1]
+        job.tool_names = tuple(t["function"]["name"] for t in tools) if tools else None
+        job.is_tool_forced = body.tool_mode() == "forced"
         _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
@@ -530,11 +558,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         outs = await _collect(job, request, body.n)
         _record(job, outs)
         _guard(state, dep, [o.request.text for o in outs], "output")
-        choices: list[dict[str, Any]] = [{"index": i, "message": {"role": "assistant", "content": o.request.text},
-                    "finish_reason": o.request.finish_reason,
+        choices: list[dict[str, Any]] = [{"index": i, **_chat_message(o, job),
                     "logprobs": chat_logprobs(dep.loaded.tokenizer, o.request.logprobs) if body.logprobs else None}
                    for i, o in enumerate(outs)]
-        state.log_response(job, body.model_dump(), [c["message"]["content"] for c in choices], outs)
+        state.log_response(job, body.model_dump(), [o.request.text for o in outs], outs)
         return _with_version(JSONResponse({"id": job.request_id, "object": "chat.completion", "created": job.created,
                                            "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
     except BaseException:
@@ -544,6 +571,33 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     finally:
         if not body.stream:
             _release(state, dep, job)
+
+
+def _message_texts(messages: Sequence[dict[str, Any]]) -> list[str]:
+    """What the input guardrail reads of a chat: each message's text and the arguments of each call in it."""
+    texts = [m["content"] for m in messages if m["content"]]
+    for m in messages:
+        texts += [json.dumps(c["function"]["arguments"]) for c in m.get("tool_calls", ())]
+    return texts
+
+
+def _chat_message(out: StepOutput, job: Job) -> dict[str, Any]:
+    """A finished choice's message and finish_reason: with tools in effect, the calls read out of its text (then
+    the text around them, if any, is the content, and a choice that stopped after them finished with
+    "tool_calls")."""
+    r = out.request
+    if job.tool_names is None:
+        return {"message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+    content, calls = split_tool_calls(r.text, job.tool_names, job.is_tool_forced)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.to_dict() for c in calls]
+    return {"message": message, "finish_reason": _tool_finish(r.finish_reason, len(calls))}
+
+
+def _tool_finish(finish_reason: str | None, num_calls: int) -> str | None:
+    # a choice cut short (length, a guardrail) says so, calls or not
+    return "tool_calls" if num_calls and finish_reason == "stop" else finish_reason
 
 
 def _release(state: ServerState, dep: Deployment | None, job: Job | None) -> None:
@@ -565,6 +619,13 @@ def _stream_error(error: BaseException) -> dict[str, Any]:
     if isinstance(error, KilnError):
         return error_body(str(error), "invalid_request_error", code=error_code(error))
     return error_body("generation failed", "server_error")
+
+
+def _chat_deltas(text: str, calls: Sequence[ParsedCall], num_sent: int) -> list[dict[str, Any]]:
+    """A streamed chat choice's deltas for one step: its text, then one per call completed (each whole, indexed
+    after the `num_sent` calls the choice sent before); an empty text only when there is nothing else."""
+    deltas: list[dict[str, Any]] = [{"content": text}] if text or not calls else []
+    return deltas + [{"tool_calls": [call.to_dict(index=num_sent + k)]} for k, call in enumerate(calls)]
 
 
 def _stream_filters(state: ServerState, dep: Deployment, count: int) -> list[StreamFilter | None]:
@@ -630,6 +691,9 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
     before = [job.prompts[i][-1:] for i in range(len(tasks))]  # the token before each choice's unsent ones
     sent: list[str] = ["" for _ in tasks]
     texts: list[str] = []  # per finished choice, in finishing order
+    # with tools in effect, each choice's calls are read out of its text as it grows (content held back meanwhile)
+    parsers = [ToolCallParser(job.tool_names, job.is_tool_forced) for _ in tasks] if job.tool_names is not None else []
+    num_calls = [0 for _ in tasks]
     try:
         if chat:
             for i in range(len(job.params)):
@@ -657,19 +721,27 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                     state.metrics.guardrail_blocks.labels(dep.name, "output", violation.kind).inc()
                     filters[i], finish, text, held[i] = None, "content_filter", "", []
                     tasks[i].cancel()
-            if text or finish:
-                delta: dict[str, Any] = {"content": text} if chat else {}
-                choice: dict[str, Any] = ({"index": i, "delta": delta} if chat else {"index": i, "text": text})
-                choice["finish_reason"] = finish
-                if held[i]:
-                    lp, held[i] = held[i], []
-                    tokens = [v.token for v in lp]
-                    # offsets index the choice's whole text, as without a stream: this chunk's begins where the
-                    # text sent so far ends, and its tokens follow those sent before (the prompt's, at first)
-                    choice["logprobs"] = chat_logprobs(tok, lp) if chat else completion_logprobs(
-                        tok, tokens, lp, text, offset=len(sent[i]), context=before[i])
-                    before[i] = tokens[-1:]
-                yield _sse({**base, "choices": [choice]})
+            calls: list[ParsedCall] = []
+            if parsers and finish != "content_filter":  # what a parser holds back when a guardrail stops is not sent
+                text, calls = parsers[i].feed(text)
+                if finish:
+                    text += parsers[i].finish()[0]
+                    finish = _tool_finish(finish, num_calls[i] + len(calls))
+            if text or finish or calls:
+                deltas = _chat_deltas(text, calls, num_calls[i]) if chat else [{}]
+                num_calls[i] += len(calls)
+                for j, delta in enumerate(deltas):  # the last carries the finish_reason
+                    choice: dict[str, Any] = ({"index": i, "delta": delta} if chat else {"index": i, "text": text})
+                    choice["finish_reason"] = finish if j == len(deltas) - 1 else None
+                    if held[i]:
+                        lp, held[i] = held[i], []
+                        tokens = [v.token for v in lp]
+                        # offsets index the choice's whole text, as without a stream: this chunk's begins where the
+                        # text sent so far ends, and its tokens follow those sent before (the prompt's, at first)
+                        choice["logprobs"] = chat_logprobs(tok, lp) if chat else completion_logprobs(
+                            tok, tokens, lp, text, offset=len(sent[i]), context=before[i])
+                        before[i] = tokens[-1:]
+                    yield _sse({**base, "choices": [choice]})
                 sent[i] += text
             if finish:
                 finished.append(out)

@@ -83,3 +83,100 @@ def test_response_format_schema_and_ignore_eos() -> None:
         .response_format.schema_or_none() is None
     with pytest.raises(ValidationError, match="ignore_eos cannot be used"):
         ChatCompletionRequest.model_validate({**body, "ignore_eos": True, "response_format": {"type": "json_object"}})
+
+
+# --- tools ----------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+NOOP = {"type": "function", "function": {"name": "noop"}}
+ASK = {"messages": [{"role": "user", "content": "Weather in Paris?"}]}
+
+
+def named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
+
+
+@pytest.mark.parametrize("extra,mode,forced", [
+    ({}, "none", []),
+    ({"tools": [WEATHER, NOOP]}, "auto", []),  # auto is the default with tools
+    ({"tools": [WEATHER], "tool_choice": "auto"}, "auto", []),
+    ({"tools": [WEATHER], "tool_choice": "none"}, "none", []),
+    ({"tools": [WEATHER, NOOP], "tool_choice": "required"}, "forced", ["get_weather", "noop"]),
+    ({"tools": [WEATHER, NOOP], "tool_choice": named("noop")}, "forced", ["noop"]),
+    ({"tools": [], "tool_choice": "none"}, "none", []),  # [] is no tools
+    ({"tool_choice": "none"}, "none", []),
+])
+def test_tool_choice_decides_what_the_tools_do(extra: dict, mode: str, forced: list[str]) -> None:
+    body = ChatCompletionRequest.model_validate({**ASK, **extra})
+    assert body.tool_mode() == mode and [t.function.name for t in body.forced_tools()] == forced
+    assert body.parallel_tool_calls is True
+
+
+@pytest.mark.parametrize("extra,loc,words", [
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, ("tools", 0, "function", "name"),
+     "must be 1 to 64 letters, digits, '_' or '-'"),
+    ({"tools": [{"type": "function", "function": {"name": "x" * 65}}]}, ("tools", 0, "function", "name"),
+     "must be 1 to 64"),
+    ({"tools": [WEATHER, WEATHER]}, ("tools",), "['get_weather'] are given more than once"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "a"}}]}, ("tools", 0, "type"), "'function'"),
+    ({"tools": [{"type": "function", "function": {"name": "a", "parameters": {"type": "array"}}}]},
+     ("tools", 0, "function", "parameters"), "give it type 'object'"),
+    ({"tools": [WEATHER], "tool_choice": named("get_time")}, ("tool_choice",),
+     "names 'get_time', which is not among the tools (get_weather); name one of them"),
+    ({"tool_choice": "required"}, ("tool_choice",), "needs tools; send tools or drop tool_choice"),
+    ({"tool_choice": named("get_weather")}, ("tool_choice",), "needs tools"),
+    ({"tools": [], "tool_choice": "auto"}, ("tool_choice",), "needs tools"),
+    ({"tools": [WEATHER], "tool_choice": "always"}, ("tool_choice",), "must be 'none', 'auto', 'required' or"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}}, ("tool_choice",),
+     "must be 'none', 'auto', 'required' or"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, ("tool_choice",),
+     "and a JSON response_format both hold the output to a grammar; pick one"),
+    ({"tools": [WEATHER], "tool_choice": named("get_weather"), "ignore_eos": True}, ("tool_choice",),
+     "ignore_eos cannot be used"),
+])
+def test_tools_and_tool_choice_are_checked_at_the_edge(extra: dict, loc: tuple, words: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        ChatCompletionRequest.model_validate({**ASK, **extra})
+    error = refused.value.errors()[0]
+    assert error["loc"] == loc and words in error["msg"], error
+
+
+def test_auto_goes_with_a_json_response_format() -> None:
+    # nothing to pick between: auto holds nothing, the JSON format holds the output
+    body = ChatCompletionRequest.model_validate({**ASK, "tools": [WEATHER], "response_format": {"type": "json_object"}})
+    assert body.tool_mode() == "auto"
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
+def test_calls_and_results_in_the_history() -> None:
+    body = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "function": {
+            "name": "get_weather", "arguments": "not json"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "21 C"}]},
+    ], "tools": [WEATHER]})
+    assert body.chat_messages()[1:] == [
+        # templates write arguments with tojson: an object, or the text as sent when it is not JSON
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]},
+        {"role": "tool", "content": "21 C", "tool_call_id": "call_1"},
+    ]
+
+
+@pytest.mark.parametrize("message,words", [
+    ({"role": "user", "content": None}, "a user message needs content"),
+    ({"role": "user"}, "a user message needs content"),
+    ({"role": "assistant", "content": None}, "only an assistant message with tool_calls may leave it null"),
+    ({"role": "tool", "content": "21 C"}, "needs the tool_call_id"),
+    ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "goes with role 'tool'"),
+    ({"role": "user", "content": "x", "tool_calls": [CALL]}, "a user message cannot carry them"),
+])
+def test_tool_fields_go_with_their_roles(message: dict, words: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        ChatCompletionRequest.model_validate({"messages": [message]})
+    error = refused.value.errors()[0]
+    assert error["loc"] == ("messages", 0) and words in error["msg"], error

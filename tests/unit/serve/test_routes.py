@@ -348,11 +348,13 @@ def test_each_streamed_chunk_carries_the_logprobs_of_its_own_tokens(served: tupl
     assert got == expected
 
 
-def scripted(app: FastAPI, text: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Every choice generates the tokens of `text`, in order; returns how many there are."""
+def scripted(app: FastAPI, text: str, monkeypatch: pytest.MonkeyPatch, ends: bool = False) -> int:
+    """Every choice generates the tokens of `text`, in order (then the end-of-sequence token, if it `ends`);
+    returns how many there are."""
     import kiln.engine.engine
 
-    script = app.state.kiln.router.deployments()[0].loaded.tokenizer.encode(text)
+    tok = app.state.kiln.router.deployments()[0].loaded.tokenizer
+    script = tok.encode(text) + ([min(tok.eos_token_ids)] if ends else [])
     sampled: dict[int, int] = {}  # sampler id -> tokens it gave
 
     def sample(logits: Any, states: Any) -> list[int]:
@@ -520,3 +522,120 @@ def test_a_schema_compiles_off_the_event_loop(limited: tuple[FastAPI, TestClient
     health_answered.set()
     asking.join()
     assert gave_up == [False]
+
+
+# --- tools ------------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+PARIS_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+MALFORMED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {city: Paris}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def roomy_folder(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a context of 1024 tokens: room for the tools in the system message."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-roomy")
+    for f in tiny_folder.iterdir():
+        shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    return folder
+
+
+@pytest.fixture
+def with_tools(roomy_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               ready_client: ReadyClient) -> Iterator[tuple[FastAPI, TestClient]]:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = create_app(ServeConfig(models=(str(roomy_folder),), kv_budget_bytes=4 << 20))
+    with ready_client(app) as client:
+        yield app, client
+
+
+@pytest.mark.parametrize("extra,param,words", [
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.0.function.name",
+     "must be 1 to 64 letters"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "not among the tools"),
+])
+def test_bad_tools_are_400_naming_the_field(extra: dict, param: str, words: str) -> None:
+    r = TestClient(create_app(ServeConfig())).post("/v1/chat/completions", json={**CHAT, **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, "invalid_value", "invalid_request_error")
+    assert words in error["message"], error
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_a_tool_schema_the_grammar_cannot_compile_is_400_naming_the_tool(with_tools: tuple[FastAPI, TestClient],
+                                                                         tool_choice: str) -> None:
+    _, client = with_tools
+    bad = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "pattern": "[a-"}}}}}
+    r = client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER, bad], "tool_choice": tool_choice})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("tools.1.function.parameters", "invalid_schema"), error
+    assert error["message"].startswith("tool 'lookup': the JSON schema cannot be used (") and "fix the schema" in \
+        error["message"]
+
+
+def chat_answer(client: TestClient, body: dict) -> tuple[dict, dict]:
+    """The first choice without a stream, and with one: its message (deltas joined, calls by index) and finish."""
+    whole = client.post("/v1/chat/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    content, calls, finish = "", {}, None
+    for chunk in streamed(client, "/v1/chat/completions", body):
+        for choice in chunk["choices"]:
+            content += choice["delta"].get("content") or ""
+            for call in choice["delta"].get("tool_calls", ()):
+                assert call["index"] not in calls  # each call whole, in one delta
+                calls[call["index"]] = {k: call[k] for k in ("id", "type", "function")}
+            finish = choice["finish_reason"] or finish
+    stream = {"message": {"role": "assistant", "content": content or (None if calls else ""),
+                          **({"tool_calls": [calls[i] for i in sorted(calls)]} if calls else {})},
+              "finish_reason": finish}
+    return whole.json()["choices"][0], stream
+
+
+def without_ids(choice: dict) -> dict:
+    calls = [{**c, "id": "call_"} for c in choice["message"].get("tool_calls", ())]
+    return {**choice, "message": {**choice["message"], **({"tool_calls": calls} if calls else {})}}
+
+
+def test_a_call_in_auto_mode_is_read_out_of_the_text(with_tools: tuple[FastAPI, TestClient],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = with_tools
+    size = scripted(app, "Let me check.\n" + PARIS_CALL, monkeypatch, ends=True)
+    whole, stream = chat_answer(client, {**CHAT, "tools": [WEATHER], "max_tokens": size + 4})
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Let me check."
+    [call] = whole["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert without_ids(stream) == without_ids({k: whole[k] for k in ("message", "finish_reason")})
+
+
+@pytest.mark.parametrize("text", [MALFORMED_CALL, PARIS_CALL.replace("get_weather", "rm"), "It is sunny in Paris."])
+def test_text_that_is_no_call_is_content_not_an_error(with_tools: tuple[FastAPI, TestClient], text: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = with_tools
+    size = scripted(app, text, monkeypatch, ends=True)
+    whole, stream = chat_answer(client, {**CHAT, "tools": [WEATHER], "max_tokens": size + 4})
+    assert whole["message"] == {"role": "assistant", "content": text} and whole["finish_reason"] == "stop"
+    assert stream == {k: whole[k] for k in ("message", "finish_reason")}
+
+
+def test_tool_choice_none_keeps_the_tools_out(with_tools: tuple[FastAPI, TestClient],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = with_tools
+    size = scripted(app, PARIS_CALL, monkeypatch, ends=True)
+    plain = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": size}).json()
+    none = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": size, "tools": [WEATHER],
+                                                      "tool_choice": "none"}).json()
+    auto = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": size, "tools": [WEATHER]}).json()
+    assert none["usage"] == plain["usage"] and auto["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+    assert none["choices"][0]["message"] == {"role": "assistant", "content": PARIS_CALL}  # text only
+    assert "tool_calls" in auto["choices"][0]["message"]
