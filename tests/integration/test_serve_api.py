@@ -1,5 +1,5 @@
 """The served API through the official openai client: chat, streaming, completions, logprobs, validation,
-stream integrity, feedback, guardrails, and lm-evaluation-harness's local-completions against it."""
+stream integrity, feedback, guardrails, tool calls, and lm-evaluation-harness's local-completions against it."""
 
 from __future__ import annotations
 
@@ -324,3 +324,74 @@ def test_lm_eval_through_the_server_matches_in_process_eval(server: Server, modu
     assert sorted(theirs) == sorted(ours) == list(range(limit))
     for i in range(limit):
         assert theirs[i] == pytest.approx(ours[i], rel=1e-3, abs=1e-3), (i, theirs[i], ours[i])
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the local time in a timezone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}}}
+
+
+def check_weather_arguments(arguments: str) -> None:
+    """The arguments parse as JSON and match WEATHER_TOOL's schema (jsonschema is not installed: checked by hand)."""
+    parsed = json.loads(arguments)
+    assert set(parsed) == {"city", "unit"} and isinstance(parsed["city"], str), parsed
+    assert parsed["unit"] in ("celsius", "fahrenheit"), parsed
+
+
+def test_tool_choice_required_gives_a_call_through_the_openai_client(client: openai.OpenAI) -> None:
+    kw = dict(tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", parallel_tool_calls=False, temperature=0,
+              max_tokens=48)
+    reply = ask(client, "What is the weather in Paris?", **kw)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name in ("get_weather", "get_time")
+    if call.function.name == "get_weather":
+        check_weather_arguments(call.function.arguments)
+    else:
+        assert isinstance(json.loads(call.function.arguments)["timezone"], str)
+    assert reply.usage.completion_tokens > 0
+    # streamed: the same call, whole in one delta, and the same finish
+    chunks = list(ask(client, "What is the weather in Paris?", stream=True, **kw))
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    calls = [t for d in deltas for t in d.delta.tool_calls or ()]
+    assert [(t.index, t.function.name, t.function.arguments) for t in calls] == \
+        [(0, call.function.name, call.function.arguments)]
+    assert "".join(d.delta.content or "" for d in deltas) == "" and deltas[-1].finish_reason == "tool_calls"
+
+
+def test_a_named_tool_is_called_with_arguments_that_match_its_schema(server: Server) -> None:
+    r = server.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Is it raining in Rome?"}], "tools": [TIME_TOOL, WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "parallel_tool_calls": False,
+        "temperature": 0, "max_tokens": 48})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    check_weather_arguments(call["function"]["arguments"])
+
+
+def test_auto_tools_with_a_text_answer_give_content(client: openai.OpenAI) -> None:
+    # the small model answers in words: that is the content, with no calls
+    reply = ask(client, "Say hello.", tools=[WEATHER_TOOL], temperature=0, max_tokens=8)
+    message = reply.choices[0].message
+    assert message.content and not message.tool_calls and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_tool_call_in_the_history_is_taken(client: openai.OpenAI) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    reply = client.chat.completions.create(model="default", tools=[WEATHER_TOOL], temperature=0, max_tokens=4,
+                                           tool_choice="none", messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21, "sky": "clear"}'}])
+    assert reply.choices[0].message.content is not None and reply.usage.prompt_tokens > 40
