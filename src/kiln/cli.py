@@ -219,37 +219,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kiln import runs
     from kiln.benchmark.machine import machine_info
     from kiln.evaluate import summary
-    from kiln.evaluate.runner import EvalOptions, EvalOutcome, run
-    from kiln.model.load import load
+    from kiln.evaluate.runner import EvalOptions, EvalOutcome, check_api, run
+    from kiln.model.load import LoadedModel, load
 
     options = EvalOptions(
         task=args.task, limit=args.limit, ctx=args.ctx, limit_tokens=args.limit_tokens, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, data_dir=args.data, resume=args.resume, runtime=args.runtime,
     )
+    if args.api:
+        check_api(options, args.baseline is not None)
     if args.samples:
         summary.check_samples_path(args.samples)  # written at the end: a bad path must not cost the evaluation
     runs.check()  # the result is stored at the end: a damaged database must not cost the evaluation
-    loaded = load(args.model, precision=args.dtype)
+    subject = _served(args) if args.api else load(args.model, precision=args.dtype)
     baseline = load(args.baseline, precision=args.dtype) if args.baseline else None
 
     def record(outcome: EvalOutcome) -> None:
-        settings = {**outcome.settings, "precision": args.dtype,
+        # through --api the settings carry the server's URL and model name instead of kiln's precision
+        precision = {"precision": args.dtype} if isinstance(subject, LoadedModel) else {}
+        settings = {**outcome.settings, **precision,
                     **({"baseline": args.baseline, "baseline_sha256": baseline.sha256} if baseline else {})}
         runs.add(runs.Run(
-            kind="eval", model=args.model, model_sha256=loaded.sha256, model_size_bytes=loaded.source.size_bytes,
+            kind="eval", model=args.model, model_sha256=subject.sha256, model_size_bytes=subject.source.size_bytes,
             task=outcome.task, settings=settings, metrics=outcome.metrics, versions=machine_info("transformers"),
             duration_s=outcome.seconds, worst=outcome.worst(), run_key=outcome.run_key,
         ))
 
-    outcome = run(loaded, options, baseline, keep_weights=False, record=record)  # the model is not used after
+    try:
+        outcome = run(subject, options, baseline, keep_weights=False, record=record)  # the model is not used after
+    finally:
+        if not isinstance(subject, LoadedModel):
+            subject.close()
     if args.samples:
         summary.write_samples(outcome, args.samples)
     if args.json:
-        print(summary.as_json(outcome, args.model, loaded.sha256))
+        print(summary.as_json(outcome, args.model, subject.sha256))
     else:
         print(summary.text(outcome))
         print(summary.worst_text(outcome))
     return 0
+
+
+def _served(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
+    """kiln eval --api: the server asked which model it serves, and -m's tokenizer loaded without its weights."""
+    from kiln import settings
+    from kiln.evaluate.client import ApiConfig
+    from kiln.evaluate.served import connect
+
+    return connect(args.model, ApiConfig(args.api, api_key=args.api_key or settings.api_key(), model=args.api_model))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -267,6 +284,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {r.metrics[k]:.4g}" for k in keys)
         if r.kind == "bench":
             shown = ", ".join(f"b{x['batch_size']} {x['decode_tokens_per_s']:.1f} tok/s" for x in r.metrics["results"])
+        if r.settings.get("api"):  # scored through a server: kept apart from kiln's in-process figures
+            shown += f"  (via {r.settings['api']})"
         print(f"{r.id:>4}  {r.created_at}  {r.kind:<5} {r.task:<14} {r.model[:40]:<40} {r.model_sha256[:12]}  {shown}")
     return 0
 
@@ -585,6 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same evaluation")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute precision")
     p.add_argument("--json", action="store_true", help="print one JSON object of metrics")
+    g = p.add_argument_group("scoring through a server")
+    g.add_argument("--api", default=None, metavar="URL",
+                   help="score through this OpenAI-compatible server (e.g. kiln serve at http://127.0.0.1:8000) "
+                        "instead of in-process; -m names the model it serves, whose tokenizer makes the token ids. "
+                        "Multiple choice and perplexity need prompt logprobs (echo): a server without them is "
+                        "refused, not scored at chance")
+    g.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (default: $KILN_API_KEY)")
+    g.add_argument("--api-model", default=None, metavar="NAME",
+                   help="the served model's name (default: the only model the server lists)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", parents=[common], help="latency, throughput and memory at several batch sizes")

@@ -38,6 +38,11 @@ class DataFormatError(KilnError):
     """A data file has a malformed line or record."""
 
 
+class EndpointError(KilnError):
+    """A server that `kiln eval --api` scores through cannot be reached, refuses the request, or does not return
+    what the task needs (prompt log-probabilities)."""
+
+
 class Interrupted(KilnError):
     """Ctrl-C during long work that can be resumed; the message says how."""
 

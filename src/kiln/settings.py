@@ -26,6 +26,11 @@ def data_dir() -> Path:
     return project_root.parent / "shared" / "data"
 
 
+def api_key() -> str | None:
+    """KILN_API_KEY: the key `kiln eval --api` sends to the server when --api-key is not given."""
+    return os.environ.get("KILN_API_KEY") or None
+
+
 def _flag(name: str) -> bool:
     """An on/off KILN_* switch that is on unless set to 0."""
     return os.environ.get(name, "1") != "0"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from kiln.engine.generate import Generator
 from kiln.engine.sampler import SamplingParams
@@ -18,8 +19,25 @@ def prompt_ids(tokenizer: Tokenizer, item: GenItem) -> list[int]:
     return tokenizer.encode("\n\n".join(m["content"] for m in item.messages))
 
 
+class TextGenerator(Protocol):
+    def answers(self, items: Sequence[GenItem], params: SamplingParams) -> list[str]:
+        """The model's output text for each item's messages, generated with `params`, in item order."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineGenerator:
+    """The TextGenerator in this process: the chat template applied here, kiln's engine generating."""
+
+    generator: Generator
+
+    def answers(self, items: Sequence[GenItem], params: SamplingParams) -> list[str]:
+        prompts = [prompt_ids(self.generator.tokenizer, it) for it in items]
+        return [out.text for out in self.generator.generate(prompts, params)]
+
+
 def evaluate_items(
-    generator: Generator,
+    generator: TextGenerator,
     items: Sequence[GenItem],
     max_new_tokens: int,
     batch_size: int,
@@ -31,9 +49,8 @@ def evaluate_items(
     records: list[dict[str, Any]] = []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        outputs = generator.generate([prompt_ids(generator.tokenizer, it) for it in batch], params)
-        for item, out in zip(batch, outputs, strict=True):
-            answer = out.text.strip()
+        for item, text in zip(batch, generator.answers(batch, params), strict=True):
+            answer = text.strip()
             f1 = text_metrics.f1(answer, item.references)
             records.append({
                 "index": item.index,

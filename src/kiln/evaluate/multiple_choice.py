@@ -12,9 +12,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kiln.evaluate.loglikelihood import MAX_ROWS, ScoreRequest, score
+from kiln.evaluate.loglikelihood import ScoreRequest
+from kiln.evaluate.scorer import Scorer
 from kiln.evaluate.tasks.multiple_choice import MCItem
-from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
 
 
@@ -46,13 +46,12 @@ def requests_for(tokenizer: Tokenizer, item: MCItem) -> list[tuple[ScoreRequest,
 
 
 def evaluate_items(
-    model: LlamaModel,
+    scorer: Scorer,
     tokenizer: Tokenizer,
     items: Sequence[MCItem],
-    max_rows: int = MAX_ROWS,
     on_done: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per item: the choices' log-likelihoods, predictions and correctness."""
+    """One record per item: the choices' log-likelihoods (from `scorer`), predictions and correctness."""
     requests: list[ScoreRequest] = []
     owners: list[tuple[int, list[int]]] = []  # (item position, choice indices) of each request
     for pos, item in enumerate(items):
@@ -72,7 +71,7 @@ def evaluate_items(
         if on_done is not None and finished:
             on_done(finished)
 
-    scores = score(model, requests, max_rows=max_rows, on_done=done)
+    scores = scorer.loglikelihoods(requests, on_done=done)
     lls: list[list[float]] = [[0.0] * len(item.choices) for item in items]
     for (pos, choice_ids), result in zip(owners, scores, strict=True):
         for c, s in zip(choice_ids, result, strict=True):

@@ -81,7 +81,7 @@ def score_chunks(model: LlamaModel, batch_chunks: list[list[int]], baseline: Lla
         same_top = base.argmax(-1) == logp.argmax(-1)
     out = []
     for i in range(batch.shape[0]):
-        s = Sums(count=nll.shape[1], nll=float(nll[i].sum()), nll2=float((nll[i] ** 2).sum()))
+        s = sums_of(nll[i])
         if baseline is not None:
             s.nll_base, s.nll_base2 = float(nll_base[i].sum()), float((nll_base[i] ** 2).sum())
             s.nll_nll_base = float((nll[i] * nll_base[i]).sum())
@@ -90,6 +90,11 @@ def score_chunks(model: LlamaModel, batch_chunks: list[list[int]], baseline: Lla
             s.kld_values = [round(float(v), 7) for v in kld[i]]
         out.append(s)
     return out
+
+
+def sums_of(nll: Tensor) -> Sums:
+    """The sums of one chunk's scored tokens from their negative log-likelihoods [n] (float64)."""
+    return Sums(count=nll.shape[0], nll=float(nll.sum()), nll2=float((nll**2).sum()))
 
 
 def _mean_and_uncertainty(total: float, total2: float, count: int) -> tuple[float, float]:

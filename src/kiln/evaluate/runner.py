@@ -1,7 +1,9 @@
-"""Run one evaluation task on a loaded model: items in batches, a progress bar, resumable on Ctrl-C.
+"""Run one evaluation task on a loaded model, or one behind a server: items in batches, a progress bar,
+resumable on Ctrl-C.
 
-Scoring lives in perplexity.py, multiple_choice.py and generation.py; this module feeds them, keeps
-the checkpoint of finished items, and turns per-item records into the task's metrics.
+Scoring lives in perplexity.py, multiple_choice.py and generation.py, their numbers in scorer.py (in-process)
+or served.py (--api); this module feeds them, keeps the checkpoint of finished items, and turns per-item
+records into the task's metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from kiln.errors import DataFormatError, Interrupted, InvalidParameterError
 from kiln.evaluate import generation, loglikelihood, multiple_choice, perplexity
 from kiln.evaluate.checkpoint import Checkpoint
 from kiln.evaluate.data import data_file, read_text
+from kiln.evaluate.generation import EngineGenerator, TextGenerator
+from kiln.evaluate.scorer import ModelScorer, Scorer
+from kiln.evaluate.served import ApiGenerator, ApiScorer, ServedModel
 from kiln.evaluate.tasks import TaskKind, TaskRef, resolve
 from kiln.evaluate.tasks import generation as gen_tasks
 from kiln.evaluate.tasks import multiple_choice as mc_tasks
@@ -91,10 +96,21 @@ class EvalInterrupted(Interrupted):
     pass
 
 
-def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None = None,
+def check_api(options: EvalOptions, has_baseline: bool) -> None:
+    """Refuse, before anything loads, what scoring through a server cannot do."""
+    if has_baseline:
+        raise InvalidParameterError("--baseline compares full next-token distributions, which a server does not "
+                                    "return; drop --baseline or --api")
+    if options.runtime != "torch":
+        raise InvalidParameterError(f"--runtime {options.runtime} picks kiln's own runtime; with --api the server "
+                                    "runs the model: drop --runtime")
+
+
+def run(loaded: LoadedModel | ServedModel, options: EvalOptions, baseline: LoadedModel | None = None,
         progress: bool = True, keep_weights: bool = True,
         record: Callable[[EvalOutcome], None] | None = None) -> EvalOutcome:
-    """Evaluate `loaded` on options.task; finished items survive Ctrl-C for --resume.
+    """Evaluate `loaded` on options.task (in-process, or through its server for a ServedModel); finished items
+    survive Ctrl-C for --resume.
 
     record: stores the outcome (kiln eval: in the runs database, under outcome.run_key) before the
     checkpoint goes, so a Ctrl-C or crash between the two leaves the run to --resume, not lost.
@@ -103,6 +119,8 @@ def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None 
     weights go before the session loads its own (engine/onnx_runtime.pick_runtime), for a caller that
     is done with `loaded` afterwards, as `kiln eval` is."""
     ref = resolve(options.task)
+    if isinstance(loaded, ServedModel):
+        check_api(options, baseline is not None)
     if baseline is not None and ref.kind != "perplexity":
         raise InvalidParameterError(f"--baseline applies to perplexity tasks, not {ref.name!r}")
     if baseline is not None and baseline.spec.vocab_size != loaded.spec.vocab_size:
@@ -110,28 +128,34 @@ def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None 
             f"--baseline has a vocabulary of {baseline.spec.vocab_size} tokens, the model {loaded.spec.vocab_size}; "
             "KL divergence needs the same tokenizer"
         )
-    runtime_model: object = loaded.model
-    if ref.kind == "generation":
+    runtime_model: object = None if isinstance(loaded, ServedModel) else loaded.model
+    if ref.kind == "generation" and isinstance(loaded, LoadedModel):
         from kiln.engine.onnx_runtime import pick_runtime
 
         # resolved before the checkpoint, so --resume continues on the runtime that started the run
         runtime_model, picked = pick_runtime(loaded, options.runtime, keep_weights=keep_weights)
         options = replace(options, runtime=picked)
+    # where the numbers come from: a server's URL (kept with the result), or the precision of kiln's graph
+    source = loaded.settings() if isinstance(loaded, ServedModel) else {"precision": str(loaded.model.dtype)}
     checkpoint = Checkpoint({"model": loaded.sha256, "baseline": baseline.sha256 if baseline else None,
-                             "precision": str(loaded.model.dtype), **options.settings()})
+                             **source, **options.settings()})
     done = checkpoint.load() if options.resume else {}
     if not options.resume:
         checkpoint.discard()
     start = time.perf_counter()
     # on kiln's graph, int8 / int4 layers keep their widened matrices for the run: the same numbers without
     # widening every matrix at every call (generation on an int4 artifact: 2.2-3.3x faster)
-    with widened(loaded.model) if runtime_model is loaded.model else nullcontext():
+    with widened(loaded.model) if isinstance(loaded, LoadedModel) and runtime_model is loaded.model else nullcontext():
         if ref.kind == "generation":
-            records, metrics = _run_generation(loaded, runtime_model, options, ref, checkpoint, done, progress)
+            generator = (ApiGenerator(loaded) if isinstance(loaded, ServedModel)
+                         else EngineGenerator(Generator(runtime_model, loaded.tokenizer)))  # type: ignore[arg-type]
+            records, metrics = _run_generation(generator, options, ref, checkpoint, done, progress)
         else:
             runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice}
-            records, metrics = runners[ref.kind](loaded, options, ref, baseline, checkpoint, done, progress)
-    outcome = EvalOutcome(ref.name, ref.kind, metrics, records, time.perf_counter() - start, options.settings())
+            records, metrics = runners[ref.kind](loaded, _scorer(loaded, options, baseline), options, ref, baseline,
+                                                 checkpoint, done, progress)
+    settings = {**options.settings(), **(source if isinstance(loaded, ServedModel) else {})}
+    outcome = EvalOutcome(ref.name, ref.kind, metrics, records, time.perf_counter() - start, settings)
     if record is not None:
         # Stored first, the checkpoint removed after. A crash between the two leaves a complete checkpoint
         # holding the key the result was stored under: --resume scores no item again, and the runs database
@@ -145,6 +169,13 @@ def run(loaded: LoadedModel, options: EvalOptions, baseline: LoadedModel | None 
             ) from None
     checkpoint.discard()
     return outcome
+
+
+def _scorer(loaded: LoadedModel | ServedModel, options: EvalOptions, baseline: LoadedModel | None) -> Scorer:
+    if isinstance(loaded, ServedModel):
+        return ApiScorer(loaded)
+    return ModelScorer(loaded.model, options.batch_size or loglikelihood.MAX_ROWS,
+                       baseline.model if baseline is not None else None)
 
 
 def _process(
@@ -177,8 +208,9 @@ def _batched(items: Iterable[T], size: int) -> Iterable[list[T]]:
         yield batch
 
 
-def _run_perplexity(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
-                    checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
+def _run_perplexity(loaded: LoadedModel | ServedModel, scorer: Scorer, options: EvalOptions, ref: TaskRef,
+                    baseline: LoadedModel | None, checkpoint: Checkpoint, done: dict[int, dict[str, Any]],
+                    progress: bool) -> TaskResult:
     context = min(m.spec.max_position for m in (loaded, baseline) if m is not None)
     if options.ctx > context:  # past it the rotary table has no rows: an IndexError mid-run
         raise InvalidParameterError(f"--ctx {options.ctx} is more than the model's context of {context} tokens; "
@@ -190,10 +222,9 @@ def _run_perplexity(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, bas
     chunks = perplexity.chunks(tokens, options.ctx, bos, options.limit_tokens)
     if not chunks:
         raise InvalidParameterError(f"the text has {len(tokens)} tokens, fewer than one chunk of --ctx {options.ctx}")
-    base_model = baseline.model if baseline is not None else None
 
     def work(batch: list[int]) -> list[dict[str, Any]]:
-        sums = perplexity.score_chunks(loaded.model, [chunks[i] for i in batch], base_model)
+        sums = scorer.chunks([chunks[i] for i in batch])
         return [{"index": i, "sums": s.to_dict(), "score": -s.nll / s.count} for i, s in zip(batch, sums, strict=True)]
 
     records = _process(list(range(len(chunks))), done, lambda i: i, options.batch_size or 4, work, checkpoint,
@@ -218,13 +249,13 @@ def _some(items: list[T], ref: TaskRef) -> list[T]:
     return items
 
 
-def _run_multiple_choice(loaded: LoadedModel, options: EvalOptions, ref: TaskRef, baseline: LoadedModel | None,
-                         checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
+def _run_multiple_choice(loaded: LoadedModel | ServedModel, scorer: Scorer, options: EvalOptions, ref: TaskRef,
+                         baseline: LoadedModel | None, checkpoint: Checkpoint, done: dict[int, dict[str, Any]],
+                         progress: bool) -> TaskResult:
     items = _some(list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit)), ref)
-    rows = options.batch_size or loglikelihood.MAX_ROWS
 
     def work(batch: list[mc_tasks.MCItem]) -> list[dict[str, Any]]:
-        return multiple_choice.evaluate_items(loaded.model, loaded.tokenizer, batch, max_rows=rows)
+        return multiple_choice.evaluate_items(scorer, loaded.tokenizer, batch)
 
     # Items of similar length go to the same checkpoint batch, so the scorer's rows need little padding
     # (in order, PIQA's 64-item batches mixed 5- and 100-token solutions: 1.5x the time). Records come
@@ -234,11 +265,10 @@ def _run_multiple_choice(loaded: LoadedModel, options: EvalOptions, ref: TaskRef
     return records, multiple_choice.metrics(records)
 
 
-def _run_generation(loaded: LoadedModel, model: object, options: EvalOptions, ref: TaskRef,
+def _run_generation(generator: TextGenerator, options: EvalOptions, ref: TaskRef,
                     checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
     source = gen_tasks.squad(options.data_dir) if ref.name == "squad" else gen_tasks.custom(ref.path or Path())
     items = _some(list(itertools.islice(source, options.limit)), ref)
-    generator = Generator(model, loaded.tokenizer)  # type: ignore[arg-type]
     stop = ("\n",) if ref.name == "squad" else ()
 
     def work(batch: list[gen_tasks.GenItem]) -> list[dict[str, Any]]:

@@ -34,7 +34,8 @@ def text(outcome: EvalOutcome) -> str:
         parts = [f"{k} {m[k]:.2f}" for k in ("exact_match", "f1", "bleu", "rouge_l") if k in m]
         head = f"{outcome.task}: " + "  ".join(parts) + f"  ({len(outcome.records)} items)"
     rate = len(outcome.records) / outcome.seconds if outcome.seconds > 0 else 0.0
-    return head + f"\n  {outcome.seconds:.1f} s, {rate:.2f} items/s"
+    api = outcome.settings.get("api")
+    return head + f"\n  {outcome.seconds:.1f} s, {rate:.2f} items/s" + (f", scored through {api}" if api else "")
 
 
 def worst_text(outcome: EvalOutcome, n: int = 5) -> str:

@@ -180,3 +180,12 @@ def load(name: str = "default", precision: Precision = "fp32", progress: bool = 
         sha256=source.sha256,
         load_seconds=time.perf_counter() - start,
     )
+
+
+def load_tokenizer(name: str = "default") -> tuple[ModelSpec, Tokenizer, ModelSource]:
+    """A model's config and tokenizer without its weights, for a caller whose model runs elsewhere (kiln eval
+    --api: a server holds the weights, kiln makes the token ids)."""
+    source = resolve(name)
+    folder = hf_folder(source)  # a GGUF's tokenizer files come with its (cached) conversion
+    spec = ModelSpec.from_hf_config(read_config(folder))
+    return spec, Tokenizer(folder, spec), source

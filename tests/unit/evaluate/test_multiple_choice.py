@@ -7,6 +7,7 @@ import math
 import pytest
 
 from kiln.evaluate.multiple_choice import encode_choice, evaluate_items, mean_and_stderr, metrics, record
+from kiln.evaluate.scorer import ModelScorer
 from kiln.evaluate.tasks.multiple_choice import MCItem
 from kiln.model.load import LoadedModel
 
@@ -56,6 +57,6 @@ def test_clear_answers_are_right(default_model: LoadedModel) -> None:
         MCItem(1, "One, two, three, four,", ["purple", "five"], gold=1),
         MCItem(2, "", ["The cat sat on the mat.", "mat the on sat cat The."], gold=0, delimiter=""),
     ]
-    records = evaluate_items(default_model.model, default_model.tokenizer, items)
+    records = evaluate_items(ModelScorer(default_model.model), default_model.tokenizer, items)
     assert [r["prediction"] for r in records] == [0, 1, 0]
     assert all(len(r["loglikelihoods"]) == len(it.choices) for r, it in zip(records, items, strict=True))

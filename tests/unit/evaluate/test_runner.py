@@ -51,11 +51,11 @@ def test_interrupt_then_resume(default_model: LoadedModel, items_file: Path, hom
     real = multiple_choice.evaluate_items
     calls: list[int] = []
 
-    def flaky(model, tokenizer, items, max_rows=32, on_done=None):  # noqa: ANN001, ANN202
+    def flaky(scorer, tokenizer, items, on_done=None):  # noqa: ANN001, ANN202
         calls.append(len(items))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, tokenizer, items, max_rows=max_rows)
+        return real(scorer, tokenizer, items)
 
     monkeypatch.setattr(multiple_choice, "evaluate_items", flaky)
     monkeypatch.setattr(runner, "_process", _small_batches(runner._process))

@@ -1,0 +1,216 @@
+"""A model behind an OpenAI-compatible server as `kiln eval --api` scores it: a Scorer and a TextGenerator.
+
+Log-likelihoods come as lm-evaluation-harness's local-completions reads them: POST /v1/completions with the
+token ids made here by the served model's tokenizer (-m), echo and logprobs, and the prompt's own token
+log-probabilities read back. A server that does not return those is refused by name: through such a server
+lm-eval's scores silently fall to chance (llama.cpp issue #27174). Generation goes through
+/v1/chat/completions. The HTTP (concurrency, retries, errors) is client.py's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kiln.engine.sampler import SamplingParams
+from kiln.errors import EndpointError
+from kiln.evaluate import perplexity
+from kiln.evaluate.client import ApiClient, ApiConfig
+from kiln.evaluate.generation import prompt_ids
+from kiln.evaluate.loglikelihood import ContinuationScore, ScoreRequest
+from kiln.evaluate.tasks.generation import GenItem
+from kiln.model.source import ModelSource
+from kiln.model.spec import ModelSpec
+from kiln.model.tokenizer import Tokenizer
+
+NO_PROMPT_LOGPROBS = (
+    "{url} does not return prompt log-probabilities (echo with logprobs on /v1/completions), so it cannot score "
+    "loglikelihood tasks: their scores would fall to chance; serve the model with kiln serve, or score only "
+    "generation tasks (squad, gen:FILE.jsonl) through this server"
+)
+
+
+@dataclass
+class ServedModel:
+    """A model evaluated through a server: the local tokenizer that makes its token ids, the identity the runs
+    database keeps (that of -m, which the server is taken to serve), and the client."""
+
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    source: ModelSource
+    client: ApiClient
+    name: str | None  # the `model` of every request; None: the server's default
+
+    @property
+    def sha256(self) -> str:
+        return self.source.sha256
+
+    def settings(self) -> dict[str, Any]:
+        """What marks a run as scored through this server (the runs database, the checkpoint's identity)."""
+        return {"api": self.client.config.base_url, "api_model": self.name}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def connect(model: str, config: ApiConfig) -> ServedModel:
+    """The server asked which model it serves (an unreachable one fails here, before any work), then the
+    tokenizer of `model` (-m) loaded without its weights."""
+    from kiln.model.load import load_tokenizer
+
+    client = ApiClient(config)
+    try:
+        name = served_name(client)
+        spec, tokenizer, source = load_tokenizer(model)
+    except BaseException:
+        client.close()
+        raise
+    return ServedModel(spec, tokenizer, source, client, name)
+
+
+def served_name(client: ApiClient) -> str | None:
+    """--api-model if the server lists it, or the only model it lists; None for a server without /v1/models."""
+    config = client.config
+    listed = client.get("/v1/models", missing_ok=True)
+    data = listed.get("data") if isinstance(listed, dict) else None
+    if not isinstance(data, list):
+        return config.model
+    ids = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
+    if config.model is not None:
+        if ids and config.model not in ids:
+            raise EndpointError(f"{config.base_url} does not serve {config.model!r}; it serves {', '.join(ids)}: "
+                                "pass one of them with --api-model")
+        return config.model
+    if len(ids) > 1:
+        raise EndpointError(f"{config.base_url} serves several models ({', '.join(ids)}); pass the one that -m "
+                            "names with --api-model NAME")
+    return ids[0] if ids else None
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A prompt's own token log-probabilities, as a server echoes them."""
+
+    logprobs: list[float]  # [T]: log p(token t | the tokens before it); 0.0 at t = 0, which nothing predicts
+    is_top: list[bool]  # [T]: token t was the most likely next token (False where the server gave no top_logprobs)
+
+
+class ApiScorer:
+    """The Scorer through a server: one echo pass per context + continuation (and per perplexity chunk),
+    several prompts per request and a few requests in flight."""
+
+    def __init__(self, served: ServedModel) -> None:
+        self.served = served
+
+    def loglikelihoods(self, requests: Sequence[ScoreRequest],
+                       on_done: Callable[[int], None] | None = None) -> list[list[ContinuationScore]]:
+        prompts = [req.context + cont for req in requests for cont in req.continuations]
+        answers = iter(self.prompt_logprobs(prompts))
+        out = []
+        for req in requests:
+            start = len(req.context)  # the continuation's first position
+            scores = []
+            for cont in req.continuations:
+                answer = next(answers)
+                scores.append(ContinuationScore(sum(answer.logprobs[start:]), all(answer.is_top[start:]), len(cont)))
+            out.append(scores)
+        if on_done is not None:
+            on_done(len(requests))
+        return out
+
+    def chunks(self, chunks: list[list[int]]) -> list[perplexity.Sums]:
+        sums = []
+        for chunk, answer in zip(chunks, self.prompt_logprobs(chunks), strict=True):
+            first = len(chunk) // 2  # as perplexity.score_chunks: tokens first+1 .. ctx-1 are scored
+            nll = -torch.tensor(answer.logprobs[first + 1 :], dtype=torch.float64)
+            sums.append(perplexity.sums_of(nll))
+        return sums
+
+    def prompt_logprobs(self, prompts: Sequence[list[int]]) -> list[PromptLogprobs]:
+        """Each prompt's token log-probabilities: `prompts_per_request` prompts a request, and at least as many
+        requests as may run at once, so that a small batch still spreads over them."""
+        config = self.served.client.config
+        per_request = max(1, min(config.prompts_per_request, math.ceil(len(prompts) / config.concurrency)))
+        groups = [list(prompts[i : i + per_request]) for i in range(0, len(prompts), per_request)]
+        model = {"model": self.served.name} if self.served.name is not None else {}
+        # max_tokens 1: the API's minimum; the one generated token is ignored. temperature 0 keeps it cheap.
+        bodies = [{**model, "prompt": group, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+                  for group in groups]
+        out: list[PromptLogprobs] = []
+        for group, answer in zip(groups, self.served.client.post_many("/v1/completions", bodies), strict=True):
+            choices = _choices(answer, len(group), config.base_url)
+            out += [read_prompt_logprobs(choice, len(p), config.base_url) for choice, p in zip(choices, group,
+                                                                                                strict=True)]
+        return out
+
+
+def _choices(answer: Any, num_prompts: int, url: str) -> list[dict[str, Any]]:
+    """The answer's choices in prompt order, one per prompt (n = 1)."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or len(choices) != num_prompts or not all(isinstance(c, dict) for c in choices):
+        got = len(choices) if isinstance(choices, list) else "no"
+        raise EndpointError(f"{url} answered {got} choices for {num_prompts} prompts; kiln needs a server that "
+                            "takes a list of prompts on /v1/completions, as OpenAI's API does")
+    return sorted(choices, key=lambda c: c.get("index", 0)) if all("index" in c for c in choices) else choices
+
+
+def read_prompt_logprobs(choice: dict[str, Any], num_tokens: int, url: str) -> PromptLogprobs:
+    """A choice's echoed log-probabilities of its prompt's `num_tokens` tokens; a server that left them out (no
+    token_logprobs, nulls after the first token, fewer values than tokens) is a one-line EndpointError."""
+    logprobs = choice.get("logprobs")
+    values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+    if not isinstance(values, list) or len(values) < num_tokens or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in values[1:num_tokens]):
+        raise EndpointError(NO_PROMPT_LOGPROBS.format(url=url))
+    assert isinstance(logprobs, dict)
+    tokens, tops = logprobs.get("tokens"), logprobs.get("top_logprobs")
+    return PromptLogprobs([0.0] + [float(v) for v in values[1:num_tokens]],
+                          [False] + [_is_top(tokens, tops, t) for t in range(1, num_tokens)])
+
+
+def _is_top(tokens: Any, tops: Any, t: int) -> bool:
+    """Whether token t is the best of its top_logprobs, compared as text (lm-evaluation-harness's is_greedy)."""
+    top = tops[t] if isinstance(tops, list) and t < len(tops) else None
+    if not isinstance(top, dict) or not top or not isinstance(tokens, list) or t >= len(tokens):
+        return False
+    return bool(max(top, key=lambda piece: top[piece]) == tokens[t])
+
+
+class ApiGenerator:
+    """The TextGenerator through a server: each item's messages to /v1/chat/completions, where the server applies
+    the chat template as kiln eval does in-process; a model without one gets the same token ids as in-process on
+    /v1/completions."""
+
+    def __init__(self, served: ServedModel) -> None:
+        self.served = served
+
+    def answers(self, items: Sequence[GenItem], params: SamplingParams) -> list[str]:
+        served = self.served
+        common: dict[str, Any] = {"max_tokens": params.max_tokens, "temperature": params.temperature}
+        if served.name is not None:
+            common["model"] = served.name
+        if params.stop:
+            common["stop"] = list(params.stop)
+        chat = served.tokenizer.has_chat_template
+        if chat:
+            path, bodies = "/v1/chat/completions", [{**common, "messages": it.messages} for it in items]
+        else:
+            path, bodies = "/v1/completions", [{**common, "prompt": prompt_ids(served.tokenizer, it)} for it in items]
+        return [_text(answer, chat, served.client.config.base_url)
+                for answer in served.client.post_many(path, bodies)]
+
+
+def _text(answer: Any, chat: bool, url: str) -> str:
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = first.get("message")
+    text = (message.get("content") if isinstance(message, dict) else None) if chat else first.get("text")
+    if text is None and chat and isinstance(message, dict):
+        text = ""  # OpenAI's content is null for an empty answer
+    if not isinstance(text, str):
+        raise EndpointError(f"{url} answered without the choice's text; kiln needs an OpenAI-compatible server")
+    return text

@@ -1,0 +1,196 @@
+"""kiln eval --api against fake servers (httpx.MockTransport): scores read from echoed prompt logprobs, prompts
+batched, a server without prompt logprobs refused by name, 429 / 503 retried after Retry-After, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kiln.errors import EndpointError
+from kiln.evaluate import client as client_module
+from kiln.evaluate.client import ApiClient, ApiConfig, retry_wait_s
+from kiln.evaluate.loglikelihood import ScoreRequest
+from kiln.evaluate.runner import EvalOptions, run
+from kiln.evaluate.served import ApiScorer, ServedModel, served_name
+from kiln.model.load import LoadedModel
+
+Handler = Callable[[httpx.Request], httpx.Response]
+URL = "http://fake:8000"
+
+
+def token_logprob(token: int) -> float:
+    """The fake server's log-probability of a token: known here, so the scores can be checked."""
+    return -0.01 - 0.1 * (token % 7)
+
+
+def echo(prompt: list[int]) -> dict[str, Any]:
+    """A choice as a server with prompt logprobs answers it: the prompt's tokens, then one generated token."""
+    values = [None] + [token_logprob(t) for t in prompt[1:]] + [-0.5]
+    tops = [None] + [{str(t): token_logprob(t)} for t in prompt[1:]] + [{"x": -0.5}]
+    return {"text": "", "logprobs": {"tokens": [str(t) for t in prompt] + ["x"], "token_logprobs": values,
+                                     "top_logprobs": tops}}
+
+
+def fake_server(choice: Callable[[list[int]], dict[str, Any]] = echo, seen: list[dict[str, Any]] | None = None,
+                before: Callable[[], httpx.Response | None] = lambda: None) -> Handler:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "default"}]})
+        early = before()
+        if early is not None:
+            return early
+        body = json.loads(request.content)
+        if seen is not None:
+            seen.append(body)
+        prompts = body["prompt"]
+        return httpx.Response(200, json={"choices": [{"index": i, **choice(p)} for i, p in enumerate(prompts)]})
+
+    return handle
+
+
+@pytest.fixture
+def served(default_model: LoadedModel) -> Iterator[Callable[..., ServedModel]]:
+    made: list[ServedModel] = []
+
+    def make(handler: Handler, **config: Any) -> ServedModel:
+        client = ApiClient(ApiConfig(URL, **config), transport=httpx.MockTransport(handler))
+        made.append(ServedModel(default_model.spec, default_model.tokenizer, default_model.source, client,
+                                served_name(client)))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def items_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"context": "The capital of France is", "choices": [" Paris", " Rome"], "gold": 0}\n'
+                    '{"context": "Two plus two is", "choices": [" four", " nine", " ten"], "gold": 0}\n')
+    return path
+
+
+def test_scores_are_the_echoed_logprobs_of_the_continuation(served: Callable[..., ServedModel]) -> None:
+    seen: list[dict[str, Any]] = []
+    server = served(fake_server(seen=seen), concurrency=2, prompts_per_request=3)
+    requests = [ScoreRequest([1, 2, 3], [[4], [5, 6]]), ScoreRequest([7, 8], [[9, 10, 11]]),
+                ScoreRequest([1], [[2], [3], [4]])]
+    scores = ApiScorer(server).loglikelihoods(requests)
+    for req, got in zip(requests, scores, strict=True):
+        for cont, s in zip(req.continuations, got, strict=True):
+            assert s.logprob == pytest.approx(sum(map(token_logprob, cont))) and s.num_tokens == len(cont)
+            assert s.is_greedy  # each token is the only one in its top_logprobs
+    # six prompts, three a request; every request as lm-eval's local-completions makes it
+    assert [len(b["prompt"]) for b in seen] == [3, 3]
+    assert all(b["echo"] is True and b["logprobs"] == 1 and b["max_tokens"] == 1 and b["temperature"] == 0
+               and b["model"] == "default" for b in seen)
+    assert [p for b in seen for p in b["prompt"]] == [[1, 2, 3, 4], [1, 2, 3, 5, 6], [7, 8, 9, 10, 11], [1, 2],
+                                                      [1, 3], [1, 4]]
+
+
+def no_logprobs(prompt: list[int]) -> dict[str, Any]:
+    return {"text": "x", "logprobs": None}
+
+
+def nulls_in_the_prompt(prompt: list[int]) -> dict[str, Any]:
+    return {"text": "x", "logprobs": {"tokens": [str(t) for t in prompt], "token_logprobs": [None] * len(prompt)}}
+
+
+def only_the_generated_token(prompt: list[int]) -> dict[str, Any]:  # echo ignored: lm-eval's silent trap
+    return {"text": "x", "logprobs": {"tokens": ["x"], "token_logprobs": [-0.5], "top_logprobs": [{"x": -0.5}]}}
+
+
+@pytest.mark.parametrize("choice", [no_logprobs, nulls_in_the_prompt, only_the_generated_token])
+def test_a_server_without_prompt_logprobs_is_refused(choice: Callable[[list[int]], dict[str, Any]],
+                                                      served: Callable[..., ServedModel], items_file: Path) -> None:
+    with pytest.raises(EndpointError) as refused:
+        run(served(fake_server(choice)), EvalOptions(task=f"mc:{items_file}"), progress=False)
+    message = str(refused.value)
+    assert message.startswith(f"{URL} does not return prompt log-probabilities") and "\n" not in message
+    assert "cannot score loglikelihood tasks" in message
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_busy_answers_are_retried_after_retry_after(status: int, served: Callable[..., ServedModel],
+                                                    items_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(client_module.asyncio, "sleep", sleep)
+    busy = [httpx.Response(status, headers={"Retry-After": "2"}, json={"error": {"message": "queue full"}}),
+            httpx.Response(status, json={"error": {"message": "queue full"}})]  # no Retry-After: the backoff
+    server = served(fake_server(before=lambda: busy.pop(0) if busy else None), backoff_s=0.25)
+    outcome = run(server, EvalOptions(task=f"mc:{items_file}"), progress=False)
+    assert waits == [2.0, 0.5]  # the server's wait, then backoff_s doubled for the second retry
+    clean = run(served(fake_server()), EvalOptions(task=f"mc:{items_file}"), progress=False)
+    assert [r["loglikelihoods"] for r in outcome.records] == [r["loglikelihoods"] for r in clean.records]
+    assert outcome.settings["api"] == URL and outcome.settings["api_model"] == "default"
+
+
+def test_retry_after_as_a_date_and_its_cap() -> None:
+    in_an_hour = httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"})
+    assert retry_wait_s(in_an_hour, 0, 0.5) == client_module.MAX_WAIT_S
+    assert retry_wait_s(httpx.Response(503, headers={"Retry-After": "3"}), 5, 0.5) == 3.0
+    assert retry_wait_s(httpx.Response(503), 3, 0.5) == 4.0
+
+
+@pytest.mark.parametrize("status,headers,fix", [
+    (401, {}, "pass the server's key with --api-key KEY or KILN_API_KEY"),
+    (404, {}, "check that --api is the server's base URL"),
+    (400, {}, "check that -m names the model it serves"),
+    (500, {}, "the server failed; see its log"),
+    (429, {"x-should-retry": "false"}, "overloaded or not ready (asked 1 times)"),  # kiln serve: no wait helps
+    (503, {"Retry-After": "0"}, "overloaded or not ready (asked 3 times)"),
+])
+def test_refusals_are_one_line_naming_url_status_and_fix(status: int, headers: dict[str, str], fix: str,
+                                                         served: Callable[..., ServedModel]) -> None:
+    answer = httpx.Response(status, headers=headers, json={"error": {"message": "nope,\n twice"}})
+    server = served(fake_server(before=lambda: answer), max_retries=2)
+    with pytest.raises(EndpointError) as refused:
+        ApiScorer(server).loglikelihoods([ScoreRequest([1, 2], [[3]])])
+    message = str(refused.value)
+    assert message == f"{URL}/v1/completions answered HTTP {status} (nope, twice); {message.split('; ', 1)[1]}"
+    assert fix in message and "\n" not in message
+
+
+def test_the_served_model_is_found_or_named(default_model: LoadedModel) -> None:
+    def models(*ids: str) -> httpx.MockTransport:
+        return httpx.MockTransport(lambda r: httpx.Response(200, json={"data": [{"id": i} for i in ids]}))
+
+    with ApiClient(ApiConfig(URL), transport=models("a", "b")) as client, pytest.raises(
+            EndpointError, match="serves several models \\(a, b\\); pass the one that -m names with --api-model"):
+        served_name(client)
+    with ApiClient(ApiConfig(URL, model="c"), transport=models("a", "b")) as client, pytest.raises(
+            EndpointError, match="does not serve 'c'; it serves a, b"):
+        served_name(client)
+    with ApiClient(ApiConfig(URL + "/v1/", model="b"), transport=models("a", "b")) as client:
+        assert served_name(client) == "b" and client.config.base_url == URL
+    missing = httpx.MockTransport(lambda r: httpx.Response(404, json={}))  # a server without /v1/models
+    with ApiClient(ApiConfig(URL), transport=missing) as client:
+        assert served_name(client) is None
+
+
+def test_an_unreachable_server_is_one_line(tmp_path: Path, items_file: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln import cli
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert cli.main(["eval", "--api", f"http://127.0.0.1:{port}", "--task", f"mc:{items_file}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"kiln: error: cannot reach http://127.0.0.1:{port}/v1/models")
+    assert cli.main(["eval", "--api", "localhost:8000", "--task", f"mc:{items_file}"]) == 2
+    assert "--api 'localhost:8000' is not an http(s) URL" in capsys.readouterr().err
+    assert cli.main(["eval", "--api", "http://x", "--task", "wikitext2", "--baseline", "default"]) == 2
+    assert "--baseline compares full next-token distributions" in capsys.readouterr().err
