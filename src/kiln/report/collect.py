@@ -1,4 +1,8 @@
-"""Gather, per model, the latest result of every eval task and the latest bench from the runs database."""
+"""Gather, per model, the latest result of every eval task and the latest bench from the runs database.
+
+Results scored through a server (`kiln eval --api`) are kept apart from in-process ones: the table and the
+choice read kiln's own figures, and the served ones sit beside them as a cross-check.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ class ModelSummary:
     name: str
     sha256: str
     size_bytes: int
-    evals: dict[str, runs.Run] = field(default_factory=dict)  # task -> latest run
+    evals: dict[str, runs.Run] = field(default_factory=dict)  # task -> latest in-process run
+    served: dict[str, runs.Run] = field(default_factory=dict)  # task -> latest run scored through a server
     bench: runs.Run | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. distillation loss curves
 
@@ -67,6 +72,8 @@ def collect(models: list[str] | None = None) -> list[ModelSummary]:
         summary.name = run.model  # the latest name given for this hash
         if run.kind == "bench":
             summary.bench = run
+        elif run.settings.get("api"):
+            summary.served[run.task] = run
         else:
             summary.evals[run.task] = run
     for summary in found.values():

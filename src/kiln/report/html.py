@@ -47,6 +47,13 @@ pre { white-space: pre-wrap; background: #f8f9fa; padding: 0.5rem; }
 <h2>Quality against cost</h2>
 <p class="muted">Orange points and the dashed line are the Pareto front: no other model is better on both axes.</p>
 <div class="plots">{% for svg in plots %}<div>{{ svg|safe }}</div>{% endfor %}</div>
+{% if served %}<h2>Scored through a server</h2>
+<p class="muted">The same tasks scored through <code>kiln eval --api</code>: a server that scores them as kiln
+does in-process gives the same figures.</p>
+<table id="served"><thead><tr><th>model</th><th>task</th><th>server</th><th>metric</th><th>in-process</th>
+<th>served</th></tr></thead><tbody>
+{% for row in served %}<tr>{% for cell in row %}<td{% if loop.index <= 3 %} class="name"{% endif %}>{{ cell }}</td>
+{% endfor %}</tr>{% endfor %}</tbody></table>{% endif %}
 {% if curves %}<h2>Training curves</h2>
 <div class="plots">{% for svg in curves %}<div>{{ svg|safe }}</div>{% endfor %}</div>{% endif %}
 <h2>Worst items</h2>
@@ -86,6 +93,23 @@ def _rows(models: Sequence[ModelSummary], reference: ModelSummary | None) -> lis
         row += [decode, _fmt(m.bench_at(1, "ttft_ms"), 0),
                 _fmt(m.peak_rss, 0, 1e-6)]
         rows.append(row)
+    return rows
+
+
+SERVED_METRICS = ("ppl", "acc_norm", "acc", "f1")  # the first a task has is shown
+
+
+def _served(models: Sequence[ModelSummary]) -> list[list[str]]:
+    """model, task, server, metric, in-process value, served value: one row per task scored through a server."""
+    rows = []
+    for m in models:
+        for task, run in m.served.items():
+            key = next((k for k in SERVED_METRICS if k in run.metrics), None)
+            if key is None:
+                continue
+            mine = m.metric(task, key)
+            rows.append([m.name, task, str(run.settings.get("api", "")), key,
+                         "–" if mine is None else f"{mine:.4f}", f"{float(run.metrics[key]):.4f}"])
     return rows
 
 
@@ -143,7 +167,7 @@ def render(models: list[str] | None = None, reference: str | None = None, choice
               for m in found if m.extra.get("loss_curve")]
     return TEMPLATE.render(
         models=found, rows=_rows(found, ref), tasks=TASK_COLUMNS, plots=_plots(found), curves=curves,
-        worst=_worst(found), reference=ref.name if len(found) > 1 else None, choice=choice,
+        worst=_worst(found), served=_served(found), reference=ref.name if len(found) > 1 else None, choice=choice,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), version=__version__,
     )
 

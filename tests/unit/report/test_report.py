@@ -52,6 +52,27 @@ def test_page_is_self_contained(home: Path) -> None:
     assert "int4" in only and "(aaaaaaaaaa)" not in only
 
 
+def test_results_scored_through_a_server_sit_beside_the_in_process_ones(home: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # a later `kiln eval --api` of the same model must not take the place of kiln's own figure in the table
+    # or the choice: it is shown beside it, as the cross-check it is
+    from kiln import cli
+    from kiln.report.collect import collect
+
+    runs.add(runs.Run(kind="eval", model="int8", model_sha256="b" * 64, model_size_bytes=140_000_000,
+                      task="wikitext2", settings={"api": "http://127.0.0.1:8000", "api_model": "int8"},
+                      metrics={"ppl": 99.0, "ppl_stderr": 0.4}, versions={}, duration_s=1.0))
+    int8 = next(m for m in collect() if m.name == "int8")
+    assert int8.metric("wikitext2", "ppl") == 23.6 and int8.served["wikitext2"].metrics["ppl"] == 99.0
+    page = html.render()
+    served = page[page.index('<table id="served">'):]
+    assert "http://127.0.0.1:8000" in served and "23.6000" in served and "99.0000" in served
+    assert "99.000" not in page[: page.index('<table id="served">')]
+    assert cli.main(["runs"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[-1].endswith("ppl 99  (via http://127.0.0.1:8000)") and "(via" not in listed[0]
+
+
 def test_nothing_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     with pytest.raises(InvalidParameterError, match="no runs recorded"):
