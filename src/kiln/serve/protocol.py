@@ -374,6 +374,12 @@ class ChatCompletionRequest(_Sampling):
             return [t for t in self.tools or () if t.function.name == self.tool_choice.function.name]
         return list(self.tools or ())
 
+    def allows_several_calls(self) -> bool:
+        """Whether a forced answer may hold more than one call: with required and parallel_tool_calls. A named
+        tool gets exactly one, as vLLM's named tool_choice does: held to calls with no end but max_tokens, the
+        default model called the same tool again and again until it ran out."""
+        return self.parallel_tool_calls and not isinstance(self.tool_choice, NamedToolChoice)
+
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -205,7 +205,8 @@ def _chat_grammar(body: ChatCompletionRequest) -> str | None:
     if not forced:
         return _grammar(body.response_format)
     try:
-        return tool_call_grammar([(t.function.name, t.function.parameters) for t in forced], body.parallel_tool_calls)
+        return tool_call_grammar([(t.function.name, t.function.parameters) for t in forced],
+                                 body.allows_several_calls())
     except GrammarError as exc:
         raise ApiError(400, str(exc), param="tools", code="invalid_schema") from None
 
