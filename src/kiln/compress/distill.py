@@ -73,7 +73,12 @@ def make_student(teacher: LlamaModel, layers: list[int]) -> LlamaModel:
     for new, old in enumerate(layers):
         for k, v in teacher.layers[old].state_dict().items():
             state[f"layers.{new}.{k}"] = v
-    student.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False, assign=True)
+    # Row-major copies: the teacher keeps kiln's inference layout (each matrix the transpose of a contiguous
+    # array, see llama.storage_layout), and in bf16 training the tied head's backward then multiplied
+    # [32, 49152] by a transposed [49152, 576], which oneDNN's AMX kernel killed with SIGFPE; nn.Linear's
+    # own layout is the one torch's training kernels are built and tested for.
+    student.load_state_dict({k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()},
+                            strict=False, assign=True)
     if spec.tie_embeddings:
         student.tie_weights()
     for i, block in enumerate(student.layers):
