@@ -143,6 +143,11 @@ class TrainState:
     num_loss_steps: int = 0
 
 
+def has_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint (state.json is written with the rest, in one atomic replace)."""
+    return (folder / "state.json").is_file()
+
+
 def save_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer, state: TrainState,
                     identity: dict[str, Any] | None = None) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
@@ -193,7 +198,10 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
     state = TrainState()
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXTENSIBLE}
     identity = {"student": student.spec.to_hf_config(), "settings": settings, **(identity or {})}
-    if resume and checkpoint is not None and (checkpoint / "state.json").is_file():
+    if resume:
+        if checkpoint is None or not has_checkpoint(checkpoint):
+            raise InvalidParameterError(
+                f"--resume: there is no checkpoint in {checkpoint} to resume; drop --resume to start afresh")
         state = load_checkpoint(checkpoint, student, optimizer, identity)
     stream = batches(tokens, cfg.batch_size, cfg.seq_len, seed=0, skip=state.step)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=None if progress else True)

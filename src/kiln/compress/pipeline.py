@@ -261,8 +261,13 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
                         progress: bool = True) -> Manifest:
     """`kiln distill`: train a student from the teacher's layers, checkpointing next to `out`."""
     start = time.perf_counter()
-    ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
     checkpoint = out.with_name(out.name + ".checkpoint")
+    if resume and not distill.has_checkpoint(checkpoint):
+        # refused before the teacher loads; --resume used to start afresh without a word
+        raise InvalidParameterError(
+            f"--resume: there is no checkpoint for {out} to resume (none in {checkpoint}); drop --resume to "
+            "start afresh")
+    ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
     try:
         distil(ctx, cfg, layers, checkpoint, resume, every)
     except KeyboardInterrupt:

@@ -23,6 +23,11 @@ class Checkpoint:
         self.path: Path = settings.home_dir() / "partial" / f"{key}.jsonl"
         self.run_key: str | None = None  # read by load(), made by key()
 
+    def start(self) -> None:
+        """Begin a fresh run: an empty file, so a run interrupted before its first batch can be resumed too."""
+        self.discard()
+        self.append([])
+
     def load(self) -> dict[int, dict[str, Any]]:
         """Records already finished, by item index (a torn last line from a crash is ignored)."""
         done: dict[int, dict[str, Any]] = {}

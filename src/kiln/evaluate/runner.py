@@ -139,9 +139,14 @@ def run(loaded: LoadedModel | ServedModel, options: EvalOptions, baseline: Loade
     source = loaded.settings() if isinstance(loaded, ServedModel) else {"precision": str(loaded.model.dtype)}
     checkpoint = Checkpoint({"model": loaded.sha256, "baseline": baseline.sha256 if baseline else None,
                              **source, **options.settings()})
+    if options.resume and not checkpoint.path.is_file():
+        # it used to start afresh without a word, as if there had been nothing to resume
+        raise InvalidParameterError(
+            f"--resume: there is no interrupted run of {ref.name} with this model and these settings to continue "
+            f"(no checkpoint {checkpoint.path}); drop --resume to start afresh")
     done = checkpoint.load() if options.resume else {}
     if not options.resume:
-        checkpoint.discard()
+        checkpoint.start()
     start = time.perf_counter()
     # on kiln's graph, int8 / int4 layers keep their widened matrices for the run: the same numbers without
     # widening every matrix at every call (generation on an int4 artifact: 2.2-3.3x faster)

@@ -250,3 +250,24 @@ def test_student_config_that_is_not_a_list_is_one_line(tmp_path: Path, capsys: p
     assert main(["distill", "--student-config", str(config), "--steps", "1", "-o", str(tmp_path / "s")]) == 2
     assert "student layers 5 are not allowed" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_resume_without_a_checkpoint_is_one_line(tiny: LlamaModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # --resume with nothing to resume started afresh without a word; now it is refused before the teacher loads
+    from kiln.cli import main
+    from kiln.compress import pipeline
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_teacher)
+    out = tmp_path / "student"
+    assert main(["distill", "--resume", "--steps", "1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"no checkpoint for {out} to resume" in err and "drop --resume" in err and not out.exists()
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InvalidParameterError, match="no checkpoint in .* to resume"):
+        distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=2, batch_size=2, seq_len=16),
+                      checkpoint=tmp_path / "none", resume=True, progress=False)

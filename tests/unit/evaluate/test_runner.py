@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,26 @@ def test_interrupt_then_resume(default_model: LoadedModel, items_file: Path, hom
     resumed = run(default_model, EvalOptions(task=f"mc:{items_file}", resume=True), progress=False)
     assert resumed.metrics == full.metrics
     assert [r["index"] for r in resumed.records] == list(range(25))
+
+
+def test_resume_without_an_interrupted_run_is_refused(default_model: LoadedModel, items_file: Path, home: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # --resume with nothing to resume started afresh without a word, as kiln distill --resume did
+    with pytest.raises(InvalidParameterError, match=r"--resume: there is no interrupted run of .*drop --resume"):
+        run(default_model, EvalOptions(task=f"mc:{items_file}", resume=True), progress=False)
+    # a run interrupted before its first batch can still be resumed: the checkpoint exists from the start
+    options = EvalOptions(task=f"mc:{items_file}", limit=3)
+    real = multiple_choice.evaluate_items
+    monkeypatch.setattr(multiple_choice, "evaluate_items", _ctrl_c)
+    with pytest.raises(EvalInterrupted, match=r"interrupted after 0 of 3 items.*--resume"):
+        run(default_model, options, progress=False)
+    monkeypatch.setattr(multiple_choice, "evaluate_items", real)
+    resumed = run(default_model, replace(options, resume=True), progress=False)
+    assert [r["index"] for r in resumed.records] == [0, 1, 2]
+
+
+def _ctrl_c(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _small_batches(process):  # noqa: ANN001, ANN202 (wraps runner._process to checkpoint every 10 items)
