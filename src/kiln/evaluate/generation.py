@@ -68,10 +68,10 @@ def evaluate_items(
     return records
 
 
-def metrics(records: Sequence[dict[str, Any]], with_overlap: bool) -> dict[str, float]:
+def metrics(records: Sequence[dict[str, Any]], with_overlap: bool) -> dict[str, float | None]:
     """exact_match and f1 in percent (as the SQuAD script reports them); BLEU and ROUGE-L when asked."""
     n = len(records)
-    out = {
+    out: dict[str, float | None] = {
         "exact_match": 100 * sum(r["exact_match"] for r in records) / n,
         "f1": 100 * sum(r["f1"] for r in records) / n,
     }

@@ -99,19 +99,22 @@ def record(item: MCItem, lls: list[float]) -> dict[str, Any]:
     }
 
 
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample std / sqrt(n)), as lm-evaluation-harness reports them."""
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (sample std / sqrt(n)), as lm-evaluation-harness reports them.
+
+    The error of fewer than two values is undefined: None (JSON null, "n/a" in text), not NaN, which is
+    not valid JSON."""
     n = len(values)
     if n == 0:
-        return math.nan, math.nan
+        return math.nan, None
     mean = sum(values) / n
     if n < 2:
-        return mean, math.nan
+        return mean, None
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
 
 
-def metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+def metrics(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     acc, acc_se = mean_and_stderr([float(r["correct"]) for r in records])
     norm, norm_se = mean_and_stderr([float(r["correct_norm"]) for r in records])
     return {"acc": acc, "acc_stderr": acc_se, "acc_norm": norm, "acc_norm_stderr": norm_se}

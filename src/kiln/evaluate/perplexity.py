@@ -97,20 +97,28 @@ def sums_of(nll: Tensor) -> Sums:
     return Sums(count=nll.shape[0], nll=float(nll.sum()), nll2=float((nll**2).sum()))
 
 
-def _mean_and_uncertainty(total: float, total2: float, count: int) -> tuple[float, float]:
+def _mean_and_uncertainty(total: float, total2: float, count: int) -> tuple[float, float | None]:
+    """Mean and its standard error; the error is None (undefined, not 0) for 10 values or fewer, as llama.cpp
+    estimates none there: a one-chunk run at --ctx 16 (7 tokens) printed ppl ± 0.0000."""
     if count < 1:
-        return math.nan, math.nan
+        return math.nan, None
     mean = total / count
+    if count <= 10:
+        return mean, None
     var = total2 / count - mean * mean
-    return mean, math.sqrt(var / (count - 1)) if var > 0 and count > 10 else 0.0
+    return mean, math.sqrt(var / (count - 1)) if var > 0 else 0.0
 
 
-def statistics(s: Sums) -> dict[str, float]:
+def _times(scale: float, stderr: float | None) -> float | None:
+    return None if stderr is None else scale * stderr
+
+
+def statistics(s: Sums) -> dict[str, float | None]:
     """ppl ± stderr, and with a baseline: mean KLD ± se, its median and 99th percentile, top-1 agreement,
     ppl of the baseline and Δppl ± se (llama.cpp's covariance-corrected error)."""
     log_ppl, log_ppl_se = _mean_and_uncertainty(s.nll, s.nll2, s.count)
     ppl = math.exp(log_ppl)
-    out = {"ppl": ppl, "ppl_stderr": ppl * log_ppl_se, "tokens_scored": float(s.count)}
+    out: dict[str, float | None] = {"ppl": ppl, "ppl_stderr": _times(ppl, log_ppl_se), "tokens_scored": float(s.count)}
     if not s.kld_values:
         return out
     log_base, log_base_se = _mean_and_uncertainty(s.nll_base, s.nll_base2, s.count)
@@ -122,9 +130,10 @@ def statistics(s: Sums) -> dict[str, float]:
     values = sorted(s.kld_values)
     out.update(
         ppl_base=ppl_base,
-        ppl_base_stderr=ppl_base * log_base_se,
+        ppl_base_stderr=_times(ppl_base, log_base_se),
         delta_ppl=ppl - ppl_base,
-        delta_ppl_stderr=math.sqrt(max(0.0, (ppl * log_ppl_se) ** 2 + (ppl_base * log_base_se) ** 2 - 2 * ppl_cov)),
+        delta_ppl_stderr=None if log_ppl_se is None or log_base_se is None else
+        math.sqrt(max(0.0, (ppl * log_ppl_se) ** 2 + (ppl_base * log_base_se) ** 2 - 2 * ppl_cov)),
         delta_ppl_pct=100 * (ppl / ppl_base - 1),
         kld=kld,
         kld_stderr=kld_se,

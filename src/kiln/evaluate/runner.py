@@ -36,7 +36,8 @@ from kiln.model.load import LoadedModel
 WORST_ITEMS = 10
 T = TypeVar("T")
 Records = list[dict[str, Any]]
-TaskResult = tuple[Records, dict[str, float]]
+Metrics = dict[str, float | None]  # a standard error is None where it is undefined (one item)
+TaskResult = tuple[Records, Metrics]
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class EvalOptions:
 class EvalOutcome:
     task: str
     kind: TaskKind
-    metrics: dict[str, float]
+    metrics: Metrics
     records: list[dict[str, Any]]
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)

@@ -7,21 +7,30 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import InvalidParameterError
-from kiln.evaluate.runner import EvalOutcome
+from kiln.evaluate.runner import EvalOutcome, Metrics
 from kiln.files import write_text
 
 
-def _pm(metrics: dict[str, float], key: str, scale: float = 1.0, digits: int = 2) -> str:
-    value = metrics[key] * scale
-    err = metrics.get(f"{key}_stderr")
-    return f"{value:.{digits}f}" + (f" ± {err * scale:.{digits}f}" if err is not None else "")
+def _pm(metrics: Metrics, key: str, scale: float = 1.0, digits: int = 2) -> str:
+    """value ± its standard error; "± n/a" where the error is undefined (one item), nothing where there is none."""
+    shown = f"{_value(metrics, key) * scale:.{digits}f}"
+    if f"{key}_stderr" not in metrics:
+        return shown
+    err = metrics[f"{key}_stderr"]
+    return shown + (" ± n/a" if err is None else f" ± {err * scale:.{digits}f}")
+
+
+def _value(metrics: Metrics, key: str) -> float:
+    value = metrics[key]
+    assert value is not None  # only standard errors are ever None
+    return value
 
 
 def text(outcome: EvalOutcome) -> str:
     m = outcome.metrics
     if outcome.kind == "perplexity":
-        head = (f"{outcome.task}: ppl {_pm(m, 'ppl', digits=4)} ({int(m['chunks'])} chunks x "
-                f"{outcome.settings['ctx']} tokens, {int(m['tokens_scored']):,} scored)")
+        head = (f"{outcome.task}: ppl {_pm(m, 'ppl', digits=4)} ({int(_value(m, 'chunks'))} chunks x "
+                f"{outcome.settings['ctx']} tokens, {int(_value(m, 'tokens_scored')):,} scored)")
         if "kld" in m:
             head += (f"\n  baseline ppl {_pm(m, 'ppl_base', digits=4)}; Δppl {_pm(m, 'delta_ppl', digits=4)} "
                      f"({m['delta_ppl_pct']:+.2f}%)\n  mean KLD {_pm(m, 'kld', digits=6)}, "

@@ -82,7 +82,8 @@ def _rows(models: Sequence[ModelSummary], reference: ModelSummary | None) -> lis
         if delta is None and ppl is not None and ref_ppl:
             delta = 100 * (ppl / ref_ppl - 1)
         row = [f"{m.name} ({m.sha256[:10]})", _fmt(m.size_bytes / 1e6),
-               "–" if ppl is None else f"{ppl:.3f} ± {se or 0:.3f}", "–" if delta is None else f"{delta:+.2f}%",
+               "–" if ppl is None else f"{ppl:.3f} ± " + ("n/a" if se is None else f"{se:.3f}"),
+               "–" if delta is None else f"{delta:+.2f}%",
                _fmt(m.metric("wikitext2", "kld"), 5)]
         for task in TASK_COLUMNS:
             acc, norm = m.metric(task, "acc"), m.metric(task, "acc_norm")

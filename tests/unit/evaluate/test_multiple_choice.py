@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -49,6 +50,24 @@ def test_standard_error_is_sample_std_over_sqrt_n() -> None:
     assert mean == 0.75 and se == pytest.approx(math.sqrt(0.25 / 4))
     out = metrics([{"correct": True, "correct_norm": False}, {"correct": False, "correct_norm": False}])
     assert out["acc"] == 0.5 and out["acc_norm"] == 0.0
+
+
+def test_one_item_has_no_standard_error_and_says_so() -> None:
+    # one item printed "acc 100.00 ± nan" and wrote NaN into the JSON, which JSON parsers refuse
+    from kiln.evaluate import summary
+    from kiln.evaluate.runner import EvalOutcome
+
+    assert mean_and_stderr([1.0]) == (1.0, None)
+    out = metrics([{"correct": True, "correct_norm": False}])
+    assert out == {"acc": 1.0, "acc_stderr": None, "acc_norm": 0.0, "acc_norm_stderr": None}
+    outcome = EvalOutcome("piqa", "multiple_choice", out, [{"index": 0, "score": 1.0}], 1.0)
+    assert "acc 100.00 ± n/a  acc_norm 0.00 ± n/a" in summary.text(outcome)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    data = json.loads(summary.as_json(outcome, "m", "0" * 64), parse_constant=refuse)
+    assert data["acc_stderr"] is None and data["acc_norm_stderr"] is None
 
 
 def test_clear_answers_are_right(default_model: LoadedModel) -> None:

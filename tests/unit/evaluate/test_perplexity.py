@@ -52,6 +52,19 @@ def test_second_half_nll_matches_transformers(pair) -> None:
     assert stats["ppl_stderr"] == pytest.approx(math.exp(mean) * math.sqrt(var / (len(nll) - 1)), rel=1e-4)
 
 
+def test_too_few_tokens_have_no_standard_error() -> None:
+    # one chunk at --ctx 16 scores 7 tokens: the error was printed as ± 0.0000, a certainty nothing measured
+    few = perplexity.Sums(count=7, nll=7 * 2.0, nll2=7 * 4.5)
+    stats = perplexity.statistics(few)
+    assert stats["ppl"] == pytest.approx(math.exp(2.0)) and stats["ppl_stderr"] is None
+    one_chunk = perplexity.Sums(count=255, nll=255 * 2.0, nll2=255 * 4.5)  # one chunk at the default --ctx 512
+    assert perplexity.statistics(one_chunk)["ppl_stderr"] == pytest.approx(math.exp(2.0) * math.sqrt(0.5 / 254))
+    with_base = perplexity.Sums(count=7, nll=14.0, nll2=31.5, nll_base=14.0, nll_base2=31.5, nll_nll_base=31.5,
+                                kld=0.7, kld2=0.1, same_top=7, kld_values=[0.1] * 7)
+    stats = perplexity.statistics(with_base)
+    assert stats["ppl_base_stderr"] is None and stats["delta_ppl_stderr"] is None and stats["kld_stderr"] is None
+
+
 @torch.inference_mode()
 def test_model_against_itself_has_no_divergence(pair) -> None:
     _, ours = pair
