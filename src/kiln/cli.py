@@ -16,7 +16,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.engine import RUNTIME_HELP, RUNTIMES
-from kiln.errors import KilnError, ModelFormatError
+from kiln.errors import Interrupted, KilnError, ModelFormatError
 
 DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
 
@@ -450,11 +450,30 @@ def cmd_compress(args: argparse.Namespace) -> int:
         outputs = [(args.output, recipe)]
     for out, _ in outputs:  # a file or a folder of other things would be lost (or refused) only after the work
         check_output(out)
+    written: list[Path] = []
     for out, recipe in outputs:  # every recipe is validated above, before any work
-        manifest = compress(args.model, recipe, out, data_dir=args.data)
+        try:
+            manifest = compress(args.model, recipe, out, data_dir=args.data)
+        except (KilnError, KeyboardInterrupt) as exc:
+            if not args.sweep:
+                raise
+            raise _sweep_failure(exc, out, written) from None
+        written.append(out)
         size = (out / "model.safetensors").stat().st_size
         print(f"kiln: wrote {out} ({size / 1e6:.1f} MB, {manifest.history.get('seconds', 0):.0f} s)")
     return 0
+
+
+def _sweep_failure(exc: KilnError | KeyboardInterrupt, out: Path, written: list[Path]) -> KilnError:
+    """The error of one sweep entry, naming it and the artifacts already written (kept): the bare error
+    named neither, so a long sweep left the user to guess which entry failed and what survived."""
+    kept = (f"{', '.join(p.name for p in written)} already written in {out.parent} and kept" if written
+            else "no artifact written before it")
+    if isinstance(exc, KeyboardInterrupt):
+        return Interrupted(f"interrupted in sweep entry {out.name!r}; {kept}")
+    # the same error, so the same exit status; only the line grows
+    exc.args = (f"sweep entry {out.name!r}: {exc}; {kept}",)
+    return exc
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

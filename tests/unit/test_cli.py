@@ -82,3 +82,28 @@ def test_a_resumable_interruption_starts_as_any_interruption(capsys: pytest.Capt
         signal.signal(signal.SIGINT, handler)  # main() leaves a second Ctrl-C to end the process
     assert capsys.readouterr().err == ("kiln: interrupted after 3 of 9 items; rerun the same command with --resume "
                                        "to continue\n")
+
+
+def test_a_failed_sweep_entry_is_named_and_the_written_ones_kept(tiny_folder, tmp_path, capsys,  # noqa: ANN001
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # the error of one entry read as if there were no sweep: it named neither the entry nor what survived
+    from kiln.compress import pipeline
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('[[artifact]]\nname = "int8"\n[[artifact.step]]\nkind = "quantize"\nbits = 8\n'
+                     '[[artifact]]\nname = "thin"\n[[artifact.step]]\nkind = "lowrank"\nrank = 60000\n')
+    out = tmp_path / "out"
+    argv = ["compress", "-m", str(tiny_folder), "--sweep", str(sweep), "-o", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kiln: error: sweep entry 'thin': lowrank: no layer gets smaller") and "\n" not in err
+    assert err.endswith(f"int8 already written in {out} and kept")
+    assert (out / "int8" / "manifest.json").is_file() and not (out / "thin").exists()
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_end_on_next_ctrl_c", lambda: None)  # leaves pytest's SIGINT handler alone
+    monkeypatch.setattr(pipeline, "compress", ctrl_c)
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip() == "kiln: interrupted in sweep entry 'int8'; no artifact written before it"
