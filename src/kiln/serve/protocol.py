@@ -42,7 +42,7 @@ def error_code(error: Exception) -> str:
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool = Field(default=False, strict=True)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -52,7 +52,7 @@ class JsonSchemaFormat(BaseModel):
     name: str = Field(..., min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object; {}: any value
-    strict: bool | None = None  # kiln always holds the output to the schema
+    strict: bool | None = Field(default=None, strict=True)  # kiln always holds the output to the schema
 
 
 class ResponseFormat(BaseModel):
@@ -84,18 +84,22 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
+    # strict=True on every number and boolean, as OpenAI: "2", 2.5 or true for an integer, "0.5" or true for a
+    # float, "true", 1 or "yes" for a boolean are a 400 naming the field, not coerced (pydantic's lax mode
+    # turned "true" into a stream and "0.5" into a temperature). A float field still takes an integer (1).
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
     n: int = Field(default=1, ge=1, le=8, strict=True)
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, strict=True)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, strict=True)
     seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED, strict=True)  # see sampler.torch_seed
     user: str | None = None
-    ignore_eos: bool = False  # vLLM's extension: keep generating past the end-of-sequence token
+    # vLLM's extension: keep generating past the end-of-sequence token
+    ignore_eos: bool = Field(default=False, strict=True)
     response_format: ResponseFormat | None = None
 
     @field_validator("stop")
@@ -137,7 +141,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(...)
-    echo: bool = False
+    echo: bool = Field(default=False, strict=True)
     logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     suffix: None = None  # not supported: refused if set to anything
 
@@ -303,7 +307,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
-    logprobs: bool = False
+    logprobs: bool = Field(default=False, strict=True)
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
@@ -384,5 +388,5 @@ class ChatCompletionRequest(_Sampling):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(..., min_length=1, max_length=200)
-    rating: float
+    rating: float = Field(..., strict=True)  # true was stored as 1.0 and "5" as 5.0; feedback.py checks the range
     comment: str | None = Field(default=None, max_length=10_000)

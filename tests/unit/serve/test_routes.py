@@ -84,6 +84,50 @@ def test_an_integer_field_takes_only_an_integer(path: str, body: dict, field: st
     assert error["param"] == field and error["message"] == f"{field}: Input should be a valid integer", error
 
 
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+STREAM = {**COMPLETION, "stream": True}
+NOT_A = {"boolean": ["true", "yes", 1, 0], "number": ["0.5", True]}  # what lax mode coerced
+LAX_FIELDS = [
+    *[("/v1/completions", STREAM if f == "stream_options" else COMPLETION, f, kind)
+      for f, kind in (("stream", "boolean"), ("echo", "boolean"), ("ignore_eos", "boolean"), ("temperature", "number"),
+                      ("top_p", "number"), ("presence_penalty", "number"), ("frequency_penalty", "number"))],
+    *[("/v1/chat/completions", CHAT, f, kind) for f, kind in (("logprobs", "boolean"), ("stream", "boolean"),
+                                                              ("temperature", "number"))],
+    ("/v1/completions", STREAM, "stream_options.include_usage", "boolean"),
+    ("/v1/completions", {**COMPLETION, "response_format": JSON_SCHEMA}, "response_format.json_schema.strict",
+     "boolean"),
+    ("/v1/feedback", {"id": "x"}, "rating", "number"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,kind,value", [
+    (*case, value) for case in LAX_FIELDS for value in NOT_A[case[3]]])
+def test_a_boolean_or_float_field_is_not_coerced(path: str, body: dict, param: str, kind: str, value: object) -> None:
+    # pydantic's lax mode turned "stream": "true" into a stream, "echo": 1 into an echo and "temperature": "0.5"
+    # into a temperature; as OpenAI, the wrong type is a 400 naming the field
+    payload = json.loads(json.dumps(body))
+    *outer, last = param.split(".")
+    place = payload
+    for key in outer:
+        place = place.setdefault(key, {})
+    place[last] = value
+    r = TestClient(create_app(ServeConfig())).post(path, json=payload)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] == f"{param}: Input should be a valid {kind}", error
+
+
+def test_a_float_field_takes_an_integer() -> None:
+    from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+
+    request = CompletionRequest.model_validate_json('{"prompt": "hi", "temperature": 1, "top_p": 1, '
+                                                    '"presence_penalty": -2, "frequency_penalty": 2}')
+    assert (request.temperature, request.top_p, request.presence_penalty, request.frequency_penalty) == (1, 1, -2, 2)
+    chat = ChatCompletionRequest.model_validate({**CHAT, "temperature": 0, "logprobs": True, "stream": False})
+    assert chat.temperature == 0.0 and chat.logprobs is True
+    assert FeedbackRequest.model_validate({"id": "x", "rating": 4}).rating == 4
+
+
 @pytest.mark.parametrize("prompt", [[1.0, 2.0], [True], [[1, 2.0]], ["1", 2], 5])
 def test_prompt_token_ids_are_integers(prompt: object) -> None:
     r = TestClient(create_app(ServeConfig())).post("/v1/completions", json={"prompt": prompt})
