@@ -78,8 +78,10 @@ class Bucket:
     updated: float = field(default_factory=time.monotonic)
 
     def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate_per_s)
-        self.updated = now
+        # max(0, ...): take() reads the clock before it makes a key's first bucket, and that negative interval
+        # drained a fresh bucket, so a first request of exactly the whole limit waited "0.0 s" and was refused
+        self.level = min(self.capacity, self.level + max(0.0, now - self.updated) * self.rate_per_s)
+        self.updated = max(self.updated, now)
 
 
 class RateLimiter:
