@@ -87,6 +87,8 @@ class Job:
     reserved_tokens: int = 0  # prompt + max_tokens of every choice, and each prompt again for an echo with logprobs
     echoed_tokens: int = 0  # prompt tokens scored by the echo passes that ran (one pass per prompt, not per choice)
     is_reserved: bool = False  # reserved_tokens are taken and the unused part is not yet refunded
+    # no max_tokens given (chat): each choice's budget, and so its reserve, is the rest of the model's context
+    is_default_budget: bool = False
     started: dict[int, EngineRequest] = field(default_factory=dict)  # choice index -> its request, once it ran
     tool_names: tuple[str, ...] | None = None  # a chat with tools in effect: calls to these are read out of the text
     is_tool_forced: bool = False  # a forcing tool_choice held the output to calls
@@ -219,9 +221,10 @@ def _reserve_tokens(job: Job) -> None:
         # openai client from sending it again; a code of its own tells it from rate_limit_tokens, which a wait ends
         state.metrics.rejections.labels("tokens_over_limit").inc()
         choices = len(job.params)
-        raise ApiError(429, f"the request needs {job.reserved_tokens} tokens (prompt and max_tokens"
+        budget = "the rest of the context, as no max_tokens was given" if job.is_default_budget else "max_tokens"
+        raise ApiError(429, f"the request needs {job.reserved_tokens} tokens (prompt and {budget}"
                        f"{f' of each of its {choices} choices' if choices > 1 else ''}) but this key's limit is "
-                       f"{state.limiter.tpm:.0f} tokens per minute; lower max_tokens or n", "rate_limit_error",
+                       f"{state.limiter.tpm:.0f} tokens per minute; {_over_limit_fix(job)}", "rate_limit_error",
                        code="tokens_over_limit", headers={"x-should-retry": "false"})
     wait = state.limiter.take(job.key, tokens=job.reserved_tokens)
     if wait is not None:
@@ -229,6 +232,18 @@ def _reserve_tokens(job: Job) -> None:
         raise ApiError(429, f"token rate limit reached for this key; retry in {wait:.1f} s", "rate_limit_error",
                        code="rate_limit_tokens", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
     job.is_reserved = True
+
+
+def _over_limit_fix(job: Job) -> str:
+    """What makes a request over the key's whole token limit fit. Without max_tokens, a chat choice reserves the
+    rest of the context, so the fix is to pass one: "lower max_tokens" named a field the client never sent."""
+    if not job.is_default_budget:
+        return "lower max_tokens or n"
+    assert job.state.limiter.tpm is not None  # only a limit makes a request too large
+    fits = int(job.state.limiter.tpm) // len(job.params) - max(len(p) for p in job.prompts)
+    if fits < 1:
+        return "shorten the prompt or lower n"
+    return f"pass max_tokens (or max_completion_tokens) of at most {fits}, or lower n"
 
 
 def _refund(job: Job | None) -> None:
@@ -552,6 +567,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         job.request_id = "chatcmpl-" + job.request_id.split("-", 1)[1]
         job.tool_names = tuple(t["function"]["name"] for t in tools) if tools else None
         job.is_tool_forced = body.tool_mode() == "forced"
+        job.is_default_budget = asked is None
         _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and

@@ -296,6 +296,25 @@ def test_a_request_over_the_whole_token_limit_is_refused_for_good(limited: tuple
     assert client.post("/v1/completions", json={**body, "n": 1}).status_code == 200  # it took nothing
 
 
+def test_a_chat_without_max_tokens_over_the_token_limit_says_to_pass_max_tokens(
+        limited: tuple[FastAPI, TestClient]) -> None:
+    # without max_tokens a chat choice reserves the rest of the 64-token context, more than the 60-token minute:
+    # the refusal said "lower max_tokens or n", naming a field the client never sent
+    app, client = limited
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 429, r.text
+    context = worker_of(app).engine.context
+    message = r.json()["error"]["message"]
+    assert message.startswith(f"the request needs {context} tokens (prompt and the rest of the context, as no "
+                              "max_tokens was given) but this key's limit is 60 tokens per minute; pass max_tokens")
+    fits = int(message.rsplit("of at most ", 1)[1].split(",")[0])
+    r = client.post("/v1/chat/completions", json={**body, "max_tokens": fits})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={**body, "max_tokens": fits, "n": 2})
+    assert r.json()["error"]["message"].endswith("; lower max_tokens or n")  # a max_tokens that was sent
+
+
 def test_the_echo_prompt_pass_is_charged_as_prompt_work(limited: tuple[FastAPI, TestClient],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # echo with logprobs runs the model over each prompt once more: its tokens count as prompt tokens do
