@@ -185,7 +185,7 @@ class FunctionDefinition(BaseModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None  # None: the function takes any object (OpenAI: no arguments)
-    strict: bool | None = None  # a forcing tool_choice always holds the arguments to the schema
+    strict: bool | None = Field(default=None, strict=True)  # forced calls always follow the schema
 
     @field_validator("name")
     @classmethod
@@ -311,7 +311,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
-    parallel_tool_calls: bool = True  # a forcing tool_choice may make several calls, not just one
+    parallel_tool_calls: bool = Field(default=True, strict=True)  # required may give several calls
 
     @field_validator("tools")
     @classmethod

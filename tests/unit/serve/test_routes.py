@@ -97,6 +97,8 @@ LAX_FIELDS = [
     ("/v1/completions", {**COMPLETION, "response_format": JSON_SCHEMA}, "response_format.json_schema.strict",
      "boolean"),
     ("/v1/feedback", {"id": "x"}, "rating", "number"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "parallel_tool_calls", "boolean"),
 ]
 
 
