@@ -57,6 +57,21 @@ class ModelSummary:
         return max((float(r["peak_rss_bytes"]) for r in rows), default=None)
 
     @property
+    def serving_rss(self) -> float | None:
+        """The peak RSS while the latest bench generated, loading left out (None for a bench that did not
+        record it, from before kiln measured it)."""
+        rows = self.bench.metrics.get("results", []) if self.bench is not None else []
+        values = [float(r["serving_peak_rss_bytes"]) for r in rows if r.get("serving_peak_rss_bytes") is not None]
+        return max(values, default=None)
+
+    @property
+    def memory_for_budget(self) -> tuple[str, float | None]:
+        """What `kiln report --max-memory-mb` holds against the limit: the serving peak where recorded, else the
+        peak with loading (which overstates what serving takes)."""
+        serving = self.serving_rss
+        return ("serving RSS", serving) if serving is not None else ("peak RSS", self.peak_rss)
+
+    @property
     def mean_accuracy(self) -> float | None:
         values = [v for t in TASK_COLUMNS if (v := self.metric(t, "acc_norm")) is not None]
         return sum(values) / len(values) if values else None

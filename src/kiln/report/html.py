@@ -35,7 +35,7 @@ pre { white-space: pre-wrap; background: #f8f9fa; padding: 0.5rem; }
 <table id="summary"><thead><tr>
 <th>model</th><th>size MB</th><th>ppl ± se</th><th>Δppl</th><th>KLD</th>
 {% for t in tasks %}<th>{{ t }}<br>acc / acc_norm</th>{% endfor %}
-<th>decode tok/s (b1)</th><th>TTFT ms (b1)</th><th>peak RSS MB</th></tr></thead><tbody>
+<th>decode tok/s (b1)</th><th>TTFT ms (b1)</th><th>RSS MB serving / with loading</th></tr></thead><tbody>
 {% for row in rows %}<tr>{% for cell in row %}
 <td{% if loop.first %} class="name"{% endif %}>{{ cell }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
@@ -92,7 +92,7 @@ def _rows(models: Sequence[ModelSummary], reference: ModelSummary | None) -> lis
         if decode != "–" and m.bench_runtime:  # an int4 artifact's speed depends on it (onnxruntime vs torch)
             decode += f" ({m.bench_runtime})"
         row += [decode, _fmt(m.bench_at(1, "ttft_ms"), 0),
-                _fmt(m.peak_rss, 0, 1e-6)]
+                f"{_fmt(m.serving_rss, 0, 1e-6)} / {_fmt(m.peak_rss, 0, 1e-6)}"]
         rows.append(row)
     return rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.benchmark.latency import measure_once
+from kiln.benchmark.latency import measure_once, peak_rss_bytes, reset_peak_rss
 from kiln.engine.generate import GenerationOutput
 
 
@@ -24,3 +24,13 @@ def test_batch_prefill_rate_counts_until_the_last_prompt_is_prefilled() -> None:
     assert figures["decode_tokens_per_s"] == pytest.approx(10.0)
     assert figures["total_decode_tokens_per_s"] == pytest.approx(20.0)
     assert abs(figures["itl_ms_p50"] - 100.0) < 1e-9
+
+
+def test_a_reset_peak_forgets_what_came_before() -> None:
+    # kiln bench measures serving memory this way: loading's peak (two copies of the model) must not count
+    buffer = bytearray(300 * 2**20)  # touched: zero-filled by the allocation
+    buffer[::4096] = b"x" * len(buffer[::4096])
+    before = peak_rss_bytes()
+    del buffer
+    assert reset_peak_rss()
+    assert peak_rss_bytes() < before - 200 * 2**20

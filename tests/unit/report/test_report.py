@@ -198,3 +198,21 @@ def test_report_command_reads_the_runs_once(home: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr(runs, "query", counted)
     assert cli.main(["report", "-o", str(tmp_path / "r.html")]) == 0
     assert len(calls) == 1 and "best model: int8" in capsys.readouterr().out
+
+
+def test_the_memory_limit_reads_the_serving_peak_where_recorded(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # loading holds two copies for a moment: a model that serves in 400 MB meets a 500 MB limit even though
+    # its process peaked at 900 MB while loading; a bench without the serving peak is judged on the 900 MB
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    for name, sha, serving in (("new", "a" * 64, 400e6), ("old", "b" * 64, None)):
+        common = dict(model=name, model_sha256=sha, model_size_bytes=100, versions={}, duration_s=1.0)
+        runs.add(runs.Run(kind="eval", task="wikitext2", settings={}, metrics={"ppl": 20.0}, **common))
+        row = {"batch_size": 1, "decode_tokens_per_s": 50.0, "ttft_ms": 90.0, "peak_rss_bytes": 9e8}
+        if serving is not None:
+            row["serving_peak_rss_bytes"] = serving
+        runs.add(runs.Run(kind="bench", task="bench", settings={}, metrics={"results": [row]}, **common))
+    choice = choose(reference="new", budget=Budget(max_memory_mb=500))
+    assert choice.chosen == "new" and choice.rejected == {"old": "peak RSS 900.0 MB > 500 MB"}
+    assert "serving RSS 400.0 MB > 300 MB" in choose(budget=Budget(max_memory_mb=300)).rejected["new"]
+    assert ">400 / 900<" in html.render()
