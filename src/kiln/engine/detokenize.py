@@ -16,8 +16,9 @@ PROMPT_CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens  # leave special tokens out of the text
         self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0  # start of the decoding window
         self.read_offset = len(self.ids)  # tokens before this have been turned into text
@@ -34,9 +35,9 @@ class IncrementalDetokenizer:
     def _advance(self, final: bool) -> str:
         if self.read_offset == len(self.ids):
             return ""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
-        full = decode(self.ids[self.prefix_offset :])
+        skip = self.skip_special_tokens
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

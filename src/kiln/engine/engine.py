@@ -122,8 +122,10 @@ class Engine:
         request = Request(
             request_id=request_id or f"req-{seq_id}", seq_id=seq_id, prompt=list(prompt), params=params,
             budget=min(params.max_tokens, self.context - len(prompt)),
-            sampler=SamplerState(params, prompt, self.model.spec.vocab_size, self._constraint(params)),
-            detok=IncrementalDetokenizer(self.tokenizer, prompt), stops=StopMatcher(params.stop),
+            sampler=SamplerState(params, prompt, self.model.spec.vocab_size, self._constraint(params),
+                                 self.tokenizer.eos_token_ids),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens),
+            stops=StopMatcher(params.stop),
         )
         if request.request_id in self.requests:
             raise InvalidParameterError(f"request id {request.request_id!r} is already in use")
@@ -220,12 +222,13 @@ class Engine:
                 continue
             if r.params.logprobs is not None:
                 r.logprobs.append(token_logprob(logits[i], tok, r.params.logprobs))
-            if tok in self.tokenizer.eos_token_ids and not r.params.ignore_eos:
+            # the sampler keeps these tokens out until min_tokens are generated
+            if (tok in self.tokenizer.eos_token_ids and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
                 outputs.append(self._finish(r, RequestStatus.FINISHED_STOPPED, now, [], ""))
                 continue
             r.output.append(tok)
             r.token_times.append(now)
-            released, stopped = r.stops.feed(r.detok.push(tok))
+            released, stopped = r.stops.feed(r.detok.push(tok), armed=len(r.output) >= r.params.min_tokens)
             r.text += released
             if stopped:
                 outputs.append(self._finish(r, RequestStatus.FINISHED_STOPPED, now, [tok], released, flush=False))
@@ -238,7 +241,7 @@ class Engine:
     def _finish(self, r: Request, status: RequestStatus, now: float, tokens: list[int], text: str,
                 flush: bool = True) -> StepOutput:
         if flush:
-            tail, stopped = r.stops.feed(r.detok.flush())
+            tail, stopped = r.stops.feed(r.detok.flush(), armed=len(r.output) >= r.params.min_tokens)
             tail = tail if stopped else tail + r.stops.flush()
             status = RequestStatus.FINISHED_STOPPED if stopped else status
             r.text += tail

@@ -1,6 +1,7 @@
 """Choose the next token of each sequence in a batch, each with its own sampling parameters.
 
 Hand-written because it is the product's core (it runs once per decode step on every sequence):
+logit biases (OpenAI's logit_bias; min_tokens bans the tokens that would end a sequence too soon), then
 penalties (repetition as in arXiv 1909.05858, presence and frequency as OpenAI defines them), then
 temperature, top-k, top-p (arXiv 1904.09751) and min-p (arXiv 2407.01082). A per-sequence seeded
 generator makes sampling reproducible whatever else shares the batch. A sequence held to a grammar
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ Logits = Tensor | np.ndarray  # [n, V]: torch from the torch runtime, numpy from
 # the seeds a user may ask for, on the server and the CLI alike: a signed 64-bit integer, as OpenAI's seed (any
 # integer could be hashed, see torch_seed; the bound only keeps the two front ends the same)
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: -100 bans a token, +100 all but forces it
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,12 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
     logprobs: int | None = None  # report each sampled token's log-probability and this many top alternatives
     grammar: str | None = None  # llguidance grammar the output must follow (engine/grammar.py json_grammar)
+    # (token id, bias) pairs added to those tokens' logits before penalties and filters (the grammar's mask comes
+    # after); logprobs stay those of the model's own logits, as vLLM reports them by default
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # tokens generated before an end-of-sequence or stop token or a stop string may end it
+    stop_token_ids: frozenset[int] = frozenset()  # tokens that end the generation as EOS does (not in the output)
+    skip_special_tokens: bool = True  # leave special tokens (<|im_end|>, ...) out of the text
 
     def __post_init__(self) -> None:
         _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
@@ -65,6 +73,15 @@ class SamplingParams:
             _check("logprobs", self.logprobs, 0 <= self.logprobs <= 20, "in [0, 20]")
         if self.grammar is not None and self.ignore_eos:  # the grammar allows only the end once it is complete
             raise InvalidParameterError("ignore_eos cannot be used with a grammar; drop one of them")
+        _check("min_tokens", self.min_tokens, 0 <= self.min_tokens <= self.max_tokens,
+               f"in [0, max_tokens={self.max_tokens}]")
+        if self.grammar is not None and self.min_tokens:  # banning the end could leave the grammar no token
+            raise InvalidParameterError("min_tokens cannot be used with a grammar; drop one of them")
+        for token, bias in self.logit_bias:
+            _check(f"logit_bias[{token}]", bias, -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
+                   f"in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
+            raise InvalidParameterError("logit_bias names a token more than once; give each token one bias")
 
     @property
     def is_greedy(self) -> bool:
@@ -95,9 +112,10 @@ class SamplerState:
     """One sequence's sampling state: its parameters, random stream and token counts."""
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int,
-                 constraint: Constraint | None = None) -> None:
+                 constraint: Constraint | None = None, eos_token_ids: Collection[int] = ()) -> None:
         self.params = params
         self.constraint = constraint  # the grammar's state for params.grammar
+        self.num_generated = 0  # tokens sampled so far, for min_tokens
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator().manual_seed(torch_seed(seed))
         self.counts: Tensor | None = None  # [V] generated-token counts, for presence/frequency
@@ -108,10 +126,34 @@ class SamplerState:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             if prompt_ids:
                 self.seen[torch.tensor(list(prompt_ids))] = True
-        # no penalties or grammar either
-        self.argmax_only = params.is_greedy and self.counts is None and self.seen is None and constraint is None
+        # [k] ids and [k] biases of params.logit_bias
+        self.bias_ids: Tensor | None = None
+        self.bias_values: Tensor | None = None
+        if params.logit_bias:
+            ids, biases = zip(*params.logit_bias, strict=True)
+            self.bias_ids = _token_ids("logit_bias", ids, vocab_size)
+            self.bias_values = torch.tensor(biases, dtype=torch.float32)
+        # [k] the tokens that would end the sequence (EOS unless ignored, and the stop tokens), banned until
+        # min_tokens are generated as vLLM does: a stop token kept from ending the output must not enter it either
+        self.end_ids: Tensor | None = None
+        if params.min_tokens:
+            ends = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else
+                                                        {t for t in eos_token_ids if t < vocab_size}))
+            self.end_ids = _token_ids("stop_token_ids", ends, vocab_size) if ends else None
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether this step's logits get penalties or biases (a ban for min_tokens only until it is reached)."""
+        return (self.counts is not None or self.seen is not None or self.bias_ids is not None
+                or (self.end_ids is not None and self.num_generated < self.params.min_tokens))
+
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with nothing to change the logits or to follow (no penalties, biases or grammar)."""
+        return self.params.is_greedy and not self.adjusts_logits and self.constraint is None
 
     def observe(self, token: int) -> None:
+        self.num_generated += 1
         if self.constraint is not None:
             self.constraint.advance(token)
         if self.counts is not None:
@@ -132,6 +174,26 @@ def apply_penalties(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
             p = st.params
             logits[i] -= p.frequency_penalty * st.counts + p.presence_penalty * (st.counts > 0)
     return logits
+
+
+def apply_biases(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
+    """logit_bias, and -inf for the tokens that would end a sequence short of its min_tokens, in place, row by row
+    where a row asks for them."""
+    for i, st in enumerate(states):
+        if st.bias_ids is not None:
+            assert st.bias_values is not None
+            logits[i].index_add_(0, st.bias_ids, st.bias_values)
+        if st.end_ids is not None and st.num_generated < st.params.min_tokens:
+            logits[i].index_fill_(0, st.end_ids, -math.inf)
+    return logits
+
+
+def _token_ids(name: str, ids: Sequence[int], vocab_size: int) -> Tensor:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidParameterError(f"{name} names token {bad[0]}, outside the vocabulary [0, {vocab_size}); "
+                                    "use ids the model's tokenizer gives")
+    return torch.tensor(list(ids), dtype=torch.long)
 
 
 def apply_constraints(logits: Tensor, states: Sequence[SamplerState], rows: Sequence[int]) -> Tensor:
@@ -178,8 +240,9 @@ def sample(logits: Logits, states: Sequence[SamplerState]) -> list[int]:
         if all(st.argmax_only for st in states):  # nothing to observe either
             return list(logits.argmax(axis=-1).tolist())
         logits = torch.from_numpy(logits)
-    if any(st.seen is not None or st.counts is not None for st in states):  # penalties write in place
-        logits = apply_penalties(logits.float().clone(), states)
+    if any(st.adjusts_logits for st in states):  # penalties and biases write in place: the caller's stay raw
+        # biases first, as vLLM: a penalty then scales what the bias made of a logit
+        logits = apply_penalties(apply_biases(logits.float().clone(), states), states)
     tokens = _argmax(logits)
     # a greedy row keeps its best token when its grammar allows it (the usual case for a model that follows
     # the format), so only the rows that need it pay for the grammar's mask

@@ -108,6 +108,9 @@ class SpeculativeDecoder:
                  eos: frozenset[int] = frozenset()) -> SpeculativeResult:
         if not params.is_greedy:
             raise InvalidParameterError("speculative decoding here is greedy only; set temperature 0")
+        if params.logit_bias or params.min_tokens or params.stop_token_ids:
+            raise InvalidParameterError("speculative decoding here takes no logit_bias, min_tokens or stop_token_ids; "
+                                        "drop them")
         start = time.perf_counter()
         limit = len(prompt) + params.max_tokens + self.k + 1
         target, draft = _Runner(self.target, limit, -1), _Runner(self.draft, limit, -2)  # one model may be both

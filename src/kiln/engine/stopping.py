@@ -1,7 +1,9 @@
 """Stop strings that may span tokens: find them in the streamed text, hold back possible beginnings.
 
 Text that could be the start of a stop string is held until the next delta settles it, so a stream
-never shows part of a stop string and the final text ends right before the first match.
+never shows part of a stop string and the final text ends right before the first match. Before a
+sequence has its min_tokens the matcher is not armed: that text is released as it comes and never
+searched, so a stop string counts only once it lies wholly in text decoded after the minimum.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.pending = ""  # text not yet released: a suffix that may begin a stop string
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add decoded text; return (text safe to release, whether a stop string was found)."""
+    def feed(self, delta: str, armed: bool = True) -> tuple[str, bool]:
+        """Add decoded text; return (text safe to release, whether a stop string was found). Unarmed (a sequence
+        short of its min_tokens), the text is released whole and not searched."""
         if not self.stops:
             return delta, False
         text = self.pending + delta
+        if not armed:
+            self.pending = ""
+            return text, False
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.pending = ""

@@ -4,6 +4,7 @@ prefix caching and chunked prefill (no timings asserted)."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +13,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kiln.engine.engine import Engine, EngineConfig, padded_width
 from kiln.engine.generate import Generator
 from kiln.engine.kv_cache import PagedKVCache
+from kiln.engine.request import Request
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import ContextLengthError
 from kiln.model.llama import build_model
-from kiln.model.load import LoadedModel
+from kiln.model.load import LoadedModel, load
 from kiln.model.spec import ModelSpec
+
+PROMPT = [1, 422, 2735, 314]  # BOS and a few words
 
 
 def alone(model: LoadedModel, prompt: list[int], params: SamplingParams) -> list[int]:
@@ -215,3 +219,64 @@ def test_token_range_is_a_slice_of_prompt_and_output(default_model: LoadedModel)
         for end in range(start, 9):
             assert r.token_range(start, end) == r.tokens[start:end], (start, end)
     assert r.num_tokens == len(r.tokens) == 7
+
+
+# --- min_tokens, stop_token_ids, skip_special_tokens (on the tiny random model: a few ms a token) ------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder: Path) -> LoadedModel:
+    return load(str(tiny_folder), progress=False)
+
+
+def run_one(model: LoadedModel, params: SamplingParams, prompt: list[int] = PROMPT) -> Request:
+    engine = Engine(model.model, model.tokenizer, EngineConfig(kv_budget_bytes=4 << 20))
+    request = engine.add_request(prompt, params)
+    engine.run()
+    return request
+
+
+def eos_of(model: LoadedModel) -> int:
+    (eos,) = model.tokenizer.eos_token_ids
+    return eos
+
+
+def test_min_tokens_keeps_eos_from_ending_early(tiny: LoadedModel) -> None:
+    forced = ((eos_of(tiny), 100.0),)  # the most likely token every step, unless banned
+    assert run_one(tiny, SamplingParams(temperature=0.0, max_tokens=8, logit_bias=forced)).output == []
+    r = run_one(tiny, SamplingParams(temperature=0.0, max_tokens=8, logit_bias=forced, min_tokens=3))
+    assert len(r.output) == 3 and eos_of(tiny) not in r.output and r.finish_reason == "stop"
+    plain = run_one(tiny, SamplingParams(temperature=0.0, max_tokens=3))
+    assert r.output == plain.output  # the ban leaves the rest of each step's choice as it was
+
+
+def test_stop_token_ids_end_the_generation_as_eos(tiny: LoadedModel) -> None:
+    output = run_one(tiny, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)).output
+    stop = output[2]
+    r = run_one(tiny, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, stop_token_ids=frozenset({stop})))
+    assert r.output == output[:output.index(stop)] and r.finish_reason == "stop"
+    kept = run_one(tiny, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, min_tokens=6,
+                                        stop_token_ids=frozenset({stop})))
+    assert stop not in kept.output and len(kept.output) == 6 and kept.finish_reason == "length"
+
+
+def test_a_stop_string_counts_only_after_min_tokens(tiny: LoadedModel) -> None:
+    tok = tiny.tokenizer
+    words = tok.encode("cat hat mat", add_special_tokens=False)
+    assert len(words) == 3
+    # the words in turn: the first has the highest bias, and a repetition penalty moves on to the next
+    params = dict(temperature=0.0, max_tokens=3, logit_bias=tuple((t, 100.0 - 10 * i) for i, t in enumerate(words)),
+                  repetition_penalty=10.0, ignore_eos=True)
+    assert run_one(tiny, SamplingParams(**params)).text == "cat hat mat"
+    assert run_one(tiny, SamplingParams(**params, stop=("at",))).text == "c"
+    after = run_one(tiny, SamplingParams(**params, stop=("at",), min_tokens=2))
+    assert after.text == "cat h" and after.finish_reason == "stop"  # text of the first token is not searched
+
+
+def test_special_tokens_stay_in_the_text_when_asked(tiny: LoadedModel) -> None:
+    kw = dict(temperature=0.0, max_tokens=3, ignore_eos=True, logit_bias=((eos_of(tiny), 100.0),))
+    kept = run_one(tiny, SamplingParams(**kw, skip_special_tokens=False))
+    skipped = run_one(tiny, SamplingParams(**kw))
+    eos = tiny.tokenizer.hf.eos_token
+    assert kept.output == skipped.output == [eos_of(tiny)] * 3
+    assert kept.text == eos * 3 and skipped.text == ""

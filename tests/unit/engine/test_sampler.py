@@ -160,3 +160,64 @@ def test_numpy_logits_sample_as_torch_logits_do() -> None:
     penalised = state(prompt=[1], temperature=0.0, repetition_penalty=3.0)
     assert sample(logits[[0]].numpy(), [penalised]) == [2]
     assert sample(logits[[0]].numpy(), [state(prompt=[1], temperature=0.0)]) == [1]
+
+
+# --- logit_bias, min_tokens ------------------------------------------------------------------------------
+
+
+def test_logit_bias_bans_and_forces_a_token() -> None:
+    logits = torch.linspace(0, 1, V).repeat(2, 1)
+    logits[1] = logits[1].flip(0)  # row 1's best is token 0
+    banned = [state(temperature=0.0, logit_bias=((V - 1, -100.0),)), state(temperature=1.0, seed=3,
+                                                                            logit_bias=((0, -100.0),))]
+    picks = [sample(logits.clone(), banned) for _ in range(200)]
+    assert {p[0] for p in picks} == {V - 2} and 0 not in {p[1] for p in picks}
+    forced = [state(temperature=0.0, logit_bias=((7, 100.0),)), state(temperature=1.0, seed=3,
+                                                                       logit_bias=((7, 100.0),))]
+    assert {tuple(sample(logits.clone(), forced)) for _ in range(50)} == {(7, 7)}
+
+
+def test_only_rows_with_a_bias_change_and_the_callers_logits_stay_raw() -> None:
+    logits = torch.linspace(0, 1, V).repeat(2, 1)
+    raw = logits.clone()
+    assert sample(logits, [state(temperature=0.0), state(temperature=0.0, logit_bias=((3, 100.0),))]) == [V - 1, 3]
+    assert torch.equal(logits, raw)  # logprobs are taken from these: the model's own logits
+
+
+def test_numpy_logits_with_a_bias_are_biased() -> None:
+    logits = torch.linspace(0, 1, V).unsqueeze(0).numpy()
+    assert sample(logits, [state(temperature=0.0, logit_bias=((3, 100.0),))]) == [3]
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"logit_bias": ((1, 101.0),)}, "logit_bias[1]=101.0 is out of range"),
+    ({"logit_bias": ((1, 1.0), (1, 2.0))}, "more than once"),
+    ({"min_tokens": -1}, "min_tokens=-1"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens=5 is out of range; it must be in [0, max_tokens=4]"),
+    ({"min_tokens": 1, "grammar": "start: 'x'"}, "min_tokens cannot be used with a grammar"),
+])
+def test_bias_and_min_tokens_are_checked(kw: dict, words: str) -> None:
+    with pytest.raises(InvalidParameterError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        SamplingParams(**kw)
+
+
+def test_a_token_outside_the_vocabulary_is_named() -> None:
+    with pytest.raises(InvalidParameterError, match=f"logit_bias names token {V}, outside the vocabulary"):
+        state(logit_bias=((V, 1.0),))
+
+
+def test_min_tokens_bans_the_end_until_reached() -> None:
+    logits = torch.zeros(1, V)
+    logits[0, 2] = 10.0  # token 2 (EOS here) is by far the best
+    st = SamplerState(SamplingParams(temperature=0.0, top_k=0, min_tokens=3, stop_token_ids=frozenset({5})), [],
+                      V, eos_token_ids={2})
+    logits[0, 5] = 9.0  # then the stop token
+    assert [sample(logits.clone(), [st])[0] for _ in range(4)] == [0, 0, 0, 2]
+    ignoring = SamplerState(SamplingParams(temperature=0.0, top_k=0, min_tokens=1, ignore_eos=True,
+                                           stop_token_ids=frozenset({5})), [], V, eos_token_ids={2})
+    assert sample(logits.clone(), [ignoring]) == [2]  # EOS does not end this one, so it is not banned; 5 is
+
+
+def test_top_k_1_is_greedy() -> None:
+    logits = torch.randn(4, V)
+    assert sample(logits, [state(temperature=1.5, top_k=1, seed=s) for s in range(4)]) == logits.argmax(-1).tolist()

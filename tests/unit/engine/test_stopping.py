@@ -37,3 +37,12 @@ def test_no_stop_releases_everything() -> None:
 
 def test_no_stops_is_a_pass_through() -> None:
     assert StopMatcher([]).feed("anything") == ("anything", False)
+
+
+def test_unarmed_text_is_released_whole_and_not_searched() -> None:
+    # a sequence short of its min_tokens: the held "#" goes out with it, and only text after arming is searched
+    m = StopMatcher(["###"])
+    assert m.feed("a #") == ("a ", False)
+    assert m.feed("## b", armed=False) == ("### b", False)
+    assert m.feed("##") == ("", False)
+    assert m.feed("#c") == ("", True)
