@@ -168,7 +168,8 @@ def apply_penalties(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
         row = logits[i]
         if st.seen is not None:
             r = st.params.repetition_penalty
-            penalised = torch.where(row > 0, row / r, row * r)
+            # a penalty near 0 sends a positive logit past fp32's largest: held there, not +inf (inf - inf is NaN)
+            penalised = torch.where(row > 0, row / r, row * r).clamp_(max=torch.finfo(torch.float32).max)
             logits[i] = torch.where(st.seen, penalised, row)
         if st.counts is not None:
             p = st.params
@@ -216,7 +217,10 @@ def _argmax(logits: Tensor) -> list[int]:
 def filter_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
     """Temperature, then top-k, top-p and min-p: removed tokens get -inf. logits: [n, V] fp32."""
     params = [st.params for st in states]
-    logits = logits / torch.tensor([p.temperature for p in params]).unsqueeze(1)
+    # shifted so that each row's best logit is 0 (softmax does not change): a tiny temperature then sends the others
+    # to -inf rather than the best to +inf, whose softmax was NaN; one below fp32's smallest would round to 0
+    temperature = torch.tensor([p.temperature for p in params]).clamp_(min=torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.unsqueeze(1)
     vocab = logits.shape[-1]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
     top_p = torch.tensor([p.top_p for p in params])

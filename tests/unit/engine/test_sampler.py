@@ -221,3 +221,13 @@ def test_min_tokens_bans_the_end_until_reached() -> None:
 def test_top_k_1_is_greedy() -> None:
     logits = torch.randn(4, V)
     assert sample(logits, [state(temperature=1.5, top_k=1, seed=s) for s in range(4)]) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 1e-300}, {"temperature": 1e-30}, {"repetition_penalty": 1e-300},
+                                {"repetition_penalty": 1e-300, "temperature": 1e-300}])
+def test_extreme_temperatures_and_penalties_sample_the_best_not_nan(kw: dict) -> None:
+    # dividing by a temperature or penalty near 0 overflowed to +inf, and softmax of inf is NaN: multinomial raised,
+    # which failed the whole batch's step
+    logits = torch.zeros(1, V)
+    logits[0, 4] = 2.0
+    assert sample(logits, [state(prompt=[4], seed=0, **{"temperature": 1.0, **kw})]) == [4]
