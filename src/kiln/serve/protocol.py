@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
-from kiln.engine.sampler import MAX_SEED, MIN_SEED, SamplingParams
+from kiln.engine.sampler import MAX_LOGIT_BIAS, MAX_SEED, MIN_SEED, SamplingParams
 
 MAX_STOP = 4  # as OpenAI: up to four stop sequences
+# OpenAI takes at most 300 logit_bias entries (dottxt-ai/outlines#99 ran into it); the bound keeps a request's
+# per-step cost small whatever the body limit lets through
+MAX_LOGIT_BIAS_ENTRIES = 300
+TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]{0,17}")  # a token id as a JSON object key: one spelling per id
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 
 
@@ -101,6 +105,18 @@ class _Sampling(BaseModel):
     # vLLM's extension: keep generating past the end-of-sequence token
     ignore_eos: bool = Field(default=False, strict=True)
     response_format: ResponseFormat | None = None
+    # token id (a string, as JSON keys are) -> a bias in [-100, 100] added to its logit before sampling; logprobs
+    # stay the model's own, as vLLM reports them by default. Ids are checked against the model's vocabulary
+    # once the model is known (routes._check_token_ids)
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions (llama-server takes the same names); the defaults leave them off
+    top_k: int = Field(default=0, ge=-1, strict=True)  # the k most likely tokens; -1 or 0: off, as vLLM
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, strict=True)  # drop tokens below min_p x the top probability
+    # divide positive (multiply negative) logits of the prompt's and output's tokens; 1: off. SamplingParams' range
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, strict=True)
+    min_tokens: int = Field(default=0, ge=0, strict=True)  # tokens before EOS, a stop token or string may end it
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None  # end the output as EOS does
+    skip_special_tokens: bool = Field(default=True, strict=True)  # leave special tokens out of the text
 
     @field_validator("stop")
     @classmethod
@@ -112,13 +128,41 @@ class _Sampling(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias(cls, value: Any) -> Any:
+        """Every key a token id written as a decimal integer, every bias a number in [-100, 100], at most
+        MAX_LOGIT_BIAS_ENTRIES of them; one message naming the bad key rather than pydantic's per-entry errors."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError('logit_bias must be an object of token ids and biases, e.g. {"50256": -100}')
+        if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed")
+        for key, bias in value.items():
+            if not isinstance(key, str) or not TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"logit_bias key {key!r} is not a token id; write ids as decimal integers, "
+                                 'e.g. {"50256": -100}')
+            # NaN fails the comparison too
+            if not isinstance(bias, int | float) or isinstance(bias, bool) \
+                    or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias[{key!r}] is {bias!r}; a bias must be a number in "
+                                 f"[{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        return value
+
     @model_validator(mode="after")
     def _json_ends(self) -> _Sampling:
         # once the JSON is complete the grammar allows nothing but the end of the sequence
-        if self.ignore_eos and self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("ignore_eos cannot be used with a JSON response_format, which ends at the end of "
-                             "the JSON; drop one of them")
+        if self.response_format is not None and self.response_format.type != "text":
+            for name in ("ignore_eos", "min_tokens"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} cannot be used with a JSON response_format, which ends at the end of "
+                                     "the JSON; drop one of them")
         return self
+
+    def token_biases(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids."""
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @field_validator("stream_options")
     @classmethod
@@ -133,9 +177,12 @@ class _Sampling(BaseModel):
                  grammar: str | None = None) -> SamplingParams:
         seed = None if self.seed is None else self.seed + seed_offset
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=0, min_p=0.0,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=seed,
-            stop=tuple(self.stop or ()), logprobs=logprobs, ignore_eos=self.ignore_eos, grammar=grammar,
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=seed, stop=tuple(self.stop or ()), logprobs=logprobs,
+            ignore_eos=self.ignore_eos, grammar=grammar, logit_bias=tuple(self.token_biases().items()),
+            min_tokens=self.min_tokens, stop_token_ids=frozenset(self.stop_token_ids or ()),
+            skip_special_tokens=self.skip_special_tokens,
         )
 
 
@@ -338,7 +385,8 @@ class ChatCompletionRequest(_Sampling):
     @field_validator("tool_choice")
     @classmethod
     def _choice_fits(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
-        # tools, response_format and ignore_eos are declared first: in info.data unless they failed their own check
+        # tools, response_format, ignore_eos and min_tokens are declared first: in info.data unless they failed their
+        # own check
         if value is None or value == "none" or "tools" not in info.data:
             return value
         tools = info.data["tools"]
@@ -355,9 +403,10 @@ class ChatCompletionRequest(_Sampling):
         if response_format is not None and response_format.type != "text":
             raise ValueError(f"tool_choice {shown} and a JSON response_format both hold the output to a grammar; "
                              "pick one")
-        if info.data.get("ignore_eos"):
-            raise ValueError(f"ignore_eos cannot be used with tool_choice {shown}, whose calls end the output; drop "
-                             "one of them")
+        for name in ("ignore_eos", "min_tokens"):
+            if info.data.get(name):
+                raise ValueError(f"{name} cannot be used with tool_choice {shown}, whose calls end the output; drop "
+                                 "one of them")
         return value
 
     def chat_messages(self) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -174,6 +174,30 @@ def _check_kv_budget(deployment: Deployment, prompt: list[int], prompt_param: st
         raise ApiError(400, f"the prompt has {len(prompt)} tokens, which with one generated token do not fit the KV "
                        f"cache budget of {capacity} tokens; shorten the prompt or raise --kv-budget-mb",
                        param=prompt_param, code="kv_budget_exceeded")
+
+
+def _check_token_ids(dep: Deployment, ids: Iterable[int], param: str) -> None:
+    """Token ids a request names (logit_bias's keys, stop_token_ids) must be the model's:
+    a 400 naming `param` and the first id outside the vocabulary (OpenAI's logit_bias check)."""
+    vocab = dep.loaded.spec.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{param} names token {bad}, outside the model's vocabulary [0, {vocab}); use ids "
+                       "from its tokenizer", param=param, code="invalid_token")
+
+
+def _check_sampling(dep: Deployment, body: CompletionRequest | ChatCompletionRequest, asked: int | None,
+                    budgets: Sequence[int]) -> None:
+    """What the schema cannot check without the model and the prompt: token ids inside the vocabulary, and a
+    min_tokens that every choice's budget (max_tokens, or its default) leaves room for."""
+    _check_token_ids(dep, body.token_biases(), "logit_bias")
+    _check_token_ids(dep, body.stop_token_ids or (), "stop_token_ids")
+    budget = min(budgets)
+    if body.min_tokens > budget:
+        limit = (f"max_tokens ({asked})" if asked is not None else
+                 f"the {budget} tokens this request may generate without max_tokens")
+        raise ApiError(400, f"min_tokens is {body.min_tokens}, more than {limit}; lower min_tokens or raise "
+                       "max_tokens", param="min_tokens", code="invalid_value")  # the schema's code for its range
 
 
 def _grammar(response_format: ResponseFormat | None) -> str | None:
@@ -465,6 +489,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         _guard(state, dep, [p for p in raw_prompts if isinstance(p, str)], "input")
         prompts = [_prompt_ids(dep, p) for p in raw_prompts]
         budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
+        _check_sampling(dep, body, body.max_tokens, budgets)
         if body.echo and body.stream:
             raise ApiError(400, "echo is not supported with stream; drop one of them", param="echo")
         grammar = await asyncio.to_thread(_grammar, body.response_format)  # may take a second: off the loop
@@ -491,7 +516,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             choice: dict[str, Any] = {"index": i, "text": text, "finish_reason": r.finish_reason, "logprobs": None}
             if body.logprobs is not None:
                 generated = completion_logprobs(tok, [v.token for v in r.logprobs], r.logprobs, r.text,
-                                                offset=len(echo[0]) if echo else 0, context=r.prompt)
+                                                offset=len(echo[0]) if echo else 0, context=r.prompt,
+                                                skip_special_tokens=body.skip_special_tokens)
                 choice["logprobs"] = _join_logprobs(echo[1], generated) if echo else generated
             choices.append(choice)
         state.log_response(job, body.model_dump(), [c["text"] for c in choices], outs)
@@ -560,6 +586,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             messages, fix="send a plain-text prompt to /v1/completions instead", tools=tools)
         asked = body.max_completion_tokens or body.max_tokens
         budget = _max_tokens(state, dep, prompt, asked, None, "messages")
+        _check_sampling(dep, body, asked, [budget])
         top = (body.top_logprobs or 0) if body.logprobs else None
         grammar = await asyncio.to_thread(_chat_grammar, body)  # may take a second: off the loop
         job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i, grammar=grammar)
@@ -756,7 +783,8 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                         # offsets index the choice's whole text, as without a stream: this chunk's begins where the
                         # text sent so far ends, and its tokens follow those sent before (the prompt's, at first)
                         choice["logprobs"] = chat_logprobs(tok, lp) if chat else completion_logprobs(
-                            tok, tokens, lp, text, offset=len(sent[i]), context=before[i])
+                            tok, tokens, lp, text, offset=len(sent[i]), context=before[i],
+                            skip_special_tokens=job.params[i].skip_special_tokens)
                         before[i] = tokens[-1:]
                     yield _sse({**base, "choices": [choice]})
                 sent[i] += text

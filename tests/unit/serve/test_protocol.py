@@ -180,3 +180,21 @@ def test_tool_fields_go_with_their_roles(message: dict, words: str) -> None:
         ChatCompletionRequest.model_validate({"messages": [message]})
     error = refused.value.errors()[0]
     assert error["loc"] == ("messages", 0) and words in error["msg"], error
+
+
+# --- vLLM's sampling extensions -------------------------------------------------------------------------------
+
+
+def test_the_extensions_reach_the_sampler_and_their_defaults_change_nothing() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    plain = ChatCompletionRequest.model_validate(body).sampling(8, None)
+    assert (plain.top_k, plain.min_p, plain.repetition_penalty, plain.logit_bias, plain.min_tokens,
+            plain.stop_token_ids, plain.skip_special_tokens) == (0, 0.0, 1.0, (), 0, frozenset(), True)
+    extended = ChatCompletionRequest.model_validate({
+        **body, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "logit_bias": {"7": -100, "0": 2.5},
+        "min_tokens": 2, "stop_token_ids": [3, 3, 9], "skip_special_tokens": False}).sampling(8, None)
+    assert (extended.top_k, extended.min_p, extended.repetition_penalty, extended.logit_bias, extended.min_tokens,
+            extended.stop_token_ids, extended.skip_special_tokens) == (
+        5, 0.1, 1.2, ((7, -100.0), (0, 2.5)), 2, frozenset({3, 9}), False)
+    for off in (-1, 0):  # vLLM's two ways to say no top-k
+        assert CompletionRequest.model_validate({"prompt": "x", "top_k": off}).sampling(8, None).top_k == 0
