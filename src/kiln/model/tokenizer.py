@@ -78,8 +78,9 @@ class Tokenizer:
         )
 
     def render_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text",
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
-        """The chat template applied to `messages`, ending with the assistant's turn opening.
+                    tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> str:
+        """The chat template applied to `messages`, ending with the assistant's turn opening (unless
+        add_generation_prompt is False: then with the last message).
 
         `tools` (OpenAI's function tools) go to a template that renders them; for one that does not, they, the
         assistant's calls and the tools' results are written in the Hermes format (model/hermes.py) into plain
@@ -90,14 +91,14 @@ class Tokenizer:
         if self.template_takes_tools:
             return str(self.hf.apply_chat_template([dict(m) for m in messages],
                                                    tools=[dict(t) for t in tools] if tools else None,
-                                                   tokenize=False, add_generation_prompt=True))
+                                                   tokenize=False, add_generation_prompt=add_generation_prompt))
         return str(self.hf.apply_chat_template(hermes_messages(messages, tools), tokenize=False,
-                                               add_generation_prompt=True))
+                                               add_generation_prompt=add_generation_prompt))
 
     def encode_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text",
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                    tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:
         # The template text carries its own special tokens (BOS included where the model wants one).
-        return self.encode(self.render_chat(messages, fix, tools), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, fix, tools, add_generation_prompt), add_special_tokens=False)
 
     def id_to_piece(self, token_id: int) -> str:
         return str(self.hf.convert_ids_to_tokens(token_id))

@@ -209,8 +209,8 @@ class _Counting:
         await self.app(scope, receive, counted)
 
 
-KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/health",
-                          "/ready", "/metrics"})
+KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/tokenize",
+                          "/detokenize", "/health", "/ready", "/metrics"})
 
 
 async def _load(state: ServerState) -> None:

@@ -434,6 +434,48 @@ class ChatCompletionRequest(_Sampling):
         return self.parallel_tool_calls and not isinstance(self.tool_choice, NamedToolChoice)
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt as /v1/completions encodes it, or messages (and tools) as /v1/chat/completions
+    renders them with the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    # validate_default: the check that exactly one of prompt and messages is given runs when neither is
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, validate_default=True)
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool | None = Field(default=None, strict=True)  # messages only; None: true, as chat
+
+    @field_validator("messages")
+    @classmethod
+    def _prompt_or_messages(cls, value: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
+        if "prompt" not in info.data:  # the prompt failed its own check
+            return value
+        if (value is None) == (info.data["prompt"] is None):
+            raise ValueError("send either a prompt (text) or messages (a chat), not both" if value is not None else
+                             "send a prompt (text) or messages (a chat) to tokenize")
+        return value
+
+    @field_validator("tools", "add_generation_prompt")
+    @classmethod
+    def _chat_only(cls, value: Any, info: ValidationInfo) -> Any:
+        # refused rather than ignored: a prompt is not rendered with the template
+        if value is not None and "messages" in info.data and info.data["messages"] is None:
+            raise ValueError(f"{info.field_name} goes with messages; a prompt is tokenized as it is")
+        return value
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [m.template_form() for m in self.messages or ()]
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids back to text, special tokens included (the inverse of /tokenize)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(..., min_length=1, max_length=200)

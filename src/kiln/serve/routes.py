@@ -1,4 +1,5 @@
-"""The OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models[/{id}], /v1/feedback.
+"""The OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models[/{id}], /v1/feedback, and
+vLLM's /tokenize and /detokenize.
 
 Order of work for a generation request, cheapest refusal first: admission to the bounded queue, the
 per-key request rate, model lookup, guardrails on the input, tokenization, the context limit, the
@@ -32,8 +33,10 @@ from kiln.serve.guardrails import StreamFilter
 from kiln.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     FeedbackRequest,
     ResponseFormat,
+    TokenizeRequest,
     error_body,
     error_code,
 )
@@ -177,13 +180,13 @@ def _check_kv_budget(deployment: Deployment, prompt: list[int], prompt_param: st
 
 
 def _check_token_ids(dep: Deployment, ids: Iterable[int], param: str) -> None:
-    """Token ids a request names (logit_bias's keys, stop_token_ids) must be the model's:
+    """Token ids a request names (logit_bias's keys, stop_token_ids, /detokenize's tokens) must be the model's:
     a 400 naming `param` and the first id outside the vocabulary (OpenAI's logit_bias check)."""
     vocab = dep.loaded.spec.vocab_size
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
         raise ApiError(400, f"{param} names token {bad}, outside the model's vocabulary [0, {vocab}); use ids "
-                       "from its tokenizer", param=param, code="invalid_token")
+                       "from its tokenizer (/tokenize)", param=param, code="invalid_token")
 
 
 def _check_sampling(dep: Deployment, body: CompletionRequest | ChatCompletionRequest, asked: int | None,
@@ -807,6 +810,43 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:  # a client gone mid-stream cancels this task again at each await (anyio's cancel scope)
             _release(state, dep, job)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+    """vLLM's /tokenize: the prompt's token ids as a completion or chat completion of the same input would feed
+    the model, so a client can count and budget before it asks."""
+    state: ServerState = request.app.state.kiln
+    _admit(state, request)  # as any request: the server is ready, and the key within its request rate
+    dep: Deployment | None = None
+    try:
+        dep = _deployment(state, body.model)
+        tok = dep.loaded.tokenizer
+        if body.prompt is not None:
+            tokens = tok.encode(body.prompt)
+        else:
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            tokens = tok.encode_chat(body.chat_messages(), fix="send a prompt instead of messages", tools=tools,
+                                     add_generation_prompt=body.add_generation_prompt is not False)
+        return _with_version(JSONResponse({"tokens": tokens, "count": len(tokens),
+                                           "max_model_len": dep.loaded.spec.max_position}), dep)
+    finally:
+        _release(state, dep, None)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+    """vLLM's /detokenize: the text of token ids, special tokens included, so that it tokenizes back to them."""
+    state: ServerState = request.app.state.kiln
+    _admit(state, request)
+    dep: Deployment | None = None
+    try:
+        dep = _deployment(state, body.model)
+        _check_token_ids(dep, body.tokens, "tokens")
+        text = dep.loaded.tokenizer.decode(body.tokens, skip_special_tokens=False)
+        return _with_version(JSONResponse({"prompt": text}), dep)
+    finally:
+        _release(state, dep, None)
 
 
 @router.post("/v1/feedback")

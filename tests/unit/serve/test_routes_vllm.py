@@ -1,10 +1,11 @@
 """vLLM's and llama-server's extensions at the HTTP edge, in process: logit_bias, top_k, min_p,
-repetition_penalty, min_tokens, stop_token_ids and skip_special_tokens on both generation endpoints.
-Refusals that need no model run on an app with none loaded; the rest on the tiny random model
-(tests/conftest.py), whose greedy choices logit_bias makes predictable."""
+repetition_penalty, min_tokens, stop_token_ids and skip_special_tokens on both generation endpoints, and
+/tokenize and /detokenize. Refusals that need no model run on an app with none loaded; the rest on the tiny
+random model (tests/conftest.py), whose greedy choices logit_bias makes predictable."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,33 @@ def test_min_tokens_cannot_hold_back_the_end_of_a_grammar(bare: TestClient) -> N
             "tool_choice", "min_tokens cannot be used with tool_choice 'required'")
 
 
+@pytest.mark.parametrize("body,param,words", [
+    ({}, "messages", "send a prompt (text) or messages (a chat) to tokenize"),
+    ({**COMPLETION, **CHAT}, "messages", "not both"),
+    ({**COMPLETION, "add_generation_prompt": False}, "add_generation_prompt", "goes with messages"),
+    ({**CHAT, "add_generation_prompt": 1}, "add_generation_prompt", "valid boolean"),
+    ({**CHAT, "tokens": [1]}, "tokens", "Extra inputs are not permitted"),
+])
+def test_a_bad_tokenize_body_is_400(bare: TestClient, body: dict, param: str, words: str) -> None:
+    refused(bare.post("/tokenize", json=body), param, words)
+
+
+def test_bad_detokenize_tokens_are_400(bare: TestClient) -> None:
+    refused(bare.post("/detokenize", json={"tokens": [1, "2"]}), "tokens.1", "valid integer")
+    refused(bare.post("/detokenize", json={}), "tokens", "Field required")
+
+
+def test_tokenize_needs_the_api_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(hashlib.sha256(b"secret").hexdigest() + "\n")
+    app = TestClient(create_app(ServeConfig(api_key_file=keys)))
+    for path, body in (("/tokenize", COMPLETION), ("/detokenize", {"tokens": [1]})):
+        r = app.post(path, json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        # with the key it gets past auth: to the 503 of a server with nothing loaded
+        assert app.post(path, json=body, headers={"Authorization": "Bearer secret"}).status_code == 503
+
+
 # --- against the model ----------------------------------------------------------------------------------------
 
 
@@ -115,6 +143,20 @@ def test_min_tokens_over_the_budget_is_400(client: TestClient, path: str, body: 
     refused(client.post(path, json=body), "min_tokens", words)
 
 
+def test_logit_bias_bans_and_forces_tokens(client: TestClient) -> None:
+    plain = completion(client, logprobs=0)["choices"][0]
+    tokens = plain["logprobs"]["tokens"]
+    first = client.post("/tokenize", json={"prompt": tokens[0]}).json()["tokens"]
+    assert len(first) == 1, first  # the piece is one token again
+    banned = completion(client, logit_bias={str(first[0]): -100}, logprobs=0)["choices"][0]
+    assert tokens[0] not in banned["logprobs"]["tokens"]
+    forced = completion(client, logit_bias={"42": 100}, logprobs=0)["choices"][0]
+    piece = client.post("/detokenize", json={"tokens": [42]}).json()["prompt"]
+    assert forced["logprobs"]["tokens"] == [piece] * 3
+    # logprobs stay the model's own: a forced token is as unlikely as it was
+    assert all(lp < -1 for lp in forced["logprobs"]["token_logprobs"])
+
+
 def test_top_k_1_is_greedy(client: TestClient) -> None:
     greedy = completion(client)["choices"][0]["text"]
     assert completion(client, temperature=1.5, top_k=1, seed=3)["choices"][0]["text"] == greedy
@@ -133,3 +175,40 @@ def test_min_tokens_and_stop_token_ids_through_the_api(client: TestClient) -> No
     assert chat.status_code == 200, chat.text
     choice = chat.json()["choices"][0]
     assert choice["finish_reason"] == "stop" and chat.json()["usage"]["completion_tokens"] == 1
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(client: TestClient) -> None:
+    forced = {"logit_bias": {str(EOS): 100}, "max_tokens": 2}
+    eos = client.post("/detokenize", json={"tokens": [EOS]}).json()["prompt"]
+    assert completion(client, **forced, skip_special_tokens=False)["choices"][0]["text"] == eos * 2
+    assert completion(client, **forced)["choices"][0]["text"] == ""
+
+
+def test_tokenize_and_detokenize_round_trip(client: TestClient) -> None:
+    text = "The sea is calm tonight."
+    r = client.post("/tokenize", json={"prompt": text})
+    assert r.status_code == 200 and r.headers["X-Kiln-Model-Version"], r.text
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 64
+    assert client.post("/detokenize", json={"tokens": body["tokens"]}).json() == {"prompt": text}
+    # the prompt a completion of the same text feeds the model
+    assert completion(client, prompt=text)["usage"]["prompt_tokens"] == body["count"]
+
+
+def test_tokenize_messages_counts_the_chat_prompt(client: TestClient) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    counted = client.post("/tokenize", json={"messages": messages}).json()
+    assert chat.json()["usage"]["prompt_tokens"] == counted["count"]
+    bare_turns = client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert counted["tokens"][:bare_turns["count"]] == bare_turns["tokens"] and bare_turns["count"] < counted["count"]
+    text = client.post("/detokenize", json={"tokens": counted["tokens"]}).json()["prompt"]
+    assert text.endswith("assistant\n") and "<|im_start|>" in text  # special tokens are kept
+
+
+def test_tokenize_and_detokenize_refusals(client: TestClient) -> None:
+    refused(client.post("/detokenize", json={"tokens": [1, 49152]}), "tokens",
+            "tokens names token 49152, outside the model's vocabulary", code="invalid_token")
+    missing = client.post("/tokenize", json={"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert client.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
