@@ -118,6 +118,30 @@ def test_echo_prompt_logprobs(client: openai.OpenAI, server: Server) -> None:
     assert ids["usage"]["prompt_tokens"] == 2
 
 
+def test_tokenize_counts_the_chat_prompt_and_detokenize_inverts_it(server: Server, client: openai.OpenAI) -> None:
+    question = "What is the capital of France?"
+    reply = ask(client, question, temperature=0, max_tokens=1)
+    counted = server.post("/tokenize", {"model": "default", "messages": [{"role": "user", "content": question}]})
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["count"] == reply.usage.prompt_tokens and counted.json()["max_model_len"] == 8192
+    text = "The capital of France is Paris."
+    tokens = server.post("/tokenize", {"prompt": text}).json()["tokens"]
+    assert server.post("/detokenize", {"model": "default", "tokens": tokens}).json() == {"prompt": text}
+
+
+def test_logit_bias_and_stop_token_ids_through_the_openai_client(server: Server, client: openai.OpenAI) -> None:
+    question = "What is the capital of France?"
+    plain = ask(client, question, temperature=0, max_tokens=3, logprobs=True).choices[0].logprobs.content
+    ids = [server.post("/tokenize", {"prompt": t.token}).json()["tokens"] for t in plain]
+    assert all(len(i) == 1 for i in ids), ids  # each greedy piece is one token again
+    banned = ask(client, question, temperature=0, max_tokens=3, logprobs=True, logit_bias={str(ids[0][0]): -100})
+    assert banned.choices[0].logprobs.content[0].token != plain[0].token
+    stopped = ask(client, question, temperature=0, max_tokens=3, extra_body={"stop_token_ids": [ids[1][0]]})
+    assert stopped.choices[0].message.content == plain[0].token and stopped.choices[0].finish_reason == "stop"
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": question}], "top_k": 0.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+
+
 @pytest.mark.parametrize("body,param", [
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),

@@ -3,8 +3,9 @@
 For every POST route the schema lists, hypothesis starts from a valid body and overwrites any subset of the
 schema's fields (also nested message fields) with arbitrary JSON, or replaces the whole body with arbitrary
 JSON or bytes. Every answer must be below 500, and every 4xx must carry OpenAI's error envelope. Fields that
-only make a valid request slower (max_tokens, n) draw small or absurd values, and a body left without any
-token limit gets max_tokens 2, so the run stays short.
+only make a valid request slower (max_tokens, n, min_tokens) draw small or absurd values, a generation body left
+without any token limit gets max_tokens 2, so the run stays short, and fields whose valid values arbitrary JSON
+would seldom hit (logit_bias, token ids, top_k, ...) are drawn near their shape as well.
 """
 
 from __future__ import annotations
@@ -25,13 +26,27 @@ JSON_SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.fl
                 | st.text(max_size=40))
 JSON = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
-COSTLY = {"max_tokens", "max_completion_tokens", "n", "top_logprobs", "logprobs", "best_of"}
+COSTLY = {"max_tokens", "max_completion_tokens", "n", "top_logprobs", "logprobs", "best_of", "min_tokens"}
 COST = st.integers(-3, 4) | st.integers(10**6, 10**18) | st.floats(0, 5) | JSON_SCALARS
+# token ids around the default model's vocabulary (49152), inside and out, and the odd value of the wrong kind
+TOKEN_ID = st.integers(-3, 50_000) | st.integers(2**62, 2**64) | JSON_SCALARS
+# fields whose valid values arbitrary JSON would seldom hit: drawn near their shape as well as anywhere
+SHAPED = {
+    "logit_bias": st.dictionaries(TOKEN_ID.map(str) | st.text(max_size=6), st.floats(-150, 150) | JSON_SCALARS,
+                                  max_size=4),
+    "stop_token_ids": st.lists(TOKEN_ID, max_size=4),
+    "tokens": st.lists(TOKEN_ID, max_size=6),
+    "top_k": st.integers(-3, 60_000), "min_p": st.floats(-0.5, 1.5), "repetition_penalty": st.floats(-1, 12),
+}
 VALID = {
     "/v1/completions": {"prompt": "The sea is", "max_tokens": 2},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     "/v1/feedback": {"id": "cmpl-unknown", "rating": 1},
+    "/tokenize": {"prompt": "The sea is"},
+    "/detokenize": {"tokens": [504, 3575]},
 }
+
+GENERATION = {"/v1/completions", "/v1/chat/completions"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +70,7 @@ def post_routes(schema: dict[str, Any]) -> dict[str, set[str]]:
 
 def mutated(valid: dict[str, Any], fields: set[str]) -> st.SearchStrategy[Any]:
     def value(name: str) -> st.SearchStrategy[Any]:
-        return COST if name in COSTLY else JSON
+        return COST if name in COSTLY else SHAPED[name] | JSON if name in SHAPED else JSON
 
     names = sorted(fields | set(valid))
     overrides = st.lists(st.sampled_from(names), max_size=4, unique=True).flatmap(
@@ -78,6 +93,10 @@ def test_schema_lists_the_api(server: Server) -> None:
     routes = post_routes(server.get("/openapi.json").json())
     assert set(VALID) <= set(routes)
     assert {"prompt", "max_tokens", "logprobs", "echo"} <= routes["/v1/completions"]
+    extensions = {"logit_bias", "top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids",
+                  "skip_special_tokens"}
+    assert extensions <= routes["/v1/completions"] and extensions <= routes["/v1/chat/completions"]
+    assert {"prompt", "messages", "add_generation_prompt"} <= routes["/tokenize"]
 
 
 @pytest.mark.parametrize("path", sorted(VALID))
@@ -89,7 +108,8 @@ def test_fuzzed_bodies_get_no_5xx(server: Server, path: str) -> None:
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(body=mutated(VALID[path], fields))
     def run(body: Any) -> None:
-        if isinstance(body, dict) and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        if path in GENERATION and isinstance(body, dict) and body.get("max_tokens") is None \
+                and body.get("max_completion_tokens") is None:
             body = {**body, "max_tokens": 2}  # a valid body without a limit would generate up to the context
         try:
             data = json.dumps(body).encode()  # NaN and Infinity go out as the invalid JSON they are
