@@ -52,8 +52,8 @@ class ToolCallParser:
     feed() and finish() return the content that is safe to send and the calls completed meanwhile. Text that
     may begin a <tool_call> tag is held until it is known not to; so is whitespace, which is dropped where it
     only separates a call from what is around it (the line breaks between blocks). Without a valid call the
-    content is the text exactly. With `is_forced` (the output was held to calls by a grammar) a block left open
-    at the end was only cut short by max_tokens, not written as text: it is dropped.
+    content is the text exactly. With `is_forced` (the output was held to calls by a grammar) a block or tag left
+    open at the end was only cut short by max_tokens, not written as text: it is dropped.
     """
 
     def __init__(self, names: Collection[str], is_forced: bool = False) -> None:
@@ -94,10 +94,12 @@ class ToolCallParser:
             return content, calls
 
     def finish(self) -> tuple[str, list[ParsedCall]]:
-        """The text held at the end: an unfinished block (unless forced), or a partial tag, is text; whitespace
-        after a call is not."""
-        if self.in_block:
-            rest = "" if self.is_forced else f"{self.spacing}{TOOL_CALL_OPEN}{self.buffer}"
+        """The text held at the end: an unfinished block, or a partial tag, is text (unless forced: the grammar
+        allows no text, so either was a call max_tokens cut short); whitespace after a call is not."""
+        if self.is_forced:
+            rest = ""
+        elif self.in_block:
+            rest = f"{self.spacing}{TOOL_CALL_OPEN}{self.buffer}"
         else:
             rest = self._after_call(self.buffer)
         self.buffer, self.in_block, self.spacing = "", False, ""

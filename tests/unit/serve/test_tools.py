@@ -60,6 +60,15 @@ def test_a_forced_output_cut_short_drops_its_open_block() -> None:
     assert calls_of(cut) == (block("get_time")[:30], [PARIS])  # free text: the model's own words
 
 
+@pytest.mark.parametrize("cut", ["\n<tool_call", "\n<tool_", "\n<", "\n"])
+def test_a_forced_output_cut_in_the_next_calls_tag_drops_it(cut: str) -> None:
+    # max_tokens ran out while the grammar had the next call's opening tag begun: no text is the model's there
+    assert calls_of(block() + cut, is_forced=True) == (None, [PARIS])
+    parser = ToolCallParser(NAMES, is_forced=True)
+    content, calls = parser.feed(block() + cut)
+    assert (content + parser.finish()[0], len(calls)) == ("", 1)
+
+
 @pytest.mark.parametrize("text", [
     "Let me check.\n" + block() + "\n" + block("get_time", "{}") + "\nDone.\n",
     "Here:\n<tool_call>\n{not json}\n</tool_call>\nbye <tool",
