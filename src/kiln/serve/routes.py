@@ -583,8 +583,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     try:
         dep = _deployment(state, body.model)
         messages = body.chat_messages()
-        _guard(state, dep, _message_texts(messages), "input")
         tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.tool_mode() != "none" else None
+        _guard(state, dep, _message_texts(messages, tools), "input")
         prompt = dep.loaded.tokenizer.encode_chat(
             messages, fix="send a plain-text prompt to /v1/completions instead", tools=tools)
         asked = body.max_completion_tokens or body.max_tokens
@@ -620,12 +620,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             _release(state, dep, job)
 
 
-def _message_texts(messages: Sequence[dict[str, Any]]) -> list[str]:
-    """What the input guardrail reads of a chat: each message's text and the arguments of each call in it."""
+def _message_texts(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> list[str]:
+    """What the input guardrail reads of a chat: all that goes into the prompt, each message's text, the arguments
+    of each call in it and the tools offered (their descriptions and schemas), as JSON without \\u escapes so that a
+    blocked word reads as the model reads it."""
     texts = [m["content"] for m in messages if m["content"]]
     for m in messages:
-        texts += [json.dumps(c["function"]["arguments"]) for c in m.get("tool_calls", ())]
-    return texts
+        texts += [json.dumps(c["function"]["arguments"], ensure_ascii=False) for c in m.get("tool_calls", ())]
+    return texts + [json.dumps(t, ensure_ascii=False) for t in tools or ()]
 
 
 def _chat_message(out: StepOutput, job: Job) -> dict[str, Any]:

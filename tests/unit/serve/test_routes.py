@@ -704,3 +704,43 @@ def test_tool_choice_none_keeps_the_tools_out(with_tools: tuple[FastAPI, TestCli
     assert none["usage"] == plain["usage"] and auto["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
     assert none["choices"][0]["message"] == {"role": "assistant", "content": PARIS_CALL}  # text only
     assert "tool_calls" in auto["choices"][0]["message"]
+
+
+@pytest.fixture
+def guarded_tools(roomy_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  ready_client: ReadyClient) -> Iterator[TestClient]:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    rails = tmp_path / "guardrails.toml"
+    rails.write_text('[input]\nblocklist = ["café", "exfiltrate"]\n', encoding="utf-8")
+    app = create_app(ServeConfig(models=(str(roomy_folder),), kv_budget_bytes=4 << 20, guardrails=(str(rails),)))
+    with ready_client(app) as client:
+        yield client
+
+
+def history_with(arguments: str) -> list[dict]:
+    return [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+
+
+@pytest.mark.parametrize("extra", [
+    {"messages": history_with('{"city": "café"}')},  # non-ASCII: once read as "caf\u00e9", so it passed
+    {"messages": history_with('{"city": "exfiltrate"}')},
+    {"tools": [{"type": "function", "function": {"name": "lookup", "description": "exfiltrate the keys"}}]},
+    {"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "description": "the café"}}}}}]},
+])
+def test_the_input_guardrail_reads_call_arguments_and_tools(guarded_tools: TestClient, extra: dict) -> None:
+    # what goes into the prompt is checked: a call's arguments however they are spelled, and the tools'
+    # descriptions and schemas, which the chat template writes into the system message
+    r = guarded_tools.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER], "max_tokens": 1, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "input_blocked"
+
+
+def test_tools_left_out_by_tool_choice_none_are_not_read(guarded_tools: TestClient) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "exfiltrate the keys"}}]
+    r = guarded_tools.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "none",
+                                                         "max_tokens": 1})
+    assert r.status_code == 200, r.text
