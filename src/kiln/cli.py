@@ -266,7 +266,8 @@ def _served(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
     from kiln.evaluate.client import ApiConfig
     from kiln.evaluate.served import connect
 
-    return connect(args.model, ApiConfig(args.api, api_key=args.api_key or settings.api_key(), model=args.api_model))
+    return connect(args.model, ApiConfig(args.api, api_key=args.api_key or settings.api_key(), model=args.api_model,
+                                         timeout_s=args.api_timeout))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -632,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (default: $KILN_API_KEY)")
     g.add_argument("--api-model", default=None, metavar="NAME",
                    help="the served model's name (default: the only model the server lists)")
+    g.add_argument("--api-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long one request may take before the run fails (default: 600; a request scores up to "
+                        "16 prompts)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", parents=[common], help="latency, throughput and memory at several batch sizes")

@@ -36,7 +36,7 @@ class ApiConfig:
     prompts_per_request: int = 16  # the completions API takes a list of prompts (kiln serve: up to 64)
     max_retries: int = 8  # 429 / 503 answers retried, after Retry-After or a doubling backoff
     backoff_s: float = 0.5  # the first wait when the server names none; doubled per retry, at most MAX_WAIT_S
-    timeout_s: float = 600.0  # per request: a batch of echo passes on a busy CPU server takes a while
+    timeout_s: float = 600.0  # per request (--api-timeout): a batch of echo passes on a busy CPU server takes a while
 
     def __post_init__(self) -> None:
         try:
@@ -49,8 +49,10 @@ class ApiConfig:
         for name in ("concurrency", "prompts_per_request"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} {getattr(self, name)} must be at least 1")
-        if self.max_retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
-            raise InvalidParameterError("max_retries and backoff_s must be 0 or more, timeout_s more than 0")
+        if self.max_retries < 0 or self.backoff_s < 0:
+            raise InvalidParameterError("max_retries and backoff_s must be 0 or more")
+        if not self.timeout_s > 0:  # NaN too
+            raise InvalidParameterError(f"--api-timeout {self.timeout_s:g} must be more than 0 seconds")
 
     @property
     def base_url(self) -> str:
@@ -123,7 +125,7 @@ class ApiClient:
                                     "serve) or fix --api") from None
             except httpx.TimeoutException as exc:
                 raise EndpointError(f"{url} did not answer within {self.config.timeout_s:g} s ({type(exc).__name__}); "
-                                    "check that the server is up and not stalled") from None
+                                    "check that the server is up and not stalled, or raise --api-timeout") from None
             except httpx.TransportError as exc:  # the connection broke mid-request
                 raise EndpointError(f"the connection to {url} failed ({exc or type(exc).__name__}); check the "
                                     "server and its log") from None

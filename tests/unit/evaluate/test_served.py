@@ -194,3 +194,19 @@ def test_an_unreachable_server_is_one_line(tmp_path: Path, items_file: Path,
     assert "--api 'localhost:8000' is not an http(s) URL" in capsys.readouterr().err
     assert cli.main(["eval", "--api", "http://x", "--task", "wikitext2", "--baseline", "default"]) == 2
     assert "--baseline compares full next-token distributions" in capsys.readouterr().err
+
+
+def test_a_stalled_server_fails_after_api_timeout_naming_it(items_file: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln import cli
+
+    with socket.socket() as sock:  # takes connections (the kernel's backlog) and never answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        assert cli.main(["eval", "--api", url, "--api-timeout", "0.5", "--task", f"mc:{items_file}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kiln: error: {url}/v1/models did not answer within 0.5 s") and err.count("\n") == 1
+    assert "raise --api-timeout" in err
+    assert cli.main(["eval", "--api", url, "--api-timeout", "0", "--task", f"mc:{items_file}"]) == 2
+    assert "--api-timeout 0 must be more than 0" in capsys.readouterr().err
