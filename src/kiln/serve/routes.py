@@ -29,7 +29,7 @@ from kiln.engine.request import TokenLogprob
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import KilnError
 from kiln.serve.deploy import Deployment, Route
-from kiln.serve.guardrails import StreamFilter
+from kiln.serve.guardrails import StreamFilter, check
 from kiln.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -141,8 +141,6 @@ def _guard(state: ServerState, deployment: Deployment, texts: Sequence[str],
     rules = state.guardrails_for(deployment.name)
     if rules is None:
         return
-    from kiln.serve.guardrails import check
-
     what = "request" if direction == "input" else "response"
     for text in texts:
         violation = check(getattr(rules, direction), text)
@@ -604,7 +602,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                     body.stream_options.include_usage, chat=True)
         outs = await _collect(job, request, body.n)
         _record(job, outs)
-        _guard(state, dep, [o.request.text for o in outs], "output")
+        _guard(state, dep, [text for o in outs for text in _output_texts(o.request.text, job)], "output")
         choices: list[dict[str, Any]] = [{"index": i, **_chat_message(o, job),
                     "logprobs": chat_logprobs(dep.loaded.tokenizer, o.request.logprobs) if body.logprobs else None}
                    for i, o in enumerate(outs)]
@@ -628,6 +626,14 @@ def _message_texts(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str,
     for m in messages:
         texts += [json.dumps(c["function"]["arguments"], ensure_ascii=False) for c in m.get("tool_calls", ())]
     return texts + [json.dumps(t, ensure_ascii=False) for t in tools or ()]
+
+
+def _output_texts(text: str, job: Job) -> list[str]:
+    """What the output guardrail reads of a chat choice: its text and, with tools, each call's arguments as they are
+    returned (decoded: the model may spell a blocked word with JSON escapes)."""
+    if job.tool_names is None:
+        return [text]
+    return [text, *(call.arguments for call in split_tool_calls(text, job.tool_names, job.is_tool_forced)[1])]
 
 
 def _chat_message(out: StepOutput, job: Job) -> dict[str, Any]:
@@ -776,6 +782,14 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 if finish:
                     text += parsers[i].finish()[0]
                     finish = _tool_finish(finish, num_calls[i] + len(calls))
+                # each call's arguments as they go out, decoded, as without a stream
+                stream_filter = filters[i] if filters else None
+                rules = stream_filter.rules if stream_filter is not None else None
+                violation = next((v for c in calls if rules and (v := check(rules, c.arguments))), None)
+                if violation is not None:
+                    state.metrics.guardrail_blocks.labels(dep.name, "output", violation.kind).inc()
+                    filters[i], finish, text, calls, held[i] = None, "content_filter", "", [], []
+                    tasks[i].cancel()
             if text or finish or calls:
                 deltas = _chat_deltas(text, calls, num_calls[i]) if chat else [{}]
                 num_calls[i] += len(calls)

@@ -744,3 +744,21 @@ def test_tools_left_out_by_tool_choice_none_are_not_read(guarded_tools: TestClie
     r = guarded_tools.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "none",
                                                          "max_tokens": 1})
     assert r.status_code == 200, r.text
+
+
+def test_the_output_guardrail_reads_call_arguments_as_they_are_returned(
+        roomy_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ready_client: ReadyClient) -> None:
+    # the model may spell a blocked word with JSON escapes; the arguments go back decoded, so they are what is checked
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    rails = tmp_path / "guardrails.toml"
+    rails.write_text('[output]\nblocklist = ["Paris"]\n', encoding="utf-8")
+    app = create_app(ServeConfig(models=(str(roomy_folder),), kv_budget_bytes=4 << 20, guardrails=(str(rails),)))
+    with ready_client(app) as client:
+        size = scripted(app, PARIS_CALL.replace("Paris", "\\u0050aris"), monkeypatch, ends=True)
+        body = {**CHAT, "tools": [WEATHER], "max_tokens": size + 4}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "output_blocked", r.text
+        chunks = streamed(client, "/v1/chat/completions", body)
+        assert not [c for chunk in chunks for c in chunk["choices"] if c["delta"].get("tool_calls")]
+        assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]] == \
+            ["content_filter"]
