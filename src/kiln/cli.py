@@ -218,6 +218,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from kiln import runs
     from kiln.benchmark.machine import machine_info
+    from kiln.errors import InvalidParameterError
     from kiln.evaluate import summary
     from kiln.evaluate.runner import EvalOptions, EvalOutcome, check_api, run
     from kiln.model.load import LoadedModel, load
@@ -228,6 +229,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.api:
         check_api(options, args.baseline is not None)
+    else:  # they were ignored without a word
+        given = [flag for flag, value in (("--api-key", args.api_key), ("--api-model", args.api_model),
+                                          ("--api-timeout", args.api_timeout)) if value is not None]
+        if given:
+            raise InvalidParameterError(f"{', '.join(given)} only applies with --api URL; add --api or drop it")
     if args.samples:
         summary.check_samples_path(args.samples)  # written at the end: a bad path must not cost the evaluation
     runs.check()  # the result is stored at the end: a damaged database must not cost the evaluation
@@ -266,8 +272,9 @@ def _served(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
     from kiln.evaluate.client import ApiConfig
     from kiln.evaluate.served import connect
 
+    timeout = {} if args.api_timeout is None else {"timeout_s": args.api_timeout}  # else ApiConfig's default
     return connect(args.model, ApiConfig(args.api, api_key=args.api_key or settings.api_key(), model=args.api_model,
-                                         timeout_s=args.api_timeout))
+                                         **timeout))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -633,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (default: $KILN_API_KEY)")
     g.add_argument("--api-model", default=None, metavar="NAME",
                    help="the served model's name (default: the only model the server lists)")
-    g.add_argument("--api-timeout", type=float, default=600.0, metavar="SECONDS",
+    g.add_argument("--api-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long one request may take before the run fails (default: 600; a request scores up to "
                         "16 prompts)")
     p.set_defaults(func=cmd_eval)

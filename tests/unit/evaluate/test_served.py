@@ -210,3 +210,11 @@ def test_a_stalled_server_fails_after_api_timeout_naming_it(items_file: Path,
     assert "raise --api-timeout" in err
     assert cli.main(["eval", "--api", url, "--api-timeout", "0", "--task", f"mc:{items_file}"]) == 2
     assert "--api-timeout 0 must be more than 0" in capsys.readouterr().err
+
+
+def test_api_flags_without_api_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    # --api-key, --api-model and --api-timeout were ignored without a word when --api was missing
+    from kiln import cli
+
+    assert cli.main(["eval", "--task", "wikitext2", "--api-timeout", "30", "--api-model", "x"]) == 2
+    assert "--api-model, --api-timeout only applies with --api URL" in capsys.readouterr().err
