@@ -121,7 +121,7 @@ def _ready_client(app: Any) -> Iterator[Any]:
         yield client
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ready_client() -> Callable[[Any], AbstractContextManager[Any]]:
     """`with ready_client(app) as client:` a TestClient on a kiln app once /ready says its models are loaded
     (at most 30 s)."""

@@ -6,9 +6,10 @@ random model (tests/conftest.py), whose greedy choices logit_bias makes predicta
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,6 +18,7 @@ from kiln.serve.app import create_app
 from kiln.serve.protocol import MAX_LOGIT_BIAS_ENTRIES
 from kiln.serve.state import ServeConfig
 
+ReadyClient = Callable[[Any], AbstractContextManager[Any]]  # tests/conftest.py's ready_client
 COMPLETION, CHAT = {"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}
 EOS = 2  # the tiny model's (tests/conftest.py tiny_folder)
 GREEDY = {"temperature": 0, "max_tokens": 3, "ignore_eos": True}
@@ -29,16 +31,13 @@ def bare() -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def client(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory,
+           ready_client: ReadyClient) -> Iterator[TestClient]:
     """The tiny model (64-token context), shared by this module's tests: none of them changes the server."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KILN_HOME", str(tmp_path_factory.mktemp("home")))
         app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20))
-        with TestClient(app, raise_server_exceptions=False) as test_client:
-            for _ in range(300):
-                if test_client.get("/ready").status_code == 200:
-                    break
-                time.sleep(0.1)
+        with ready_client(app) as test_client:
             yield test_client
 
 
