@@ -602,10 +602,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                     body.stream_options.include_usage, chat=True)
         outs = await _collect(job, request, body.n)
         _record(job, outs)
-        _guard(state, dep, [text for o in outs for text in _output_texts(o.request.text, job)], "output")
-        choices: list[dict[str, Any]] = [{"index": i, **_chat_message(o, job),
+        # with tools in effect, each choice's text read once into its content and calls
+        splits = [split_tool_calls(o.request.text, job.tool_names, job.is_tool_forced) if job.tool_names is not None
+                  else None for o in outs]
+        _guard(state, dep, [text for o, split in zip(outs, splits, strict=True)
+                            for text in _output_texts(o.request.text, split)], "output")
+        choices: list[dict[str, Any]] = [{"index": i, **_chat_message(o, split),
                     "logprobs": chat_logprobs(dep.loaded.tokenizer, o.request.logprobs) if body.logprobs else None}
-                   for i, o in enumerate(outs)]
+                   for i, (o, split) in enumerate(zip(outs, splits, strict=True))]
         state.log_response(job, body.model_dump(), [o.request.text for o in outs], outs)
         return _with_version(JSONResponse({"id": job.request_id, "object": "chat.completion", "created": job.created,
                                            "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
@@ -628,22 +632,23 @@ def _message_texts(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str,
     return texts + [json.dumps(t, ensure_ascii=False) for t in tools or ()]
 
 
-def _output_texts(text: str, job: Job) -> list[str]:
+ToolSplit = tuple[str | None, list[ParsedCall]]  # a chat choice's content and calls (tools.split_tool_calls)
+
+
+def _output_texts(text: str, split: ToolSplit | None) -> list[str]:
     """What the output guardrail reads of a chat choice: its text and, with tools, each call's arguments as they are
     returned (decoded: the model may spell a blocked word with JSON escapes)."""
-    if job.tool_names is None:
-        return [text]
-    return [text, *(call.arguments for call in split_tool_calls(text, job.tool_names, job.is_tool_forced)[1])]
+    return [text] if split is None else [text, *(call.arguments for call in split[1])]
 
 
-def _chat_message(out: StepOutput, job: Job) -> dict[str, Any]:
-    """A finished choice's message and finish_reason: with tools in effect, the calls read out of its text (then
-    the text around them, if any, is the content, and a choice that stopped after them finished with
+def _chat_message(out: StepOutput, split: ToolSplit | None) -> dict[str, Any]:
+    """A finished choice's message and finish_reason: with tools in effect (`split`), the calls read out of its
+    text (then the text around them, if any, is the content, and a choice that stopped after them finished with
     "tool_calls")."""
     r = out.request
-    if job.tool_names is None:
+    if split is None:
         return {"message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
-    content, calls = split_tool_calls(r.text, job.tool_names, job.is_tool_forced)
+    content, calls = split
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = [c.to_dict() for c in calls]
