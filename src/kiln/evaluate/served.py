@@ -105,6 +105,7 @@ class ApiScorer:
 
     def __init__(self, served: ServedModel) -> None:
         self.served = served
+        self._vocabulary_checked = False
 
     def loglikelihoods(self, requests: Sequence[ScoreRequest],
                        on_done: Callable[[int], None] | None = None) -> list[list[ContinuationScore]]:
@@ -145,7 +146,42 @@ class ApiScorer:
             choices = _choices(answer, len(group), config.base_url)
             out += [read_prompt_logprobs(choice, len(p), config.base_url) for choice, p in zip(choices, group,
                                                                                                 strict=True)]
+            if not self._vocabulary_checked:  # once the server is known to echo the prompt
+                check_vocabulary(self.served, group[0], choices[0])
+                self._vocabulary_checked = True
         return out
+
+
+def check_vocabulary(served: ServedModel, prompt: list[int], choice: dict[str, Any]) -> None:
+    """Refuse a server whose tokens are not those of -m's tokenizer, read from its echo of one prompt.
+
+    The token ids kiln sends are made here by -m's tokenizer; a server with another vocabulary would read
+    them as other text and score that, and the figures would look fine. Each echoed token is compared as
+    text with the local one (its decoded text or its vocabulary entry; vLLM's "token_id:N" form by id).
+    Tokens that decode to part of a character are left out, and so is a server that echoes no token texts.
+    Weights are not checked: a server that runs another model with the same tokenizer passes."""
+    logprobs = choice.get("logprobs")
+    pieces = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+    if not isinstance(pieces, list):
+        return
+    tokenizer = served.tokenizer
+    compared = [(t, p) for t, p in zip(prompt, pieces, strict=False)
+                if isinstance(p, str) and "\ufffd" not in tokenizer.decode([t], skip_special_tokens=False)]
+    differ = [(t, p) for t, p in compared if not _same_piece(tokenizer, t, p)]
+    if len(differ) * 2 > len(compared) > 0:
+        token, piece = differ[0]
+        raise EndpointError(
+            f"{served.client.config.base_url} does not tokenize as -m {served.source.name} does ({len(differ)} of "
+            f"{len(compared)} echoed tokens differ; token id {token} is {piece!r} there and "
+            f"{tokenizer.decode([token], skip_special_tokens=False)!r} here): pass -m the model that the server serves")
+
+
+def _same_piece(tokenizer: Tokenizer, token: int, piece: str) -> bool:
+    if piece == f"token_id:{token}":
+        return True
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    entry = tokenizer.hf.convert_ids_to_tokens(token)
+    return piece in (text, entry) or piece.strip() == text.strip()
 
 
 def _choices(answer: Any, num_prompts: int, url: str) -> list[dict[str, Any]]:

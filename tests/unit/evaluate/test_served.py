@@ -32,8 +32,9 @@ def token_logprob(token: int) -> float:
 def echo(prompt: list[int]) -> dict[str, Any]:
     """A choice as a server with prompt logprobs answers it: the prompt's tokens, then one generated token."""
     values = [None] + [token_logprob(t) for t in prompt[1:]] + [-0.5]
-    tops = [None] + [{str(t): token_logprob(t)} for t in prompt[1:]] + [{"x": -0.5}]
-    return {"text": "", "logprobs": {"tokens": [str(t) for t in prompt] + ["x"], "token_logprobs": values,
+    # tokens as vLLM names them with return_tokens_as_token_ids: the same vocabulary as -m's
+    tops = [None] + [{f"token_id:{t}": token_logprob(t)} for t in prompt[1:]] + [{"x": -0.5}]
+    return {"text": "", "logprobs": {"tokens": [f"token_id:{t}" for t in prompt] + ["x"], "token_logprobs": values,
                                      "top_logprobs": tops}}
 
 
@@ -218,3 +219,33 @@ def test_api_flags_without_api_are_refused(capsys: pytest.CaptureFixture[str]) -
 
     assert cli.main(["eval", "--task", "wikitext2", "--api-timeout", "30", "--api-model", "x"]) == 2
     assert "--api-model, --api-timeout only applies with --api URL" in capsys.readouterr().err
+
+
+def another_vocabulary(prompt: list[int]) -> dict[str, Any]:
+    """A server whose tokenizer is not -m's: the same ids read back as other text."""
+    choice = echo(prompt)
+    choice["logprobs"]["tokens"] = [f"w{t}" for t in prompt] + ["x"]
+    return choice
+
+
+def test_a_server_with_another_tokenizer_is_refused(served: Callable[..., ServedModel], items_file: Path) -> None:
+    with pytest.raises(EndpointError) as refused:
+        run(served(fake_server(another_vocabulary)), EvalOptions(task=f"mc:{items_file}"), progress=False)
+    message = str(refused.value)
+    assert message.startswith(f"{URL} does not tokenize as -m ") and "\n" not in message
+    assert "pass -m the model that the server serves" in message
+
+
+def test_echoed_token_texts_of_the_same_tokenizer_pass(served: Callable[..., ServedModel],
+                                                       default_model: LoadedModel) -> None:
+    """As kiln serve and vLLM name echoed tokens: each token's decoded text."""
+    tok = default_model.tokenizer
+
+    def texts(prompt: list[int]) -> dict[str, Any]:
+        choice = echo(prompt)
+        choice["logprobs"]["tokens"] = [tok.decode([t], skip_special_tokens=False) for t in prompt] + ["x"]
+        return choice
+
+    ids = tok.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    scores = ApiScorer(served(fake_server(texts))).loglikelihoods([ScoreRequest(ids[:5], [ids[5:]])])
+    assert scores[0][0].logprob == pytest.approx(sum(map(token_logprob, ids[5:])))
