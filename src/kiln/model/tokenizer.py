@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import ModelFormatError
+from kiln.errors import InvalidParameterError, ModelFormatError
 from kiln.model.hermes import hermes_messages
 from kiln.model.spec import ModelSpec
 
@@ -86,14 +86,23 @@ class Tokenizer:
         assistant's calls and the tools' results are written in the Hermes format (model/hermes.py) into plain
         turns. `fix` ends the error for a model without a template: what the caller's user can do instead.
         """
+        from jinja2 import TemplateError, TemplateSyntaxError
+
         if not self.has_chat_template:
             raise ModelFormatError(f"this model has no chat template; {fix}")
-        if self.template_takes_tools:
-            return str(self.hf.apply_chat_template([dict(m) for m in messages],
-                                                   tools=[dict(t) for t in tools] if tools else None,
-                                                   tokenize=False, add_generation_prompt=add_generation_prompt))
-        return str(self.hf.apply_chat_template(hermes_messages(messages, tools), tokenize=False,
-                                               add_generation_prompt=add_generation_prompt))
+        try:
+            if self.template_takes_tools:
+                return str(self.hf.apply_chat_template([dict(m) for m in messages],
+                                                       tools=[dict(t) for t in tools] if tools else None,
+                                                       tokenize=False, add_generation_prompt=add_generation_prompt))
+            return str(self.hf.apply_chat_template(hermes_messages(messages, tools), tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt))
+        except TemplateSyntaxError as exc:
+            raise ModelFormatError(f"the model's chat template cannot be read (line {exc.lineno}: {exc.message}); "
+                                   f"fix chat_template in its tokenizer_config.json, or {fix}") from exc
+        except TemplateError as exc:  # raise_exception() in the template: e.g. roles that must alternate
+            raise InvalidParameterError(f"the model's chat template refused these messages: {exc.message}; change "
+                                        "the messages as it asks") from exc
 
     def encode_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text",
                     tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:

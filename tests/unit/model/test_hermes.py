@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kiln.errors import InvalidParameterError, ModelFormatError
 from kiln.model.load import LoadedModel
 from kiln.model.tokenizer import Tokenizer
 
@@ -78,3 +79,26 @@ def test_a_template_with_tools_gets_them_and_the_messages_as_they_are(tok: Token
     assert tok.render_chat(HISTORY, tools=[WEATHER]) == (
         '[tool get_weather]<user>Weather in Paris and Rome?<assistant>[call get_weather {"city": "Paris"}]'
         '<tool>{"celsius": 21}<tool>sunny')
+
+
+def test_a_template_that_refuses_the_messages_is_a_one_line_error(tok: Tokenizer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Llama 2's and Mistral's templates refuse roles that do not alternate."""
+    template = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                "{{ m.content }}{% endfor %}")
+    monkeypatch.setattr(tok.hf, "chat_template", template)
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(InvalidParameterError) as refused:
+        tok.render_chat([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
+    assert str(refused.value) == ("the model's chat template refused these messages: Conversation roles must "
+                                  "alternate user/assistant; change the messages as it asks")
+
+
+def test_a_template_that_cannot_be_read_names_the_line(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tok.hf, "chat_template", "{% for m in messages %}\n{{ m.content }")
+    with pytest.raises(ModelFormatError) as broken:
+        tok.render_chat([{"role": "user", "content": "hi"}], fix="send a plain prompt")
+    message = str(broken.value)
+    assert message.startswith("the model's chat template cannot be read (line 2: ") and "\n" not in message
+    assert message.endswith("fix chat_template in its tokenizer_config.json, or send a plain prompt")

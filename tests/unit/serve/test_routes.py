@@ -762,3 +762,17 @@ def test_the_output_guardrail_reads_call_arguments_as_they_are_returned(
         assert not [c for chunk in chunks for c in chunk["choices"] if c["delta"].get("tool_calls")]
         assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]] == \
             ["content_filter"]
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(served: tuple[FastAPI, TestClient],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = served
+    tok = app.state.kiln.router.deployments()[0].loaded.tokenizer
+    monkeypatch.setattr(tok.hf, "chat_template", "{% for m in messages %}{% if m.role == 'system' %}"
+                        "{{ raise_exception('System role not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "Be brief."},
+                                                               {"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == ("the model's chat template refused these messages: System role not "
+                                            "supported; change the messages as it asks")
+    assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}).status_code == 200
