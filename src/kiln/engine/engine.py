@@ -82,6 +82,19 @@ def token_logprob(logits: Logits, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
+def tokens_logprobs(logits: Logits, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """token_logprob of each row of logits [n, V] with its own token: one log-softmax over all rows."""
+    logprobs = torch.log_softmax(torch.as_tensor(logits[: len(tokens)]).float(), dim=-1)
+    targets = torch.tensor(list(tokens))
+    picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    best = logprobs.topk(top, dim=-1) if top else None
+    out = []
+    for i, token in enumerate(targets.tolist()):
+        pairs = tuple(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best else ()
+        out.append(TokenLogprob(token, picked[i], pairs))
+    return out
+
+
 class Engine:
     def __init__(self, model: LlamaModel | OnnxModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
         self.model = model
@@ -173,20 +186,42 @@ class Engine:
         if scheduled.decode:
             logits = self._forward([(r, 1) for r in scheduled.decode])
             outputs += self._update(scheduled.decode, logits)
-        if scheduled.prefill:
-            logits = self._forward(scheduled.prefill)
-            done = [i for i, (r, _) in enumerate(scheduled.prefill) if r.pending == 0]
-            for r, _ in scheduled.prefill:
-                if r.num_computed >= len(r.prompt) and self.shares_prefixes:
-                    self.cache.register_prefix(r.seq_id, r.prompt)
-                    if not isinstance(self.model, LlamaModel):
-                        self.model.publish(r.seq_id, self.cache)
-            if done:
-                outputs += self._update([scheduled.prefill[i][0] for i in done], logits[done])
+        plain = [(r, n) for r, n in scheduled.prefill if r.params.prompt_logprobs is None]
+        if plain:
+            logits = self._forward(plain)
+            outputs += self._prefilled(plain, logits)
+        for r, n in scheduled.prefill:  # each alone, after the others' logits are read (a view at batch 1)
+            if r.params.prompt_logprobs is not None:
+                outputs += self._prefilled([(r, n)], self._prefill_scored(r, n)[n - 1 : n])
         return outputs
 
-    def _forward(self, items: Sequence[tuple[Request, int]]) -> Logits:
-        """Feed each request its next n tokens; returns the logits after each one's last token [B, V].
+    def _prefilled(self, items: list[tuple[Request, int]], logits: Logits) -> list[StepOutput]:
+        """After prompt chunks ran (logits after each one's last token): publish whole prompts for prefix
+        caching, before a request that finishes at once frees its blocks, and sample where a prompt is done."""
+        for r, _ in items:
+            if r.num_computed >= len(r.prompt) and self.shares_prefixes:
+                self.cache.register_prefix(r.seq_id, r.prompt)
+                if not isinstance(self.model, LlamaModel):
+                    self.model.publish(r.seq_id, self.cache)
+        done = [i for i, (r, _) in enumerate(items) if r.pending == 0]
+        return self._update([items[i][0] for i in done], logits[done]) if done else []
+
+    def _prefill_scored(self, r: Request, n: int) -> Logits:
+        """A prompt chunk of a request that asked for prompt logprobs, run alone with the logits of each of
+        its n positions kept ([n, V]); those that predict a prompt token become its log-probabilities."""
+        start = r.num_computed
+        every = self._forward([(r, n)], every=True)
+        if start == 0:  # from the beginning (again, after a preemption): nothing predicts the first token
+            r.prompt_logprobs = [None]
+        targets = r.prompt[start + 1 : start + n + 1]  # what positions start .. start + n - 1 predict
+        assert r.params.prompt_logprobs is not None
+        if targets:
+            r.prompt_logprobs += tokens_logprobs(every, targets, r.params.prompt_logprobs)
+        return every
+
+    def _forward(self, items: Sequence[tuple[Request, int]], every: bool = False) -> Logits:
+        """Feed each request its next n tokens; returns the logits after each one's last token [B, V]
+        (with `every`, one request's logits at each of its n tokens, [n, V]).
 
         The onnxruntime runtime takes and returns numpy arrays: at batch 1 the engine's Python between two
         session runs is on the critical path, and each torch call there (tensor creation, dtype checks,
@@ -202,9 +237,11 @@ class Engine:
         counts, seq_ids = [n for _, n in items], [r.seq_id for r, _ in items]
         logits: Logits
         if isinstance(self.model, LlamaModel):
-            logits = self.model(torch.from_numpy(tokens), self.cache, num_tokens=counts, rows=seq_ids)
+            logits = self.model(torch.from_numpy(tokens), self.cache, num_tokens=counts, rows=seq_ids,
+                                logits="all" if every else "last")
+            logits = logits[0, : counts[0]] if every else logits
         else:
-            logits = self.model.step(tokens, self.cache, counts, seq_ids)
+            logits = self.model.step(tokens, self.cache, counts, seq_ids, every=every)
         for r, n in items:
             r.num_computed += n
         return logits
@@ -256,21 +293,6 @@ class Engine:
         for r in [*self.scheduler.running, *self.scheduler.waiting]:
             if r.num_tokens + 1 > self.cache.capacity_tokens:
                 self._finish(r, RequestStatus.FINISHED_LENGTH, time.perf_counter(), [], "")
-
-    @torch.inference_mode()
-    def prompt_logprobs(self, tokens: Sequence[int], top: int) -> list[TokenLogprob | None]:
-        """Log-probability of each prompt token given the ones before it (None for the first), for echo."""
-        if len(tokens) > self.context:
-            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the model's context is {self.context}")
-        logprobs = torch.log_softmax(self.model(torch.tensor([list(tokens)]), logits="all")[0].float(), dim=-1)
-        targets = torch.tensor(list(tokens[1:]))
-        picked = logprobs[:-1].gather(1, targets.unsqueeze(1)).squeeze(1).tolist()  # [T - 1]
-        best = logprobs[:-1].topk(top, dim=-1) if top else None
-        out: list[TokenLogprob | None] = [None]
-        for i, token in enumerate(targets.tolist()):
-            pairs = tuple(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best else ()
-            out.append(TokenLogprob(token, picked[i], pairs))
-        return out
 
     # --- offline use -------------------------------------------------------------------------------
 

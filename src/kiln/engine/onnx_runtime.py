@@ -303,10 +303,12 @@ class OnnxModel:
         return torch.stack([x[-1] for x in every])
 
     def step(self, tokens: np.ndarray, cache: PagedKVCache, num_tokens: Sequence[int],
-             rows: Sequence[int]) -> np.ndarray:
+             rows: Sequence[int], every: bool = False) -> np.ndarray:
         """The engine's call: row i appends tokens[i, :num_tokens[i]] to sequence rows[i]; logits after
-        each row's last token [B, V]. numpy in and out, so a decode step touches no torch (the engine's
-        _forward says why). At batch 1 the result is a view that the next call overwrites."""
+        each row's last token [B, V] (with `every`, one row's logits at each of its tokens, [n, V]). numpy
+        in and out, so a decode step touches no torch (the engine's _forward says why). At batch 1 the
+        result is a view that the next call overwrites."""
+        assert not every or len(rows) == 1, "logits at every position are kept for one row at a time"
         # (finished, cancelled and preempted sequences are gone already: the cache's on_free calls forget)
         seqs = cache.seqs  # the paged cache's block tables (the length of each)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -333,7 +335,11 @@ class OnnxModel:
                 first = members[0]
                 self._touch(rows[first])
                 end = starts[first] + n
-                result = self._run_in_place(tokens[first : first + 1, :n], self._buffers(rows[first], end), end)
+                keep = n if every else 1
+                result = self._run_in_place(tokens[first : first + 1, :n], self._buffers(rows[first], end), end, keep)
+                if every:
+                    self.lengths[rows[first]] = end
+                    return result[0, -n:]
             else:
                 result = self._run_batch(tokens[members, :n], [rows[i] for i in members], [starts[i] for i in members])
             for j, i in enumerate(members):

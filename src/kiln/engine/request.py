@@ -70,6 +70,8 @@ class Request:
     finished_at: float | None = None
     token_times: list[float] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when params.logprobs is set
+    # per prompt token when params.prompt_logprobs is set (None for the first, which nothing predicts)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     error: KilnError | None = None  # why the engine ended this request alone (status FINISHED_ABORTED)
 
     @property

@@ -57,6 +57,10 @@ class SamplingParams:
     min_tokens: int = 0  # tokens generated before an end-of-sequence or stop token or a stop string may end it
     stop_token_ids: frozenset[int] = frozenset()  # tokens that end the generation as EOS does (not in the output)
     skip_special_tokens: bool = True  # leave special tokens (<|im_end|>, ...) out of the text
+    # each prompt token's log-probability given the tokens before it, with this many top alternatives (OpenAI's
+    # echo with logprobs, vLLM's prompt_logprobs): read from the prefill's own logits, so the prompt is
+    # computed whole (no cached prefix: its positions' logits were never kept)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
@@ -71,6 +75,8 @@ class SamplingParams:
             raise InvalidParameterError("stop strings must not be empty; drop the empty --stop value")
         if self.logprobs is not None:
             _check("logprobs", self.logprobs, 0 <= self.logprobs <= 20, "in [0, 20]")
+        if self.prompt_logprobs is not None:
+            _check("prompt_logprobs", self.prompt_logprobs, 0 <= self.prompt_logprobs <= 20, "in [0, 20]")
         if self.grammar is not None and self.ignore_eos:  # the grammar allows only the end once it is complete
             raise InvalidParameterError("ignore_eos cannot be used with a grammar; drop one of them")
         _check("min_tokens", self.min_tokens, 0 <= self.min_tokens <= self.max_tokens,

@@ -102,7 +102,8 @@ class Scheduler:
                     budget -= chunk
         while budget > 0 and self.waiting and len(self.running) < self.config.max_running:
             request = self.waiting[0]
-            if request.num_computed == 0 and self.config.prefix_caching and request.seq_id not in self.cache.seqs:
+            if (request.num_computed == 0 and self.config.prefix_caching and request.seq_id not in self.cache.seqs
+                    and request.params.prompt_logprobs is None):
                 request.num_computed = self.cache.attach_prefix(request.seq_id, request.tokens)
                 request.cached_tokens = max(request.cached_tokens, request.num_computed)
             chunk = min(request.pending, budget)

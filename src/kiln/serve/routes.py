@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -88,7 +88,6 @@ class Job:
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
     reserved_tokens: int = 0  # prompt + max_tokens of every choice, and each prompt again for an echo with logprobs
-    echoed_tokens: int = 0  # prompt tokens scored by the echo passes that ran (one pass per prompt, not per choice)
     is_reserved: bool = False  # reserved_tokens are taken and the unused part is not yet refunded
     # no max_tokens given (chat): each choice's budget, and so its reserve, is the rest of the model's context
     is_default_budget: bool = False
@@ -283,7 +282,7 @@ def _refund(job: Job | None) -> None:
     started = list(job.started.values())
 
     def give_back() -> None:
-        used = sum(len(r.prompt) + len(r.output) for r in started) + job.echoed_tokens
+        used = sum(len(r.prompt) + len(r.output) for r in started)
         job.state.limiter.refund(job.key, job.reserved_tokens - used)
 
     running = [r.request_id for r in started if not r.status.finished]
@@ -495,10 +494,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             raise ApiError(400, "echo is not supported with stream; drop one of them", param="echo")
         grammar = await asyncio.to_thread(_grammar, body.response_format)  # may take a second: off the loop
         per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
-        job = _job(state, dep, key, per_choice, [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i,
-                                                               grammar=grammar) for i in range(len(per_choice))])
-        if body.echo and body.logprobs is not None:  # a model pass over each prompt: prompt work, charged as such
-            job.reserved_tokens += sum(len(p) for p in prompts)
+        params = [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i, grammar=grammar)
+                  for i in range(len(per_choice))]
+        if body.echo and body.logprobs is not None:  # the first choice of each prompt scores it as it prefills
+            params = [replace(p, prompt_logprobs=body.logprobs) if i % body.n == 0 else p
+                      for i, p in enumerate(params)]
+        job = _job(state, dep, key, per_choice, params)
         _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
@@ -506,7 +507,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         outs = await _collect(job, request, len(job.params))
         try:  # the refund (in _record) waits for the echo passes, so that what they ran is charged
             _guard(state, dep, [o.request.text for o in outs], "output")  # as chat: the generated text, not the echo
-            echoes = [await _echo(job, prompts[i], body.logprobs) if body.echo else None for i in range(len(prompts))]
+            echoes = [_echo(tok, outs[i * body.n].request, body.logprobs) if body.echo else None
+                      for i in range(len(prompts))]
         finally:
             _record(job, outs)
         choices = []
@@ -539,14 +541,12 @@ def _join_logprobs(echo: dict[str, Any] | None, generated: dict[str, Any]) -> di
     return {k: echo[k] + generated[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
-async def _echo(job: Job, prompt: list[int], logprobs: int | None) -> tuple[str, dict[str, Any] | None]:
-    tok = job.deployment.loaded.tokenizer
-    text = tok.decode(prompt, skip_special_tokens=False)
+def _echo(tok: Any, request: EngineRequest, logprobs: int | None) -> tuple[str, dict[str, Any] | None]:
+    """The echoed prompt's text, and its tokens' log-probabilities that the engine kept as it prefilled."""
+    text = tok.decode(request.prompt, skip_special_tokens=False)
     if logprobs is None:
         return text, None
-    values = await job.deployment.worker.prompt_logprobs(prompt, logprobs)
-    job.echoed_tokens += len(prompt)
-    return text, completion_logprobs(tok, prompt, values, text, skip_special_tokens=False)
+    return text, completion_logprobs(tok, request.prompt, request.prompt_logprobs, text, skip_special_tokens=False)
 
 
 def _prompt_ids(dep: Deployment, prompt: str | list[int]) -> list[int]:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.engine.engine import Engine, StepOutput
-from kiln.engine.request import TokenLogprob
 from kiln.engine.sampler import SamplingParams
 from kiln.engine.threads import use_threads_for
 from kiln.errors import KilnError
@@ -254,6 +253,3 @@ class EngineWorker:
             raise result
         return result
 
-    async def prompt_logprobs(self, tokens: Sequence[int], top: int) -> list[TokenLogprob | None]:
-        result: list[TokenLogprob | None] = await self.call(lambda e: e.prompt_logprobs(tokens, top))
-        return result

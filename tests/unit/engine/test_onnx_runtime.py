@@ -728,3 +728,31 @@ def test_int8_exports_have_no_prefill_graph(onnx_tiny_folder: Path, tmp_path: Pa
     compress(str(onnx_tiny_folder), Recipe((Quantize(bits=8),)), artifact, progress=False)
     folder = onnx_export.export(load(str(artifact), progress=False), tmp_path / "onnx")
     assert not (folder / onnx_export.PREFILL_FILE).exists()  # level 1 runs 8-bit blocks slower at every size
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_prompt_logprobs_come_from_the_prefill_chunk_by_chunk(tiny: LoadedModel, tmp_path: Path,
+                                                               runtime: str) -> None:
+    """echo with logprobs: each prompt token's log-probability given those before it, read from the prefill's
+    own logits over chunks of 16 while another request decodes, and equal to one pass over the whole prompt;
+    the prompt is computed whole, even when an earlier request left it in the prefix cache."""
+    model: Any = tiny.model if runtime == "torch" else OnnxModel(
+        onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False), tiny.spec, 1)
+    prompt = [1, *range(500, 539)]  # 40 tokens: three chunks
+    with torch.inference_mode():
+        reference = torch.log_softmax(tiny.model(torch.tensor([prompt]), logits="all")[0].float(), dim=-1)
+    engine = Engine(model, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20, max_batch_tokens=16))
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    first = engine.add_request(prompt, greedy)
+    engine.run()  # its prompt is now in the prefix cache
+    other = engine.add_request([1, 7, 8], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    engine.step()
+    scored = engine.add_request(prompt, dataclasses.replace(greedy, prompt_logprobs=2))
+    engine.run()
+    assert scored.cached_tokens == 0 and scored.output == first.output and other.status.finished
+    values = scored.prompt_logprobs
+    assert values[0] is None and [v.token for v in values[1:]] == prompt[1:]  # type: ignore[union-attr]
+    want = reference[range(len(prompt) - 1), prompt[1:]]
+    assert torch.allclose(torch.tensor([v.logprob for v in values[1:]]), want, atol=1e-4)  # type: ignore[union-attr]
+    best = reference[:-1].topk(2, dim=-1)
+    assert [[t for t, _ in v.top] for v in values[1:]] == best.indices.tolist()  # type: ignore[union-attr]

@@ -317,17 +317,23 @@ def test_a_chat_without_max_tokens_over_the_token_limit_says_to_pass_max_tokens(
     assert r.json()["error"]["message"].endswith("; lower max_tokens or n")  # a max_tokens that was sent
 
 
-def test_the_echo_prompt_pass_is_charged_as_prompt_work(limited: tuple[FastAPI, TestClient],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # echo with logprobs runs the model over each prompt once more: its tokens count as prompt tokens do
+def test_echo_logprobs_are_scored_in_the_prefill_and_charged_once(limited: tuple[FastAPI, TestClient],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the prompt's log-probabilities come from the generation's own prefill (no second pass over the prompt), so
+    # its tokens are charged once; with n = 2 only the first choice scores it
     app, client = limited
     added = added_requests(worker_of(app), monkeypatch)
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
-                                             "echo": True, "logprobs": 1})
+                                             "echo": True, "logprobs": 1, "n": 2})
     assert r.status_code == 200, r.text
-    [request] = added
-    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == len(PROMPT) + len(request.output)
-    assert tokens_left(app) == TOKENS_PER_MIN - len(PROMPT) - len(request.output) - len(PROMPT)
+    first, second = added
+    assert first.params.prompt_logprobs == 1 and second.params.prompt_logprobs is None
+    for choice, request in zip(r.json()["choices"], added, strict=True):
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(PROMPT) + len(request.output)
+        assert logprobs["token_logprobs"][0] is None
+        assert logprobs["token_logprobs"][1:len(PROMPT)] == [v.logprob for v in first.prompt_logprobs[1:]]
+    assert tokens_left(app) == TOKENS_PER_MIN - 2 * len(PROMPT) - len(first.output) - len(second.output)
 
 
 @pytest.mark.parametrize("prompt", ["I like 😀 and 日本語 text", "😀😀", "中文测试 ok", "a\ufffd😀\ufffdb"])
