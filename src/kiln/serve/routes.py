@@ -546,7 +546,10 @@ def _echo(tok: Any, request: EngineRequest, logprobs: int | None) -> tuple[str, 
     text = tok.decode(request.prompt, skip_special_tokens=False)
     if logprobs is None:
         return text, None
-    return text, completion_logprobs(tok, request.prompt, request.prompt_logprobs, text, skip_special_tokens=False)
+    # a request that ended before its whole prompt was scored (aborted at the drain deadline, while queued or part-way
+    # through its prefill) has fewer values: the rest are null, so that every list still has one entry per token
+    values = [*request.prompt_logprobs, *[None] * (len(request.prompt) - len(request.prompt_logprobs))]
+    return text, completion_logprobs(tok, request.prompt, values, text, skip_special_tokens=False)
 
 
 def _prompt_ids(dep: Deployment, prompt: str | list[int]) -> list[int]:

@@ -782,3 +782,23 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(served: tuple[FastAP
     assert r.json()["error"]["message"] == ("the model's chat template refused these messages: System role not "
                                             "supported; change the messages as it asks")
     assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("scored", [0, 1, 3])
+def test_an_echo_of_a_prompt_not_scored_to_its_end_has_a_value_per_token(tiny_folder: Path, scored: int) -> None:
+    # a request aborted at the drain deadline while queued, or part-way through its prompt, answers with what it
+    # has: its echo still has one log-probability (null where none was computed) per prompt token
+    from types import SimpleNamespace
+
+    from kiln.engine.request import TokenLogprob
+    from kiln.model.load import load_tokenizer
+    from kiln.serve.routes import _echo
+
+    _, tok, _ = load_tokenizer(str(tiny_folder))
+    prompt = [*PROMPT, 43, 44]
+    values = [None, *[TokenLogprob(t, -1.0, ((t, -1.0),)) for t in prompt[1:]]][:scored]
+    _, logprobs = _echo(tok, SimpleNamespace(prompt=prompt, prompt_logprobs=values), 1)  # type: ignore[arg-type]
+    assert logprobs is not None
+    assert {k: len(v) for k, v in logprobs.items()} == dict.fromkeys(logprobs, len(prompt))
+    known = max(scored, 1)  # the first token has none either way
+    assert logprobs["token_logprobs"] == [None, *[-1.0] * (known - 1), *[None] * (len(prompt) - known)]
