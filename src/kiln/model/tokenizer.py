@@ -100,7 +100,12 @@ class Tokenizer:
         except TemplateSyntaxError as exc:
             raise ModelFormatError(f"the model's chat template cannot be read (line {exc.lineno}: {exc.message}); "
                                    f"fix chat_template in its tokenizer_config.json, or {fix}") from exc
-        except TemplateError as exc:  # raise_exception() in the template: e.g. roles that must alternate
+        except TemplateError as exc:
+            if type(exc) is not TemplateError:  # not raise_exception(): the template fails (an undefined function
+                # or attribute, as a function this transformers lacks), which no change of the messages is asked for
+                raise ModelFormatError(f"the model's chat template failed on these messages ({exc.message}); fix "
+                                       f"chat_template in its tokenizer_config.json, or {fix}") from exc
+            # raise_exception() in the template: e.g. roles that must alternate
             raise InvalidParameterError(f"the model's chat template refused these messages: {exc.message}; change "
                                         "the messages as it asks") from exc
 

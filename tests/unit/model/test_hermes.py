@@ -102,3 +102,19 @@ def test_a_template_that_cannot_be_read_names_the_line(tok: Tokenizer, monkeypat
     message = str(broken.value)
     assert message.startswith("the model's chat template cannot be read (line 2: ") and "\n" not in message
     assert message.endswith("fix chat_template in its tokenizer_config.json, or send a plain prompt")
+
+
+@pytest.mark.parametrize("template", [
+    "{{ strftime_now_missing('%d %b') }}{% for m in messages %}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ m.content.text.strip() }}{% endfor %}",
+])
+def test_a_template_that_fails_is_not_a_refusal_of_the_messages(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch,
+                                                                template: str) -> None:
+    # an undefined function or attribute is the template's (or this transformers') failure, not raise_exception():
+    # the error names the template, and does not ask the caller to change the messages
+    monkeypatch.setattr(tok.hf, "chat_template", template)
+    with pytest.raises(ModelFormatError) as failed:
+        tok.render_chat([{"role": "user", "content": "hi"}], fix="send a plain prompt")
+    message = str(failed.value)
+    assert message.startswith("the model's chat template failed on these messages (") and "\n" not in message
+    assert message.endswith("fix chat_template in its tokenizer_config.json, or send a plain prompt")
