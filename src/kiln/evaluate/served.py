@@ -147,13 +147,13 @@ class ApiScorer:
             out += [read_prompt_logprobs(choice, len(p), config.base_url) for choice, p in zip(choices, group,
                                                                                                 strict=True)]
             if not self._vocabulary_checked:  # once the server is known to echo the prompt
-                check_vocabulary(self.served, group[0], choices[0])
-                self._vocabulary_checked = True
+                self._vocabulary_checked = check_vocabulary(self.served, group[0], choices[0])
         return out
 
 
-def check_vocabulary(served: ServedModel, prompt: list[int], choice: dict[str, Any]) -> None:
-    """Refuse a server whose tokens are not those of -m's tokenizer, read from its echo of one prompt.
+def check_vocabulary(served: ServedModel, prompt: list[int], choice: dict[str, Any]) -> bool:
+    """Refuse a server whose tokens are not those of -m's tokenizer, read from its echo of one prompt; False
+    when that echo had no token to compare (the next prompt's is read then).
 
     The token ids kiln sends are made here by -m's tokenizer; a server with another vocabulary would read
     them as other text and score that, and the figures would look fine. Each echoed token is compared as
@@ -163,7 +163,7 @@ def check_vocabulary(served: ServedModel, prompt: list[int], choice: dict[str, A
     logprobs = choice.get("logprobs")
     pieces = logprobs.get("tokens") if isinstance(logprobs, dict) else None
     if not isinstance(pieces, list):
-        return
+        return True  # a server that names no tokens: nothing to compare, ever
     tokenizer = served.tokenizer
     compared = [(t, p) for t, p in zip(prompt, pieces, strict=False)
                 if isinstance(p, str) and "\ufffd" not in tokenizer.decode([t], skip_special_tokens=False)]
@@ -174,6 +174,7 @@ def check_vocabulary(served: ServedModel, prompt: list[int], choice: dict[str, A
             f"{served.client.config.base_url} does not tokenize as -m {served.source.name} does ({len(differ)} of "
             f"{len(compared)} echoed tokens differ; token id {token} is {piece!r} there and "
             f"{tokenizer.decode([token], skip_special_tokens=False)!r} here): pass -m the model that the server serves")
+    return bool(compared)
 
 
 def _same_piece(tokenizer: Tokenizer, token: int, piece: str) -> bool:

@@ -249,3 +249,15 @@ def test_echoed_token_texts_of_the_same_tokenizer_pass(served: Callable[..., Ser
     ids = tok.encode("The capital of France is Paris, and the capital of Italy is Rome.")
     scores = ApiScorer(served(fake_server(texts))).loglikelihoods([ScoreRequest(ids[:5], [ids[5:]])])
     assert scores[0][0].logprob == pytest.approx(sum(map(token_logprob, ids[5:])))
+
+
+def test_the_vocabulary_is_checked_on_the_first_echo_with_whole_tokens(served: Callable[..., ServedModel],
+                                                                        default_model: LoadedModel) -> None:
+    """A first prompt whose tokens are all parts of characters cannot be compared: the next one is."""
+    tok = default_model.tokenizer
+    partial = [t for t in tok.encode("😀日本") if "\ufffd" in tok.decode([t], skip_special_tokens=False)]
+    assert len(partial) >= 2
+    scorer = ApiScorer(served(fake_server(another_vocabulary), prompts_per_request=1, concurrency=1))
+    scorer.loglikelihoods([ScoreRequest(partial[:1], [partial[1:2]])])  # nothing to compare: not refused yet
+    with pytest.raises(EndpointError, match="does not tokenize as -m"):
+        scorer.loglikelihoods([ScoreRequest([1, 2, 3], [[4]])])
