@@ -87,7 +87,7 @@ class Job:
     deadline: float | None
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
-    reserved_tokens: int = 0  # prompt + max_tokens of every choice, and each prompt again for an echo with logprobs
+    reserved_tokens: int = 0  # prompt + max_tokens of every choice
     is_reserved: bool = False  # reserved_tokens are taken and the unused part is not yet refunded
     # no max_tokens given (chat): each choice's budget, and so its reserve, is the rest of the model's context
     is_default_budget: bool = False
@@ -505,7 +505,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             return _stream_response(job, request, body.stream_options is not None and
                                     body.stream_options.include_usage, chat=False)
         outs = await _collect(job, request, len(job.params))
-        try:  # the refund (in _record) waits for the echo passes, so that what they ran is charged
+        try:
             _guard(state, dep, [o.request.text for o in outs], "output")  # as chat: the generated text, not the echo
             echoes = [_echo(tok, outs[i * body.n].request, body.logprobs) if body.echo else None
                       for i in range(len(prompts))]
