@@ -94,6 +94,7 @@ class Job:
     started: dict[int, EngineRequest] = field(default_factory=dict)  # choice index -> its request, once it ran
     tool_names: tuple[str, ...] | None = None  # a chat with tools in effect: calls to these are read out of the text
     is_tool_forced: bool = False  # a forcing tool_choice held the output to calls
+    echo: bool = False  # a streamed completion whose choices each send their prompt first (echo)
 
 
 # --- admission -------------------------------------------------------------------------------------------
@@ -490,16 +491,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = [_prompt_ids(dep, p) for p in raw_prompts]
         budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
         _check_sampling(dep, body, body.max_tokens, budgets)
-        if body.echo and body.stream:
-            raise ApiError(400, "echo is not supported with stream; drop one of them", param="echo")
         grammar = await asyncio.to_thread(_grammar, body.response_format)  # may take a second: off the loop
         per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
         params = [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i, grammar=grammar)
                   for i in range(len(per_choice))]
         if body.echo and body.logprobs is not None:  # the first choice of each prompt scores it as it prefills
-            params = [replace(p, prompt_logprobs=body.logprobs) if i % body.n == 0 else p
+            # (streamed, every choice: each sends its echo as it starts)
+            params = [replace(p, prompt_logprobs=body.logprobs) if body.stream or i % body.n == 0 else p
                       for i, p in enumerate(params)]
         job = _job(state, dep, key, per_choice, params)
+        job.echo = body.echo
         _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
@@ -757,6 +758,7 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
     # with tools in effect, each choice's calls are read out of its text as it grows (content held back meanwhile)
     parsers = [ToolCallParser(job.tool_names, job.is_tool_forced) for _ in tasks] if job.tool_names is not None else []
     num_calls = [0 for _ in tasks]
+    echoed_choices: set[int] = set()
     try:
         if chat:
             for i in range(len(job.params)):
@@ -773,6 +775,11 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 yield _sse(_stream_error(item))
                 break
             out = item
+            if job.echo and i not in echoed_choices:  # its first output: the prompt goes first, as without a stream
+                echoed_choices.add(i)
+                sent[i], echoed = _echo(tok, out.request, job.params[i].logprobs)
+                yield _sse({**base, "choices": [{"index": i, "text": sent[i], "finish_reason": None,
+                                                 **({"logprobs": echoed} if echoed else {})}]})
             text, finish = out.text, out.request.finish_reason if out.finished else None
             if job.params[i].logprobs is not None:
                 step_logprobs = _step_logprobs(out, num_read[i])

@@ -802,3 +802,26 @@ def test_an_echo_of_a_prompt_not_scored_to_its_end_has_a_value_per_token(tiny_fo
     assert {k: len(v) for k, v in logprobs.items()} == dict.fromkeys(logprobs, len(prompt))
     known = max(scored, 1)  # the first token has none either way
     assert logprobs["token_logprobs"] == [None, *[-1.0] * (known - 1), *[None] * (len(prompt) - known)]
+
+
+@pytest.mark.parametrize("logprobs", [None, 0, 2])
+def test_a_streamed_echo_sends_each_choices_prompt_first(served: tuple[FastAPI, TestClient],
+                                                         logprobs: int | None) -> None:
+    # as without a stream: the text is the prompt and then the answer, and the log-probabilities and text offsets of
+    # the prompt's tokens and the answer's follow one another across the chunks
+    _, client = served
+    body = {"prompt": ["Once upon a time", "The end"], "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "echo": True, "n": 2, **({"logprobs": logprobs} if logprobs is not None else {})}
+    whole = client.post("/v1/completions", json=body).json()["choices"]
+    chunks = [c for chunk in streamed(client, "/v1/completions", body) for c in chunk["choices"]]
+    for choice in whole:
+        mine = [c for c in chunks if c["index"] == choice["index"]]
+        assert mine[0]["text"] == ("Once upon a time" if choice["index"] < 2 else "The end")
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        if logprobs is None:
+            assert all(c.get("logprobs") is None for c in mine)
+            continue
+        got = {k: [v for c in mine if c.get("logprobs") for v in c["logprobs"][k]] for k in choice["logprobs"]}
+        assert got["tokens"] == choice["logprobs"]["tokens"] and got["text_offset"] == choice["logprobs"]["text_offset"]
+        assert got["token_logprobs"][0] is None
+        assert got["token_logprobs"][1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:], abs=1e-5)
