@@ -553,7 +553,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout, log_requests=args.log_requests, guardrails=tuple(args.guardrails),
         precision=args.dtype, kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_running=args.max_running,
-        max_batch_tokens=args.max_batch_tokens, kv_cache=args.kv_cache, runtime=args.runtime,
+        max_batch_tokens=args.max_batch_tokens, kv_cache=args.kv_cache, runtime=args.runtime, draft=args.draft,
+        speculate=args.speculate,
     )
     if args.api_key_file is not None:  # refuse a bad key file before loading anything
         from kiln.serve.auth import load_digests
@@ -769,6 +770,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget-mb", type=float, default=1024, help="KV cache per model version, MiB")
     p.add_argument("--max-running", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-batch-tokens", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding while one greedy request decodes alone: a draft model with the same "
+                        "tokenizer (an int4 artifact, a kiln distill student)")
+    p.add_argument("--speculate", type=int, default=4, help="--draft: tokens the draft proposes per step")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_serve)
 

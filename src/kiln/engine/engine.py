@@ -21,13 +21,14 @@ from kiln.engine.detokenize import IncrementalDetokenizer
 from kiln.engine.kv_cache import PagedKVCache
 from kiln.engine.request import Request, RequestStatus, TokenLogprob
 from kiln.engine.sampler import Logits, SamplerState, SamplingParams, sample
-from kiln.engine.scheduler import Scheduler, SchedulerConfig
+from kiln.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from kiln.engine.stopping import StopMatcher
 from kiln.errors import ContextLengthError, InvalidParameterError
 from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from kiln.engine.drafting import Drafter
     from kiln.engine.grammar import Constraint
     from kiln.engine.onnx_runtime import OnnxModel
 
@@ -96,8 +97,10 @@ def tokens_logprobs(logits: Logits, tokens: Sequence[int], top: int) -> list[Tok
 
 
 class Engine:
-    def __init__(self, model: LlamaModel | OnnxModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: LlamaModel | OnnxModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 drafter: Drafter | None = None) -> None:
         self.model = model
+        self.drafter = drafter  # speculative decoding while one sequence decodes alone
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         # a runtime that keeps its own keys and values (ONNX Runtime) leaves the cache only the accounting
@@ -162,6 +165,8 @@ class Engine:
         self.scheduler.remove(request)
         request.finish(RequestStatus.FINISHED_ABORTED, time.perf_counter())
         del self.requests[request_id]
+        if self.drafter is not None:
+            self.drafter.forget(request.seq_id)
         return True
 
     @property
@@ -184,8 +189,12 @@ class Engine:
         if scheduled.empty:
             return outputs
         if scheduled.decode:
-            logits = self._forward([(r, 1) for r in scheduled.decode])
-            outputs += self._update(scheduled.decode, logits)
+            speculated = self._speculate(scheduled.decode[0]) if self._speculates(scheduled) else None
+            if speculated is not None:
+                outputs += speculated
+            else:
+                logits = self._forward([(r, 1) for r in scheduled.decode])
+                outputs += self._update(scheduled.decode, logits)
         plain = [(r, n) for r, n in scheduled.prefill if r.params.prompt_logprobs is None]
         if plain:
             logits = self._forward(plain)
@@ -219,6 +228,46 @@ class Engine:
             r.prompt_logprobs += tokens_logprobs(every, targets, r.params.prompt_logprobs)
         return every
 
+    def _speculates(self, scheduled: ScheduledStep) -> bool:
+        """Whether this step drafts: one greedy sequence decodes and nothing else waits or prefills."""
+        if self.drafter is None or len(scheduled.decode) != 1 or scheduled.prefill or self.scheduler.waiting:
+            return False
+        return scheduled.decode[0].sampler.argmax_only
+
+    def _speculate(self, r: Request) -> list[StepOutput] | None:
+        """One speculative step of a sequence decoding alone: the draft proposes up to k tokens, the target
+        checks them in one pass (its logits after each) and keeps those it would have chosen itself, plus its
+        own next token; the keys of the rest are dropped. None where no room is left for it (a plain step)."""
+        assert self.drafter is not None
+        last = r.num_computed  # the position of the last token, sampled and not yet fed
+        k = min(self.drafter.k, r.budget - len(r.output) - 1, self.context - 1 - last)
+        if k < 1 or not self.cache.reserve(r.seq_id, last + k + 1):
+            return None
+        tokens = r.tokens
+        drafts = self.drafter.propose(r.seq_id, tokens, k, limit=len(r.prompt) + r.budget + self.drafter.k + 1)
+        rows = self._call(np.array([[tokens[-1], *drafts]], dtype=np.int64), [k + 1], [r.seq_id], every=True)
+        choices = np.asarray(rows).argmax(axis=-1).tolist()
+        kept = 0
+        while kept < k and drafts[kept] == choices[kept]:
+            kept += 1
+        stats = self.drafter.stats
+        stats.proposed, stats.accepted, stats.passes = stats.proposed + k, stats.accepted + kept, stats.passes + 1
+        r.num_computed = last + 1 + kept  # the last token and the kept drafts; the target's own next one is pending
+        self._rewind(r.seq_id, r.num_computed)
+        self.drafter.keep(r.seq_id, last + 1 + min(kept, k - 1))  # the draft fed its own proposals but the last
+        outputs: list[StepOutput] = []
+        for j in range(kept + 1):  # each kept token is the target's greedy choice after the ones before it
+            outputs += self._update([r], rows[j : j + 1])
+            if r.status.finished:
+                break
+        return outputs
+
+    def _rewind(self, seq_id: int, length: int) -> None:
+        """Drop the keys and values of a sequence after its first `length` tokens (rejected drafts)."""
+        self.cache.seqs[seq_id].length = length
+        if not isinstance(self.model, LlamaModel):
+            self.model.rewind(seq_id, length)
+
     def _forward(self, items: Sequence[tuple[Request, int]], every: bool = False) -> Logits:
         """Feed each request its next n tokens; returns the logits after each one's last token [B, V]
         (with `every`, one request's logits at each of its n tokens, [n, V]).
@@ -234,17 +283,18 @@ class Engine:
             width = max(width, min(padded_width(width), room))
         rows = [r.token_range(r.num_computed, r.num_computed + n) for r, n in items]
         tokens = np.array([row + [0] * (width - len(row)) for row in rows], dtype=np.int64)
-        counts, seq_ids = [n for _, n in items], [r.seq_id for r, _ in items]
-        logits: Logits
-        if isinstance(self.model, LlamaModel):
-            logits = self.model(torch.from_numpy(tokens), self.cache, num_tokens=counts, rows=seq_ids,
-                                logits="all" if every else "last")
-            logits = logits[0, : counts[0]] if every else logits
-        else:
-            logits = self.model.step(tokens, self.cache, counts, seq_ids, every=every)
+        logits = self._call(tokens, [n for _, n in items], [r.seq_id for r, _ in items], every)
         for r, n in items:
             r.num_computed += n
         return logits
+
+    def _call(self, tokens: np.ndarray, counts: list[int], seq_ids: list[int], every: bool = False) -> Logits:
+        """The model's step over the engine's cache: row i appends tokens[i, :counts[i]] to sequence seq_ids[i]."""
+        if isinstance(self.model, LlamaModel):
+            logits = self.model(torch.from_numpy(tokens), self.cache, num_tokens=counts, rows=seq_ids,
+                                logits="all" if every else "last")
+            return logits[0, : counts[0]] if every else logits
+        return self.model.step(tokens, self.cache, counts, seq_ids, every=every)
 
     def _update(self, requests: list[Request], logits: Logits) -> list[StepOutput]:
         now = time.perf_counter()
@@ -286,6 +336,8 @@ class Engine:
         r.finish(status, now)
         self.scheduler.remove(r)
         self.requests.pop(r.request_id, None)
+        if self.drafter is not None:
+            self.drafter.forget(r.seq_id)
         return StepOutput(r, tokens, text, True)
 
     def _finish_overlong(self) -> None:

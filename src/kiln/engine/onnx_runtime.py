@@ -282,6 +282,10 @@ class OnnxModel:
         logits = self._run_in_place(np.asarray([ids], dtype=np.int64), self._buffers(seq, end), end, keep)
         return torch.from_numpy(logits[0, -keep:])
 
+    def rewind(self, seq: int, length: int) -> None:
+        """The engine dropped `seq`'s keys after its first `length` tokens: later runs write over them."""
+        self.lengths[seq] = length
+
     def forget(self, seq: int) -> None:
         """Free a sequence's buffers: extend's counterpart, and the engine's cache calls it as it frees a
         sequence's blocks."""

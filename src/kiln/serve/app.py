@@ -122,7 +122,8 @@ def install_handlers(app: FastAPI) -> None:
 
 def create_app(config: ServeConfig) -> FastAPI:
     registry = Registry() if config.registry else None
-    state = ServerState(config=config, router=Router(config.engine(), config.precision, registry, config.runtime))
+    state = ServerState(config=config, router=Router(config.engine(), config.precision, registry, config.runtime,
+                                                                (config.draft, config.speculate)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -178,6 +179,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             state.metrics.queue_depth.labels(*labels).set(stats.waiting)
             state.metrics.running.labels(*labels).set(stats.running)
             state.metrics.kv_usage.labels(*labels).set(stats.kv_used_fraction)
+            drafter = dep.worker.engine.drafter
+            if drafter is not None:
+                state.metrics.count_speculation(labels, drafter.stats.proposed, drafter.stats.accepted)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # added innermost first: access log (outermost), counting, API keys, body limit, then the routes

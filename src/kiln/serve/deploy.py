@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from kiln.engine.drafting import Drafter
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.sampler import SamplingParams
 from kiln.engine.threads import use_threads_for
@@ -72,8 +73,9 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
 
 
 def start(name: str, version: str, source: str, engine: EngineConfig, precision: Precision,
-          runtime: str = "torch") -> Deployment:
-    """Load a model, start its engine thread, and warm it up with one short generation."""
+          runtime: str = "torch", draft: tuple[str | None, int] = (None, 4)) -> Deployment:
+    """Load a model (and its draft: a model name and tokens per proposal), start its engine thread, and warm it
+    up with one short generation."""
     from kiln.engine.onnx_runtime import pick_runtime
 
     def build() -> tuple[LoadedModel, Engine, str]:
@@ -82,7 +84,8 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
         # a server asks kiln's graph for nothing once a session runs the model (routes use the tokenizer
         # and spec), so kiln's copy goes before the session loads its own: the default fp32 model's 0.5 GB
         model, picked = pick_runtime(loaded, runtime, engine.kv_cache, keep_weights=False)
-        return loaded, Engine(model, loaded.tokenizer, engine), picked  # type: ignore[arg-type]
+        drafter = _drafter(draft, loaded, runtime, precision)
+        return loaded, Engine(model, loaded.tokenizer, engine, drafter), picked  # type: ignore[arg-type]
 
     loaded, built, picked = in_passing_thread(build)
     worker = EngineWorker(built, name=f"engine-{name}-{version}")
@@ -90,6 +93,18 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
     deployment = Deployment(name, version, loaded, worker, picked)
     asyncio.run(_warm_up(deployment))
     return deployment
+
+
+def _drafter(draft: tuple[str | None, int], target: LoadedModel, runtime: str, precision: Precision) -> Drafter | None:
+    """The draft model of --draft on the runtime --runtime picks for it (auto: per model, as the target's)."""
+    from kiln.engine.onnx_runtime import pick_runtime
+
+    source, k = draft
+    if source is None:
+        return None
+    loaded = load(source, precision=precision, progress=False)
+    model, _ = pick_runtime(loaded, runtime, keep_weights=False)
+    return Drafter(model, k, target.spec.vocab_size)  # type: ignore[arg-type]
 
 
 async def _warm_up(deployment: Deployment) -> None:
@@ -109,9 +124,10 @@ class Router:
     """Model name -> deployments; swaps are single assignments, safe while requests are routed."""
 
     def __init__(self, engine: EngineConfig, precision: Precision, registry: Registry | None = None,
-                 runtime: str = "torch") -> None:
+                 runtime: str = "torch", draft: tuple[str | None, int] = (None, 4)) -> None:
         self.routes: dict[str, Route] = {}
         self.engine_config = engine
+        self.draft = draft  # (--draft, --speculate): every deployment drafts with its own copy
         self.precision = precision
         self.runtime = runtime
         self.registry = registry
@@ -120,7 +136,7 @@ class Router:
     def _start(self, name: str, version: str, source: str) -> Deployment:
         """start(), with --runtime auto resolved for each model on its own (engine/threads.py lets a torch
         model and an ONNX Runtime session share the process)."""
-        return start(name, version, source, self.engine_config, self.precision, self.runtime)
+        return start(name, version, source, self.engine_config, self.precision, self.runtime, self.draft)
 
     def add_static(self, name: str) -> None:
         """Serve the model `name` (any -m value) under that name, outside the registry."""

@@ -36,6 +36,19 @@ class Metrics:
         self.timeouts = Counter("kiln_timeouts_total", "requests cancelled at their deadline", registry=r)
         self.guardrail_blocks = Counter("kiln_guardrail_blocks_total", "requests or responses blocked by a guardrail",
                                         ["model", "direction", "kind"], registry=r)
+        # speculative decoding (--draft), as vLLM's spec_decode counters: acceptance = accepted / draft tokens
+        self.draft_tokens = Counter("kiln_spec_decode_draft_tokens_total", "tokens the draft model proposed",
+                                    ["model", "version"], registry=r)
+        self.accepted_tokens = Counter("kiln_spec_decode_accepted_tokens_total", "proposed tokens the model kept",
+                                       ["model", "version"], registry=r)
+        self._speculation_seen: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def count_speculation(self, labels: tuple[str, str], proposed: int, accepted: int) -> None:
+        """Bring the speculative-decoding counters up to an engine's running totals (read at each scrape)."""
+        seen = self._speculation_seen.get(labels, (0, 0))
+        self.draft_tokens.labels(*labels).inc(proposed - seen[0])
+        self.accepted_tokens.labels(*labels).inc(accepted - seen[1])
+        self._speculation_seen[labels] = (proposed, accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

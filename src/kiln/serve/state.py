@@ -44,8 +44,12 @@ class ServeConfig:
     max_batch_tokens: int = 256
     kv_cache: str = "model"  # model | int8
     runtime: str = "auto"  # auto | torch | torch-compiled | onnxruntime
+    draft: str | None = None  # speculative decoding with this draft model while one sequence decodes alone
+    speculate: int = 4  # tokens the draft proposes per step
 
     def __post_init__(self) -> None:
+        if self.speculate < 1:
+            raise InvalidParameterError(f"--speculate {self.speculate} must be at least 1")
         if self.max_queue < 1 or self.max_body_bytes < 1 or self.drain_timeout_s < 0:
             raise InvalidParameterError("--max-queue and --max-body-bytes must be positive, --drain-timeout >= 0")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:

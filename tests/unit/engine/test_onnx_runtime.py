@@ -756,3 +756,37 @@ def test_prompt_logprobs_come_from_the_prefill_chunk_by_chunk(tiny: LoadedModel,
     assert torch.allclose(torch.tensor([v.logprob for v in values[1:]]), want, atol=1e-4)  # type: ignore[union-attr]
     best = reference[:-1].topk(2, dim=-1)
     assert [[t for t, _ in v.top] for v in values[1:]] == best.indices.tolist()  # type: ignore[union-attr]
+
+
+def test_the_engine_drafts_on_the_onnx_runtime_with_the_same_tokens(tiny: LoadedModel, default_model: LoadedModel,
+                                                                    tmp_path: Path) -> None:
+    """An ONNX Runtime target checks k drafts in one run over its own buffers and drops the rejected keys;
+    the draft is a second session over the same export (every proposal kept) or kiln's graph of another model
+    with the same vocabulary (the default one: most proposals rejected)."""
+    from kiln.engine.drafting import Drafter
+
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    onnx = OnnxModel(folder, tiny.spec, 1)
+    other = default_model.model
+    prompts = [[1, *range(300, 320)], [1, 5, 6, 7]]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=0)
+
+    def run(drafter: Drafter | None) -> list[Any]:
+        engine = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20), drafter)  # type: ignore[arg-type]
+        first = engine.add_request(prompts[0], params)
+        for _ in range(8):
+            engine.step()  # alone: drafted
+        second = engine.add_request(prompts[1], params)  # then batched, then alone again
+        engine.run()
+        assert not onnx.states and not onnx.lengths and (drafter is None or not drafter.states)
+        return [first, second]
+
+    want = run(None)
+    for draft in (OnnxModel(folder, tiny.spec, 1), other):
+        drafter = Drafter(draft, 4, tiny.spec.vocab_size)
+        got = run(drafter)
+        for w, g in zip(want, got, strict=True):
+            assert g.output == w.output
+            assert [v.logprob for v in g.logprobs] == pytest.approx([v.logprob for v in w.logprobs], abs=1e-4)
+        assert drafter.stats.passes > 0
+        assert (drafter.stats.accepted == drafter.stats.proposed) == (draft is not other)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from kiln.engine.drafting import Drafter
+from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.generate import Generator
+from kiln.engine.request import Request
 from kiln.engine.sampler import SamplingParams
 from kiln.engine.speculative import SpeculativeDecoder, skip_layers_draft
 from kiln.errors import InvalidParameterError
@@ -62,3 +65,73 @@ def test_bad_settings_are_refused(default_model: LoadedModel) -> None:
         SpeculativeDecoder(model, model, k=0)
     with pytest.raises(InvalidParameterError, match="greedy only"):
         SpeculativeDecoder(model, model).generate([1, 2, 3], SamplingParams(temperature=0.7))
+
+
+# --- inside the engine (kiln serve --draft) ------------------------------------------------------------
+
+
+def run_engine(model: LoadedModel, drafter: Drafter | None, arrivals: list[tuple[int, list[int], SamplingParams]],
+               budget: int = 64 << 20) -> list[Request]:
+    """Requests added at their step numbers; run to the end."""
+    engine = Engine(model.model, model.tokenizer, EngineConfig(kv_budget_bytes=budget, max_batch_tokens=64),
+                    drafter)
+    requests: list[Request] = []
+    step = 0
+    while len(requests) < len(arrivals) or engine.has_work:
+        requests += [engine.add_request(p, sp) for at, p, sp in arrivals if at == step]
+        engine.step()
+        step += 1
+    assert engine.cache.used_blocks == 0 and (drafter is None or not drafter.states)
+    return requests
+
+
+def test_the_engine_drafts_while_one_sequence_decodes_alone_and_gives_the_same_tokens(
+        default_model: LoadedModel) -> None:
+    """Alone at first, then batched with later arrivals (no drafting), then alone again (the draft catches up);
+    ends by EOS, a stop string and max_tokens; logprobs are the target's."""
+    tok = default_model.tokenizer
+    ask = [tok.encode_chat([{"role": "user", "content": q}]) for q in
+           ("Name three rivers in Europe.", "What is the capital of France?", "Write a haiku about snow.")]
+    arrivals = [(0, ask[0], SamplingParams(temperature=0.0, max_tokens=60, logprobs=1)),
+                (12, ask[1], SamplingParams(temperature=0.0, max_tokens=30)),
+                (14, ask[2], SamplingParams(temperature=0.0, max_tokens=25, stop=("\n",))),
+                (70, prompts(default_model)[1], SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True))]
+    want = run_engine(default_model, None, arrivals)
+    draft = skip_layers_draft(default_model.model, [i for i in range(30) if i not in (10, 12, 14, 16, 18)])
+    drafter = Drafter(draft, 4, default_model.spec.vocab_size)
+    got = run_engine(default_model, drafter, arrivals)
+    for w, g in zip(want, got, strict=True):
+        assert (g.output, g.text, g.finish_reason) == (w.output, w.text, w.finish_reason)
+        assert [v.token for v in g.logprobs] == [v.token for v in w.logprobs]
+        assert [v.logprob for v in g.logprobs] == pytest.approx([v.logprob for v in w.logprobs], abs=1e-4)
+    assert {r.finish_reason for r in got} == {"stop", "length"}
+    stats = drafter.stats
+    assert stats.passes > 0 and 0 < stats.accepted < stats.proposed
+
+
+def test_a_sampled_request_is_not_drafted_and_preemption_loses_nothing(default_model: LoadedModel) -> None:
+    tok = default_model.tokenizer
+    prompt = tok.encode_chat([{"role": "user", "content": "Name three rivers in Europe."}])
+    drafter = Drafter(default_model.model, 3, default_model.spec.vocab_size)  # the target as its own draft
+    sampled = run_engine(default_model, drafter, [(0, prompt, SamplingParams(temperature=0.8, seed=1,
+                                                                             max_tokens=20))])
+    assert drafter.stats.passes == 0
+    assert sampled[0].output == run_engine(default_model, None, [(0, prompt, SamplingParams(
+        temperature=0.8, seed=1, max_tokens=20))])[0].output
+    per_block = 16 * default_model.spec.kv_bytes_per_token(4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    arrivals = [(i, p, greedy) for i, p in enumerate(prompts(default_model))]
+    want = run_engine(default_model, None, arrivals)
+    got = run_engine(default_model, drafter, arrivals, budget=6 * per_block)
+    assert [r.output for r in got] == [r.output for r in want]
+    assert sum(r.num_preemptions for r in got) > 0 and drafter.stats.accepted == drafter.stats.proposed > 0
+
+
+def test_a_draft_with_another_vocabulary_or_no_tokens_to_propose_is_refused(default_model: LoadedModel) -> None:
+    from types import SimpleNamespace
+
+    other = SimpleNamespace(spec=SimpleNamespace(vocab_size=32000))
+    with pytest.raises(InvalidParameterError, match="the draft model must share the target's tokenizer"):
+        Drafter(other, 4, default_model.spec.vocab_size)  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameterError, match="--speculate 0 must be at least 1"):
+        Drafter(default_model.model, 0, default_model.spec.vocab_size)

@@ -38,7 +38,8 @@ def test_auto_runtime_is_resolved_for_each_model(monkeypatch: pytest.MonkeyPatch
 
     asked: list[str] = []
 
-    def fake_start(name: str, version: str, source: str, engine: object, precision: object, runtime: str) -> object:
+    def fake_start(name: str, version: str, source: str, engine: object, precision: object, runtime: str,
+                   draft: object) -> object:
         asked.append(runtime)
         return SimpleNamespace(runtime="onnxruntime" if runtime == "auto" else runtime, live=None, retire=lambda: None)
 

@@ -825,3 +825,32 @@ def test_a_streamed_echo_sends_each_choices_prompt_first(served: tuple[FastAPI, 
         assert got["tokens"] == choice["logprobs"]["tokens"] and got["text_offset"] == choice["logprobs"]["text_offset"]
         assert got["token_logprobs"][0] is None
         assert got["token_logprobs"][1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:], abs=1e-5)
+
+
+def test_a_server_with_a_draft_answers_as_without_it_and_counts_the_drafts(
+        tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ready_client: ReadyClient) -> None:
+    # --draft: a greedy request decoding alone is drafted (here by the model itself: every proposal kept), a
+    # sampled one is not; the answers are those of the server without a draft
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    greedy = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+    sampled = {**greedy, "temperature": 1.0, "seed": 5}
+    answers = []
+    for draft in (None, str(tiny_folder)):
+        app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20, draft=draft, speculate=3))
+        with ready_client(app) as client:
+            answers.append([client.post("/v1/completions", json=body).json()["choices"][0] for body in (greedy,
+                                                                                                      sampled)])
+            metrics = client.get("/metrics").text
+        counted = [line for line in metrics.splitlines() if line.startswith("kiln_spec_decode_")]
+        if draft is None:
+            assert not counted
+        else:
+            drafted = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in counted}
+            # after the first of 12 tokens: 3 proposed and kept, with the next one 5 tokens; 3 more (9); then 2
+            assert drafted["kiln_spec_decode_draft_tokens_total"] == 8
+            assert drafted["kiln_spec_decode_accepted_tokens_total"] == drafted["kiln_spec_decode_draft_tokens_total"]
+    plain, drafted_answers = answers
+    for without, with_draft in zip(plain, drafted_answers, strict=True):
+        assert with_draft["text"] == without["text"]
+        assert with_draft["logprobs"]["token_logprobs"] == pytest.approx(without["logprobs"]["token_logprobs"],
+                                                                          abs=1e-4)
