@@ -48,6 +48,7 @@ class Drafter:
             raise InvalidParameterError("the draft model must share the target's tokenizer (vocabularies differ); "
                                         "pass a draft made from the same model (kiln distill, kiln compress)")
         self.model, self.k = model, k
+        self.context = model.spec.max_position  # positions the draft can feed
         self.states: dict[int, _DraftState] = {}
         self.stats = SpeculationStats()
 

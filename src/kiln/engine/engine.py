@@ -240,7 +240,9 @@ class Engine:
         own next token; the keys of the rest are dropped. None where no room is left for it (a plain step)."""
         assert self.drafter is not None
         last = r.num_computed  # the position of the last token, sampled and not yet fed
-        k = min(self.drafter.k, r.budget - len(r.output) - 1, self.context - 1 - last)
+        # the draft feeds positions up to last + k - 1: a draft with a shorter context than the target's stops
+        # drafting at its end (its position tables end there)
+        k = min(self.drafter.k, r.budget - len(r.output) - 1, self.context - 1 - last, self.drafter.context - last)
         if k < 1 or not self.cache.reserve(r.seq_id, last + k + 1):
             return None
         tokens = r.tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kiln.engine.drafting import Drafter
@@ -135,3 +137,23 @@ def test_a_draft_with_another_vocabulary_or_no_tokens_to_propose_is_refused(defa
         Drafter(other, 4, default_model.spec.vocab_size)  # type: ignore[arg-type]
     with pytest.raises(InvalidParameterError, match="--speculate 0 must be at least 1"):
         Drafter(default_model.model, 0, default_model.spec.vocab_size)
+
+
+def test_a_draft_with_a_shorter_context_stops_drafting_at_its_end(default_model: LoadedModel,
+                                                                   tiny_folder: Path) -> None:
+    """A draft whose context (64 positions) ends before the target's drafts up to its end, then the target
+    decodes alone: the step must not fail, and the tokens are the target's."""
+    from kiln.model.load import load
+
+    short = load(str(tiny_folder), progress=False)
+    assert short.spec.max_position < default_model.spec.max_position
+    tok = default_model.tokenizer
+    arrivals = [(0, tok.encode_chat([{"role": "user", "content": "Count from 1 to 20 separated by commas."}]),
+                 SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)),
+                (60, [1, *range(300, 370)], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))]
+    assert len(arrivals[0][1]) < short.spec.max_position < len(arrivals[0][1]) + 40
+    want = run_engine(default_model, None, arrivals)
+    drafter = Drafter(short.model, 4, default_model.spec.vocab_size)
+    got = run_engine(default_model, drafter, arrivals)
+    assert [r.output for r in got] == [r.output for r in want]
+    assert drafter.stats.passes > 0
