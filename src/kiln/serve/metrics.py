@@ -41,14 +41,19 @@ class Metrics:
                                     ["model", "version"], registry=r)
         self.accepted_tokens = Counter("kiln_spec_decode_accepted_tokens_total", "proposed tokens the model kept",
                                        ["model", "version"], registry=r)
-        self._speculation_seen: dict[tuple[str, str], tuple[int, int]] = {}
+        # labels -> (the engine's stats object, its totals at the last scrape): a version deployed again
+        # (a rollback, a canary sent traffic again) brings a new engine whose totals start over from 0
+        self._speculation_seen: dict[tuple[str, str], tuple[object, int, int]] = {}
 
-    def count_speculation(self, labels: tuple[str, str], proposed: int, accepted: int) -> None:
-        """Bring the speculative-decoding counters up to an engine's running totals (read at each scrape)."""
-        seen = self._speculation_seen.get(labels, (0, 0))
-        self.draft_tokens.labels(*labels).inc(proposed - seen[0])
-        self.accepted_tokens.labels(*labels).inc(accepted - seen[1])
-        self._speculation_seen[labels] = (proposed, accepted)
+    def count_speculation(self, labels: tuple[str, str], proposed: int, accepted: int, source: object = None) -> None:
+        """Bring the speculative-decoding counters up to an engine's running totals (read at each scrape);
+        `source` names the engine's totals (its drafter's stats), so an engine that replaced one under the same
+        labels counts from 0."""
+        seen = self._speculation_seen.get(labels)
+        base = (seen[1], seen[2]) if seen is not None and seen[0] is source else (0, 0)
+        self.draft_tokens.labels(*labels).inc(max(0, proposed - base[0]))
+        self.accepted_tokens.labels(*labels).inc(max(0, accepted - base[1]))
+        self._speculation_seen[labels] = (source, proposed, accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
