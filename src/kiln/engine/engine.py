@@ -267,6 +267,7 @@ class Engine:
     def _rewind(self, seq_id: int, length: int) -> None:
         """Drop the keys and values of a sequence after its first `length` tokens (rejected drafts)."""
         self.cache.seqs[seq_id].length = length
+        self.cache.trim(seq_id, length + 1)  # the blocks reserved for rejected drafts go back (the next token's stay)
         if not isinstance(self.model, LlamaModel):
             self.model.rewind(seq_id, length)
 

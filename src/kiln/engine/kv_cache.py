@@ -142,6 +142,20 @@ class PagedKVCache:
                 else:
                     self.free_blocks.append(block)
 
+    def trim(self, seq_id: int, total_tokens: int) -> None:
+        """Give back a sequence's blocks past those its first `total_tokens` tokens need (speculative decoding
+        reserved room for drafts that were then rejected)."""
+        seq = self.seqs[seq_id]
+        keep = max(-(-total_tokens // self.block_size), len(seq.hashes))
+        while len(seq.blocks) > keep:
+            block = seq.blocks.pop()
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.block_hash:
+                    self.evictable[block] = None
+                else:
+                    self.free_blocks.append(block)
+
     # --- prefix caching -----------------------------------------------------------------------------
 
     def _chain(self, tokens: Sequence[int]) -> list[int]:

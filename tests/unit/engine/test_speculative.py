@@ -157,3 +157,19 @@ def test_a_draft_with_a_shorter_context_stops_drafting_at_its_end(default_model:
     got = run_engine(default_model, drafter, arrivals)
     assert [r.output for r in got] == [r.output for r in want]
     assert drafter.stats.passes > 0
+
+
+def test_blocks_reserved_for_rejected_drafts_go_back(default_model: LoadedModel) -> None:
+    """A speculative step reserves room for k drafts; once the target rejects them, the sequence holds only
+    the blocks its tokens and the next one need, as it would without a draft."""
+    tok = default_model.tokenizer
+    draft = skip_layers_draft(default_model.model, [0, 1])  # a poor draft: most proposals rejected
+    drafter = Drafter(draft, 6, default_model.spec.vocab_size)
+    engine = Engine(default_model.model, tok, EngineConfig(kv_budget_bytes=64 << 20), drafter)
+    r = engine.add_request(tok.encode_chat([{"role": "user", "content": "Count from 1 to 20 separated by commas."}]),
+                           SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    while engine.has_work:
+        engine.step()
+        if not r.status.finished:
+            assert len(engine.cache.seqs[r.seq_id].blocks) == -(-(r.num_computed + 1) // 16)
+    assert drafter.stats.accepted < drafter.stats.proposed and engine.cache.used_blocks == 0
