@@ -108,7 +108,12 @@ class Scheduler:
                 request.cached_tokens = max(request.cached_tokens, request.num_computed)
             chunk = min(request.pending, budget)
             if not self.cache.reserve(request.seq_id, request.num_computed + chunk):
-                break  # no room now: it waits for blocks to be freed
+                # no room now: it waits for blocks to be freed, holding none meanwhile. Prefix blocks it
+                # attached above go back (they stay cached and are attached again next time): two waiting
+                # requests that each held some could otherwise wait for each other forever
+                self.cache.free(request.seq_id)
+                request.num_computed = 0
+                break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)

@@ -181,8 +181,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             state.metrics.kv_usage.labels(*labels).set(stats.kv_used_fraction)
             drafter = dep.worker.engine.drafter
             if drafter is not None:
-                state.metrics.count_speculation(labels, drafter.stats.proposed, drafter.stats.accepted,
-                                                drafter.stats)
+                state.metrics.count_speculation(labels, drafter.stats)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # added innermost first: access log (outermost), counting, API keys, body limit, then the routes

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from kiln.engine.drafting import SpeculationStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -43,17 +48,16 @@ class Metrics:
                                        ["model", "version"], registry=r)
         # labels -> (the engine's stats object, its totals at the last scrape): a version deployed again
         # (a rollback, a canary sent traffic again) brings a new engine whose totals start over from 0
-        self._speculation_seen: dict[tuple[str, str], tuple[object, int, int]] = {}
+        self._speculation_seen: dict[tuple[str, str], tuple[SpeculationStats, int, int]] = {}
 
-    def count_speculation(self, labels: tuple[str, str], proposed: int, accepted: int, source: object = None) -> None:
-        """Bring the speculative-decoding counters up to an engine's running totals (read at each scrape);
-        `source` names the engine's totals (its drafter's stats), so an engine that replaced one under the same
-        labels counts from 0."""
+    def count_speculation(self, labels: tuple[str, str], stats: SpeculationStats) -> None:
+        """Bring the speculative-decoding counters up to an engine's running totals (its drafter's stats, read at
+        each scrape); an engine that replaced one under the same labels counts from 0."""
         seen = self._speculation_seen.get(labels)
-        base = (seen[1], seen[2]) if seen is not None and seen[0] is source else (0, 0)
-        self.draft_tokens.labels(*labels).inc(max(0, proposed - base[0]))
-        self.accepted_tokens.labels(*labels).inc(max(0, accepted - base[1]))
-        self._speculation_seen[labels] = (source, proposed, accepted)
+        base = (seen[1], seen[2]) if seen is not None and seen[0] is stats else (0, 0)
+        self.draft_tokens.labels(*labels).inc(max(0, stats.proposed - base[0]))
+        self.accepted_tokens.labels(*labels).inc(max(0, stats.accepted - base[1]))
+        self._speculation_seen[labels] = (stats, stats.proposed, stats.accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

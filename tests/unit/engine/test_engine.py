@@ -92,6 +92,35 @@ def test_preemption_loses_no_request(default_model: LoadedModel, prompts) -> Non
     assert engine.cache.used_blocks == 0
 
 
+def test_waiting_requests_hold_no_blocks_so_preempted_ones_cannot_wait_for_each_other(
+        default_model: LoadedModel) -> None:
+    """Two chat prompts share the template's first blocks; under a budget of five blocks they preempt each
+    other. A waiting request that attached cached prefix blocks and found no room for the rest used to keep
+    them: with both waiting, each held blocks the other needed, and no step ran again."""
+    tok = default_model.tokenizer
+    first, second = (tok.encode_chat([{"role": "user", "content": q}]) for q in
+                     ("Count from 1 to 20 separated by commas.", "Name three rivers in Europe."))
+    per_block = 16 * default_model.spec.kv_bytes_per_token(4)
+    config = EngineConfig(kv_budget_bytes=6 * per_block, max_batch_tokens=64)
+    params = [SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)]
+    engine = Engine(default_model.model, default_model.tokenizer, config)
+    requests = [engine.add_request(first, params[0])]
+    for step in range(400):
+        if step == 3:
+            requests.append(engine.add_request(second, params[1]))
+        if step > 3 and not engine.has_work:
+            break
+        engine.step()
+    assert not engine.has_work, [(r.status.name, len(r.output)) for r in requests]
+    assert sum(r.num_preemptions for r in requests) > 0 and engine.cache.used_blocks == 0
+    for r, prompt, sp in zip(requests, (first, second), params, strict=True):
+        single = Engine(default_model.model, default_model.tokenizer, config)
+        want = single.add_request(prompt, sp)
+        single.run()
+        assert (r.output, r.finish_reason) == (want.output, want.finish_reason)
+
+
 def test_prefix_cache_reuses_a_shared_prompt(default_model: LoadedModel, prompts) -> None:
     engine = Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_budget_bytes=64 << 20))
     system = default_model.tokenizer.encode_chat([{"role": "system", "content": "You are terse. " * 30},

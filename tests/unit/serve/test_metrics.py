@@ -16,11 +16,11 @@ def test_a_version_deployed_again_counts_on_from_its_new_engine() -> None:
     at 0 under the same labels, and a scrape must neither fail nor lose them."""
     metrics = Metrics()
     first, second = SpeculationStats(proposed=10, accepted=6), SpeculationStats(proposed=3, accepted=1)
-    metrics.count_speculation(("m", "v1"), first.proposed, first.accepted, first)
-    metrics.count_speculation(("m", "v1"), first.proposed, first.accepted, first)  # a second scrape adds nothing
+    metrics.count_speculation(("m", "v1"), first)
+    metrics.count_speculation(("m", "v1"), first)  # a second scrape adds nothing
     assert counted(metrics) == (10, 6)
-    metrics.count_speculation(("m", "v1"), second.proposed, second.accepted, second)
+    metrics.count_speculation(("m", "v1"), second)
     assert counted(metrics) == (13, 7)
     second.proposed, second.accepted = 20, 9
-    metrics.count_speculation(("m", "v1"), second.proposed, second.accepted, second)
+    metrics.count_speculation(("m", "v1"), second)
     assert counted(metrics) == (30, 15)
