@@ -135,12 +135,16 @@ class PagedKVCache:
         if self.on_free is not None:
             self.on_free(seq_id)
         for block in seq.blocks:
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                if block in self.block_hash:
-                    self.evictable[block] = None
-                else:
-                    self.free_blocks.append(block)
+            self._release(block)
+
+    def _release(self, block: int) -> None:
+        """One holder less for `block`; with none left it is free, or evictable while its prefix is cached."""
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if block in self.block_hash:
+                self.evictable[block] = None
+            else:
+                self.free_blocks.append(block)
 
     def trim(self, seq_id: int, total_tokens: int) -> None:
         """Give back a sequence's blocks past those its first `total_tokens` tokens need (speculative decoding
@@ -148,13 +152,7 @@ class PagedKVCache:
         seq = self.seqs[seq_id]
         keep = max(-(-total_tokens // self.block_size), len(seq.hashes))
         while len(seq.blocks) > keep:
-            block = seq.blocks.pop()
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                if block in self.block_hash:
-                    self.evictable[block] = None
-                else:
-                    self.free_blocks.append(block)
+            self._release(seq.blocks.pop())
 
     # --- prefix caching -----------------------------------------------------------------------------
 
