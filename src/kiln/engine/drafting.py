@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kiln.engine.speculative import _Runner
-from kiln.errors import InvalidParameterError
+from kiln.engine.speculative import SequenceRunner, check_draft, propose
 
 if TYPE_CHECKING:
     from kiln.engine.onnx_runtime import OnnxModel
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class _DraftState:
-    runner: _Runner
+    runner: SequenceRunner
     known: int = 0  # the sequence's first `known` tokens have keys in the draft
 
 
@@ -42,11 +41,7 @@ class SpeculationStats:
 
 class Drafter:
     def __init__(self, model: LlamaModel | OnnxModel, k: int, vocab_size: int) -> None:
-        if k < 1:
-            raise InvalidParameterError(f"--speculate {k} must be at least 1")
-        if model.spec.vocab_size != vocab_size:
-            raise InvalidParameterError("the draft model must share the target's tokenizer (vocabularies differ); "
-                                        "pass a draft made from the same model (kiln distill, kiln compress)")
+        check_draft(model, k, vocab_size)
         self.model, self.k = model, k
         self.context = model.spec.max_position  # positions the draft can feed
         self.states: dict[int, _DraftState] = {}
@@ -57,13 +52,8 @@ class Drafter:
         """k greedy draft tokens after `tokens`; `limit` bounds the sequence's length (the draft's cache)."""
         state = self.states.get(seq_id)
         if state is None:  # ids of its own: a draft that is the target's own ONNX session keeps apart
-            state = self.states[seq_id] = _DraftState(_Runner(self.model, limit, -1000 - seq_id))
-        feed, position, drafts = tokens[state.known :], state.known, []
-        for _ in range(k):
-            drafts.append(int(state.runner.run(feed, position).argmax()))
-            position += len(feed)
-            feed = drafts[-1:]
-        return drafts
+            state = self.states[seq_id] = _DraftState(SequenceRunner(self.model, limit, -1000 - seq_id))
+        return propose(state.runner, tokens, state.known, k)
 
     def keep(self, seq_id: int, known: int) -> None:
         """The draft's keys stand for the sequence's first `known` tokens (the rest were rejected)."""

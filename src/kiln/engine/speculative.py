@@ -71,7 +71,7 @@ def skip_layers_draft(target: LlamaModel, keep: list[int]) -> LlamaModel:
     return draft
 
 
-class _Runner:
+class SequenceRunner:
     """One model's view of one sequence: run tokens from a position, get logits back."""
 
     def __init__(self, model: LlamaModel | OnnxModel, limit: int, seq: int) -> None:
@@ -95,12 +95,28 @@ class _Runner:
             self.onnx.forget(self.seq)
 
 
+def check_draft(draft: LlamaModel | OnnxModel, k: int, vocab_size: int) -> None:
+    """Refuse a draft that proposes no tokens or that speaks another vocabulary than the target's."""
+    if k < 1:
+        raise InvalidParameterError(f"--speculate {k} must be at least 1")
+    if draft.spec.vocab_size != vocab_size:
+        raise InvalidParameterError("the draft model must share the target's tokenizer (vocabularies differ); "
+                                    "pass a draft made from the same model (kiln distill, kiln compress)")
+
+
+def propose(draft: SequenceRunner, sequence: list[int], known: int, k: int) -> list[int]:
+    """k greedy draft tokens after `sequence`; the draft has keys for its first `known` tokens."""
+    feed, position, drafts = sequence[known:], known, []
+    for _ in range(k):
+        drafts.append(int(draft.run(feed, position).argmax()))
+        position += len(feed)
+        feed = drafts[-1:]
+    return drafts
+
+
 class SpeculativeDecoder:
     def __init__(self, target: LlamaModel | OnnxModel, draft: LlamaModel | OnnxModel, k: int = 4) -> None:
-        if k < 1:
-            raise InvalidParameterError(f"speculate k={k} must be at least 1")
-        if draft.spec.vocab_size != target.spec.vocab_size:
-            raise InvalidParameterError("the draft model must share the target's tokenizer (vocabularies differ)")
+        check_draft(draft, k, target.spec.vocab_size)
         self.target, self.draft, self.k = target, draft, k
 
     @torch.inference_mode()
@@ -113,15 +129,16 @@ class SpeculativeDecoder:
                                         "drop them")
         start = time.perf_counter()
         limit = len(prompt) + params.max_tokens + self.k + 1
-        target, draft = _Runner(self.target, limit, -1), _Runner(self.draft, limit, -2)  # one model may be both
+        # ids of their own: one model may be both
+        target, draft = SequenceRunner(self.target, limit, -1), SequenceRunner(self.draft, limit, -2)
         try:
             return self._generate(prompt, params, eos, target, draft, start)
         finally:
             target.close()
             draft.close()
 
-    def _generate(self, prompt: list[int], params: SamplingParams, eos: frozenset[int], target: _Runner,
-                  draft: _Runner, start: float) -> SpeculativeResult:
+    def _generate(self, prompt: list[int], params: SamplingParams, eos: frozenset[int], target: SequenceRunner,
+                  draft: SequenceRunner, start: float) -> SpeculativeResult:
         result = SpeculativeResult(tokens=[])
         next_token = int(target.run(prompt, 0).argmax())
         result.target_passes += 1
@@ -134,7 +151,7 @@ class SpeculativeDecoder:
             if self._done(result.tokens, next_token, params, eos):
                 break
             sequence = prompt + result.tokens
-            drafts = self._propose(draft, sequence, drafted)
+            drafts = propose(draft, sequence, drafted, self.k)
             drafted = len(sequence)  # the drafts' own keys are overwritten next round
             base = len(sequence) - 1  # next_token's position: the target has keys for all before it
             choices = target.run([next_token, *drafts], base, every=True).argmax(dim=-1).tolist()  # k + 1
@@ -153,15 +170,6 @@ class SpeculativeDecoder:
             next_token = choices[kept]
         result.seconds = time.perf_counter() - start
         return result
-
-    def _propose(self, draft: _Runner, sequence: list[int], known: int) -> list[int]:
-        """k greedy draft tokens after `sequence`; the draft has keys for its first `known` tokens."""
-        feed, position, drafts = sequence[known:], known, []
-        for _ in range(self.k):
-            drafts.append(int(draft.run(feed, position).argmax()))
-            position += len(feed)
-            feed = drafts[-1:]
-        return drafts
 
     @staticmethod
     def _done(tokens: list[int], last: int, params: SamplingParams, eos: frozenset[int]) -> bool:
