@@ -77,10 +77,7 @@ class StepOutput:
 
 def token_logprob(logits: Logits, token: int, top: int) -> TokenLogprob:
     """log-softmax of one row of logits [V]: the token's value and the `top` best alternatives."""
-    logprobs = torch.log_softmax(torch.as_tensor(logits).float(), dim=-1)
-    best = logprobs.topk(top) if top else None
-    pairs = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
-    return TokenLogprob(token, float(logprobs[token]), pairs)
+    return tokens_logprobs(torch.as_tensor(logits).unsqueeze(0), [token], top)[0]
 
 
 def tokens_logprobs(logits: Logits, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
