@@ -41,11 +41,11 @@ from common import cell, update_section
 from kiln import settings
 from kiln.benchmark.latency import model_bytes
 from kiln.benchmark.machine import describe, machine_info, read_bandwidth_gbs
+from kiln.engine.drafting import Drafter, SpeculationStats
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.generate import Generator
 from kiln.engine.onnx_runtime import OnnxModel, onnx_folder
 from kiln.engine.sampler import SamplingParams
-from kiln.engine.speculative import SpeculativeDecoder
 from kiln.model.load import LoadedModel, load
 from peers import llamacpp
 from peers.ortgenai import GenAIProcess, build
@@ -291,16 +291,19 @@ def _speculative_line(base: LoadedModel, target: OnnxModel, draft: OnnxModel, dr
     params = SamplingParams(temperature=0.0, max_tokens=128)
     plain, fast, rates, same = [], [], [], True
     gen = Generator(target, base.tokenizer, prefix_caching=False)  # each run prefills, as the draft path does
-    decoder = SpeculativeDecoder(target, draft, k)
+    drafter = Drafter(draft, k, base.spec.vocab_size)
+    drafted = Generator(target, base.tokenizer, prefix_caching=False, drafter=drafter)  # kiln generate --draft
     torch.set_num_threads(1)
     for _ in range(runs):
         start = time.perf_counter()
         reference = gen.generate([prompt], params)[0].token_ids
         plain.append(len(reference) / (time.perf_counter() - start))
-        result = decoder.generate(prompt, params, base.tokenizer.eos_token_ids)
-        fast.append(len(result.tokens) / result.seconds)
-        rates.append(result.acceptance_rate)
-        same = same and result.tokens == reference
+        drafter.stats = SpeculationStats()  # this run's acceptance
+        start = time.perf_counter()
+        tokens = drafted.generate([prompt], params)[0].token_ids
+        fast.append(len(tokens) / (time.perf_counter() - start))
+        rates.append(drafter.stats.acceptance_rate)
+        same = same and tokens == reference
     torch.set_num_threads(2)
     return (f"- Speculative decoding, target kiln fp32 on onnxruntime, draft {draft_name} on onnxruntime, k={k}: "
             f"{cell(fast)} tok/s against {cell(plain)} plain "

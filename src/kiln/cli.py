@@ -139,12 +139,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    if args.draft:
-        return _speculative_generate(args, loaded, prompt, params)
-    generator = Generator(_runtime_model(loaded, args.runtime, args.kv_cache), tok, kv_cache=args.kv_cache)
+    model = _runtime_model(loaded, args.runtime, args.kv_cache)
+    drafter = _load_drafter(args, loaded, model) if args.draft else None
+    generator = Generator(model, tok, kv_cache=args.kv_cache, drafter=drafter)
     out = generator.generate([prompt], params, on_text=None if args.json else stream)[0]
     if args.json:
-        print(json.dumps({
+        result = {
             "text": out.text,
             "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens,
@@ -152,7 +152,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "ttft_ms": round(out.ttft_ms, 2),
             "prefill_tokens_per_s": round(out.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(out.decode_tokens_per_s, 2),
-        }))
+        }
+        if drafter is not None:
+            stats = drafter.stats
+            result |= {"draft_tokens": stats.proposed, "accepted_tokens": stats.accepted,
+                       "acceptance_rate": round(stats.acceptance_rate, 4)}
+        print(json.dumps(result))
     else:
         sys.stdout.write("\n")
     return 0
@@ -161,44 +166,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _check_speculative(args: argparse.Namespace, params: Any) -> None:
     from kiln.errors import InvalidParameterError
 
-    if not params.is_greedy or params.stop or args.repetition_penalty != 1.0 or args.presence_penalty \
-            or args.frequency_penalty or args.kv_cache != "model" or params.grammar is not None:
-        raise InvalidParameterError("--draft decodes greedily without stop strings, penalties, --json-schema or "
-                                    "--kv-cache int8; pass --temperature 0 and drop the others")
+    # the engine drafts only greedy rows with nothing that changes the logits (it would decode plainly)
+    if not params.is_greedy or args.repetition_penalty != 1.0 or args.presence_penalty or args.frequency_penalty \
+            or args.kv_cache != "model" or params.grammar is not None:
+        raise InvalidParameterError("--draft decodes greedily without penalties, --json-schema or --kv-cache int8; "
+                                    "pass --temperature 0 and drop the others")
 
 
-def _speculative_generate(args: argparse.Namespace, loaded: Any, prompt: list[int], params: Any) -> int:
-    """`kiln generate --draft M`: greedy speculative decoding, the draft on the target's runtime."""
-    from kiln.engine.onnx_runtime import pick_runtime, runtime_model, why_not_onnx
-    from kiln.engine.speculative import SpeculativeDecoder
-    from kiln.model.load import load
+def _load_drafter(args: argparse.Namespace, loaded: Any, model: Any) -> Any:
+    """`kiln generate --draft M`: the draft on the runtime --runtime picks for it, beside the model."""
+    from kiln.engine.drafting import load_drafter
+    from kiln.engine.threads import use_threads_for
 
-    draft = load(args.draft, precision=args.dtype)
-    runtime = args.runtime
-    if runtime == "auto" and why_not_onnx(draft) is not None:
-        runtime = "torch"  # a draft onnxruntime cannot take keeps both on kiln's graph
-    # the draft follows: one runtime (and thread setup) for both; on onnxruntime neither keeps kiln's weights
-    target, runtime = pick_runtime(loaded, runtime, keep_weights=False)
-    decoder = SpeculativeDecoder(target, runtime_model(draft, runtime, keep_weights=False),  # type: ignore[arg-type]
-                                 args.speculate)
-    result = decoder.generate(prompt, params, loaded.tokenizer.eos_token_ids)
-    tokens = [t for t in result.tokens if t not in loaded.tokenizer.eos_token_ids]
-    text = loaded.tokenizer.decode(tokens)
-    if args.json:
-        later = result.seconds - result.first_token_s
-        print(json.dumps({
-            "text": text,
-            "prompt_tokens": len(prompt),
-            "completion_tokens": len(result.tokens),
-            "finish_reason": "length" if len(result.tokens) >= params.max_tokens else "stop",
-            "ttft_ms": round(1000 * result.first_token_s, 2),
-            "decode_tokens_per_s": round((len(result.tokens) - 1) / later, 2) if later > 0 else 0.0,
-            "acceptance_rate": round(result.acceptance_rate, 4),
-            "tokens_per_target_pass": round(result.tokens_per_pass, 3),
-        }))
-    else:
-        print(text)
-    return 0
+    drafter = load_drafter(args.draft, args.speculate, loaded.spec.vocab_size, args.runtime, args.dtype)
+    use_threads_for(model)  # building the draft set this thread's torch count for the draft; the model steps here
+    return drafter
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -607,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=KV_CACHE_HELP)
     p.add_argument("--draft", default=None,
                    help="speculative decoding with this draft model (greedy; e.g. an int4 artifact of the model "
-                        "or a `kiln distill` student), run on the model's runtime")
+                        "or a `kiln distill` student), on the runtime --runtime picks for it")
     p.add_argument("--speculate", type=int, default=4, help="--draft: tokens the draft proposes per step")
     p.set_defaults(func=cmd_generate)
 

@@ -1,10 +1,11 @@
-"""The draft side of speculative decoding inside the engine (`kiln serve --draft`).
+"""The draft side of speculative decoding inside the engine (`kiln serve --draft`, `kiln generate --draft`).
 
-When one sequence decodes alone (the engine's step has nothing else to batch), a small draft model
-proposes k greedy tokens after it and the target checks them in one pass over the engine's own cache
-(Engine._speculate); where several sequences decode, the batch already keeps the cores busy and the
-engine decodes as usual. The draft keeps keys per sequence and the count of tokens they cover; a
-sequence that decoded without it meanwhile is caught up in one pass before its next proposal.
+When one sequence decodes alone (the engine's step has nothing else to batch, as always in `kiln
+generate`), a small draft model proposes k greedy tokens after it and the target checks them in one pass
+over the engine's own cache (Engine._speculate); where several sequences decode, the batch already
+keeps the cores busy and the engine decodes as usual. The draft keeps keys per sequence and the count
+of tokens they cover; a sequence that decoded without it meanwhile is caught up in one pass before its
+next proposal.
 Hand-written: which tokens the draft has seen is the engine's bookkeeping.
 """
 
@@ -20,6 +21,7 @@ from kiln.engine.speculative import SequenceRunner, check_draft, propose
 if TYPE_CHECKING:
     from kiln.engine.onnx_runtime import OnnxModel
     from kiln.model.llama import LlamaModel
+    from kiln.types import Precision
 
 
 @dataclass
@@ -63,3 +65,13 @@ class Drafter:
         state = self.states.pop(seq_id, None)
         if state is not None:
             state.runner.close()
+
+
+def load_drafter(source: str, k: int, vocab_size: int, runtime: str, precision: Precision) -> Drafter:
+    """--draft M --speculate k: the draft model on the runtime --runtime picks for it (auto: per model, as the
+    target's; the caller sets its engine thread's torch count for the target afterwards)."""
+    from kiln.engine.onnx_runtime import pick_runtime
+    from kiln.model.load import load
+
+    model, _ = pick_runtime(load(source, precision=precision, progress=False), runtime, keep_weights=False)
+    return Drafter(model, k, vocab_size)  # type: ignore[arg-type]

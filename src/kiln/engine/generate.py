@@ -20,6 +20,7 @@ from kiln.model.llama import LlamaModel
 from kiln.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from kiln.engine.drafting import Drafter
     from kiln.engine.onnx_runtime import OnnxModel
 
 TextCallback = Callable[[int, str], None]  # (row, text delta)
@@ -49,19 +50,20 @@ class Generator:
     """Runs batches of prompts through one model; keeps its engine (and prefix cache) between calls."""
 
     def __init__(self, model: LlamaModel | OnnxModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 kv_cache: str = "model", prefix_caching: bool = True) -> None:
+                 kv_cache: str = "model", prefix_caching: bool = True, drafter: Drafter | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.kv_cache = kv_cache  # used when no config fixes it
         self.prefix_caching = prefix_caching  # off for benchmarks: a repeated prompt must be computed again
+        self.drafter = drafter  # speculative decoding (kiln generate --draft): the engine drafts batch-1 greedy rows
         self.context = model.spec.max_position
         self.engine: Engine | None = None
 
     def _engine_for(self, prompts: Sequence[Sequence[int]], plist: Sequence[SamplingParams]) -> Engine:
         """An engine whose KV budget holds every sequence at full length (unless a config fixes it)."""
         if self.config is not None:
-            self.engine = self.engine or Engine(self.model, self.tokenizer, self.config)
+            self.engine = self.engine or Engine(self.model, self.tokenizer, self.config, self.drafter)
             return self.engine
         block = EngineConfig.block_size
         lengths = [min(len(p) + sp.max_tokens, self.context) for p, sp in zip(prompts, plist, strict=True)]
@@ -72,7 +74,7 @@ class Generator:
             budget = max(MIN_BUDGET_BYTES, (blocks + 1) * block * per_token)  # + the scratch block
             self.engine = Engine(self.model, self.tokenizer, EngineConfig(
                 kv_budget_bytes=budget, max_running=max(64, len(prompts)), kv_cache=self.kv_cache,
-                prefix_caching=self.prefix_caching))
+                prefix_caching=self.prefix_caching), self.drafter)
         return self.engine
 
     def generate(

@@ -4,47 +4,26 @@ in one forward pass and keeps the longest prefix it agrees with, plus its own ne
 Greedy only: the output is exactly the target's greedy output, whatever the draft proposes. The draft
 is any model with the same tokenizer: a distilled student (`kiln distill`), the target itself with
 layers skipped (`skip_layers_draft`, which shares the target's weights), or a quantized artifact of the
-target (an int4 export runs several times faster and agrees with it on most tokens). Either model may
-be kiln's graph (a static KV cache) or an ONNX Runtime export (its own in-place buffers); both are
-rolled back on rejection by writing over the rejected positions. Batch 1, as the technique pays off
-where decoding is memory-bound.
+target (an int4 export runs several times faster and agrees with it on most tokens). This module holds
+the draft's side, which runs one sequence on either kiln's graph (a static KV cache) or an ONNX Runtime
+export (its own in-place buffers), rolled back by writing over rejected positions; the engine checks
+the proposals over its own cache (drafting.py, Engine._speculate) while one sequence decodes alone, as
+the technique pays off where decoding is memory-bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from kiln.engine.sampler import SamplingParams
 from kiln.errors import InvalidParameterError
 from kiln.model.llama import Block, LlamaModel
 
 if TYPE_CHECKING:
     from kiln.engine.onnx_runtime import OnnxModel
-
-
-@dataclass
-class SpeculativeResult:
-    tokens: list[int]
-    proposed: int = 0  # draft tokens proposed
-    accepted: int = 0  # draft tokens the target kept
-    target_passes: int = 0
-    seconds: float = 0.0
-    first_token_s: float = 0.0
-    acceptance_history: list[int] = field(default_factory=list)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def tokens_per_pass(self) -> float:
-        return len(self.tokens) / self.target_passes if self.target_passes else 0.0
 
 
 def skip_layers_draft(target: LlamaModel, keep: list[int]) -> LlamaModel:
@@ -112,65 +91,3 @@ def propose(draft: SequenceRunner, sequence: list[int], known: int, k: int) -> l
         position += len(feed)
         feed = drafts[-1:]
     return drafts
-
-
-class SpeculativeDecoder:
-    def __init__(self, target: LlamaModel | OnnxModel, draft: LlamaModel | OnnxModel, k: int = 4) -> None:
-        check_draft(draft, k, target.spec.vocab_size)
-        self.target, self.draft, self.k = target, draft, k
-
-    @torch.inference_mode()
-    def generate(self, prompt: list[int], params: SamplingParams,
-                 eos: frozenset[int] = frozenset()) -> SpeculativeResult:
-        if not params.is_greedy:
-            raise InvalidParameterError("speculative decoding here is greedy only; set temperature 0")
-        if params.logit_bias or params.min_tokens or params.stop_token_ids:
-            raise InvalidParameterError("speculative decoding here takes no logit_bias, min_tokens or stop_token_ids; "
-                                        "drop them")
-        start = time.perf_counter()
-        limit = len(prompt) + params.max_tokens + self.k + 1
-        # ids of their own: one model may be both
-        target, draft = SequenceRunner(self.target, limit, -1), SequenceRunner(self.draft, limit, -2)
-        try:
-            return self._generate(prompt, params, eos, target, draft, start)
-        finally:
-            target.close()
-            draft.close()
-
-    def _generate(self, prompt: list[int], params: SamplingParams, eos: frozenset[int], target: SequenceRunner,
-                  draft: SequenceRunner, start: float) -> SpeculativeResult:
-        result = SpeculativeResult(tokens=[])
-        next_token = int(target.run(prompt, 0).argmax())
-        result.target_passes += 1
-        if len(prompt) > 1:
-            draft.run(prompt[:-1], 0)
-        drafted = len(prompt) - 1  # tokens the draft has keys for
-        result.first_token_s = time.perf_counter() - start
-        while True:
-            result.tokens.append(next_token)
-            if self._done(result.tokens, next_token, params, eos):
-                break
-            sequence = prompt + result.tokens
-            drafts = propose(draft, sequence, drafted, self.k)
-            drafted = len(sequence)  # the drafts' own keys are overwritten next round
-            base = len(sequence) - 1  # next_token's position: the target has keys for all before it
-            choices = target.run([next_token, *drafts], base, every=True).argmax(dim=-1).tolist()  # k + 1
-            result.target_passes += 1
-            kept = 0
-            while kept < len(drafts) and drafts[kept] == choices[kept]:
-                kept += 1
-            result.proposed += len(drafts)
-            result.accepted += kept
-            result.acceptance_history.append(kept)
-            for tok in drafts[:kept]:
-                result.tokens.append(tok)
-                if self._done(result.tokens, tok, params, eos):
-                    result.seconds = time.perf_counter() - start
-                    return result
-            next_token = choices[kept]
-        result.seconds = time.perf_counter() - start
-        return result
-
-    @staticmethod
-    def _done(tokens: list[int], last: int, params: SamplingParams, eos: frozenset[int]) -> bool:
-        return len(tokens) >= params.max_tokens or (last in eos and not params.ignore_eos)

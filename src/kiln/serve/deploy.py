@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from kiln.engine.drafting import Drafter
+from kiln.engine.drafting import load_drafter
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.sampler import SamplingParams
 from kiln.engine.threads import use_threads_for
@@ -78,13 +78,17 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
     up with one short generation."""
     from kiln.engine.onnx_runtime import pick_runtime
 
+    draft_source, k = draft
+
     def build() -> tuple[LoadedModel, Engine, str]:
         use_threads_for(None)  # a new thread starts from the last count set anywhere: one, after an ORT model
         loaded = load(source, precision=precision, progress=False)
         # a server asks kiln's graph for nothing once a session runs the model (routes use the tokenizer
         # and spec), so kiln's copy goes before the session loads its own: the default fp32 model's 0.5 GB
         model, picked = pick_runtime(loaded, runtime, engine.kv_cache, keep_weights=False)
-        drafter = _drafter(draft, loaded, runtime, precision)
+        drafter = None
+        if draft_source is not None:
+            drafter = load_drafter(draft_source, k, loaded.spec.vocab_size, runtime, precision)
         return loaded, Engine(model, loaded.tokenizer, engine, drafter), picked  # type: ignore[arg-type]
 
     loaded, built, picked = in_passing_thread(build)
@@ -93,18 +97,6 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
     deployment = Deployment(name, version, loaded, worker, picked)
     asyncio.run(_warm_up(deployment))
     return deployment
-
-
-def _drafter(draft: tuple[str | None, int], target: LoadedModel, runtime: str, precision: Precision) -> Drafter | None:
-    """The draft model of --draft on the runtime --runtime picks for it (auto: per model, as the target's)."""
-    from kiln.engine.onnx_runtime import pick_runtime
-
-    source, k = draft
-    if source is None:
-        return None
-    loaded = load(source, precision=precision, progress=False)
-    model, _ = pick_runtime(loaded, runtime, keep_weights=False)
-    return Drafter(model, k, target.spec.vocab_size)  # type: ignore[arg-type]
 
 
 async def _warm_up(deployment: Deployment) -> None:

@@ -335,19 +335,20 @@ def test_extend_returns_the_last_logits_and_rolls_back(tiny: LoadedModel, tmp_pa
     assert 3 not in model.states
 
 
-def test_speculative_decoding_on_the_onnx_runtime(tiny: LoadedModel, tmp_path: Path) -> None:
-    from kiln.engine.speculative import SpeculativeDecoder, skip_layers_draft
+def test_one_onnx_session_can_be_its_own_draft(tiny: LoadedModel, tmp_path: Path) -> None:
+    """The same OnnxModel as the engine's model and its draft: the draft's sequences keep ids of their own."""
+    from kiln.engine.drafting import Drafter
+    from kiln.engine.generate import Generator
 
     folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
     target = OnnxModel(folder, tiny.spec, 1)
     prompt = [1, *range(300, 320)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     want = greedy(target, tiny, [prompt])[0]
-    same = SpeculativeDecoder(target, target, k=3).generate(prompt, params)  # one model as target and draft
-    assert same.tokens == want and same.acceptance_rate == 1.0
-    weak = SpeculativeDecoder(target, skip_layers_draft(tiny.model, [0]), k=3).generate(prompt, params)
-    assert weak.tokens == want
-    assert -1 not in target.states and -2 not in target.states  # the target and draft sequences were freed
+    drafter = Drafter(target, 3, tiny.spec.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert Generator(target, tiny.tokenizer, drafter=drafter).generate([prompt], params)[0].token_ids == want
+    assert drafter.stats.passes > 0 and drafter.stats.acceptance_rate == 1.0
+    assert not target.states and not drafter.states  # the sequence and its draft were freed
 
 
 def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tiny_folder: Path, tmp_path: Path) -> None:
@@ -371,6 +372,9 @@ def test_generate_cli_runs_the_onnx_runtime(onnx_tiny_folder: Path, tiny_folder:
     # speculative decoding with the model as its own draft: the same text, every draft token kept
     drafted = run("onnxruntime", "--draft", str(onnx_tiny_folder), "--speculate", "3")
     assert drafted["text"] == onnx_run["text"] and drafted["acceptance_rate"] == 1.0
+    stop = onnx_run["text"].strip()[2:4]  # a stop string ends a drafted generation as a plain one
+    stopped = run("onnxruntime", "--draft", str(onnx_tiny_folder), "--stop", stop)
+    assert (stopped["text"], stopped["finish_reason"]) == (onnx_run["text"][: onnx_run["text"].index(stop)], "stop")
     # under auto, a draft that onnxruntime refuses (head size 8) keeps the target on torch beside it
     auto = run("auto", "--draft", str(tiny_folder), "--speculate", "3")
     assert auto["text"] == torch_run["text"]

@@ -11,7 +11,7 @@ from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.generate import Generator
 from kiln.engine.request import Request
 from kiln.engine.sampler import SamplingParams
-from kiln.engine.speculative import SpeculativeDecoder, skip_layers_draft
+from kiln.engine.speculative import skip_layers_draft
 from kiln.errors import InvalidParameterError
 from kiln.model.load import LoadedModel
 
@@ -29,44 +29,34 @@ def plain(default_model: LoadedModel) -> list[list[int]]:
     return [out.token_ids for out in gen.generate(prompts(default_model), GREEDY)]
 
 
-def test_a_weak_draft_still_gives_the_targets_greedy_tokens(default_model: LoadedModel,
-                                                            plain: list[list[int]]) -> None:
-    target = default_model.model
+def test_generate_with_a_draft_gives_the_targets_greedy_tokens(default_model: LoadedModel,
+                                                               plain: list[list[int]]) -> None:
+    """kiln generate --draft: the Generator's engine drafts each prompt as it decodes alone."""
+    target, tok = default_model.model, default_model.tokenizer
     # five middle layers skipped: it agrees on about a quarter of its tokens, so both paths are exercised
-    draft = skip_layers_draft(target, [i for i in range(30) if i not in (10, 12, 14, 16, 18)])
-    decoder = SpeculativeDecoder(target, draft, k=4)
-    results = [decoder.generate(p, GREEDY) for p in prompts(default_model)]
-    assert [r.tokens for r in results] == plain
-    assert all(0 < r.accepted < r.proposed for r in results)  # some kept, some rejected
+    weak = Drafter(skip_layers_draft(target, [i for i in range(30) if i not in (10, 12, 14, 16, 18)]), 4,
+                   default_model.spec.vocab_size)
+    gen = Generator(target, tok, prefix_caching=False, drafter=weak)
+    assert [gen.generate([p], GREEDY)[0].token_ids for p in prompts(default_model)] == plain
+    assert 0 < weak.stats.accepted < weak.stats.proposed  # some kept, some rejected
+    itself = Drafter(target, 3, default_model.spec.vocab_size)  # the target as its own draft keeps everything
+    out = Generator(target, tok, drafter=itself).generate([prompts(default_model)[0]], GREEDY)[0]
+    assert out.token_ids == plain[0] and itself.stats.acceptance_rate == 1.0
+    assert itself.stats.passes < len(out.token_ids) / 3  # k + 1 tokens per pass, less the end
 
 
-def test_the_target_as_its_own_draft_accepts_everything(default_model: LoadedModel,
-                                                        plain: list[list[int]]) -> None:
-    decoder = SpeculativeDecoder(default_model.model, default_model.model, k=3)
-    result = decoder.generate(prompts(default_model)[0], GREEDY)
-    assert result.tokens == plain[0]
-    assert result.acceptance_rate == 1.0
-    assert result.target_passes < len(result.tokens) / 3  # k + 1 tokens per pass, less the end
-
-
-def test_eos_and_max_tokens_end_the_output(default_model: LoadedModel) -> None:
+def test_eos_and_max_tokens_end_a_drafted_generation(default_model: LoadedModel) -> None:
     tok = default_model.tokenizer
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     params = SamplingParams(temperature=0.0, max_tokens=60)
     want = Generator(default_model.model, tok).generate([prompt], params)[0]
-    got = SpeculativeDecoder(default_model.model, skip_layers_draft(default_model.model, list(range(15))), 4)
-    result = got.generate(prompt, params, tok.eos_token_ids)
-    assert result.tokens[-1] in tok.eos_token_ids and result.tokens[:-1] == want.token_ids
-    short = got.generate(prompt, SamplingParams(temperature=0.0, max_tokens=3), tok.eos_token_ids)
-    assert short.tokens == want.token_ids[:3]
-
-
-def test_bad_settings_are_refused(default_model: LoadedModel) -> None:
-    model = default_model.model
-    with pytest.raises(InvalidParameterError, match="at least 1"):
-        SpeculativeDecoder(model, model, k=0)
-    with pytest.raises(InvalidParameterError, match="greedy only"):
-        SpeculativeDecoder(model, model).generate([1, 2, 3], SamplingParams(temperature=0.7))
+    drafter = Drafter(skip_layers_draft(default_model.model, list(range(15))), 4, default_model.spec.vocab_size)
+    gen = Generator(default_model.model, tok, drafter=drafter)
+    got = gen.generate([prompt], params)[0]
+    assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, "stop")
+    short = gen.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3))[0]
+    assert (short.token_ids, short.finish_reason) == (want.token_ids[:3], "length")
+    assert drafter.stats.passes > 0
 
 
 # --- inside the engine (kiln serve --draft) ------------------------------------------------------------
