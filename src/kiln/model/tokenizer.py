@@ -108,6 +108,10 @@ class Tokenizer:
             # raise_exception() in the template: e.g. roles that must alternate
             raise InvalidParameterError(f"the model's chat template refused these messages: {exc.message}; change "
                                         "the messages as it asks") from exc
+        except (TypeError, ValueError, LookupError, ArithmeticError) as exc:  # Python's own, from the template's
+            # expressions (a string added to a number, a missing key): the same failure as an undefined attribute
+            raise ModelFormatError(f"the model's chat template failed on these messages ({type(exc).__name__}: "
+                                   f"{exc}); fix chat_template in its tokenizer_config.json, or {fix}") from exc
 
     def encode_chat(self, messages: Sequence[Message], fix: str = "send the prompt as plain text",
                     tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:

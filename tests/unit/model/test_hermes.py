@@ -107,6 +107,8 @@ def test_a_template_that_cannot_be_read_names_the_line(tok: Tokenizer, monkeypat
 @pytest.mark.parametrize("template", [
     "{{ strftime_now_missing('%d %b') }}{% for m in messages %}{{ m.content }}{% endfor %}",
     "{% for m in messages %}{{ m.content.text.strip() }}{% endfor %}",
+    "{% for m in messages %}{{ m.content + 1 }}{% endfor %}",  # TypeError, raised by Python inside the template
+    "{% for m in messages %}{{ 1 // 0 }}{% endfor %}",
 ])
 def test_a_template_that_fails_is_not_a_refusal_of_the_messages(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch,
                                                                 template: str) -> None:
