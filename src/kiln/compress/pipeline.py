@@ -26,11 +26,12 @@ from kiln.compress.blocks import LINEARS, BlockWalker
 from kiln.compress.calibration import CalibrationSet
 from kiln.compress.prune import structured, unstructured
 from kiln.compress.quantize import awq, gptq, smoothquant
-from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, QuantEmbedding, W8A8Linear
+from kiln.compress.quantize.qlinear import LAYER_KINDS, Int4Linear, Int8Linear, QuantEmbedding, W8A8Linear
 from kiln.compress.recipe import Distill, LowRank, Prune, Quantize, Recipe, kind_of
-from kiln.errors import Interrupted, InvalidParameterError
+from kiln.errors import Interrupted, InvalidParameterError, ModelFormatError
 from kiln.model.llama import Block, LlamaModel
 from kiln.model.load import LoadedModel, load
+from kiln.model.source import resolve
 
 AWQ_SAMPLE_ROWS = 2048  # calibration input rows kept per layer for AWQ's searches
 
@@ -245,9 +246,25 @@ def distil(ctx: Context, step: Distill, layers: list[int] | None = None, checkpo
 # --- the pipeline ---------------------------------------------------------------------------------------
 
 
+def check_uncompressed(model: str) -> None:
+    """Refuse an artifact whose layers are already quantized or factorised: every step reads full-precision
+    matrices, so one ended in an AssertionError (quantize, prune), a failed backward pass (distill) or
+    "no layer gets smaller" (lowrank) after the load. A pruned artifact's layers are plain and pass."""
+    source = resolve(model)
+    if source.kind != "artifact":
+        return
+    manifest = Manifest.read(source.path)
+    formats = sorted({str(fmt.get("format")) for fmt in manifest.tensors.values()} & set(LAYER_KINDS))
+    if formats:
+        raise ModelFormatError(
+            f"{model} is already compressed ({', '.join(formats)} layers), and kiln compresses full-precision "
+            f"weights; pass the model it was made from ({manifest.source.get('name')}) with the whole recipe")
+
+
 def compress(model: str, recipe: Recipe, out: Path, data_dir: Path | None = None, progress: bool = True) -> Manifest:
     """Run `recipe` on `model` and write the artifact folder `out`; returns its manifest."""
     start = time.perf_counter()
+    check_uncompressed(model)
     loaded = load(model, precision="fp32", progress=progress)
     ctx = Context(loaded, recipe, data_dir, progress)
     runners = {"quantize": quantize, "prune": prune, "lowrank": factorise, "distill": distil}
@@ -267,6 +284,7 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
         raise InvalidParameterError(
             f"--resume: there is no checkpoint for {out} to resume (none in {checkpoint}); drop --resume to "
             "start afresh")
+    check_uncompressed(teacher)
     ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
     try:
         distil(ctx, cfg, layers, checkpoint, resume, every)

@@ -185,3 +185,24 @@ def test_onnx_export_refuses_a_file_or_a_folder_of_other_things_before_any_work(
     (earlier / "kiln-export.json").write_text("{}")
     assert main(["export", "--format", "onnx", "-m", str(tmp_path / "missing"), "-o", str(earlier)]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", [["compress", "--quantize", "int8", "-m"], ["compress", "--lowrank-rank", "4", "-m"],
+                                  ["distill", "--steps", "1", "--teacher"]])
+def test_compressing_a_compressed_artifact_is_refused_before_the_load(
+        verb: list[str], saved: tuple[LlamaModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # every step reads full-precision matrices: quantize and prune ended in an AssertionError, distill in a
+    # failed backward pass, lowrank in "no layer gets smaller ... lower it", each after the load
+    from kiln.cli import main
+    from kiln.compress import pipeline
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_load)
+    _, folder = saved
+    assert main([*verb, str(folder), "-o", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is already compressed (int4, int8, lowrank, w8a8 layers)" in err
+    assert "pass the model it was made from (tiny)" in err and not (tmp_path / "again").exists()
