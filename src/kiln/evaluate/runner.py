@@ -32,6 +32,7 @@ from kiln.evaluate.tasks import TaskKind, TaskRef, resolve
 from kiln.evaluate.tasks import generation as gen_tasks
 from kiln.evaluate.tasks import multiple_choice as mc_tasks
 from kiln.model.load import LoadedModel
+from kiln.model.source import sha256_file
 
 WORST_ITEMS = 10
 T = TypeVar("T")
@@ -138,12 +139,16 @@ def run(loaded: LoadedModel | ServedModel, options: EvalOptions, baseline: Loade
         options = replace(options, runtime=picked)
     # where the numbers come from: a server's URL (kept with the result), or the precision of kiln's graph
     source = loaded.settings() if isinstance(loaded, ServedModel) else {"precision": str(loaded.model.dtype)}
+    # a user's file is named by its content too: resumed after an edit, the items done before were mixed
+    # with the edited file's (or another file's, as a relative path from another folder)
+    data = {"data_sha256": sha256_file(ref.path)} if ref.path is not None and ref.path.is_file() else {}
     checkpoint = Checkpoint({"model": loaded.sha256, "baseline": baseline.sha256 if baseline else None,
-                             **source, **options.settings()})
+                             **source, **options.settings(), **data})
     if options.resume and not checkpoint.path.is_file():
         # it used to start afresh without a word, as if there had been nothing to resume
+        what = "this model, these settings and this content of its file" if data else "this model and these settings"
         raise InvalidParameterError(
-            f"--resume: there is no interrupted run of {ref.name} with this model and these settings to continue "
+            f"--resume: there is no interrupted run of {ref.name} with {what} to continue "
             f"(no checkpoint {checkpoint.path}); drop --resume to start afresh")
     done = checkpoint.load() if options.resume else {}
     if not options.resume:

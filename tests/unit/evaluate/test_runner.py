@@ -187,3 +187,20 @@ def test_samples_path_is_checked_before_the_evaluation(items_file: Path, home: P
     assert cli.main(["eval", "--task", f"mc:{items_file}", "--samples", str(home)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"kiln: error: --samples {home} is a folder" in err
+
+
+def test_resume_after_the_file_changed_is_refused(default_model: LoadedModel, items_file: Path, home: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the checkpoint was named by the task string only: resumed after an edit of the file, the items scored
+    # before it were kept beside the edited file's, and the run reported a mix of both files
+    options = EvalOptions(task=f"mc:{items_file}")
+    real = multiple_choice.evaluate_items
+    monkeypatch.setattr(multiple_choice, "evaluate_items", _ctrl_c)
+    with pytest.raises(EvalInterrupted):
+        run(default_model, options, progress=False)
+    monkeypatch.setattr(multiple_choice, "evaluate_items", real)
+    items_file.write_text(items_file.read_text().replace('"gold": 0', '"gold": 1'))
+    with pytest.raises(InvalidParameterError, match=r"no interrupted run of .* this content of its file"):
+        run(default_model, replace(options, resume=True), progress=False)
+    items_file.write_text(items_file.read_text().replace('"gold": 1', '"gold": 0'))  # as it was: it resumes
+    assert len(run(default_model, replace(options, resume=True), progress=False).records) == 25
