@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import settings
-from kiln.errors import DataFormatError
+from kiln.errors import DataFormatError, InvalidParameterError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -60,8 +60,19 @@ def db_path() -> Path:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # KILN_HOME is a file, or in a place that cannot be written
+        raise InvalidParameterError(
+            f"cannot make the folder {path.parent} for the runs database ({exc.strerror}); set KILN_HOME to a "
+            "writable folder"
+        ) from exc
+    try:  # a folder in the database's place fails here, not in the first statement
+        conn = sqlite3.connect(path)
+    except sqlite3.DatabaseError as exc:
+        raise DataFormatError(
+            f"{path} is not a usable runs database ({exc}); move it aside and kiln starts a new one"
+        ) from exc
     try:
         conn.executescript(SCHEMA)
         if "run_key" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:

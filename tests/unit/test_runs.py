@@ -47,6 +47,23 @@ def test_a_damaged_database_is_one_error(tmp_path: Path, monkeypatch: pytest.Mon
     assert db.read_text() == "not a database"
 
 
+def test_a_folder_in_the_way_of_the_database_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # a folder named runs.sqlite, or KILN_HOME naming a file, ended kiln runs and kiln eval in a traceback
+    from kiln.cli import main
+
+    (tmp_path / "home" / "runs.sqlite").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("keep me")
+    for home, says in ((tmp_path / "home", "runs.sqlite is not a usable runs database"),
+                       (tmp_path / "notes.txt", "set KILN_HOME to a writable folder")):
+        monkeypatch.setenv("KILN_HOME", str(home))
+        for argv in (["runs"], ["eval", "-m", str(tmp_path / "missing"), "--task", "piqa"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and says in err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_a_run_key_is_stored_once(tmp_path: Path) -> None:
     # a resumed eval stores its result again under the key of the run that may have stored it already
     import sqlite3
