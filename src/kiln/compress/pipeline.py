@@ -278,6 +278,9 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
                         progress: bool = True) -> Manifest:
     """`kiln distill`: train a student from the teacher's layers, checkpointing next to `out`."""
     start = time.perf_counter()
+    if every < 1:  # 0 ended the first step in a ZeroDivisionError; a negative count was taken without a word
+        raise InvalidParameterError(f"--checkpoint-every {every} must be at least 1 (training steps between "
+                                    "checkpoints)")
     checkpoint = out.with_name(out.name + ".checkpoint")
     if resume and not distill.has_checkpoint(checkpoint):
         # refused before the teacher loads; --resume used to start afresh without a word

@@ -272,3 +272,21 @@ def test_resume_without_a_checkpoint_is_one_line(tiny: LlamaModel, tmp_path: Pat
     with pytest.raises(InvalidParameterError, match="no checkpoint in .* to resume"):
         distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=2, batch_size=2, seq_len=16),
                       checkpoint=tmp_path / "none", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("every", ["0", "-5"])
+def test_checkpoint_every_below_one_is_refused_before_the_teacher_loads(
+        every: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 loaded the teacher, trained a step and ended in a ZeroDivisionError; -5 was taken without a word
+    from kiln.cli import main
+    from kiln.compress import pipeline
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_teacher)
+    out = tmp_path / "student"
+    assert main(["distill", "--checkpoint-every", every, "--steps", "1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--checkpoint-every {every} must be at least 1" in err
+    assert not out.exists()
