@@ -216,8 +216,12 @@ def factorise(ctx: Context, step: LowRank) -> None:
         _train(ctx, teacher, ctx.model, cfg, "lowrank_recovery")
 
 
-def _stream(ctx: Context) -> torch.Tensor:
+def _stream(ctx: Context, seq_len: int) -> torch.Tensor:
     tokens, path, sha = calibration.stream(ctx.recipe.calibration, ctx.loaded.tokenizer, ctx.data_dir)
+    if tokens.numel() < seq_len + 2:  # distill.batches draws windows of seq_len + 1 (randrange failed on fewer)
+        raise InvalidParameterError(
+            f"calibration file {path} has {tokens.numel()} tokens, too few for one training window of seq_len "
+            f"{seq_len} (+1); pass a longer text or a smaller seq_len (--seq-len)")
     ctx.history.setdefault("distill_data", {"file": str(path), "sha256": sha})
     return tokens
 
@@ -225,8 +229,8 @@ def _stream(ctx: Context) -> torch.Tensor:
 def _train(ctx: Context, teacher: LlamaModel, student: LlamaModel, cfg: Distill, key: str,
            checkpoint: Path | None = None, resume: bool = False, every: int = 50,
            identity: dict[str, Any] | None = None) -> None:
-    state = distill.train(teacher, student, _stream(ctx), cfg, checkpoint=checkpoint, resume=resume, every=every,
-                          progress=ctx.progress, identity=identity)
+    state = distill.train(teacher, student, _stream(ctx, cfg.seq_len), cfg, checkpoint=checkpoint, resume=resume,
+                          every=every, progress=ctx.progress, identity=identity)
     ctx.history[key] = {"steps": state.step, "tokens": state.tokens, "seconds": round(state.seconds, 1),
                         "loss_curve": state.losses}
 

@@ -290,3 +290,17 @@ def test_checkpoint_every_below_one_is_refused_before_the_teacher_loads(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--checkpoint-every {every} must be at least 1" in err
     assert not out.exists()
+
+
+def test_calibration_text_shorter_than_one_window_is_one_error(tiny_folder: Path, tmp_path: Path) -> None:
+    # randrange over an empty range ended the run in a ValueError traceback once the teacher had loaded
+    from kiln.compress import pipeline
+
+    text = tmp_path / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+    text.parent.mkdir(parents=True)
+    text.write_text("hello world this is tiny")
+    out = tmp_path / "student"
+    with pytest.raises(InvalidParameterError, match=r"has \d+ tokens, too few for one training window of seq_len 16"):
+        pipeline.distill_to_artifact(str(tiny_folder), Distill(student_layers=1, steps=1, batch_size=1, seq_len=16),
+                                     out, data_dir=tmp_path / "data", progress=False)
+    assert not out.exists()
