@@ -495,11 +495,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kiln.artifact import onnx_export
+    from kiln.artifact import gguf_export, onnx_export
     from kiln.model.load import load
+    from kiln.model.source import resolve
 
+    # before loading and building, not after
     if args.format == "onnx":
-        onnx_export.check_output(args.output)  # before loading and building, not after
+        onnx_export.check_output(args.output)
+    else:
+        gguf_export.check_output(args.output, resolve(args.model).path)
     loaded = load(args.model, precision="fp32")
     if args.format == "onnx":
         path = onnx_export.export(loaded, args.output, args.precision)
@@ -509,9 +513,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"(onnxruntime_genai.Model('{path}')); kiln runs the same graph with -m {args.model} "
               "--runtime onnxruntime")
         return 0
-    from kiln.artifact.gguf_export import export
-
-    path = export(loaded, args.output)
+    path = gguf_export.export(loaded, args.output)
     print(f"kiln: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -140,13 +140,22 @@ def _copy_tokenizer(writer: Any, gguf_path: Path) -> None:
             writer.add_key_value(key, field.contents(), kind)
 
 
+def check_output(out: Path, model_path: Path) -> None:
+    """Refuse an output `export` would have to destroy: a folder, or the GGUF file being exported (replaced by
+    its export, the user's model was gone without a word, an F32 file five times its size in its place)."""
+    if out.is_dir():
+        raise InvalidParameterError(f"output {out} is a folder; pass a file name such as {out / 'model.gguf'}")
+    if out.exists() and out.resolve() == model_path.resolve():
+        raise InvalidParameterError(f"output {out} is the model being exported, which the export would replace; "
+                                    "pass another file name")
+
+
 def export(loaded: LoadedModel, out: Path, progress: bool = True) -> Path:
     """Write `loaded` as the GGUF file `out`, through a temporary file beside it: an interrupted or failed
     export leaves no half-written GGUF (and keeps the file it was to replace)."""
     from gguf import GGUFWriter
 
-    if out.is_dir():
-        raise InvalidParameterError(f"output {out} is a folder; pass a file name such as {out / 'model.gguf'}")
+    check_output(out, loaded.source.path)
     spec, model = loaded.spec, loaded.model
     source = _source_gguf(loaded)
     if source is None:

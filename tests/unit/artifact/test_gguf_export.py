@@ -117,6 +117,28 @@ def test_a_folder_or_unwritable_output_is_one_error(exported: tuple[LoadedModel,
     assert not list(tmp_path.glob(".*.partial"))
 
 
+@pytest.mark.parametrize("args,says", [
+    (["-o", "{model}"], "is the model being exported"),  # the export replaced the user's GGUF with its own
+])
+def test_export_refuses_its_input_as_output_before_the_load(
+        args: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln import cli
+    from kiln.model import load as load_module
+
+    def no_load(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(load_module, "load", no_load)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF keep me")
+    argv = [a.format(model=model, out=tmp_path / "out.gguf") for a in args]
+    assert cli.main(["export", "-m", str(model), "--format", "gguf", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err
+    assert model.read_bytes() == b"GGUF keep me" and not (tmp_path / "out.gguf").exists()
+
+
 
 def test_export_shows_progress(default_model: LoadedModel, tmp_path: Path, recorded_bars: Callable[[object], list[Any]]
                                ) -> None:
