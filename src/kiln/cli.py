@@ -496,6 +496,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from kiln.artifact import gguf_export, onnx_export
+    from kiln.errors import InvalidParameterError
     from kiln.model.load import load
     from kiln.model.source import resolve
 
@@ -503,6 +504,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         onnx_export.check_output(args.output)
     else:
+        if args.precision != "auto":  # it was ignored without a word: an fp32 model came out as F32
+            raise InvalidParameterError(f"--precision {args.precision} applies to --format onnx; a GGUF export "
+                                        "keeps the model's own precision: compress it first (kiln compress "
+                                        "--quantize) or drop --precision")
         gguf_export.check_output(args.output, resolve(args.model).path)
     loaded = load(args.model, precision="fp32")
     if args.format == "onnx":

@@ -119,8 +119,9 @@ def test_a_folder_or_unwritable_output_is_one_error(exported: tuple[LoadedModel,
 
 @pytest.mark.parametrize("args,says", [
     (["-o", "{model}"], "is the model being exported"),  # the export replaced the user's GGUF with its own
+    (["--precision", "int4", "-o", "{out}"], "--precision int4 applies to --format onnx"),  # ignored: F32 came out
 ])
-def test_export_refuses_its_input_as_output_before_the_load(
+def test_export_refuses_its_input_as_output_and_an_onnx_precision_before_the_load(
         args: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     from kiln import cli
