@@ -203,6 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kiln.errors import InvalidParameterError
     from kiln.evaluate import summary
     from kiln.evaluate.runner import EvalOptions, EvalOutcome, check_api, run
+    from kiln.evaluate.tasks import resolve
     from kiln.model.load import LoadedModel, load
 
     options = EvalOptions(
@@ -217,7 +218,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if given:
             raise InvalidParameterError(f"{', '.join(given)} only applies with --api URL; add --api or drop it")
     if args.samples:
-        summary.check_samples_path(args.samples)  # written at the end: a bad path must not cost the evaluation
+        # written at the end: a bad path must not cost the evaluation
+        summary.check_samples_path(args.samples, resolve(args.task).path)
     runs.check()  # the result is stored at the end: a damaged database must not cost the evaluation
     subject = _served(args) if args.api else load(args.model, precision=args.dtype)
     baseline = load(args.baseline, precision=args.dtype) if args.baseline else None

@@ -62,8 +62,12 @@ def as_json(outcome: EvalOutcome, model: str, sha256: str) -> str:
     return json.dumps(data)
 
 
-def check_samples_path(path: Path) -> None:
-    """Refuse a --samples path that cannot take the file, before the evaluation rather than after it."""
+def check_samples_path(path: Path, task_file: Path | None = None) -> None:
+    """Refuse a --samples path that cannot take the file, or that is the task's own file (mc:/gen:), which the
+    samples replaced without a word, before the evaluation rather than after it."""
+    if task_file is not None and path.is_file() and task_file.is_file() and path.samefile(task_file):
+        raise InvalidParameterError(f"--samples {path} is the task's data file, which the samples would replace; "
+                                    "pass another file name")
     if path.is_dir():
         raise InvalidParameterError(f"--samples {path} is a folder; pass a file name such as {path / 'samples.jsonl'}")
     for parent in path.parents:

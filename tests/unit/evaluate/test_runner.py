@@ -204,3 +204,21 @@ def test_resume_after_the_file_changed_is_refused(default_model: LoadedModel, it
         run(default_model, replace(options, resume=True), progress=False)
     items_file.write_text(items_file.read_text().replace('"gold": 1', '"gold": 0'))  # as it was: it resumes
     assert len(run(default_model, replace(options, resume=True), progress=False).records) == 25
+
+
+def test_samples_path_that_is_the_task_file_is_refused(items_file: Path, home: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the samples were written over the user's mc: file once the evaluation ended
+    from kiln import cli
+    from kiln.model import load as load_module
+
+    def no_load(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded before --samples was checked")
+
+    monkeypatch.setattr(load_module, "load", no_load)
+    items = items_file.read_text()
+    monkeypatch.chdir(items_file.parent)  # the same file by another name
+    assert cli.main(["eval", "--task", "mc:items.jsonl", "--samples", str(items_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the task's data file" in err and items_file.read_text() == items
