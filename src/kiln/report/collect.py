@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln import runs
 from kiln.artifact.manifest import Manifest, is_artifact
+from kiln.errors import InvalidParameterError
 
 TASK_COLUMNS = ("hellaswag", "arc_easy", "arc_challenge", "piqa")
 
@@ -97,8 +98,15 @@ def collect(models: list[str] | None = None) -> list[ModelSummary]:
 
 
 def reference_of(found: list[ModelSummary], reference: str | None) -> ModelSummary | None:
-    """The summary `reference` names (a model name or sha256 prefix); the first one when it names none."""
+    """The summary `reference` names (a model name or sha256 prefix); the first one when none is given.
+
+    A reference that names none of them is refused: the first one stood in without a word, so every Δppl
+    was measured against another model (with --model naming only artifacts, against one of them)."""
     named = next((m for m in found if reference in (m.name, m.sha256[: len(reference or "")])), None)
+    if reference and found and named is None:
+        raise InvalidParameterError(
+            f"--reference {reference!r} is none of the models in the report ({', '.join(m.name for m in found)}); "
+            "pass one of them, or add it with --model")
     return named or (found[0] if found else None)
 
 

@@ -182,6 +182,22 @@ def test_report_command_prints_the_choice_and_fails_an_unmet_budget(home: Path, 
     assert "--max-ttft-ms must be positive" in capsys.readouterr().err
 
 
+def test_a_reference_that_is_none_of_the_models_is_refused(home: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # the first model stood in for it without a word: with --model int8 --model int4 --reference fp32, int4's
+    # +10.6% was measured against int8 and the choice of model rested on it
+    from kiln import cli
+
+    assert choose(reference="int4").reference == "int4" and choose(reference="aaaa").reference == "fp32"
+    with pytest.raises(InvalidParameterError, match=r"--reference 'nosuch' is none of the models in the report"):
+        choose(reference="nosuch")
+    out = tmp_path / "r.html"
+    assert cli.main(["report", "-o", str(out), "--model", "int8", "--model", "int4", "--reference", "fp32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(int8, int4); pass one of them, or add it with --model" in err
+    assert not out.exists()
+
+
 def test_report_command_reads_the_runs_once(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """The page and the choice describe the same runs: a run recorded between two reads could make the page
