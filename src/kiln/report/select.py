@@ -25,11 +25,12 @@ class Budget:
     max_ttft_ms: float | None = None  # batch-1 time to first token
 
     def __post_init__(self) -> None:
+        # NaN passed both comparisons, and a NaN limit let every model through ("within +nan%")
         for name in ("max_memory_mb", "min_tokens_per_s", "max_ttft_ms"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
+            if value is not None and not value > 0:
                 raise InvalidParameterError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
-        if self.max_ppl_increase_pct < 0:
+        if not self.max_ppl_increase_pct >= 0:
             raise InvalidParameterError(
                 f"--max-ppl-increase must be 0 or more (percent), got {self.max_ppl_increase_pct:g}")
 

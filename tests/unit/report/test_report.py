@@ -164,6 +164,15 @@ def test_a_budget_needs_the_measurements_it_limits(tmp_path: Path, monkeypatch: 
         Budget(min_tokens_per_s=0)
 
 
+@pytest.mark.parametrize("field,flag", [("max_ppl_increase_pct", "--max-ppl-increase"),
+                                        ("max_memory_mb", "--max-memory-mb"),
+                                        ("min_tokens_per_s", "--min-tokens-per-s"), ("max_ttft_ms", "--max-ttft-ms")])
+def test_a_nan_limit_is_refused(field: str, flag: str) -> None:
+    # NaN passed the range checks and every comparison with it, so any model met the budget
+    with pytest.raises(InvalidParameterError, match=f"{flag} must be .* got nan"):
+        Budget(**{field: float("nan")})  # type: ignore[arg-type]
+
+
 def test_report_command_prints_the_choice_and_fails_an_unmet_budget(home: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import json
