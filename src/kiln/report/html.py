@@ -13,6 +13,7 @@ import jinja2
 
 from kiln import __version__
 from kiln.errors import InvalidParameterError
+from kiln.files import write_text
 from kiln.report.collect import TASK_COLUMNS, ModelSummary, collect, reference_of
 from kiln.report.plots import line_svg, scatter_svg
 from kiln.report.select import Choice
@@ -175,6 +176,12 @@ def render(models: list[str] | None = None, reference: str | None = None, choice
 
 def write(path: Path, models: list[str] | None = None, reference: str | None = None,
           choice: Choice | None = None, found: list[ModelSummary] | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(models, reference, choice, found), encoding="utf-8")
+    if path.is_dir():  # IsADirectoryError's traceback before
+        raise InvalidParameterError(f"-o {path} is a folder; pass a file name such as {path / 'report.html'}")
+    page = render(models, reference, choice, found)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, page)
+    except OSError as exc:  # a parent that is a file, a read-only place, a full disk
+        raise InvalidParameterError(f"cannot write the report {path} ({exc.strerror}); pass a writable path") from exc
     return path

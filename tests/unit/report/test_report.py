@@ -207,6 +207,22 @@ def test_a_reference_that_is_none_of_the_models_is_refused(home: Path, tmp_path:
     assert not out.exists()
 
 
+def test_an_output_that_cannot_take_the_page_is_one_line(home: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # a folder given as -o ended in IsADirectoryError's traceback, a file in its path in FileExistsError's
+    from kiln import cli
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    for out, says in ((tmp_path, "is a folder; pass a file name such as"),
+                      (tmp_path / "notes.txt" / "r.html", "cannot write the report")):
+        assert cli.main(["report", "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert cli.main(["report", "-o", str(tmp_path / "r.html")]) == 0 and not list(tmp_path.glob(".*.partial"))
+    assert "Δppl" in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
 def test_report_command_reads_the_runs_once(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """The page and the choice describe the same runs: a run recorded between two reads could make the page
