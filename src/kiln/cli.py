@@ -320,10 +320,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from kiln.model.info import spec_of
     from kiln.plan import estimate, profile
 
-    # a zero or negative count gave negative memory and speeds with exit 0; refuse it before any work
+    # a zero or negative count gave negative memory and speeds with exit 0, a NaN rate "to reach nan tok/s: does
+    # not meet it" everywhere; refuse them before any work
     for flag, value in (("--context", args.context), ("--concurrency", args.concurrency),
                         ("--target-tokens-per-s", args.target_tokens_per_s)):
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             raise InvalidParameterError(f"{flag} {value:g} is not a positive number; pass one above 0")
     spec = spec_of(args.model)  # a bad model fails before a calibration of minutes
     if args.context is not None and args.context > spec.max_position:

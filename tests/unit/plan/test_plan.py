@@ -216,7 +216,8 @@ def test_probe_fit_takes_the_median_of_three_runs_at_every_batch_size() -> None:
 
 
 @pytest.mark.parametrize("flags", [["--concurrency", "-1"], ["--concurrency", "0"], ["--context", "-5"],
-                                   ["--context", "0"], ["--target-tokens-per-s", "-3"]])
+                                   ["--context", "0"], ["--target-tokens-per-s", "-3"],
+                                   ["--target-tokens-per-s", "nan"]])  # NaN: "does not meet it" everywhere
 def test_cli_refuses_counts_below_one(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     # these once printed negative memory and speeds (or silently the model's context) with exit 0
     from kiln.cli import main
