@@ -396,16 +396,19 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
 
     steps: list = []
     if args.prune is not None:
-        steps.append(Prune(sparsity=args.prune, method=args.prune_method))
+        steps.append(Prune(sparsity=args.prune, **({"method": args.prune_method} if args.prune_method else {})))
     if args.lowrank_rank is not None or args.lowrank_energy is not None:
         steps.append(LowRank(rank=args.lowrank_rank, energy=args.lowrank_energy))
     if args.quantize is not None:
         bits = {"int8": 8, "int4": 4, "w8a8": 8}[args.quantize]
-        method = "smoothquant" if args.quantize == "w8a8" else args.method
-        steps.append(Quantize(bits=bits, method=method, group_size=args.group_size, symmetric=args.symmetric,
+        method = "smoothquant" if args.quantize == "w8a8" else args.method or "rtn"
+        # the step options left out take the step's defaults (_check_step_options refused those it does not read)
+        given = {name: value for name, value in (("group_size", args.group_size), ("alpha", args.alpha),
+                                                  ("target", args.gptq_target), ("refit", args.gptq_refit))
+                 if value is not None}
+        steps.append(Quantize(bits=bits, method=method, symmetric=bool(args.symmetric),
                               keep_embeddings=args.quantize_embeddings is None,
-                              head_bits=8 if args.quantize_embeddings == "int8" else 0, alpha=args.alpha,
-                              target=args.gptq_target, refit=args.gptq_refit))
+                              head_bits=8 if args.quantize_embeddings == "int8" else 0, **given))
     if not steps:
         raise RecipeError("nothing to do: pass --recipe FILE, --sweep FILE, or --quantize / --prune / --lowrank-*")
     if args.calibration_samples is not None:
@@ -423,11 +426,37 @@ def _check_one_recipe_source(args: argparse.Namespace) -> None:
     if args.recipe and args.sweep:
         raise RecipeError("--sweep does not apply with --recipe; pass one of them")
     flags = {"--quantize": args.quantize, "--prune": args.prune, "--lowrank-rank": args.lowrank_rank,
-             "--lowrank-energy": args.lowrank_energy, "--calibration-samples": args.calibration_samples}
+             "--lowrank-energy": args.lowrank_energy, "--calibration-samples": args.calibration_samples,
+             **{flag: value for flag, value, _, _ in _step_options(args)}}
     for flag, value in flags.items():
         if value is not None:
             raise RecipeError(f"{flag} does not apply with {source}: the file holds the steps and calibration; "
                               f"put it in the file or drop {source}")
+
+
+def _step_options(args: argparse.Namespace) -> list[tuple[str, Any, bool, str]]:
+    """(flag, value or None when not given, whether the steps the flags make read it, the flag that makes one)."""
+    quantize = args.quantize in ("int8", "int4")  # w8a8 is SmoothQuant: no --method, grid or GPTQ settings
+    return [
+        ("--method", args.method, quantize, "--quantize int8 or int4 (w8a8 is SmoothQuant)"),
+        ("--group-size", args.group_size, args.quantize == "int4", "--quantize int4"),
+        ("--symmetric", args.symmetric, args.quantize == "int4", "--quantize int4"),
+        ("--alpha", args.alpha, args.quantize == "w8a8", "--quantize w8a8"),
+        ("--gptq-target", args.gptq_target, quantize and args.method == "gptq", "--method gptq"),
+        ("--gptq-refit", args.gptq_refit, quantize and args.method == "gptq", "--method gptq"),
+        ("--quantize-embeddings", args.quantize_embeddings, args.quantize is not None, "--quantize"),
+        ("--prune-method", args.prune_method, args.prune is not None, "--prune"),
+    ]
+
+
+def _check_step_options(args: argparse.Namespace) -> None:
+    """An option no step reads was ignored without a word: --method gptq with --quantize w8a8 made a
+    SmoothQuant artifact, --group-size 32 with int8 a per-channel one, --prune-method without --prune nothing."""
+    from kiln.compress.recipe import RecipeError
+
+    for flag, value, is_read, needs in _step_options(args):
+        if value is not None and not is_read:
+            raise RecipeError(f"{flag} applies with {needs}; add that or drop {flag}")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -436,6 +465,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from kiln.compress.recipe import Recipe, read_sweep
 
     _check_one_recipe_source(args)
+    _check_step_options(args)
     if args.sweep:
         outputs = [(args.output / name, recipe) for name, recipe in read_sweep(args.sweep)]
     else:
@@ -684,21 +714,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, default=None, help="a TOML recipe of [[step]] tables")
     p.add_argument("--sweep", type=Path, default=None, help="a TOML file of [[artifact]] recipes, each with a name")
     p.add_argument("--quantize", choices=["int8", "int4", "w8a8"], default=None)
-    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn", help="quantization method")
-    p.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale (32, 64, 128)")
-    p.add_argument("--symmetric", action="store_true", help="int4: symmetric grid")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default=None, help="quantization method (default rtn)")
+    p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (32, 64, 128; default 128)")
+    p.add_argument("--symmetric", action="store_true", default=None, help="int4: symmetric grid")
     p.add_argument("--quantize-embeddings", nargs="?", const="same", choices=["same", "int8"], default=None,
                    help="also quantize the embedding / lm_head: at the layers' bits, or int8 (int4 layers with an "
                         "int8 head, as llama.cpp keeps its output matrix at 6-8 bits)")
-    p.add_argument("--alpha", type=float, default=0.5, help="w8a8: SmoothQuant migration strength")
-    p.add_argument("--gptq-target", choices=["model", "layer"], default="model",
-                   help="gptq: match the uncompressed model's layer outputs (model) or each layer's own (layer)")
-    p.add_argument("--gptq-refit", type=int, default=2, help="gptq int4: rounds of refitting the group grids")
+    p.add_argument("--alpha", type=float, default=None, help="w8a8: SmoothQuant migration strength (default 0.5)")
+    p.add_argument("--gptq-target", choices=["model", "layer"], default=None,
+                   help="gptq: match the uncompressed model's layer outputs (model, the default) or each layer's "
+                        "own (layer)")
+    p.add_argument("--gptq-refit", type=int, default=None,
+                   help="gptq int4: rounds of refitting the group grids (default 2)")
     p.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration sequences of 512 tokens (default 128)")
     p.add_argument("--prune", type=float, default=None, help="sparsity to reach, e.g. 0.5")
     p.add_argument("--prune-method", choices=["magnitude", "wanda", "2:4", "heads", "channels", "layers"],
-                   default="magnitude")
+                   default=None, help="default magnitude")
     p.add_argument("--lowrank-rank", type=int, default=None)
     p.add_argument("--lowrank-energy", type=float, default=None)
     p.add_argument("--data", type=Path, default=None, help="data folder for calibration text")

@@ -139,6 +139,8 @@ def test_sweep_names_its_recipes(tmp_path: Path) -> None:
     ["--prune", "0.5"],
     ["--calibration-samples", "4"],
     ["--sweep", "sweep.toml"],
+    ["--method", "gptq"],
+    ["--group-size", "32"],
 ])
 def test_a_recipe_file_takes_no_step_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            extra: list[str]) -> None:
@@ -150,3 +152,37 @@ def test_a_recipe_file_takes_no_step_flags(tmp_path: Path, capsys: pytest.Captur
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{extra[0]} does not apply with --recipe" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--quantize", "w8a8", "--method", "gptq"], "--method applies with --quantize int8 or int4"),  # made SmoothQuant
+    (["--quantize", "int8", "--group-size", "32"], "--group-size applies with --quantize int4"),  # per channel
+    (["--quantize", "int8", "--symmetric"], "--symmetric applies with --quantize int4"),
+    (["--quantize", "int4", "--alpha", "0.8"], "--alpha applies with --quantize w8a8"),
+    (["--quantize", "int4", "--gptq-refit", "0"], "--gptq-refit applies with --method gptq"),
+    (["--quantize", "int4", "--method", "awq", "--gptq-target", "layer"], "--gptq-target applies with --method gptq"),
+    (["--prune", "0.5", "--quantize-embeddings"], "--quantize-embeddings applies with --quantize"),
+    (["--quantize", "int8", "--prune-method", "wanda"], "--prune-method applies with --prune"),  # no pruning at all
+])
+def test_a_step_option_no_step_reads_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                flags: list[str], says: str) -> None:
+    # each was ignored without a word, and the artifact was not the one asked for
+    from kiln.cli import main
+
+    assert main(["compress", *flags, "-m", str(tmp_path / "missing"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and not (tmp_path / "out").exists()
+
+
+def test_step_options_left_out_take_the_steps_defaults() -> None:
+    from kiln.cli import _recipe_from_flags, build_parser
+
+    def recipe(*flags: str) -> Recipe:
+        return _recipe_from_flags(build_parser().parse_args(["compress", *flags, "-o", "out"]))
+
+    assert recipe("--quantize", "int4").steps == (Quantize(bits=4),)
+    assert recipe("--quantize", "w8a8").steps == (Quantize(bits=8, method="smoothquant"),)
+    assert recipe("--prune", "0.5").steps[0].method == "magnitude"
+    gptq = recipe("--quantize", "int4", "--method", "gptq", "--group-size", "32", "--symmetric", "--gptq-refit", "0",
+                  "--gptq-target", "layer").steps[0]
+    assert gptq == Quantize(bits=4, method="gptq", group_size=32, symmetric=True, refit=0, target="layer")
