@@ -118,8 +118,9 @@ def query(model: str | None = None, kind: str | None = None, path: Path | None =
     """Runs, oldest first; `model` matches the name given with -m or a prefix of the sha256."""
     sql, args = "SELECT * FROM runs WHERE 1=1", []
     if model:
-        sql += " AND (model = ? OR model_sha256 LIKE ?)"
-        args += [model, f"{model}%"]
+        # a prefix of the hash, not a pattern: % and _ in `model` matched every run
+        sql += " AND (model = ? OR substr(model_sha256, 1, ?) = ?)"
+        args += [model, len(model), model]
     if kind:
         sql += " AND kind = ?"
         args.append(kind)

@@ -26,6 +26,7 @@ def test_add_and_query(tmp_path: Path) -> None:
     assert len(found) == 1 and found[0].metrics == {"acc": 0.5} and found[0].worst == [{"index": 3}]
     assert runs.query(model="other", path=db)[0].model_sha256 == "def456"
     assert runs.query(kind="bench", path=db) == []
+    assert runs.query(model="%", path=db) == runs.query(model="_bc", path=db) == []  # not LIKE patterns
 
 
 def test_a_damaged_database_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
