@@ -65,6 +65,16 @@ class EvalOptions:
                 raise InvalidParameterError(f"--{name.replace('_', '-')} {value} must be at least 1")
         if self.ctx < 16 or self.ctx % 2:
             raise InvalidParameterError(f"--ctx {self.ctx} must be an even number of tokens, at least 16")
+        # each limit counts what its kind of task has; the other one was ignored without a word
+        if ref.kind == "perplexity" and self.limit is not None:
+            raise InvalidParameterError(f"--limit counts items, and {ref.name} is one text cut into chunks; pass "
+                                        f"--limit-tokens N (a multiple of --ctx {self.ctx}) instead")
+        if ref.kind != "perplexity" and self.limit_tokens is not None:
+            raise InvalidParameterError(f"--limit-tokens applies to perplexity (wikitext2); {ref.name} takes "
+                                        "--limit N items instead")
+        if self.limit_tokens is not None and self.limit_tokens < self.ctx:  # one whole chunk was scored
+            raise InvalidParameterError(f"--limit-tokens {self.limit_tokens} is less than one chunk of --ctx "
+                                        f"{self.ctx} tokens; pass at least {self.ctx}")
         if self.runtime not in RUNTIMES:
             raise InvalidParameterError(f"--runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         if self.runtime != "torch" and ref.kind != "generation":

@@ -35,6 +35,13 @@ def test_options_are_checked_before_loading() -> None:
         EvalOptions(task="piqa", limit=0)
     with pytest.raises(InvalidParameterError, match="--ctx 15"):
         EvalOptions(task="wikitext2", ctx=15)
+    # a limit the task does not count was ignored, and one below a chunk scored a whole chunk
+    with pytest.raises(InvalidParameterError, match="--limit counts items, and wikitext2 is one text"):
+        EvalOptions(task="wikitext2", limit=10)
+    with pytest.raises(InvalidParameterError, match="--limit-tokens applies to perplexity"):
+        EvalOptions(task="hellaswag", limit_tokens=1024)
+    with pytest.raises(InvalidParameterError, match="--limit-tokens 10 is less than one chunk of --ctx 512"):
+        EvalOptions(task="wikitext2", limit_tokens=10)
 
 
 def test_multiple_choice_run(default_model: LoadedModel, items_file: Path, home: Path) -> None:
@@ -170,7 +177,7 @@ def test_ctx_beyond_the_model_context_is_one_line(default_model: LoadedModel, ho
     # an IndexError from the rotary table once ended the run with a traceback
     limit = default_model.spec.max_position
     with pytest.raises(InvalidParameterError, match=rf"--ctx {2 * limit} is more than the model's context of {limit}"):
-        run(default_model, EvalOptions(task="wikitext2", ctx=2 * limit, limit_tokens=2048), progress=False)
+        run(default_model, EvalOptions(task="wikitext2", ctx=2 * limit, limit_tokens=4 * limit), progress=False)
 
 
 def test_samples_path_is_checked_before_the_evaluation(items_file: Path, home: Path,
