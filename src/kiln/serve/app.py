@@ -96,6 +96,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its location is the character where the JSON broke, not a field
+            where = first.get("loc", ("body", "?"))[-1]
+            return JSONResponse(error_body(f"the body is not valid JSON (it breaks at character {where}); send one "
+                                           "JSON object", "invalid_request_error", None, "invalid_json"), 400)
         param = _param_of(first)
         # the message is built from the error's fields, never str(exc), so nothing internal leaks
         message = f"{param or 'body'}: {_message_of(first)}" if first else "invalid request body"

@@ -190,7 +190,14 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(...)
     echo: bool = Field(default=False, strict=True)
     logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
-    suffix: None = None  # not supported: refused if set to anything
+    suffix: Any = None  # not supported: refused if set to anything
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: Any) -> None:
+        if value is not None:  # pydantic's own words for a None-only field were "Input should be None"
+            raise ValueError("suffix (text after the completion, for fill-in-the-middle) is not supported; drop it")
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -357,6 +364,14 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = Field(default=False, strict=True)
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     tools: list[Tool] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # OpenAI and vLLM refuse it; it was ignored, and the answer came back without logprobs
+        if value is not None and info.data.get("logprobs") is False:
+            raise ValueError("top_logprobs applies with logprobs: true; set logprobs or drop top_logprobs")
+        return value
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
     parallel_tool_calls: bool = Field(default=True, strict=True)  # required may give several calls
 

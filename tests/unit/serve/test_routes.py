@@ -58,6 +58,10 @@ def test_stream_options_without_a_stream_are_400(path: str, body: dict, stream: 
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, "stop", "stop sequences must not be empty"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, "messages.0.content",
      "the list of content parts is empty; send a string or at least one text part"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "x"}, "suffix",
+     "suffix (text after the completion, for fill-in-the-middle) is not supported; drop it"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs",
+     "top_logprobs applies with logprobs: true; set logprobs or drop top_logprobs"),
 ])
 def test_a_validator_refusal_is_its_own_sentence(path: str, body: dict, param: str, sentence: str) -> None:
     # a ValueError raised in a validator reaches the client as its message alone, not pydantic's "Value error, ..."
@@ -65,6 +69,16 @@ def test_a_validator_refusal_is_its_own_sentence(path: str, body: dict, param: s
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert (error["message"], error["param"], error["code"]) == (f"{param}: {sentence}", param, "invalid_value")
+
+
+def test_a_body_that_is_not_json_is_400_saying_so() -> None:
+    # its error's location was the character where the JSON broke, shown as if it were a field: "10: JSON decode error"
+    r = TestClient(create_app(ServeConfig())).post("/v1/completions", content=b'{"prompt":',
+                                                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] is None and error["code"] == "invalid_json"
+    assert error["message"] == "the body is not valid JSON (it breaks at character 10); send one JSON object"
 
 
 COMPLETION, CHAT = {"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}
