@@ -27,7 +27,7 @@ from kiln.compress.calibration import CalibrationSet
 from kiln.compress.prune import structured, unstructured
 from kiln.compress.quantize import awq, gptq, smoothquant
 from kiln.compress.quantize.qlinear import LAYER_KINDS, Int4Linear, Int8Linear, QuantEmbedding, W8A8Linear
-from kiln.compress.recipe import Distill, LowRank, Prune, Quantize, Recipe, kind_of
+from kiln.compress.recipe import Distill, LowRank, Prune, Quantize, Recipe, Step, kind_of
 from kiln.errors import Interrupted, InvalidParameterError, ModelFormatError
 from kiln.model.llama import Block, LlamaModel
 from kiln.model.load import LoadedModel, load
@@ -265,10 +265,30 @@ def check_uncompressed(model: str) -> None:
             f"weights; pass the model it was made from ({manifest.source.get('name')}) with the whole recipe")
 
 
+def reads_calibration(step: Step) -> bool:
+    """Whether a step runs calibration text through the model (the runners above: GPTQ, AWQ, SmoothQuant, Wanda
+    scores, structured importance, distillation and low-rank recovery)."""
+    if isinstance(step, Quantize):
+        return step.method != "rtn"
+    if isinstance(step, Prune):
+        return step.method != "magnitude" and not (step.method == "2:4" and step.score == "magnitude")
+    if isinstance(step, LowRank):
+        return step.recover_steps > 0
+    return True  # distillation
+
+
+def check_calibration(recipe: Recipe, data_dir: Path | None) -> None:
+    """A missing calibration file is refused before the load, not when the first step that reads it runs (after
+    the steps before it had done their work)."""
+    if any(reads_calibration(step) for step in recipe.steps):
+        calibration.locate(recipe.calibration.file, data_dir)
+
+
 def compress(model: str, recipe: Recipe, out: Path, data_dir: Path | None = None, progress: bool = True) -> Manifest:
     """Run `recipe` on `model` and write the artifact folder `out`; returns its manifest."""
     start = time.perf_counter()
     check_uncompressed(model)
+    check_calibration(recipe, data_dir)
     loaded = load(model, precision="fp32", progress=progress)
     ctx = Context(loaded, recipe, data_dir, progress)
     runners = {"quantize": quantize, "prune": prune, "lowrank": factorise, "distill": distil}
@@ -292,6 +312,7 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
             f"--resume: there is no checkpoint for {out} to resume (none in {checkpoint}); drop --resume to "
             "start afresh")
     check_uncompressed(teacher)
+    check_calibration(Recipe((cfg,)), data_dir)
     ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
     try:
         distil(ctx, cfg, layers, checkpoint, resume, every)

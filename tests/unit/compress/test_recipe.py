@@ -186,3 +186,26 @@ def test_step_options_left_out_take_the_steps_defaults() -> None:
     gptq = recipe("--quantize", "int4", "--method", "gptq", "--group-size", "32", "--symmetric", "--gptq-refit", "0",
                   "--gptq-target", "layer").steps[0]
     assert gptq == Quantize(bits=4, method="gptq", group_size=32, symmetric=True, refit=0, target="layer")
+
+
+def test_a_missing_calibration_file_is_refused_before_the_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the magnitude pruning before GPTQ ran in full, and the missing file was found only when GPTQ asked for it
+    from kiln.compress import pipeline
+    from kiln.errors import DataNotFoundError
+
+    def no_load(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded before the calibration file was looked for")
+
+    monkeypatch.setattr(pipeline, "load", no_load)
+    recipe = Recipe((Prune(sparsity=0.5, method="magnitude"), Quantize(bits=4, method="gptq")))
+    with pytest.raises(DataNotFoundError, match="wiki.valid.raw not found under"):
+        pipeline.compress("default", recipe, tmp_path / "out", data_dir=tmp_path)
+    with pytest.raises(DataNotFoundError, match="not found under"):
+        pipeline.distill_to_artifact("default", Distill(steps=1), tmp_path / "student", data_dir=tmp_path)
+    # steps that read no calibration text need no file
+    assert not any(pipeline.reads_calibration(s) for s in (Quantize(bits=8), Prune(sparsity=0.5, method="magnitude"),
+                                                           Prune(sparsity=0.5, method="2:4", score="magnitude"),
+                                                           LowRank(rank=8)))
+    assert all(pipeline.reads_calibration(s) for s in (Quantize(bits=4, method="awq"),
+                                                       Prune(sparsity=0.5, method="wanda"),
+                                                       LowRank(rank=8, recover_steps=2), Distill(steps=1)))
