@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kiln.benchmark.machine import machine_info
 from kiln.engine.generate import GenerationOutput, Generator
 from kiln.engine.sampler import SamplingParams
-from kiln.errors import DataNotFoundError, InvalidParameterError
+from kiln.errors import ContextLengthError, DataNotFoundError, InvalidParameterError
 from kiln.evaluate.data import data_file
 from kiln.model.load import LoadedModel
 from kiln.model.packed import packed_nbytes
@@ -138,6 +138,12 @@ def measure_once(outputs: Sequence[GenerationOutput], batch_size: int) -> dict[s
 def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     from kiln.engine.onnx_runtime import pick_runtime
 
+    context = loaded.spec.max_position
+    if options.prompt_tokens + options.new_tokens > context:
+        # the engine stops a sequence at the context, so the figures would be for fewer tokens than reported
+        raise ContextLengthError(
+            f"--prompt-tokens {options.prompt_tokens} + --new-tokens {options.new_tokens} is more than the model's "
+            f"context of {context} tokens; pass a sum of {context} or less")
     weights, precision = model_bytes(loaded), str(loaded.model.dtype).removeprefix("torch.")
     # as generate, chat and serve do: under an ONNX Runtime session only the session's copy stays
     model, runtime = pick_runtime(loaded, options.runtime, options.kv_cache, keep_weights=False)

@@ -45,3 +45,15 @@ def test_a_reset_peak_forgets_what_came_before() -> None:
     block.close()
     assert reset_peak_rss()
     assert peak_rss_bytes() < start + 100 * 2**20  # the process's earlier peak (other tests' models) is gone too
+
+
+def test_a_prompt_and_new_tokens_beyond_the_context_are_refused() -> None:
+    # the engine stopped each sequence at the context: 8190 + 8 ran 2 new tokens and reported them as 8
+    from types import SimpleNamespace
+
+    from kiln.benchmark.latency import BenchOptions, run
+    from kiln.errors import ContextLengthError
+
+    loaded = SimpleNamespace(spec=SimpleNamespace(max_position=64))
+    with pytest.raises(ContextLengthError, match="--prompt-tokens 60 \\+ --new-tokens 8 .* context of 64"):
+        run(loaded, BenchOptions(prompt_tokens=60, new_tokens=8, batch_sizes=(1,), runs=1))  # type: ignore[arg-type]
