@@ -580,6 +580,10 @@ def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model",
     its own, and the two are never resident together."""
     if runtime not in RUNTIMES:
         raise InvalidParameterError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and kv_cache != "model":
+        # the session keeps its own keys and values at the model's dtype: the flag was ignored without a word
+        raise InvalidParameterError(f"--kv-cache {kv_cache} runs on kiln's torch graph only (ONNX Runtime keeps its "
+                                    f"own keys and values); pass --runtime torch or drop --kv-cache {kv_cache}")
     if runtime != "auto":
         return runtime_model(loaded, runtime, keep_weights=keep_weights), runtime
     if why_not_onnx(loaded, kv_cache) is None:

@@ -794,3 +794,13 @@ def test_the_engine_drafts_on_the_onnx_runtime_with_the_same_tokens(tiny: Loaded
             assert [v.logprob for v in g.logprobs] == pytest.approx([v.logprob for v in w.logprobs], abs=1e-4)
         assert drafter.stats.passes > 0
         assert (drafter.stats.accepted == drafter.stats.proposed) == (draft is not other)
+
+
+def test_int8_keys_and_values_on_onnxruntime_by_name_are_refused() -> None:
+    # the session keeps its own keys and values: --kv-cache int8 was dropped without a word (and bench reported it)
+    from types import SimpleNamespace
+
+    from kiln.engine.onnx_runtime import pick_runtime
+
+    with pytest.raises(InvalidParameterError, match="--kv-cache int8 .* pass --runtime torch"):
+        pick_runtime(SimpleNamespace(), "onnxruntime", kv_cache="int8")  # type: ignore[arg-type]
