@@ -121,6 +121,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kiln.model.load import load
 
     params = _params(args)  # validate before the (slow) load
+    if args.raw and args.system is not None:  # the system message was dropped without a word
+        from kiln.errors import InvalidParameterError
+
+        raise InvalidParameterError("--system goes into the chat template, which --raw skips; drop --raw or --system")
     if args.draft:
         _check_speculative(args, params)
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -107,3 +107,15 @@ def test_a_failed_sweep_entry_is_named_and_the_written_ones_kept(tiny_folder, tm
     monkeypatch.setattr(pipeline, "compress", ctrl_c)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.strip() == "kiln: interrupted in sweep entry 'int8'; no artifact written before it"
+
+
+def test_a_system_message_with_raw_is_refused_before_the_load(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # --raw skips the chat template, so --system was dropped without a word
+    def no_load(*args: object, **kw: object) -> None:
+        raise AssertionError("the flags are checked before the model loads")
+
+    monkeypatch.setattr("kiln.model.load.load", no_load)
+    assert cli.main(["generate", "hi", "--raw", "--system", "Answer in French"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--raw" in error and "--system" in error
