@@ -18,6 +18,7 @@ from kiln import __version__
 from kiln.engine import RUNTIME_HELP, RUNTIMES
 from kiln.errors import Interrupted, KilnError, ModelFormatError
 
+DEFAULT_SPECULATE = 4  # --draft: tokens the draft proposes per step
 DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
 
 
@@ -125,6 +126,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from kiln.errors import InvalidParameterError
 
         raise InvalidParameterError("--system goes into the chat template, which --raw skips; drop --raw or --system")
+    if args.speculate is not None and not args.draft:  # it was ignored without a word
+        from kiln.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"--speculate {args.speculate} only applies with --draft MODEL; add --draft or "
+                                    "drop --speculate")
     if args.draft:
         _check_speculative(args, params)
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -182,7 +188,8 @@ def _load_drafter(args: argparse.Namespace, loaded: Any, model: Any) -> Any:
     from kiln.engine.drafting import load_drafter
     from kiln.engine.threads import use_threads_for
 
-    drafter = load_drafter(args.draft, args.speculate, loaded.spec.vocab_size, args.runtime, args.dtype)
+    speculate = DEFAULT_SPECULATE if args.speculate is None else args.speculate
+    drafter = load_drafter(args.draft, speculate, loaded.spec.vocab_size, args.runtime, args.dtype)
     use_threads_for(model)  # building the draft set this thread's torch count for the draft; the model steps here
     return drafter
 
@@ -634,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None,
                    help="speculative decoding with this draft model (greedy; e.g. an int4 artifact of the model "
                         "or a `kiln distill` student), on the runtime --runtime picks for it")
-    p.add_argument("--speculate", type=int, default=4, help="--draft: tokens the draft proposes per step")
+    p.add_argument("--speculate", type=int, default=None,
+                   help=f"--draft: tokens the draft proposes per step (default {DEFAULT_SPECULATE})")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", parents=[common, sampling], help="talk to a model interactively")

@@ -119,3 +119,15 @@ def test_a_system_message_with_raw_is_refused_before_the_load(monkeypatch: pytes
     assert cli.main(["generate", "hi", "--raw", "--system", "Answer in French"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--raw" in error and "--system" in error
+
+
+def test_speculate_without_a_draft_is_refused_before_the_load(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # --speculate only sizes --draft's proposals: alone it was ignored without a word
+    def no_load(*args: object, **kw: object) -> None:
+        raise AssertionError("the flags are checked before the model loads")
+
+    monkeypatch.setattr("kiln.model.load.load", no_load)
+    assert cli.main(["generate", "hi", "--speculate", "7"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--speculate 7" in error and "--draft" in error
