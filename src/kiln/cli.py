@@ -134,6 +134,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.draft:
         _check_speculative(args, params)
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not args.raw and not prompt_text.strip():  # the chat template would wrap a blank message and run anyway
+        from kiln.errors import InvalidParameterError
+
+        raise InvalidParameterError("the prompt is empty; pass some text" +
+                                    (" on stdin" if args.prompt == "-" else ""))
     loaded = load(args.model, precision=args.dtype)
     tok = loaded.tokenizer
     if args.raw or not tok.has_chat_template:

@@ -131,3 +131,19 @@ def test_speculate_without_a_draft_is_refused_before_the_load(monkeypatch: pytes
     assert cli.main(["generate", "hi", "--speculate", "7"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--speculate 7" in error and "--draft" in error
+
+
+@pytest.mark.parametrize("prompt, stdin", [("", ""), ("  ", ""), ("-", ""), ("-", "\n")])
+def test_an_empty_prompt_is_refused_before_the_load(prompt: str, stdin: str, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # through the chat template a blank message was wrapped and answered (--raw already refused it)
+    import io
+
+    def no_load(*args: object, **kw: object) -> None:
+        raise AssertionError("the prompt is checked before the model loads")
+
+    monkeypatch.setattr("kiln.model.load.load", no_load)
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    assert cli.main(["generate", prompt]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "the prompt is empty; pass some text" in error
