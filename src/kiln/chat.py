@@ -12,6 +12,7 @@ from typing import TextIO
 
 from kiln.engine.generate import Generator
 from kiln.engine.sampler import SamplingParams
+from kiln.errors import KilnError
 from kiln.model.load import LoadedModel
 from kiln.model.tokenizer import Message
 
@@ -34,12 +35,19 @@ class ChatSession:
         self.history = []
 
     def reply(self, text: str, on_text: Callable[[str], None]) -> str:
-        """Add the user's message, stream the assistant's answer, and keep both in the history."""
-        self.history.append({"role": "user", "content": text})
-        prompt, dropped = self._fit_prompt()
-        if dropped:
-            on_text(f"[dropped the {dropped} oldest messages to fit the context]\n")
-        out = self.generator.generate([prompt], self.params, on_text=lambda _row, delta: on_text(delta))[0]
+        """Add the user's message, stream the assistant's answer, and keep both in the history.
+
+        A message the model cannot take (KilnError) leaves the history as it was."""
+        before = self.history
+        self.history = [*before, {"role": "user", "content": text}]
+        try:
+            prompt, dropped = self._fit_prompt()
+            if dropped:
+                on_text(f"[dropped the {dropped} oldest messages to fit the context]\n")
+            out = self.generator.generate([prompt], self.params, on_text=lambda _row, delta: on_text(delta))[0]
+        except KilnError:
+            self.history = before
+            raise
         self.history.append({"role": "assistant", "content": out.text})
         return out.text
 
@@ -56,6 +64,7 @@ class ChatSession:
 
 def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     interactive = stdin.isatty()
+    exit_code = 0  # a message refused on the way (the conversation goes on) makes it non-zero
     if interactive:
         print(HELP, file=stdout)
 
@@ -69,16 +78,21 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
             stdout.flush()
         line = stdin.readline()
         if not line:  # end of input
-            return 0
+            return exit_code
         text = line.strip()
         if not text:
             continue
         if text == "/exit":
-            return 0
+            return exit_code
         if text == "/reset":
             session.reset()
             print("[conversation reset]", file=stdout)
             continue
-        session.reply(text, write)
+        try:
+            session.reply(text, write)
+        except KilnError as exc:  # one message too long for the context must not end the conversation
+            print(f"kiln: error: {exc}", file=sys.stderr)
+            exit_code = exc.exit_code
+            continue
         stdout.write("\n")
         stdout.flush()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from kiln.chat import ChatSession, run_repl
 from kiln.engine.sampler import SamplingParams
 from kiln.model.load import LoadedModel
@@ -41,3 +43,18 @@ def test_repl_streams_and_stops_at_exit(default_model: LoadedModel) -> None:
     out = io.StringIO()
     code = run_repl(ChatSession(default_model, PARAMS), io.StringIO("Hi\n/exit\nignored\n"), out)
     assert code == 0 and out.getvalue().strip()
+
+
+def test_a_message_beyond_the_context_is_refused_and_the_conversation_goes_on(
+        default_model: LoadedModel, capsys: pytest.CaptureFixture[str]) -> None:
+    # it ended the whole chat (exit 2), and the refused message stayed in the history
+    session = ChatSession(default_model, PARAMS)
+    session.reply("Hello", lambda _d: None)
+    kept = list(session.history)
+    out = io.StringIO()
+    code = run_repl(session, io.StringIO("word " * 9000 + "\nHi\n"), out)
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "context is 8192" in error
+    assert out.getvalue().strip()  # "Hi" was answered after the refusal
+    assert session.history[:2] == kept and [m["content"] for m in session.history[2::2]] == ["Hi"]
+    assert code == 2  # the refusal still shows in the exit status
