@@ -70,12 +70,17 @@ def verify(folder: Path, manifest: Manifest) -> None:
     """Every file the manifest lists exists and has its recorded sha256."""
     if "model.safetensors" not in manifest.files:
         raise ModelFormatError(f"{folder / MANIFEST} lists no model.safetensors; the artifact is damaged")
-    for name, expected in manifest.files.items():
-        path = folder / name
-        if not path.is_file():
-            raise ModelFormatError(f"artifact {folder}: {name} is missing; copy the whole folder or re-create it")
-        if file_sha256(path) != expected:
-            raise ModelFormatError(
-                f"artifact {folder}: {name} does not match its sha256 in manifest.json (modified, truncated or "
-                "corrupt); re-create the artifact with kiln compress"
-            )
+    for name in manifest.files:
+        verify_file(folder, manifest, name)
+
+
+def verify_file(folder: Path, manifest: Manifest, name: str) -> None:
+    """One file the manifest lists exists and has its recorded sha256 (kiln plan checks config.json alone)."""
+    path = folder / name
+    if not path.is_file():
+        raise ModelFormatError(f"artifact {folder}: {name} is missing; copy the whole folder or re-create it")
+    if name in manifest.files and file_sha256(path) != manifest.files[name]:
+        raise ModelFormatError(
+            f"artifact {folder}: {name} does not match its sha256 in manifest.json (modified, truncated or "
+            "corrupt); re-create the artifact with kiln compress"
+        )

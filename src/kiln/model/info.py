@@ -56,7 +56,11 @@ def spec_of(name: str) -> ModelSpec:
 
         return ModelSpec.from_hf_config(read_config(path.parent, path.name))
     if name != "default" and (path / "config.json").is_file():  # a folder's config, with or without weights
+        from kiln.artifact.manifest import Manifest, is_artifact, verify_file
         from kiln.model.load import read_config
+
+        if is_artifact(path):  # a damaged artifact's config was planned as if sound; the weights stay unread
+            verify_file(path, Manifest.read(path), "config.json")
 
         return ModelSpec.from_hf_config(read_config(path))
     source = resolve(name)

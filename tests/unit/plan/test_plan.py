@@ -252,3 +252,14 @@ def test_cli_refuses_a_context_beyond_the_model_before_calibrating(capsys: pytes
     assert cli.main(["plan", "--context", "1000000000"]) == 2
     err = capsys.readouterr().err
     assert "kiln: error: --context 1000000000 is more than the model's context of 8192 tokens" in err
+
+
+def test_an_artifact_whose_config_was_modified_is_refused(tmp_path: Path) -> None:
+    # generate and info refused it; plan read the modified config and planned the wrong model with exit 0
+    from kiln.artifact.manifest import Manifest
+    from kiln.errors import ModelFormatError
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOL))
+    Manifest(source={}, recipe={}, files={"config.json": "0" * 64}).write(tmp_path)
+    with pytest.raises(ModelFormatError, match="config.json does not match its sha256"):
+        spec_of(str(tmp_path))
