@@ -24,6 +24,7 @@ from kiln.evaluate.data import data_file
 from kiln.model.load import LoadedModel
 from kiln.model.packed import packed_nbytes
 
+PROMPT_FILE = "wikitext-2-raw/wiki.test.raw"  # under the data folder
 METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "total_decode_tokens_per_s", "ttft_ms",
            "itl_ms_p50", "itl_ms_p90", "itl_ms_p99")
 
@@ -45,6 +46,8 @@ class BenchOptions:
             )
         if min(self.batch_sizes) < 1:
             raise InvalidParameterError(f"--batch-sizes {self.batch_sizes} must all be at least 1")
+        if self.data_dir is not None:  # asked for by name: a wrong folder must not fall back to random token ids
+            data_file(PROMPT_FILE, self.data_dir)
 
 
 def peak_rss_bytes() -> int:
@@ -84,7 +87,7 @@ def model_bytes(loaded: LoadedModel) -> int:
 def prompts(loaded: LoadedModel, count: int, length: int, data_dir: Path | None) -> tuple[list[list[int]], str]:
     """`count` different prompts of `length` tokens, cut from WikiText-2 test text."""
     try:
-        text = data_file("wikitext-2-raw/wiki.test.raw", data_dir).read_text(encoding="utf-8")
+        text = data_file(PROMPT_FILE, data_dir).read_text(encoding="utf-8")
     except DataNotFoundError:
         rng = random.Random(0)
         vocab = loaded.spec.vocab_size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kiln.benchmark.latency import measure_once, peak_rss_bytes, reset_peak_rss
@@ -57,3 +59,13 @@ def test_a_prompt_and_new_tokens_beyond_the_context_are_refused() -> None:
     loaded = SimpleNamespace(spec=SimpleNamespace(max_position=64))
     with pytest.raises(ContextLengthError, match="--prompt-tokens 60 \\+ --new-tokens 8 .* context of 64"):
         run(loaded, BenchOptions(prompt_tokens=60, new_tokens=8, batch_sizes=(1,), runs=1))  # type: ignore[arg-type]
+
+
+def test_a_data_folder_without_the_prompts_is_refused(tmp_path: Path) -> None:
+    # --data DIR named a folder without WikiText-2: the bench ran on random token ids with exit 0
+    from kiln.benchmark.latency import BenchOptions
+    from kiln.errors import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match=f"wiki.test.raw not found under {tmp_path}"):
+        BenchOptions(data_dir=tmp_path)
+    assert BenchOptions(data_dir=None).data_dir is None  # left out, the shared data (or random ids) still serve
