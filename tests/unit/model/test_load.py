@@ -160,3 +160,17 @@ def test_artifact_with_quantized_embeddings_runs_in_bf16(tiny_folder: Path, tmp_
         a, b = want.model(ids, logits="all")[0], got.model(ids, logits="all")[0]
     assert b.dtype == torch.bfloat16
     assert float((a - b.float()).abs().max()) < 0.05 * float(a.max() - a.min())
+
+
+def test_text_that_is_not_utf8_is_refused_in_one_line(default_model: LoadedModel) -> None:
+    # bytes that are not UTF-8 on stdin or in argv arrive as lone surrogates: kiln generate and chat ended in a
+    # TypeError traceback from the Rust tokenizer (exit 1)
+    from kiln.errors import InvalidParameterError
+
+    text = b"hi \xff there".decode("utf-8", "surrogateescape")
+    tok = default_model.tokenizer
+    with pytest.raises(InvalidParameterError, match="bytes that are not valid UTF-8; pass UTF-8 text"):
+        tok.encode(text)
+    with pytest.raises(InvalidParameterError, match="not valid UTF-8"):
+        tok.encode_chat([{"role": "user", "content": text}])
+    assert tok.encode("hi 日本 🎉")  # any real text still encodes
