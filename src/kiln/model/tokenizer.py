@@ -65,11 +65,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens (BOS) are added as the model's tokenizer is configured."""
-        try:  # bytes that are not UTF-8 (stdin, argv) arrive as lone surrogates, which the Rust tokenizer takes as a
-            text.encode("utf-8")  # TypeError out of transformers
-        except UnicodeEncodeError:  # no position: through the chat template it would count the template's text
-            raise InvalidParameterError("the text holds bytes that are not valid UTF-8; pass UTF-8 text") from None
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        try:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        except TypeError:  # bytes that are not UTF-8 (stdin, argv) arrive as lone surrogates, which the Rust
+            try:  # tokenizer refuses with a TypeError; checked only then, so sound text is not encoded twice
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # no position: through the chat template it would count the template's text
+                raise InvalidParameterError("the text holds bytes that are not valid UTF-8; pass UTF-8 text") from None
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # No clean-up of spaces before punctuation: streamed deltas must concatenate to this text.
