@@ -16,7 +16,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.engine import RUNTIME_HELP, RUNTIMES
-from kiln.errors import Interrupted, KilnError, ModelFormatError
+from kiln.errors import Interrupted, InvalidParameterError, KilnError, ModelFormatError
 
 DEFAULT_SPECULATE = 4  # --draft: tokens the draft proposes per step
 DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
@@ -56,7 +56,6 @@ def _sampling() -> argparse.ArgumentParser:
 
 def _params(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
     from kiln.engine.sampler import MAX_SEED, MIN_SEED, SamplingParams
-    from kiln.errors import InvalidParameterError
 
     if args.seed is not None and not MIN_SEED <= args.seed <= MAX_SEED:
         raise InvalidParameterError(f"--seed {args.seed} is out of range; it must be in [-2**63, 2**63 - 1], as the "
@@ -81,7 +80,6 @@ def _json_schema_grammar(value: str | None) -> str | None:
     if value is None:
         return None
     from kiln.engine.grammar import json_grammar
-    from kiln.errors import InvalidParameterError
 
     text = value
     if not value.lstrip().startswith("{"):
@@ -122,23 +120,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kiln.model.load import load
 
     params = _params(args)  # validate before the (slow) load
-    if args.raw and args.system is not None:  # the system message was dropped without a word
-        from kiln.errors import InvalidParameterError
-
-        raise InvalidParameterError("--system goes into the chat template, which --raw skips; drop --raw or --system")
-    if args.speculate is not None and not args.draft:  # it was ignored without a word
-        from kiln.errors import InvalidParameterError
-
-        raise InvalidParameterError(f"--speculate {args.speculate} only applies with --draft MODEL; add --draft or "
-                                    "drop --speculate")
+    _check_generate_flags(args)
     if args.draft:
         _check_speculative(args, params)
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not args.raw and not prompt_text.strip():  # the chat template would wrap a blank message and run anyway
-        from kiln.errors import InvalidParameterError
-
-        raise InvalidParameterError("the prompt is empty; pass some text" +
-                                    (" on stdin" if args.prompt == "-" else ""))
+        raise InvalidParameterError("the prompt is empty; pass some text" + (" on stdin" if args.prompt == "-" else ""))
     loaded = load(args.model, precision=args.dtype)
     tok = loaded.tokenizer
     if args.raw or not tok.has_chat_template:
@@ -178,9 +165,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_speculative(args: argparse.Namespace, params: Any) -> None:
-    from kiln.errors import InvalidParameterError
+def _check_generate_flags(args: argparse.Namespace) -> None:
+    """Flags that do nothing together, refused before the load (each was ignored without a word)."""
+    if args.raw and args.system is not None:
+        raise InvalidParameterError("--system goes into the chat template, which --raw skips; drop --raw or --system")
+    if args.speculate is not None and not args.draft:
+        raise InvalidParameterError(f"--speculate {args.speculate} only applies with --draft MODEL; add --draft or "
+                                    "drop --speculate")
 
+
+def _check_speculative(args: argparse.Namespace, params: Any) -> None:
     # the engine drafts only greedy rows with nothing that changes the logits (it would decode plainly)
     if not params.is_greedy or args.repetition_penalty != 1.0 or args.presence_penalty or args.frequency_penalty \
             or args.kv_cache != "model" or params.grammar is not None:
@@ -216,7 +210,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from kiln import runs
     from kiln.benchmark.machine import machine_info
-    from kiln.errors import InvalidParameterError
     from kiln.evaluate import summary
     from kiln.evaluate.runner import EvalOptions, EvalOutcome, check_api, run
     from kiln.evaluate.tasks import resolve
@@ -323,8 +316,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    from kiln.errors import InvalidParameterError
-
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -332,7 +323,6 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kiln.errors import InvalidParameterError
     from kiln.model.info import spec_of
     from kiln.plan import estimate, profile
 
@@ -545,7 +535,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from kiln.artifact import gguf_export, onnx_export
-    from kiln.errors import InvalidParameterError
     from kiln.model.load import load
     from kiln.model.source import resolve
 
