@@ -180,9 +180,8 @@ class Engine:
         return self._step()
 
     def _step(self) -> list[StepOutput]:
-        self._finish_overlong()
+        outputs = self._finish_overlong()
         scheduled = self.scheduler.schedule()
-        outputs: list[StepOutput] = []
         if scheduled.empty:
             return outputs
         if scheduled.decode:
@@ -340,11 +339,12 @@ class Engine:
             self.drafter.forget(r.seq_id)
         return StepOutput(r, tokens, text, True)
 
-    def _finish_overlong(self) -> None:
-        """A sequence that outgrows the whole KV cache stops with finish reason 'length'."""
-        for r in [*self.scheduler.running, *self.scheduler.waiting]:
-            if r.num_tokens + 1 > self.cache.capacity_tokens:
-                self._finish(r, RequestStatus.FINISHED_LENGTH, time.perf_counter(), [], "")
+    def _finish_overlong(self) -> list[StepOutput]:
+        """A sequence that outgrows the whole KV cache stops with finish reason 'length'; its last output is
+        returned with the step's, as any finished one (a server waits for it: without it the client hung)."""
+        return [self._finish(r, RequestStatus.FINISHED_LENGTH, time.perf_counter(), [], "")
+                for r in [*self.scheduler.running, *self.scheduler.waiting]
+                if r.num_tokens + 1 > self.cache.capacity_tokens]
 
     # --- offline use -------------------------------------------------------------------------------
 

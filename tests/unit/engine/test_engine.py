@@ -309,3 +309,19 @@ def test_special_tokens_stay_in_the_text_when_asked(tiny: LoadedModel) -> None:
     eos = tiny.tokenizer.hf.eos_token
     assert kept.output == skipped.output == [eos_of(tiny)] * 3
     assert kept.text == eos * 3 and skipped.text == ""
+
+
+def test_a_sequence_that_outgrows_the_kv_cache_ends_with_a_finished_output(tiny: LoadedModel) -> None:
+    # max_tokens within the context (64) but past the cache's 32 tokens: the sequence stops with "length", and
+    # its step returns that last output, which a server waits for (the client hung without it)
+    per_block = 16 * tiny.spec.kv_bytes_per_token(4)
+    engine = Engine(tiny.model, tiny.tokenizer, EngineConfig(kv_budget_bytes=3 * per_block))
+    assert engine.cache.capacity_tokens == 32
+    request = engine.add_request(PROMPT, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    outputs = []
+    while engine.has_work:
+        outputs += engine.step()
+    assert request.finish_reason == "length" and request.num_tokens == 32
+    assert [o.finished for o in outputs].count(True) == 1 and outputs[-1].finished
+    assert outputs[-1].request is request and "".join(o.text for o in outputs) == request.text
+    assert engine.cache.used_blocks == 0

@@ -500,6 +500,30 @@ def test_a_prompt_over_the_kv_budget_is_400_kv_budget_exceeded(tiny_folder: Path
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_generation_that_outgrows_the_kv_cache_ends_with_length(tiny_folder: Path, tmp_path: Path, stream: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  ready_client: ReadyClient) -> None:
+    # max_tokens fits the 64-token context but not the 32-token cache: the answer ends there with "length". The
+    # engine ended it without a last output and the client waited forever (here: until the 30 s deadline, a 504)
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=12 << 10, request_timeout_s=30))
+    with ready_client(app) as client:
+        capacity = worker_of(app).engine.cache.capacity_tokens
+        body = {"prompt": PROMPT, "max_tokens": 50, "temperature": 0, "ignore_eos": True, "stream": stream}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = [json.loads(line.removeprefix("data: ")) for line in r.text.splitlines()
+                      if line.startswith("data: {")]
+            assert r.text.rstrip().endswith("data: [DONE]")
+            assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+        else:
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+            assert r.json()["usage"]["completion_tokens"] == capacity - len(PROMPT)
+        assert worker_of(app).engine.cache.used_blocks == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("error,code", [(InvalidParameterError, "invalid_parameter_error"),
                                         (ContextLengthError, "context_length_error"), (KilnError, "kiln_error")])
 def test_an_engine_refusal_says_why_streamed_or_not(limited: tuple[FastAPI, TestClient], stream: bool,
