@@ -95,6 +95,13 @@ class Job:
     tool_names: tuple[str, ...] | None = None  # a chat with tools in effect: calls to these are read out of the text
     is_tool_forced: bool = False  # a forcing tool_choice held the output to calls
     echo: bool = False  # a streamed completion whose choices each send their prompt first (echo)
+    n: int = 1  # choices per prompt: prompts[i * n : (i + 1) * n] are one prompt's
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Each prompt once however many choices (n) it has, as OpenAI counts it, and every prompt of a list, one
+        sent twice included (as vLLM counts them): by position in the job, not by content."""
+        return sum(len(p) for p in self.prompts[::self.n])
 
 
 # --- admission -------------------------------------------------------------------------------------------
@@ -427,9 +434,8 @@ def chat_logprobs(tokenizer: Any, values: Sequence[TokenLogprob]) -> dict[str, A
     return {"content": content}
 
 
-def _usage(outs: Sequence[StepOutput]) -> dict[str, int]:
-    """Token counts; a prompt shared by n choices counts once, as OpenAI counts it."""
-    prompt = sum(len(p) for p in {tuple(o.request.prompt) for o in outs})
+def _usage(job: Job, outs: Sequence[StepOutput]) -> dict[str, int]:
+    prompt = job.num_prompt_tokens
     completion = sum(len(o.request.output) for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -500,7 +506,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             params = [replace(p, prompt_logprobs=body.logprobs) if body.stream or i % body.n == 0 else p
                       for i, p in enumerate(params)]
         job = _job(state, dep, key, per_choice, params)
-        job.echo = body.echo
+        job.echo, job.n = body.echo, body.n
         _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
@@ -526,7 +532,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             choices.append(choice)
         state.log_response(job, body.model_dump(), [c["text"] for c in choices], outs)
         return _with_version(JSONResponse({"id": job.request_id, "object": "text_completion", "created": job.created,
-                                           "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
+                                           "model": dep.name, "choices": choices, "usage": _usage(job, outs)}), dep)
     except BaseException:
         if body.stream:  # the stream never started: its generator would have released these
             _release(state, dep, job)
@@ -597,6 +603,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i, grammar=grammar)
                                                          for i in range(body.n)])
         job.request_id = "chatcmpl-" + job.request_id.split("-", 1)[1]
+        job.n = body.n
         job.tool_names = tuple(t["function"]["name"] for t in tools) if tools else None
         job.is_tool_forced = body.tool_mode() == "forced"
         job.is_default_budget = asked is None
@@ -616,7 +623,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                    for i, (o, split) in enumerate(zip(outs, splits, strict=True))]
         state.log_response(job, body.model_dump(), [o.request.text for o in outs], outs)
         return _with_version(JSONResponse({"id": job.request_id, "object": "chat.completion", "created": job.created,
-                                           "model": dep.name, "choices": choices, "usage": _usage(outs)}), dep)
+                                           "model": dep.name, "choices": choices, "usage": _usage(job, outs)}), dep)
     except BaseException:
         if body.stream:
             _release(state, dep, job)
@@ -827,7 +834,7 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 texts.append(sent[i])  # what the client got: short of the text a guardrail stopped
                 remaining -= 1
         if include_usage and finished:
-            yield _sse({**base, "choices": [], "usage": _usage(finished)})
+            yield _sse({**base, "choices": [], "usage": _usage(job, finished)})
         yield b"data: [DONE]\n\n"
         _record(job, finished)
         state.log_response(job, {"stream": True}, texts, finished)

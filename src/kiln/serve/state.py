@@ -85,5 +85,5 @@ class ServerState:
             return
         self.feedback.log_request(
             job.request_id, job.deployment.name, job.deployment.version, request, "\n".join(texts),
-            sum(len(p) for p in {tuple(o.request.prompt) for o in outs}), sum(len(o.request.output) for o in outs),
+            job.num_prompt_tokens, sum(len(o.request.output) for o in outs),
         )

@@ -865,6 +865,25 @@ def test_a_streamed_echo_sends_each_choices_prompt_first(served: tuple[FastAPI, 
         assert got["token_logprobs"][1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:], abs=1e-5)
 
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("prompt,n", [(["The end", "The end"], 1), (["The end", "The end", "Once upon a time"], 2),
+                                      ([[5, 6, 7], [5, 6, 7]], 1)])
+def test_usage_counts_every_prompt_once_and_not_per_choice(served: tuple[FastAPI, TestClient], prompt: list,
+                                                           n: int, stream: bool) -> None:
+    # a prompt sent twice in a list is two prompts (they were counted once, by content); n choices share theirs
+    _, client = served
+    body = {"prompt": prompt, "n": n, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    counts = [len(p) if isinstance(p, list) else client.post("/tokenize", json={"prompt": p}).json()["count"]
+              for p in prompt]
+    if stream:
+        chunks = streamed(client, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+        usage = chunks[-1]["usage"]
+    else:
+        usage = client.post("/v1/completions", json=body).json()["usage"]
+    assert usage == {"prompt_tokens": sum(counts), "completion_tokens": 2 * n * len(prompt),
+                     "total_tokens": sum(counts) + 2 * n * len(prompt)}
 def test_a_server_with_a_draft_answers_as_without_it_and_counts_the_drafts(
         tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ready_client: ReadyClient) -> None:
     # --draft: a greedy request decoding alone is drafted (here by the model itself: every proposal kept), a
