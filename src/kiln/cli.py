@@ -803,7 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None,
                    help="speculative decoding while one greedy request decodes alone: a draft model with the same "
                         "tokenizer (an int4 artifact, a kiln distill student)")
-    p.add_argument("--speculate", type=int, default=4, help="--draft: tokens the draft proposes per step")
+    p.add_argument("--speculate", type=int, default=DEFAULT_SPECULATE,
+                   help="--draft: tokens the draft proposes per step")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_serve)
 
