@@ -24,7 +24,7 @@ def describe(name: str) -> dict[str, Any]:
             from kiln.artifact.manifest import Manifest, verify
 
             verify(source.path, Manifest.read(source.path))
-        spec, dtypes, num_params = _describe_folder(source.path)
+        spec, dtypes, num_params = _describe_folder(source.path, source.kind == "artifact")
     return {
         "name": name,
         "path": str(source.path),
@@ -71,17 +71,42 @@ def spec_of(name: str) -> ModelSpec:
     return ModelSpec.from_hf_config(read_config(source.path))
 
 
-def _describe_folder(folder: Path) -> tuple[ModelSpec, dict[str, int], int]:
+def _describe_folder(folder: Path, artifact: bool) -> tuple[ModelSpec, dict[str, int], int]:
     from kiln.model.load import read_config, read_safetensors_header
 
     spec = ModelSpec.from_hf_config(read_config(folder))
     dtypes: Counter[str] = Counter()
-    num_params = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        for entry in read_safetensors_header(path).values():
+        for name, entry in read_safetensors_header(path).items():
             dtypes[entry.dtype] += 1
-            num_params += math.prod(entry.shape)
-    return spec, dict(dtypes), num_params
+            shapes[name] = tuple(entry.shape)
+    return spec, dict(dtypes), _count_parameters(shapes, _packed_shapes(folder) if artifact else {})
+
+
+# Tensor formats whose stored tensors are not the weight itself (packed integers with their scales and
+# offsets, or a sparse tensor's values and indices): the weight's own shape counts instead. A low-rank
+# layer's factors are its real parameters, so they count as stored.
+PACKED_FORMATS = ("int8", "int4", "w8a8", "sparse")
+
+
+def _packed_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from kiln.artifact.manifest import Manifest
+
+    tensors = Manifest.read(folder).tensors
+    return {key: tuple(meta["shape"]) for key, meta in tensors.items() if meta.get("format") in PACKED_FORMATS}
+
+
+def _count_parameters(stored: dict[str, tuple[int, ...]], packed: dict[str, tuple[int, ...]]) -> int:
+    """The model's parameters: each packed weight by its logical shape (its bias as stored), every other
+    stored tensor by its elements."""
+    total = sum(math.prod(shape) for shape in packed.values())
+    for name, shape in stored.items():
+        owner, _, part = name.rpartition(".")
+        if (owner in packed and part != "bias") or name in packed:
+            continue
+        total += math.prod(shape)
+    return total
 
 
 def format_text(info: dict[str, Any]) -> str:

@@ -104,6 +104,17 @@ def test_info_refuses_a_damaged_artifact(saved: tuple[LlamaModel, Path], tmp_pat
         describe(str(folder))
 
 
+def test_info_counts_the_parameters_of_the_uncompressed_layers(saved: tuple[LlamaModel, Path]) -> None:
+    # packed int4 bytes counted as one parameter each, and scales and offsets as parameters, made the
+    # default model's int4 artifact 88.1M parameters and its int8 one 134.7M (the model has 134.5M)
+    from kiln.model.info import describe
+
+    _, folder = saved
+    dense = sum(p.numel() for p in tiny_model().parameters())  # tied: the head's matrix once
+    low_rank = 4 * 128 + 64 * 4 - 64 * 128  # block 1's down projection became two factors of rank 4
+    assert describe(str(folder))["parameters"] == dense + low_rank
+
+
 def test_an_artifact_without_its_manifest_says_so(saved: tuple[LlamaModel, Path], tmp_path: Path) -> None:
     # without manifest.json the folder looked like a Hugging Face one, refused for a "missing" weight
     from kiln.model.source import resolve
