@@ -373,32 +373,48 @@ def _piece(tokenizer: Any, token: int) -> str:
     return str(tokenizer.decode([token], skip_special_tokens=False))
 
 
-def _text_offsets(tokenizer: Any, tokens: Sequence[int], text: str, context: Sequence[int],
-                  skip_special_tokens: bool) -> list[int]:
-    """Where each token's text begins in `text`, which `tokens` decode to after `context`: the length of the part of
-    `text` that the tokens before it complete. A token that continues a character begun before it (byte-level BPE
-    splits multi-byte characters, and each piece alone decodes to U+FFFD) gets that character's offset, so every
-    offset indexes `text`; a genuine U+FFFD is a whole character. Tokens are decoded in windows that start where
-    the text so far is whole, after one token before them (SentencePiece drops a leading space otherwise), so the
-    work grows with the number of tokens, not its square."""
+class TextOffsets:
+    """Where each token's text begins in the text that its tokens decode to after `context`, as that text grows: the
+    length of the part of the text that the tokens before it complete. A token that continues a character begun
+    before it (byte-level BPE splits multi-byte characters, and each piece alone decodes to U+FFFD) gets that
+    character's offset, so every offset indexes the text; a genuine U+FFFD is a whole character. Tokens are decoded
+    in windows that start where the text so far is whole, after one token before them (SentencePiece drops a
+    leading space otherwise), so the work grows with the number of tokens, not its square.
 
-    def decode(ids: Sequence[int]) -> str:
-        return str(tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+    A token's offset is settled once the text reaches past the text of the tokens before it (or is final: a stop
+    string may cut it short of its tokens, whose offsets then end at its end), and never changes after: a stream,
+    whose text comes in pieces and may be held back, gets the offsets of the whole text read at once."""
 
-    def lead_of(window: int) -> str:  # the token before the window, alone: what its decode with the window begins with
-        return decode(ids[window - 1:window]) if window else ""
+    def __init__(self, tokenizer: Any, context: Sequence[int], skip_special_tokens: bool) -> None:
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.ids = [*context[-1:]]
+        self.first = len(self.ids)  # where the tokens begin in ids
+        self.window, self.base = self.first, 0  # the window's first token, and where its text begins in the text
+        self.lead = self._lead_of(self.window)
+        self.offsets: list[int] = []
 
-    ids = [*context[-1:], *tokens]
-    window, base = len(ids) - len(tokens), 0  # the window's first token, and where its text begins in `text`
-    lead = lead_of(window)
-    offsets: list[int] = []
-    for i in range(window, len(ids)):
-        done = decode(ids[max(window - 1, 0):i])[len(lead):]  # the text of ids[window:i]
-        matched = len(os.path.commonprefix([done, text[base:base + len(done)]]))
-        offsets.append(max(base + matched, offsets[-1] if offsets else 0))
-        if matched == len(done) and i > window:  # no character is left open: the next window starts at token i
-            window, base, lead = i, base + matched, lead_of(i)
-    return offsets
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens))
+
+    def _lead_of(self, window: int) -> str:
+        # the token before the window, alone: what its decode with the window begins with
+        return self._decode(self.ids[window - 1:window]) if window else ""
+
+    def add(self, tokens: Sequence[int]) -> None:
+        self.ids += tokens
+
+    def settle(self, text: str, final: bool) -> list[int]:
+        """The offsets that `text`, the tokens' text so far (all of it when `final`), settles beyond those before."""
+        num_settled = len(self.offsets)
+        for i in range(self.first + num_settled, len(self.ids)):
+            done = self._decode(self.ids[max(self.window - 1, 0):i])[len(self.lead):]  # the text of ids[window:i]
+            if not final and self.base + len(done) > len(text):
+                break  # the text of the tokens before this one has not all come yet
+            matched = len(os.path.commonprefix([done, text[self.base:self.base + len(done)]]))
+            self.offsets.append(max(self.base + matched, self.offsets[-1] if self.offsets else 0))
+            if matched == len(done) and i > self.window:  # no character is left open: the next window starts here
+                self.window, self.base, self.lead = i, self.base + matched, self._lead_of(i)
+        return self.offsets[num_settled:]
 
 
 def completion_logprobs(tokenizer: Any, tokens: Sequence[int], values: Sequence[TokenLogprob | None],
@@ -406,11 +422,17 @@ def completion_logprobs(tokenizer: Any, tokens: Sequence[int], values: Sequence[
                         skip_special_tokens: bool = True) -> dict[str, Any]:
     """OpenAI's completions logprobs of `tokens`. Their text offsets index `text` (what they decode to after
     `context`, by default), which begins at `offset` in the returned text."""
-    pieces = [_piece(tokenizer, t) for t in tokens]
     if text is None:
         lead = tokenizer.decode(list(context[-1:]), skip_special_tokens=skip_special_tokens)
         text = str(tokenizer.decode([*context[-1:], *tokens], skip_special_tokens=skip_special_tokens))[len(lead):]
-    offsets = [offset + o for o in _text_offsets(tokenizer, tokens, text, context, skip_special_tokens)]
+    offsets = TextOffsets(tokenizer, context, skip_special_tokens)
+    offsets.add(tokens)
+    return _logprob_lists(tokenizer, tokens, values, [offset + o for o in offsets.settle(text, final=True)])
+
+
+def _logprob_lists(tokenizer: Any, tokens: Sequence[int], values: Sequence[TokenLogprob | None],
+                   offsets: Sequence[int]) -> dict[str, Any]:
+    """OpenAI's completions logprobs of `tokens`, whose text begins at `offsets` in the returned text."""
     tops: list[dict[str, float] | None] = []
     for v in values:
         if v is None:
@@ -420,8 +442,9 @@ def completion_logprobs(tokenizer: Any, tokens: Sequence[int], values: Sequence[
         for token, lp in v.top:
             top.setdefault(_piece(tokenizer, token), lp)
         tops.append(top)
+    pieces = [_piece(tokenizer, t) for t in tokens]
     return {"tokens": pieces, "token_logprobs": [None if v is None else v.logprob for v in values],
-            "top_logprobs": tops, "text_offset": offsets}
+            "top_logprobs": tops, "text_offset": list(offsets)}
 
 
 def chat_logprobs(tokenizer: Any, values: Sequence[TokenLogprob]) -> dict[str, Any]:
@@ -717,6 +740,40 @@ def _step_logprobs(out: StepOutput, num_read: int) -> list[TokenLogprob]:
     return logprobs[num_read:] if out.finished else logprobs[num_read:num_read + len(out.tokens)]
 
 
+class _StreamedLogprobs:
+    """A streamed completion choice's logprobs. Each token's goes out with the chunk whose text its text begins in
+    (all that are left, with the last chunk), with the offset it has in the whole text, as without a stream: read
+    from all the text the engine released, which may run ahead of the text sent (a guardrail holds some back) and
+    may end short of its tokens (a stop string cuts it)."""
+
+    def __init__(self, tokenizer: Any, prompt: Sequence[int], skip_special_tokens: bool) -> None:
+        self.tokenizer = tokenizer
+        self.offsets = TextOffsets(tokenizer, prompt, skip_special_tokens)
+        self.text = ""  # the text the engine released so far
+        self.unsent: list[TokenLogprob] = []
+        self.num_sent = 0
+
+    def add(self, values: Sequence[TokenLogprob], text: str, finished: bool) -> None:
+        """One step's logprobs and released text (the last, when `finished`)."""
+        self.unsent += values
+        self.offsets.add([v.token for v in values])
+        self.text += text
+        self.offsets.settle(self.text, finished)
+
+    def take(self, num_chars: int, finished: bool) -> dict[str, Any]:
+        """The lists of the tokens whose text begins in the first `num_chars` characters sent (every one left, when
+        the choice is `finished`)."""
+        settled = self.offsets.offsets[self.num_sent:]
+        count = len(settled) if finished else sum(1 for offset in settled if offset < num_chars)
+        values, self.unsent = self.unsent[:count], self.unsent[count:]
+        self.num_sent += count
+        return _logprob_lists(self.tokenizer, [v.token for v in values], values, settled[:count])
+
+    def drop(self) -> None:
+        """The choice was stopped (a guardrail): what is left is never sent."""
+        self.unsent = []
+
+
 class _EventStream(StreamingResponse):
     """A stream of SSE events that closes its generator however the response ends. Starlette leaves the generator
     suspended at its yield when the client leaves during a send; its cleanup (abort the generations, free the slot,
@@ -757,15 +814,17 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
 
     tasks = [asyncio.create_task(pump(i)) for i in range(len(job.params))]
     filters = _stream_filters(state, dep, len(tasks))
-    held: list[list[TokenLogprob]] = [[] for _ in tasks]  # logprobs of tokens whose text is not sent yet
+    held: list[list[TokenLogprob]] = [[] for _ in tasks]  # a chat's logprobs of tokens whose text is not sent yet
     num_read = [0 for _ in tasks]  # logprobs of each choice's request read so far
-    before = [job.prompts[i][-1:] for i in range(len(tasks))]  # the token before each choice's unsent ones
+    # a completion's logprobs, sent with the text they belong to, with offsets into its whole text
+    scored = [_StreamedLogprobs(tok, job.prompts[i], job.params[i].skip_special_tokens) for i in range(len(tasks))]
     sent: list[str] = ["" for _ in tasks]
     texts: list[str] = []  # per finished choice, in finishing order
     # with tools in effect, each choice's calls are read out of its text as it grows (content held back meanwhile)
     parsers = [ToolCallParser(job.tool_names, job.is_tool_forced) for _ in tasks] if job.tool_names is not None else []
     num_calls = [0 for _ in tasks]
     echoed_choices: set[int] = set()
+    echoed_chars = [0 for _ in tasks]  # the length of each choice's echoed prompt, which its offsets count from
     try:
         if chat:
             for i in range(len(job.params)):
@@ -785,18 +844,23 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
             if job.echo and i not in echoed_choices:  # its first output: the prompt goes first, as without a stream
                 echoed_choices.add(i)
                 sent[i], echoed = _echo(tok, out.request, job.params[i].logprobs)
+                echoed_chars[i] = len(sent[i])
                 yield _sse({**base, "choices": [{"index": i, "text": sent[i], "finish_reason": None,
                                                  **({"logprobs": echoed} if echoed else {})}]})
             text, finish = out.text, out.request.finish_reason if out.finished else None
             if job.params[i].logprobs is not None:
                 step_logprobs = _step_logprobs(out, num_read[i])
-                held[i] += step_logprobs
                 num_read[i] += len(step_logprobs)
+                if chat:
+                    held[i] += step_logprobs
+                else:
+                    scored[i].add(step_logprobs, out.text, out.finished)
             if filters:
                 text, violation = filters[i].feed(out.text, out.finished)  # type: ignore[union-attr]
                 if violation is not None:  # this choice ends here; the others go on
                     state.metrics.guardrail_blocks.labels(dep.name, "output", violation.kind).inc()
                     filters[i], finish, text, held[i] = None, "content_filter", "", []
+                    scored[i].drop()
                     tasks[i].cancel()
             calls: list[ParsedCall] = []
             if parsers and finish != "content_filter":  # what a parser holds back when a guardrail stops is not sent
@@ -811,6 +875,7 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 if violation is not None:
                     state.metrics.guardrail_blocks.labels(dep.name, "output", violation.kind).inc()
                     filters[i], finish, text, calls, held[i] = None, "content_filter", "", [], []
+                    scored[i].drop()
                     tasks[i].cancel()
             if text or finish or calls:
                 deltas = _chat_deltas(text, calls, num_calls[i]) if chat else [{}]
@@ -818,15 +883,14 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
                 for j, delta in enumerate(deltas):  # the last carries the finish_reason
                     choice: dict[str, Any] = ({"index": i, "delta": delta} if chat else {"index": i, "text": text})
                     choice["finish_reason"] = finish if j == len(deltas) - 1 else None
-                    if held[i]:
-                        lp, held[i] = held[i], []
-                        tokens = [v.token for v in lp]
-                        # offsets index the choice's whole text, as without a stream: this chunk's begins where the
-                        # text sent so far ends, and its tokens follow those sent before (the prompt's, at first)
-                        choice["logprobs"] = chat_logprobs(tok, lp) if chat else completion_logprobs(
-                            tok, tokens, lp, text, offset=len(sent[i]), context=before[i],
-                            skip_special_tokens=job.params[i].skip_special_tokens)
-                        before[i] = tokens[-1:]
+                    if chat and held[i]:
+                        choice["logprobs"], held[i] = chat_logprobs(tok, held[i]), []
+                    elif not chat and job.params[i].logprobs is not None:
+                        lists = scored[i].take(len(sent[i]) + len(text) - echoed_chars[i], finish is not None)
+                        if lists["tokens"]:
+                            # offsets index the choice's whole text, as without a stream: its echo comes first
+                            choice["logprobs"] = {**lists, "text_offset": [echoed_chars[i] + o
+                                                                           for o in lists["text_offset"]]}
                     yield _sse({**base, "choices": [choice]})
                 sent[i] += text
             if finish:

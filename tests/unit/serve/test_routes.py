@@ -473,6 +473,36 @@ def test_streamed_text_offsets_count_from_the_start_of_the_text(served: tuple[Fa
         assert offsets == choice["logprobs"]["text_offset"]
 
 
+@pytest.mark.parametrize("stop,rails", [
+    (["ab"], None),  # " a" is held as the start of "ab", then released with " world"
+    (["q!"], None),  # " q" is held, then dropped with the stop string: the text ends short of its tokens
+    (None, '[output]\nblocklist = ["zebra crossing"]\n'),  # " zebra" is held until the next word is not "crossing"
+])
+def test_streamed_text_offsets_hold_when_text_is_held_back(tiny_folder: Path, tmp_path: Path, stop: list | None,
+                                                           rails: str | None, monkeypatch: pytest.MonkeyPatch,
+                                                           ready_client: ReadyClient) -> None:
+    # text that a stop string or the output guardrail holds back goes out later (or never): the offsets are still
+    # those of the answer without a stream, and each token goes out with the chunk its text begins in
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    guardrails = ()
+    if rails is not None:
+        (tmp_path / "guardrails.toml").write_text(rails, encoding="utf-8")
+        guardrails = (str(tmp_path / "guardrails.toml"),)
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20, guardrails=guardrails))
+    with ready_client(app) as client:
+        scripted(app, "Hello a world, and a zebra and more words q! there", monkeypatch)
+        body = {"prompt": "x", "max_tokens": 14, "temperature": 0, "ignore_eos": True, "logprobs": 0, "stop": stop}
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]
+        chunks = [c for chunk in streamed(client, "/v1/completions", body) for c in chunk["choices"]]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    got = {k: [v for c in chunks if c.get("logprobs") for v in c["logprobs"][k]] for k in ("tokens", "text_offset")}
+    assert got == {k: whole["logprobs"][k] for k in ("tokens", "text_offset")}
+    num_sent = 0
+    for c in chunks[:-1]:
+        num_sent += len(c["text"])
+        assert all(o < num_sent for o in (c.get("logprobs") or {}).get("text_offset", [])), (c, num_sent)
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
