@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import signal
 import socket
 import sys
@@ -42,8 +43,25 @@ from kiln.serve.worker import EngineStopped
 access_log = logging.getLogger("kiln.access")
 
 
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,%d}" % MAX_REQUEST_ID_CHARS)
+
+
+def _request_id(sent: bytes) -> tuple[str, str | None]:
+    """The request's id, and the client's X-Request-Id when it was refused (to log beside the id that replaced it).
+    A sent id is echoed byte for byte when it is 1 to MAX_REQUEST_ID_CHARS printable ASCII characters; any other
+    (non-ASCII, control characters, too long) is replaced by a generated one, whole: an id cut short or re-encoded
+    would match no log line of the client's or a proxy's."""
+    if not sent:
+        return uuid.uuid4().hex, None
+    if _REQUEST_ID.fullmatch(sent):
+        return sent.decode("ascii"), None
+    return uuid.uuid4().hex, sent.decode("utf-8", "backslashreplace")[:MAX_REQUEST_ID_CHARS]
+
+
 class AccessLogMiddleware:
-    """One JSON line per request on stderr, and the request id echoed in X-Request-Id."""
+    """One JSON line per request on stderr, and the request id echoed in X-Request-Id (the client's, or one generated
+    when it sent none or one that cannot be echoed as it is: see _request_id)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -52,8 +70,8 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        sent_id = next((v for k, v in reversed(scope["headers"]) if k.lower() == b"x-request-id"), b"")
+        request_id, refused_id = _request_id(sent_id)
         start = time.perf_counter()
         status = 500
 
@@ -73,6 +91,7 @@ class AccessLogMiddleware:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "request_id": request_id, "method": scope["method"],
                 "path": scope["path"], "status": status, "ms": round(1000 * (time.perf_counter() - start), 1),
                 "key": state.get("key_id"), "client": scope["client"][0] if scope.get("client") else None,
+                **({"refused_request_id": refused_id} if refused_id is not None else {}),
             }))
 
 
