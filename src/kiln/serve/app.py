@@ -107,6 +107,19 @@ def _message_of(error: dict[str, Any]) -> str:
     return message.removeprefix("Value error, ") if error.get("type") == "value_error" else message
 
 
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """Why the body could not be read as JSON, when FastAPI's reading of it failed for a reason other than its syntax
+    (answered with a generic "There was an error parsing the body", the real error as its cause): bytes that are not
+    UTF-8, or arrays and objects nested deeper than the parser recurses. None for any other HTTP error."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the body is not valid UTF-8 (byte {cause.start} is 0x{cause.object[cause.start]:02x}); send JSON "
+                "encoded as UTF-8")
+    if isinstance(cause, RecursionError):
+        return "the body's JSON nests arrays or objects too deeply to be read; send a flatter JSON object"
+    return None
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -134,6 +147,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        unreadable = _unreadable_body(exc)
+        if unreadable is not None:
+            return JSONResponse(error_body(unreadable, "invalid_request_error", None, "invalid_json"), 400)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind), exc.status_code, getattr(exc, "headers", None))
 

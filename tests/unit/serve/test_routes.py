@@ -81,6 +81,21 @@ def test_a_body_that_is_not_json_is_400_saying_so() -> None:
     assert error["message"] == "the body is not valid JSON (it breaks at character 10); send one JSON object"
 
 
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize", "/v1/feedback"])
+@pytest.mark.parametrize("body,message", [
+    (b'{"prompt": "caf\xe9"}', "the body is not valid UTF-8 (byte 15 is 0xe9); send JSON encoded as UTF-8"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "the body's JSON nests arrays or objects too deeply to be read; send a flatter JSON object"),
+])
+def test_a_body_that_cannot_be_read_is_400_saying_why(path: str, body: bytes, message: str) -> None:
+    # both were FastAPI's "There was an error parsing the body", without a code
+    r = TestClient(create_app(ServeConfig())).post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": "invalid_json"}
+
+
 COMPLETION, CHAT = {"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}
 
 
