@@ -85,7 +85,9 @@ class ResponseFormat(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and ±inf (JSON's 1e999, or Python's NaN and Infinity literals, which the JSON reader takes) are refused
+    # as not finite: NaN fails every range check, and the range named in that message was not what is wrong
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
     # strict=True on every number and boolean, as OpenAI: "2", 2.5 or true for an integer, "0.5" or true for a
@@ -492,7 +494,7 @@ class DetokenizeRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN rating: "not a finite number", as _Sampling
     id: str = Field(..., min_length=1, max_length=200)
     rating: float = Field(..., strict=True)  # true was stored as 1.0 and "5" as 5.0; feedback.py checks the range
     comment: str | None = Field(default=None, max_length=10_000)

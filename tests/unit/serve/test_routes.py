@@ -113,6 +113,25 @@ def test_an_integer_field_takes_only_an_integer(path: str, body: dict, field: st
     assert error["param"] == field and error["message"] == f"{field}: Input should be a valid integer", error
 
 
+
+FLOAT_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty")
+
+
+@pytest.mark.parametrize("path,body,field", [
+    *[("/v1/completions", COMPLETION, f) for f in FLOAT_FIELDS],
+    *[("/v1/chat/completions", CHAT, f) for f in FLOAT_FIELDS],
+    ("/v1/feedback", {"id": "x"}, "rating"),
+])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_float_field_takes_only_a_finite_number(path: str, body: dict, field: str, value: str) -> None:
+    # NaN fails every range check, so it was refused as "less than or equal to 2", a range it does not break
+    content = json.dumps(body)[:-1] + f', "{field}": {value}}}'
+    r = TestClient(create_app(ServeConfig())).post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["message"]) == (field, f"{field}: Input should be a finite number"), error
+
+
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
 STREAM = {**COMPLETION, "stream": True}
 NOT_A = {"boolean": ["true", "yes", 1, 0], "number": ["0.5", True]}  # what lax mode coerced
