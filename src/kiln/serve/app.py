@@ -95,6 +95,28 @@ class AccessLogMiddleware:
             }))
 
 
+class HeadAsGetMiddleware:
+    """HEAD answered as GET is, without the body, on every route that answers GET: load balancers probe /health and
+    /ready with HEAD, and FastAPI's routes answer only the methods they name (405 for HEAD). The headers, its
+    Content-Length included, are GET's, as HTTP asks of HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        # the state dict is shared, so what the inner middleware put in it (the API key's id) reaches the access log
+        await self.app({**scope, "method": "GET", "state": scope.setdefault("state", {})}, receive, without_body)
+
+
 def _param_of(error: dict[str, Any]) -> str | None:
     location = [str(p) for p in error.get("loc", ()) if p != "body"]
     return ".".join(location) or None
@@ -223,11 +245,12 @@ def create_app(config: ServeConfig) -> FastAPI:
                 state.metrics.count_speculation(labels, drafter.stats)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    # added innermost first: access log (outermost), counting, API keys, body limit, then the routes
+    # added innermost first: access log (outermost), HEAD as GET, counting, API keys, body limit, then the routes
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key_file is not None:
         app.add_middleware(ApiKeyMiddleware, digests=load_digests(config.api_key_file))
     app.add_middleware(_Counting, state=state)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(AccessLogMiddleware)
     return app
 

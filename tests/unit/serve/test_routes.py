@@ -96,6 +96,22 @@ def test_a_body_that_cannot_be_read_is_400_saying_why(path: str, body: bytes, me
                                  "code": "invalid_json"}
 
 
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/v1/models"])
+def test_head_answers_as_get_without_a_body(path: str) -> None:
+    # load balancers probe with HEAD, which was a 405 (FastAPI's routes answer only the methods they name)
+    client = TestClient(create_app(ServeConfig()))
+    got, head = client.get(path), client.head(path)
+    assert head.status_code == got.status_code and head.content == b""
+    for name in ("content-type", "content-length", "retry-after"):
+        assert head.headers.get(name) == got.headers.get(name), name
+
+
+def test_head_on_a_post_route_is_405_allowing_post() -> None:
+    r = TestClient(create_app(ServeConfig())).head("/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+
+
 COMPLETION, CHAT = {"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}
 
 
