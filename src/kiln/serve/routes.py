@@ -158,20 +158,26 @@ def _guard(state: ServerState, deployment: Deployment, texts: Sequence[str],
 
 
 def _max_tokens(state: ServerState, deployment: Deployment, prompt: list[int], asked: int | None,
-                default: int | None, prompt_param: str) -> int:
+                default: int | None, prompt_param: str, asked_param: str = "max_tokens") -> int:
     """The request's token budget; a prompt that leaves no room in the context or the KV cache is a 400 naming
-    `prompt_param` (OpenAI's code and param for the context), whether or not max_tokens was given."""
+    `prompt_param` (OpenAI's code and param for the context), whether or not max_tokens was given. A max_tokens
+    (`asked`, sent as `asked_param`) the prompt leaves no room for is a 400 naming it (the engine would end the
+    answer early, "length", without a word); without one, the endpoint's `default` (None: the whole context) is
+    cut at the end of the context, as the client asked for no number that could be refused."""
     context = deployment.loaded.spec.max_position
     if len(prompt) >= context:  # at least one token must be generated
         raise ApiError(400, f"the prompt has {len(prompt)} tokens, which leaves no room in the model's context of "
                        f"{context} tokens; shorten the prompt", param=prompt_param, code="context_length_exceeded")
     _check_kv_budget(deployment, prompt, prompt_param)
-    wanted = asked if asked is not None else (default if default is not None else context - len(prompt))
-    if len(prompt) + wanted > context:
-        raise ApiError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {wanted}, more than the "
-                       f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
-                       param="max_tokens", code="context_length_exceeded")
-    return max(1, wanted)
+    room = context - len(prompt)
+    if asked is None:
+        return room if default is None else min(default, room)
+    if asked > room:
+        raise ApiError(400, f"the prompt has {len(prompt)} tokens and {asked_param} is {asked}, "
+                       f"{len(prompt) + asked} in all, more than the model's context of {context} tokens; shorten "
+                       f"the prompt or lower {asked_param} to {room} or less", param=asked_param,
+                       code="context_length_exceeded")
+    return asked
 
 
 def _check_kv_budget(deployment: Deployment, prompt: list[int], prompt_param: str) -> None:
@@ -619,7 +625,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         prompt = dep.loaded.tokenizer.encode_chat(
             messages, fix="send a plain-text prompt to /v1/completions instead", tools=tools)
         asked = body.max_completion_tokens or body.max_tokens
-        budget = _max_tokens(state, dep, prompt, asked, None, "messages")
+        budget = _max_tokens(state, dep, prompt, asked, None, "messages",
+                             "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         _check_sampling(dep, body, asked, [budget])
         top = (body.top_logprobs or 0) if body.logprobs else None
         grammar = await asyncio.to_thread(_chat_grammar, body)  # may take a second: off the loop

@@ -553,6 +553,39 @@ def test_streamed_text_offsets_hold_when_text_is_held_back(tiny_folder: Path, tm
         assert all(o < num_sent for o in (c.get("logprobs") or {}).get("text_offset", [])), (c, num_sent)
 
 
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/completions", {"prompt": [42] * 50}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 20}]}, "max_tokens"),  # 51 tokens
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 20}]}, "max_completion_tokens"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_max_tokens_past_the_context_is_400_naming_the_numbers(served: tuple[FastAPI, TestClient], path: str,
+                                                                 body: dict, field: str, stream: bool) -> None:
+    _, client = served
+    r = client.post(path, json={**body, field: 20, "stream": stream})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (field, "context_length_exceeded")
+    prompt = 50 if "prompt" in body else 51
+    assert error["message"] == (f"the prompt has {prompt} tokens and {field} is 20, {prompt + 20} in all, more than "
+                                f"the model's context of 64 tokens; shorten the prompt or lower {field} to "
+                                f"{64 - prompt} or less")
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": [42] * 60}),  # the default 16 tokens were refused as "max_tokens is 16"
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 20}]}),
+])
+def test_without_max_tokens_the_answer_runs_to_the_end_of_the_context(served: tuple[FastAPI, TestClient], path: str,
+                                                                      body: dict) -> None:
+    _, client = served
+    r = client.post(path, json={**body, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["total_tokens"] == 64
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
