@@ -16,10 +16,11 @@ from typing import Any
 
 from kiln import __version__
 from kiln.engine import RUNTIME_HELP, RUNTIMES
-from kiln.errors import Interrupted, InvalidParameterError, KilnError, ModelFormatError
+from kiln.errors import ContextLengthError, Interrupted, InvalidParameterError, KilnError, ModelFormatError
 
 DEFAULT_SPECULATE = 4  # --draft: tokens the draft proposes per step
-DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
+DEFAULT_MAX_TOKENS = 256  # generate and chat, when --max-tokens is not given
+DEFAULTS = {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
 
 
 
@@ -36,7 +37,9 @@ def _common() -> argparse.ArgumentParser:
 def _sampling() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"], help="tokens to generate at most")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS}, cut at the end of the model's "
+                        "context)")
     g.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy")
     g.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="nucleus mass kept (1 = off)")
     g.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="most likely tokens kept (0 = off)")
@@ -61,7 +64,7 @@ def _params(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
         raise InvalidParameterError(f"--seed {args.seed} is out of range; it must be in [-2**63, 2**63 - 1], as the "
                                     "server's seed")
     return SamplingParams(
-        max_tokens=args.max_tokens,
+        max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -136,6 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = tok.encode_chat([*messages, {"role": "user", "content": prompt_text}])
+    _check_room(len(prompt), args.max_tokens, loaded.spec.max_position)
 
     def stream(_row: int, delta: str) -> None:
         sys.stdout.write(delta)
@@ -163,6 +167,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def _check_room(num_prompt: int, max_tokens: int | None, context: int) -> None:
+    """A --max-tokens that the prompt leaves no room for in the context is refused, as the server refuses such a
+    max_tokens: the answer would end early ("length") without a word. Without the flag, the default is cut at the
+    end of the context. A prompt that fills the context alone is the engine's to refuse."""
+    if max_tokens is not None and num_prompt < context < num_prompt + max_tokens:
+        raise ContextLengthError(f"the prompt has {num_prompt} tokens and --max-tokens is {max_tokens}, "
+                                 f"{num_prompt + max_tokens} in all, more than the model's context of {context} "
+                                 f"tokens; shorten the prompt or pass --max-tokens {context - num_prompt} or less")
 
 
 def _check_generate_flags(args: argparse.Namespace) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +149,16 @@ def test_an_empty_prompt_is_refused_before_the_load(prompt: str, stdin: str, mon
     assert cli.main(["generate", prompt]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "the prompt is empty; pass some text" in error
+
+
+def test_a_max_tokens_past_the_context_is_refused_and_no_flag_runs_to_its_end(
+        tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --max-tokens 30 after 56 prompt tokens in the 64-token context ran and ended with "length" after 8 tokens
+    prompt = "hello " * 55
+    assert cli.main(["generate", "-m", str(tiny_folder), "--raw", "--json", "--max-tokens", "30", prompt]) == 2
+    assert capsys.readouterr().err == (
+        "kiln: error: the prompt has 56 tokens and --max-tokens is 30, 86 in all, more than the model's context of "
+        "64 tokens; shorten the prompt or pass --max-tokens 8 or less\n")
+    assert cli.main(["generate", "-m", str(tiny_folder), "--raw", "--json", "--temperature", "0", prompt]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert (answer["prompt_tokens"], answer["completion_tokens"]) == (56, 8)  # the default 256, cut at the context
