@@ -166,6 +166,11 @@ class _Sampling(BaseModel):
         """logit_bias with its keys as token ids."""
         return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
+    def token_limit(self) -> tuple[int | None, str]:
+        """The tokens to generate at most that the client sent (None: none), and the field that it sent them in, for
+        the messages that name it."""
+        return self.max_tokens, "max_tokens"
+
     @field_validator("stream_options")
     @classmethod
     def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
@@ -376,6 +381,12 @@ class ChatCompletionRequest(_Sampling):
         return value
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
     parallel_tool_calls: bool = Field(default=True, strict=True)  # required may give several calls
+
+    def token_limit(self) -> tuple[int | None, str]:
+        # OpenAI's newer name wins when both are sent
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
     @field_validator("tools")
     @classmethod

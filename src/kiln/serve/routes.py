@@ -200,18 +200,18 @@ def _check_token_ids(dep: Deployment, ids: Iterable[int], param: str) -> None:
                        "from its tokenizer (/tokenize)", param=param, code="invalid_token")
 
 
-def _check_sampling(dep: Deployment, body: CompletionRequest | ChatCompletionRequest, asked: int | None,
-                    budgets: Sequence[int]) -> None:
+def _check_sampling(dep: Deployment, body: CompletionRequest | ChatCompletionRequest, budgets: Sequence[int]) -> None:
     """What the schema cannot check without the model and the prompt: token ids inside the vocabulary, and a
     min_tokens that every choice's budget (max_tokens, or its default) leaves room for."""
     _check_token_ids(dep, body.token_biases(), "logit_bias")
     _check_token_ids(dep, body.stop_token_ids or (), "stop_token_ids")
     budget = min(budgets)
+    asked, asked_param = body.token_limit()
     if body.min_tokens > budget:
-        limit = (f"max_tokens ({asked})" if asked is not None else
+        limit = (f"{asked_param} ({asked})" if asked is not None else
                  f"the {budget} tokens this request may generate without max_tokens")
         raise ApiError(400, f"min_tokens is {body.min_tokens}, more than {limit}; lower min_tokens or raise "
-                       "max_tokens", param="min_tokens", code="invalid_value")  # the schema's code for its range
+                       f"{asked_param}", param="min_tokens", code="invalid_value")  # the schema's code for its range
 
 
 def _grammar(response_format: ResponseFormat | None) -> str | None:
@@ -525,7 +525,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         _guard(state, dep, [p for p in raw_prompts if isinstance(p, str)], "input")
         prompts = [_prompt_ids(dep, p) for p in raw_prompts]
         budgets = [_max_tokens(state, dep, p, body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
-        _check_sampling(dep, body, body.max_tokens, budgets)
+        _check_sampling(dep, body, budgets)
         grammar = await asyncio.to_thread(_grammar, body.response_format)  # may take a second: off the loop
         per_choice = [prompts[i // body.n] for i in range(len(prompts) * body.n)]
         params = [body.sampling(budgets[i // body.n], body.logprobs, seed_offset=i, grammar=grammar)
@@ -624,10 +624,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         _guard(state, dep, _message_texts(messages, tools), "input")
         prompt = dep.loaded.tokenizer.encode_chat(
             messages, fix="send a plain-text prompt to /v1/completions instead", tools=tools)
-        asked = body.max_completion_tokens or body.max_tokens
-        budget = _max_tokens(state, dep, prompt, asked, None, "messages",
-                             "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        _check_sampling(dep, body, asked, [budget])
+        asked, asked_param = body.token_limit()
+        budget = _max_tokens(state, dep, prompt, asked, None, "messages", asked_param)
+        _check_sampling(dep, body, [budget])
         top = (body.top_logprobs or 0) if body.logprobs else None
         grammar = await asyncio.to_thread(_chat_grammar, body)  # may take a second: off the loop
         job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i, grammar=grammar)

@@ -135,7 +135,11 @@ def test_token_ids_outside_the_vocabulary_are_400(client: TestClient, path: str,
 @pytest.mark.parametrize("path,body,words", [
     ("/v1/completions", {**COMPLETION, "max_tokens": 3, "min_tokens": 4}, "min_tokens is 4, more than max_tokens (3)"),
     ("/v1/completions", {**COMPLETION, "min_tokens": 17}, "more than the 16 tokens this request may generate"),
-    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 2, "min_tokens": 3}, "more than max_tokens (2)"),
+    # the field sent is named: this said "max_tokens (2)" and told the client to raise a field it never sent
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 2, "min_tokens": 3},
+     "more than max_completion_tokens (2); lower min_tokens or raise max_completion_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 2, "min_tokens": 3},
+     "more than max_tokens (2); lower min_tokens or raise max_tokens"),
     ("/v1/chat/completions", {**CHAT, "min_tokens": 64}, "tokens this request may generate without max_tokens"),
 ])
 def test_min_tokens_over_the_budget_is_400(client: TestClient, path: str, body: dict, words: str) -> None:
