@@ -129,6 +129,30 @@ def _message_of(error: dict[str, Any]) -> str:
     return message.removeprefix("Value error, ") if error.get("type") == "value_error" else message
 
 
+_JSON_KINDS = {list: "a JSON array", str: "a JSON string", bool: "a JSON boolean", int: "a JSON number",
+               float: "a JSON number", type(None): "JSON null"}
+
+
+def _whole_body_error(error: dict[str, Any], content_type: str | None) -> tuple[int, str, str] | None:
+    """Status, message and code of a refusal of the body as a whole, which pydantic words as a refusal of a field
+    named "body" ("body: Input should be a valid dictionary or object to extract fields from"): a body that was not
+    read as JSON for its Content-Type (curl -d sends a form's), an empty one, or JSON that is not an object. None
+    for an error in a field."""
+    if tuple(error.get("loc", ())) != ("body",):
+        return None
+    value = error.get("input")
+    if isinstance(value, bytes):  # FastAPI reads JSON only under a JSON Content-Type; this is the raw body
+        sent = f"its Content-Type is {content_type!r}" if content_type else "it has no Content-Type"
+        return 415, f"the body was not read as JSON, as {sent}; send it with Content-Type: application/json", \
+            "unsupported_media_type"
+    if error.get("type") == "missing":
+        return 400, "the body is empty; send one JSON object", "invalid_json"
+    kind = _JSON_KINDS.get(type(value))
+    if kind is not None:
+        return 400, f"the body is {kind}, not an object; send one JSON object", "invalid_json"
+    return None
+
+
 def _unreadable_body(exc: StarletteHTTPException) -> str | None:
     """Why the body could not be read as JSON, when FastAPI's reading of it failed for a reason other than its syntax
     (answered with a generic "There was an error parsing the body", the real error as its cause): bytes that are not
@@ -148,8 +172,12 @@ def install_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        whole = _whole_body_error(first, request.headers.get("content-type"))
+        if whole is not None:
+            status, message, code = whole
+            return JSONResponse(error_body(message, "invalid_request_error", None, code), status)
         if first.get("type") == "json_invalid":  # its location is the character where the JSON broke, not a field
             where = first.get("loc", ("body", "?"))[-1]
             return JSONResponse(error_body(f"the body is not valid JSON (it breaks at character {where}); send one "

@@ -97,6 +97,35 @@ def test_a_body_that_cannot_be_read_is_400_saying_why(path: str, body: bytes, me
 
 
 
+@pytest.mark.parametrize("headers,sent", [
+    ({}, "it has no Content-Type"),
+    ({"content-type": "application/x-www-form-urlencoded"}, "its Content-Type is 'application/x-www-form-urlencoded'"),
+    ({"content-type": "text/plain"}, "its Content-Type is 'text/plain'"),
+])
+def test_a_body_not_sent_as_json_is_415_naming_its_content_type(headers: dict, sent: str) -> None:
+    # curl -d sends a form's Content-Type: the JSON object was refused as "body: Input should be a valid dictionary"
+    r = TestClient(create_app(ServeConfig())).post("/v1/completions", content=b'{"prompt": "hi"}', headers=headers)
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == {"message": f"the body was not read as JSON, as {sent}; send it with Content-Type: "
+                                            "application/json", "type": "invalid_request_error", "param": None,
+                                 "code": "unsupported_media_type"}
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"", "the body is empty; send one JSON object"),  # was "body: Field required"
+    (b"[1]", "the body is a JSON array, not an object; send one JSON object"),
+    (b"null", "the body is JSON null, not an object; send one JSON object"),
+    (b'"hi"', "the body is a JSON string, not an object; send one JSON object"),
+    (b"2", "the body is a JSON number, not an object; send one JSON object"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_body_that_is_not_a_json_object_is_400_saying_what_it_is(path: str, body: bytes, message: str) -> None:
+    r = TestClient(create_app(ServeConfig())).post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": "invalid_json"}
+
+
 @pytest.mark.parametrize("path", ["/health", "/ready", "/v1/models"])
 def test_head_answers_as_get_without_a_body(path: str) -> None:
     # load balancers probe with HEAD, which was a 405 (FastAPI's routes answer only the methods they name)
