@@ -118,6 +118,9 @@ class HeadAsGetMiddleware:
 
 
 def _param_of(error: dict[str, Any]) -> str | None:
+    context = error.get("ctx", {})
+    if "param" in context:  # a check of the whole body names the place it found wrong (None: the body itself)
+        return str(context["param"]) if context["param"] is not None else None
     location = [str(p) for p in error.get("loc", ()) if p != "body"]
     return ".".join(location) or None
 

@@ -11,6 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from kiln.engine.sampler import MAX_LOGIT_BIAS, MAX_SEED, MIN_SEED, SamplingParams
 
@@ -82,7 +83,50 @@ class ResponseFormat(BaseModel):
         return {"type": "object"} if schema is None else schema
 
 
-class _Sampling(BaseModel):
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(body: Any) -> tuple[str, str, str] | None:
+    """The first string or object key in a request body that holds a lone surrogate: where (as a param is written:
+    "messages.0.content"; "" for the body itself), what ("the text" or "a key") and the surrogate. JSON may escape one
+    (\\ud800), but it is no character: UTF-8 cannot encode it, so the tokenizer, the request log and every other
+    place that writes the text out fail on it. The walk keeps its own stack: a body may nest deeper than Python
+    recurses."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                return path, "the text", found.group()
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                found = _SURROGATE.search(key)
+                if found:
+                    return path, "a key", found.group()
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+class _RequestBody(BaseModel):
+    """A request's whole body: its text is Unicode, which JSON's escapes can break."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        found = _lone_surrogate(data)
+        if found is not None:  # named by its place in ctx: a check of the whole body has no field of its own
+            param, what, surrogate = found
+            raise PydanticCustomError(
+                "lone_surrogate", "{what} holds a lone surrogate ({escape}), which is not a character; send valid "
+                "Unicode text (a character beyond U+FFFF escaped as a surrogate pair)",
+                {"param": param or None, "what": what, "escape": f"\\u{ord(surrogate):04x}"})
+        return data
+
+
+class _Sampling(_RequestBody):
     """Fields shared by completions and chat completions."""
 
     # NaN and ±inf (JSON's 1e999, or Python's NaN and Infinity literals, which the JSON reader takes) are refused
@@ -462,7 +506,7 @@ class ChatCompletionRequest(_Sampling):
         return self.parallel_tool_calls and not isinstance(self.tool_choice, NamedToolChoice)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_RequestBody):
     """vLLM's /tokenize: a prompt as /v1/completions encodes it, or messages (and tools) as /v1/chat/completions
     renders them with the chat template."""
 
@@ -496,7 +540,7 @@ class TokenizeRequest(BaseModel):
         return [m.template_form() for m in self.messages or ()]
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_RequestBody):
     """vLLM's /detokenize: token ids back to text, special tokens included (the inverse of /tokenize)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -504,7 +548,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(_RequestBody):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN rating: "not a finite number", as _Sampling
     id: str = Field(..., min_length=1, max_length=200)
     rating: float = Field(..., strict=True)  # true was stored as 1.0 and "5" as 5.0; feedback.py checks the range

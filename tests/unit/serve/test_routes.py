@@ -126,6 +126,36 @@ def test_a_body_that_is_not_a_json_object_is_400_saying_what_it_is(path: str, bo
                                  "code": "invalid_json"}
 
 
+@pytest.mark.parametrize("path,body,param,what", [
+    ("/v1/completions", '{"prompt": "hi", "user": "a\\ud800"}', "user", "the text"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["x", "\\udc00"]}', "stop.1", "the text"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages.0.content.0.text", "the text"),
+    ("/v1/completions", '{"prompt": "hi", "logit_bias": {"\\ud800": 1}}', "logit_bias", "a key"),
+    ("/v1/feedback", '{"id": "x", "rating": 1, "comment": "\\ud800"}', "comment", "the text"),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt", "the text"),
+])
+def test_a_lone_surrogate_anywhere_in_the_body_is_400_naming_its_place(path: str, body: str, param: str,
+                                                                        what: str) -> None:
+    # JSON may escape one, but UTF-8 cannot encode it: with --log-requests, a user or stop holding one was a 500
+    # once the answer was made (the request log could not write it), and a prompt's was refused without a param
+    r = TestClient(create_app(ServeConfig())).post(path, content=body.encode(),
+                                                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    surrogate = "\\udc00" if "udc00" in body else "\\ud800"
+    assert (error["param"], error["code"]) == (param, "invalid_value")
+    assert error["message"] == (f"{param}: {what} holds a lone surrogate ({surrogate}), which is not a character; "
+                                "send valid Unicode text (a character beyond U+FFFF escaped as a surrogate pair)")
+
+
+def test_a_surrogate_pair_is_one_character(served: tuple[FastAPI, TestClient]) -> None:
+    _, client = served
+    r = client.post("/tokenize", content=b'{"prompt": "\\ud83d\\ude00"}', headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == client.post("/tokenize", json={"prompt": "😀"}).json()["tokens"]
+
+
 @pytest.mark.parametrize("path", ["/health", "/ready", "/v1/models"])
 def test_head_answers_as_get_without_a_body(path: str) -> None:
     # load balancers probe with HEAD, which was a 405 (FastAPI's routes answer only the methods they name)
