@@ -95,6 +95,8 @@ class Job:
     tool_names: tuple[str, ...] | None = None  # a chat with tools in effect: calls to these are read out of the text
     is_tool_forced: bool = False  # a forcing tool_choice held the output to calls
     echo: bool = False  # a streamed completion whose choices each send their prompt first (echo)
+    # the request as sent, for the request log (--log-requests), streamed or not
+    body: CompletionRequest | ChatCompletionRequest | None = None
     n: int = 1  # choices per prompt: prompts[i * n : (i + 1) * n] are one prompt's
 
     @property
@@ -535,7 +537,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             params = [replace(p, prompt_logprobs=body.logprobs) if body.stream or i % body.n == 0 else p
                       for i, p in enumerate(params)]
         job = _job(state, dep, key, per_choice, params)
-        job.echo, job.n = body.echo, body.n
+        job.echo, job.n, job.body = body.echo, body.n, body
         _reserve_tokens(job)
         if body.stream:
             return _stream_response(job, request, body.stream_options is not None and
@@ -559,7 +561,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                                                 skip_special_tokens=body.skip_special_tokens)
                 choice["logprobs"] = _join_logprobs(echo[1], generated) if echo else generated
             choices.append(choice)
-        state.log_response(job, body.model_dump(), [c["text"] for c in choices], outs)
+        state.log_response(job, [c["text"] for c in choices], outs)
         return _with_version(JSONResponse({"id": job.request_id, "object": "text_completion", "created": job.created,
                                            "model": dep.name, "choices": choices, "usage": _usage(job, outs)}), dep)
     except BaseException:
@@ -632,7 +634,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         job = _job(state, dep, key, [prompt] * body.n, [body.sampling(budget, top, seed_offset=i, grammar=grammar)
                                                          for i in range(body.n)])
         job.request_id = "chatcmpl-" + job.request_id.split("-", 1)[1]
-        job.n = body.n
+        job.n, job.body = body.n, body
         job.tool_names = tuple(t["function"]["name"] for t in tools) if tools else None
         job.is_tool_forced = body.tool_mode() == "forced"
         job.is_default_budget = asked is None
@@ -650,7 +652,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         choices: list[dict[str, Any]] = [{"index": i, **_chat_message(o, split),
                     "logprobs": chat_logprobs(dep.loaded.tokenizer, o.request.logprobs) if body.logprobs else None}
                    for i, (o, split) in enumerate(zip(outs, splits, strict=True))]
-        state.log_response(job, body.model_dump(), [o.request.text for o in outs], outs)
+        state.log_response(job, [o.request.text for o in outs], outs)
         return _with_version(JSONResponse({"id": job.request_id, "object": "chat.completion", "created": job.created,
                                            "model": dep.name, "choices": choices, "usage": _usage(job, outs)}), dep)
     except BaseException:
@@ -907,7 +909,7 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
             yield _sse({**base, "choices": [], "usage": _usage(job, finished)})
         yield b"data: [DONE]\n\n"
         _record(job, finished)
-        state.log_response(job, {"stream": True}, texts, finished)
+        state.log_response(job, texts, finished)
     except asyncio.CancelledError:
         state.metrics.disconnects.inc()
         raise

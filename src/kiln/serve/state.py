@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kiln.engine.engine import EngineConfig, StepOutput
 from kiln.errors import InvalidParameterError
@@ -80,9 +80,11 @@ class ServerState:
     def guardrails_for(self, model: str) -> GuardrailConfig | None:
         return self.guardrails.get(model) or self.guardrails.get("*")
 
-    def log_response(self, job: Job, request: dict[str, Any], texts: list[str], outs: list[StepOutput]) -> None:
+    def log_response(self, job: Job, texts: list[str], outs: list[StepOutput]) -> None:
+        """Keep the request (as sent) and its answer's texts in the request log, when there is one."""
         if self.feedback is None:
             return
+        request = job.body.model_dump() if job.body is not None else {}
         self.feedback.log_request(
             job.request_id, job.deployment.name, job.deployment.version, request, "\n".join(texts),
             job.num_prompt_tokens, sum(len(o.request.output) for o in outs),

@@ -645,6 +645,27 @@ def test_without_max_tokens_the_answer_runs_to_the_end_of_the_context(served: tu
     assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["total_tokens"] == 64
 
 
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 3, "stop": ["zz"]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "seed": 5}),
+])
+def test_a_streamed_request_is_logged_whole(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            ready_client: ReadyClient, path: str, body: dict) -> None:
+    # with --log-requests a streamed request was kept as {"stream": true}: its prompt and parameters were lost
+    import sqlite3
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20, log_requests=True))
+    with ready_client(app) as client:
+        plain = client.post(path, json=body).json()["id"]
+        chunks = streamed(client, path, body)
+    with sqlite3.connect(tmp_path / "requests.sqlite") as db:
+        logged = {i: json.loads(r) for i, r in db.execute("SELECT id, request FROM requests")}
+    assert logged[chunks[0]["id"]] == {**logged[plain], "stream": True}
+    assert logged[plain]["max_tokens"] == 3 and (logged[plain].get("prompt") or logged[plain]["messages"])
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
