@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +87,13 @@ class ServerState:
         if self.feedback is None:
             return
         request = job.body.model_dump() if job.body is not None else {}
-        self.feedback.log_request(
-            job.request_id, job.deployment.name, job.deployment.version, request, "\n".join(texts),
-            job.num_prompt_tokens, sum(len(o.request.output) for o in outs),
-        )
+        try:
+            self.feedback.log_request(
+                job.request_id, job.deployment.name, job.deployment.version, request, "\n".join(texts),
+                job.num_prompt_tokens, sum(len(o.request.output) for o in outs),
+            )
+        except (sqlite3.Error, OSError) as exc:
+            # the answer is made and the client's: a log that cannot be written (a full disk, a file made read-only)
+            # is the operator's to fix, not a reason to answer 500 or break a finished stream
+            logging.getLogger("kiln.serve").error("request log: could not keep %s (%s); check %s", job.request_id,
+                                                  exc, self.feedback.path)

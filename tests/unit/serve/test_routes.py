@@ -666,6 +666,33 @@ def test_a_streamed_request_is_logged_whole(tiny_folder: Path, tmp_path: Path, m
     assert logged[plain]["max_tokens"] == 3 and (logged[plain].get("prompt") or logged[plain]["messages"])
 
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_log_that_cannot_be_written_does_not_fail_the_answer(
+        tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ready_client: ReadyClient,
+        caplog: pytest.LogCaptureFixture, stream: bool) -> None:
+    # the answer was made, then lost to a 500 (or a stream's ASGI error after [DONE]) because the log write failed
+    import sqlite3
+
+    from kiln.serve.feedback import FeedbackStore
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    monkeypatch.setattr(FeedbackStore, "log_request", broken)
+    app = create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=4 << 20, log_requests=True))
+    body = {"prompt": "hi", "max_tokens": 2}
+    with ready_client(app) as client, caplog.at_level("ERROR", logger="kiln.serve"):
+        if stream:
+            assert streamed(client, "/v1/completions", body)[-1]["choices"][0]["finish_reason"] == "length"
+        else:
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+    assert any("request log" in record.getMessage() and "disk I/O error" in record.getMessage()
+               for record in caplog.records), caplog.text
+
+
 # --- the KV cache budget --------------------------------------------------------------------------------
 
 
