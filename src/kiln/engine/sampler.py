@@ -238,6 +238,10 @@ def filter_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
     # top-p: drop a token when the tokens before it already reach p (the first always stays)
     remove |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
     remove |= probs < min_p.unsqueeze(1) * probs[:, :1]
+    # the best token always stays, whatever the rounding: a top_p below float32's smallest value (5e-324 is a valid
+    # float) is 0 here and removed it too, and a row with no token left has no distribution (NaN), which failed the
+    # step and so every request in it
+    remove[:, 0] = False
     filtered = sorted_logits.masked_fill(remove, -math.inf)
     return torch.empty_like(logits).scatter_(1, order, filtered)
 

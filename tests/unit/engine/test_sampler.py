@@ -64,6 +64,15 @@ def test_top_p_keeps_the_nucleus() -> None:
     assert support(probs.log(), top_p=0.85) == {0, 1, 2}
 
 
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-46])  # valid floats that float32 rounds to 0
+def test_a_top_p_below_float32_keeps_the_best_token(top_p: float) -> None:
+    # every token was removed, the first included: the softmax of -inf was NaN and the step failed, and with it
+    # every request running beside this one
+    probs = torch.tensor([0.5, 0.3, 0.15] + [0.05 / (V - 3)] * (V - 3))
+    assert support(probs.log(), n=20, top_p=top_p) == {0}
+
+
 def test_min_p_drops_unlikely_tokens() -> None:
     probs = torch.tensor([0.4, 0.3, 0.2] + [0.1 / (V - 3)] * (V - 3))
     assert support(probs.log(), min_p=0.6) == {0, 1}
