@@ -299,11 +299,21 @@ class _Counting:
 
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
-                self.state.metrics.requests.labels(route, str(message["status"])).inc()
+                self.state.metrics.requests.labels(_route_label(scope), str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counted)
+
+
+def _route_label(scope: Scope) -> str:
+    """A response's route label: the template of the route that answered it (GET /v1/models/org/name counts as
+    /v1/models/{model_id}, not "other"), or, for a refusal before routing (a key, the body limit), its path when it
+    is a route's; "other" for any other path, so that the label's values stay few."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if isinstance(template, str):
+        return re.sub(r":[^}]*}", "}", template)  # without the convertor: {model_id:model_id}
+    return scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
 
 
 KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/tokenize",

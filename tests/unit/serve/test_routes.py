@@ -156,6 +156,18 @@ def test_a_surrogate_pair_is_one_character(served: tuple[FastAPI, TestClient]) -
     assert r.json()["tokens"] == client.post("/tokenize", json={"prompt": "😀"}).json()["tokens"]
 
 
+def test_requests_are_counted_by_the_route_that_answered() -> None:
+    # GET /v1/models/{model_id} was counted as "other", with 404 scans of unknown paths
+    client = TestClient(create_app(ServeConfig()))
+    for path in ("/v1/models/org/name", "/v1/models/x", "/v1/models", "/admin"):
+        client.get(path)
+    counts = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
+              if line.startswith("kiln_requests_total{")}
+    assert counts == {'kiln_requests_total{route="/v1/models/{model_id}",status="404"}': 2.0,
+                      'kiln_requests_total{route="/v1/models",status="200"}': 1.0,
+                      'kiln_requests_total{route="other",status="404"}': 1.0}
+
+
 @pytest.mark.parametrize("path", ["/health", "/ready", "/v1/models"])
 def test_head_answers_as_get_without_a_body(path: str) -> None:
     # load balancers probe with HEAD, which was a 405 (FastAPI's routes answer only the methods they name)
