@@ -199,12 +199,20 @@ def install_handlers(app: FastAPI) -> None:
         return engine_stopped_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         unreadable = _unreadable_body(exc)
         if unreadable is not None:
             return JSONResponse(error_body(unreadable, "invalid_request_error", None, "invalid_json"), 400)
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), exc.status_code, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 404:
+            return JSONResponse(error_body(f"there is no {request.url.path[:200]} here; the API's routes are "
+                                           f"{', '.join(API_ROUTES)}", "not_found_error", code="unknown_route"), 404)
+        if exc.status_code == 405:
+            allowed = (headers or {}).get("Allow", (headers or {}).get("allow", ""))
+            return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}; use "
+                                           f"{allowed or 'another method'}", "invalid_request_error",
+                                           code="method_not_allowed"), 405, headers)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code, headers)
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
@@ -316,6 +324,8 @@ def _route_label(scope: Scope) -> str:
     return scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
 
 
+API_ROUTES = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "POST /tokenize",
+              "POST /detokenize", "POST /v1/feedback", "GET /health", "GET /ready", "GET /metrics")
 KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/tokenize",
                           "/detokenize", "/health", "/ready", "/metrics"})
 

@@ -168,6 +168,25 @@ def test_requests_are_counted_by_the_route_that_answered() -> None:
                       'kiln_requests_total{route="other",status="404"}': 1.0}
 
 
+@pytest.mark.parametrize("method,path,allowed", [("GET", "/v1/completions", "POST"), ("POST", "/health", "GET"),
+                                                 ("DELETE", "/v1/models", "GET")])
+def test_a_wrong_method_is_405_naming_the_one_to_use(method: str, path: str, allowed: str) -> None:
+    # it was "Method Not Allowed" without a code
+    r = TestClient(create_app(ServeConfig())).request(method, path)
+    assert r.status_code == 405 and r.headers["allow"] == allowed
+    assert r.json()["error"] == {"message": f"{method} is not allowed on {path}; use {allowed}",
+                                 "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
+
+
+def test_an_unknown_path_is_404_listing_the_routes() -> None:
+    # it was "Not Found" without a code
+    r = TestClient(create_app(ServeConfig())).get("/v1/complete")
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("not_found_error", "unknown_route")
+    assert error["message"].startswith("there is no /v1/complete here; the API's routes are POST /v1/completions, ")
+
+
 @pytest.mark.parametrize("path", ["/health", "/ready", "/v1/models"])
 def test_head_answers_as_get_without_a_body(path: str) -> None:
     # load balancers probe with HEAD, which was a 405 (FastAPI's routes answer only the methods they name)
