@@ -114,7 +114,9 @@ class HeadAsGetMiddleware:
             await send(message)
 
         # the state dict is shared, so what the inner middleware put in it (the API key's id) reaches the access log
-        await self.app({**scope, "method": "GET", "state": scope.setdefault("state", {})}, receive, without_body)
+        # (and the method sent is kept, for a refusal to name it)
+        await self.app({**scope, "method": "GET", "state": scope.setdefault("state", {}), "kiln.sent_method": "HEAD"},
+                       receive, without_body)
 
 
 def _param_of(error: dict[str, Any]) -> str | None:
@@ -209,7 +211,8 @@ def install_handlers(app: FastAPI) -> None:
                                            f"{', '.join(API_ROUTES)}", "not_found_error", code="unknown_route"), 404)
         if exc.status_code == 405:
             allowed = (headers or {}).get("Allow", (headers or {}).get("allow", ""))
-            return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}; use "
+            method = request.scope.get("kiln.sent_method", request.method)  # HEAD, not the GET it was answered as
+            return JSONResponse(error_body(f"{method} is not allowed on {request.url.path}; use "
                                            f"{allowed or 'another method'}", "invalid_request_error",
                                            code="method_not_allowed"), 405, headers)
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code, headers)

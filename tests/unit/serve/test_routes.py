@@ -198,8 +198,13 @@ def test_head_answers_as_get_without_a_body(path: str) -> None:
 
 
 def test_head_on_a_post_route_is_405_allowing_post() -> None:
-    r = TestClient(create_app(ServeConfig())).head("/v1/completions")
+    client = TestClient(create_app(ServeConfig()))
+    r = client.head("/v1/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+    # the body a GET would have (HEAD drops it) names the method sent, not the GET it was answered as
+    assert int(r.headers["content-length"]) == len(json.dumps(
+        {"error": {"message": "HEAD is not allowed on /v1/completions; use POST", "type": "invalid_request_error",
+                   "param": None, "code": "method_not_allowed"}}, separators=(",", ":")))
 
 
 COMPLETION, CHAT = {"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}
