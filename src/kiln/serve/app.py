@@ -329,8 +329,7 @@ def _route_label(scope: Scope) -> str:
 
 API_ROUTES = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "POST /tokenize",
               "POST /detokenize", "POST /v1/feedback", "GET /health", "GET /ready", "GET /metrics")
-KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/tokenize",
-                          "/detokenize", "/health", "/ready", "/metrics"})
+KNOWN_ROUTES = frozenset(route.split()[1] for route in API_ROUTES)
 
 
 async def _load(state: ServerState) -> None:
