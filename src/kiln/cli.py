@@ -63,19 +63,25 @@ def _params(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
     if args.seed is not None and not MIN_SEED <= args.seed <= MAX_SEED:
         raise InvalidParameterError(f"--seed {args.seed} is out of range; it must be in [-2**63, 2**63 - 1], as the "
                                     "server's seed")
-    return SamplingParams(
-        max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        grammar=_json_schema_grammar(args.json_schema),
-    )
+    try:
+        return SamplingParams(
+            max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            grammar=_json_schema_grammar(args.json_schema),
+        )
+    except InvalidParameterError as exc:  # worded with the field's name; the user typed the flag
+        if exc.param is None:
+            raise
+        flag = "--" + exc.param.replace("_", "-")
+        raise InvalidParameterError(str(exc).replace(f"{exc.param}=", f"{flag} ", 1)) from None
 
 
 def _json_schema_grammar(value: str | None) -> str | None:

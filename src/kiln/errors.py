@@ -27,7 +27,11 @@ class ContextLengthError(KilnError):
 
 
 class InvalidParameterError(KilnError):
-    """A generation or command parameter is out of its allowed range."""
+    """A generation or command parameter is out of its allowed range (`param`: its name, when one field is wrong)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class DataNotFoundError(KilnError):

@@ -59,6 +59,18 @@ def test_a_seed_the_server_refuses_is_refused_in_one_line(verb: list[str], seed:
         CompletionRequest.model_validate({"prompt": "hi", "seed": seed})
 
 
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--max-tokens", "0"], "--max-tokens 0 is out of range; it must be >= 1"),
+    (["--top-p", "2"], "--top-p 2.0 is out of range; it must be in (0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty 0.0 is out of range"),
+])
+def test_a_sampling_flag_out_of_range_is_named_as_the_flag(flags: list[str], error: str) -> None:
+    # it was named as the engine's field: "max_tokens=0 is out of range"
+    with pytest.raises(cli.InvalidParameterError) as refused:
+        cli._params(cli.build_parser().parse_args(["generate", "hi", *flags]))
+    assert str(refused.value).startswith(error)
+
+
 @pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), -1, 2**32])
 def test_a_seed_the_server_takes_is_taken_and_hashed_the_same_way(seed: int) -> None:
     params = cli._params(cli.build_parser().parse_args(["generate", "hi", "--seed", str(seed)]))

@@ -96,7 +96,7 @@ class SamplingParams:
 
 def _check(name: str, value: float, ok: bool, allowed: str) -> None:
     if not ok or (isinstance(value, float) and math.isnan(value)):
-        raise InvalidParameterError(f"{name}={value} is out of range; it must be {allowed}")
+        raise InvalidParameterError(f"{name}={value} is out of range; it must be {allowed}", param=name)
 
 
 def torch_seed(seed: int) -> int:
