@@ -20,14 +20,16 @@ from kiln.model.tokenizer import Tokenizer
 
 def encode_choice(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) exactly as the harness's HF backend makes them."""
-    if context == "":
-        cont = tokenizer.encode(continuation, add_special_tokens=False)
-        prefix = tokenizer.prefix_token_id
-        return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
     spaces = len(context) - len(context.rstrip())
     if spaces:
         continuation = context[-spaces:] + continuation
         context = context[:-spaces]
+    if context == "":
+        # also a context of whitespace alone, once its spaces moved: it has no token of its own to predict
+        # the first continuation token from (the scorer read that prediction from an unwritten row)
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = tokenizer.prefix_token_id
+        return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
     return context_ids, whole[len(context_ids) :]

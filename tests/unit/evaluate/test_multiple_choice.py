@@ -79,3 +79,14 @@ def test_clear_answers_are_right(default_model: LoadedModel) -> None:
     records = evaluate_items(ModelScorer(default_model.model), default_model.tokenizer, items)
     assert [r["prediction"] for r in records] == [0, 1, 0]
     assert all(len(r["loglikelihoods"]) == len(it.choices) for r, it in zip(records, items, strict=True))
+
+
+def test_whitespace_context_is_scored_from_the_prefix_token(default_model: LoadedModel) -> None:
+    # " " left an empty context once its space moved, and the scorer read an unwritten row of logits for it
+    tok = default_model.tokenizer
+    ctx, cont = encode_choice(tok, "  ", "hello")
+    assert ctx == [tok.prefix_token_id] and cont == tok.encode("  hello", add_special_tokens=False)
+    items = [MCItem(0, " ", ["blue", "green"], gold=0, delimiter=""),
+             MCItem(1, "", [" blue", " green"], gold=0, delimiter="")]
+    first, second = evaluate_items(ModelScorer(default_model.model), tok, items)
+    assert first["loglikelihoods"] == pytest.approx(second["loglikelihoods"], abs=1e-4)
