@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kiln.errors import DataFormatError
 from kiln.evaluate.loglikelihood import ScoreRequest
 from kiln.evaluate.scorer import Scorer
 from kiln.evaluate.tasks.multiple_choice import MCItem
@@ -40,6 +41,11 @@ def requests_for(tokenizer: Tokenizer, item: MCItem) -> list[tuple[ScoreRequest,
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for c, choice in enumerate(item.choices):
         ctx, cont = encode_choice(tokenizer, item.context, item.delimiter + choice)
+        if not cont:  # e.g. "x" + "a" encoded as the one token "xa": no token of the choice's own to score
+            raise DataFormatError(
+                f"{item.where or f'item {item.index}'}: choice {choice!r} merges into the context's last token, "
+                "leaving it no token of its own to score; start each choice with a space (or end the context "
+                "with one)")
         groups.setdefault(tuple(ctx), []).append((c, cont))
     return [
         (ScoreRequest(list(ctx), [cont for _, cont in members]), [c for c, _ in members])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
+from kiln.errors import DataFormatError
 from kiln.evaluate.multiple_choice import encode_choice, evaluate_items, mean_and_stderr, metrics, record
 from kiln.evaluate.scorer import ModelScorer
 from kiln.evaluate.tasks.multiple_choice import MCItem
@@ -90,3 +92,14 @@ def test_whitespace_context_is_scored_from_the_prefix_token(default_model: Loade
              MCItem(1, "", [" blue", " green"], gold=0, delimiter="")]
     first, second = evaluate_items(ModelScorer(default_model.model), tok, items)
     assert first["loglikelihoods"] == pytest.approx(second["loglikelihoods"], abs=1e-4)
+
+
+def test_a_choice_merged_into_the_context_is_refused_naming_its_line(default_model: LoadedModel,
+                                                                     tmp_path: Path) -> None:
+    # "x" + "a" is the one token "xa": the choice had no token to score, and the scorer an IndexError
+    from kiln.evaluate.tasks.multiple_choice import custom
+
+    path = tmp_path / "items.jsonl"
+    path.write_text('\n{"context": "x", "choices": ["a", " b"], "gold": 1}\n')
+    with pytest.raises(DataFormatError, match=r"items.jsonl:2: choice 'a' merges into the context's last token"):
+        evaluate_items(ModelScorer(default_model.model), default_model.tokenizer, list(custom(path)))

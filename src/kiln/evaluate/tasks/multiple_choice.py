@@ -22,6 +22,7 @@ class MCItem:
     choices: list[str]  # choice texts; acc_norm divides by their length in characters
     gold: int
     delimiter: str = " "  # put between context and each choice when scoring
+    where: str = ""  # "FILE:LINE" of a user's item, for errors about it
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -86,7 +87,7 @@ def custom(path: Path) -> Iterator[MCItem]:
         gold = require(path, number, record, "gold", int)
         if not 0 <= gold < len(choices):
             raise DataFormatError(f"{path}:{number}: gold {gold} is not an index into its {len(choices)} choices")
-        yield MCItem(index, context, choices, gold, delimiter="")
+        yield MCItem(index, context, choices, gold, delimiter="", where=f"{path}:{number}")
 
 
 def load(name: str, data_dir: Path | None = None, path: Path | None = None) -> Iterator[MCItem]:
