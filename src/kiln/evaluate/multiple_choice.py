@@ -36,8 +36,12 @@ def encode_choice(tokenizer: Tokenizer, context: str, continuation: str) -> tupl
     return context_ids, whole[len(context_ids) :]
 
 
-def requests_for(tokenizer: Tokenizer, item: MCItem) -> list[tuple[ScoreRequest, list[int]]]:
-    """Score requests for one item, choices sharing a context grouped; with the choice index of each."""
+def requests_for(tokenizer: Tokenizer, item: MCItem,
+                 max_tokens: int | None = None) -> list[tuple[ScoreRequest, list[int]]]:
+    """Score requests for one item, choices sharing a context grouped; with the choice index of each.
+
+    max_tokens: the model's context; a choice is read after its context with its last token only predicted,
+    so the two may take one token more."""
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for c, choice in enumerate(item.choices):
         ctx, cont = encode_choice(tokenizer, item.context, item.delimiter + choice)
@@ -46,6 +50,10 @@ def requests_for(tokenizer: Tokenizer, item: MCItem) -> list[tuple[ScoreRequest,
                 f"{item.where or f'item {item.index}'}: choice {choice!r} merges into the context's last token, "
                 "leaving it no token of its own to score; start each choice with a space (or end the context "
                 "with one)")
+        if max_tokens is not None and len(ctx) + len(cont) - 1 > max_tokens:  # the rotary table ends there
+            raise DataFormatError(
+                f"{item.where or f'item {item.index}'}: the context and choice {choice[:40]!r} are "
+                f"{len(ctx) + len(cont)} tokens, more than the model's context of {max_tokens}; shorten the context")
         groups.setdefault(tuple(ctx), []).append((c, cont))
     return [
         (ScoreRequest(list(ctx), [cont for _, cont in members]), [c for c, _ in members])
@@ -58,12 +66,15 @@ def evaluate_items(
     tokenizer: Tokenizer,
     items: Sequence[MCItem],
     on_done: Callable[[int], None] | None = None,
+    max_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per item: the choices' log-likelihoods (from `scorer`), predictions and correctness."""
+    """One record per item: the choices' log-likelihoods (from `scorer`), predictions and correctness.
+
+    max_tokens: the model's context, which an item's context and choice must fit."""
     requests: list[ScoreRequest] = []
     owners: list[tuple[int, list[int]]] = []  # (item position, choice indices) of each request
     for pos, item in enumerate(items):
-        for req, choice_ids in requests_for(tokenizer, item):
+        for req, choice_ids in requests_for(tokenizer, item, max_tokens):
             requests.append(req)
             owners.append((pos, choice_ids))
     remaining = [0] * len(items)  # requests still to score, per item

@@ -276,7 +276,7 @@ def _run_multiple_choice(loaded: LoadedModel | ServedModel, scorer: Scorer, opti
     items = _some(list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit)), ref)
 
     def work(batch: list[mc_tasks.MCItem]) -> list[dict[str, Any]]:
-        return multiple_choice.evaluate_items(scorer, loaded.tokenizer, batch)
+        return multiple_choice.evaluate_items(scorer, loaded.tokenizer, batch, max_tokens=loaded.spec.max_position)
 
     # Items of similar length go to the same checkpoint batch, so the scorer's rows need little padding
     # (in order, PIQA's 64-item batches mixed 5- and 100-token solutions: 1.5x the time). Records come

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,11 +60,11 @@ def test_interrupt_then_resume(default_model: LoadedModel, items_file: Path, hom
     real = multiple_choice.evaluate_items
     calls: list[int] = []
 
-    def flaky(scorer, tokenizer, items, on_done=None):  # noqa: ANN001, ANN202
+    def flaky(scorer, tokenizer, items, on_done=None, max_tokens=None):  # noqa: ANN001, ANN202
         calls.append(len(items))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(scorer, tokenizer, items)
+        return real(scorer, tokenizer, items, max_tokens=max_tokens)
 
     monkeypatch.setattr(multiple_choice, "evaluate_items", flaky)
     monkeypatch.setattr(runner, "_process", _small_batches(runner._process))
@@ -229,3 +230,14 @@ def test_samples_path_that_is_the_task_file_is_refused(items_file: Path, home: P
     assert cli.main(["eval", "--task", "mc:items.jsonl", "--samples", str(items_file)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is the task's data file" in err and items_file.read_text() == items
+
+
+def test_an_item_beyond_the_models_context_is_refused_naming_its_line(default_model: LoadedModel,
+                                                                      tmp_path: Path, home: Path) -> None:
+    # it ended in an IndexError from the rotary table, after the items before it were scored
+    path = tmp_path / "items.jsonl"
+    context = "word " * (default_model.spec.max_position + 10)
+    path.write_text(json.dumps({"context": context, "choices": [" a", " b"], "gold": 0}) + "\n")
+    with pytest.raises(DataFormatError, match=r"items.jsonl:1: the context and choice ' a' are \d+ tokens, more "
+                                              r"than the model's context of 8192; shorten the context"):
+        runner.run(default_model, runner.EvalOptions(f"mc:{path}"), progress=False)
