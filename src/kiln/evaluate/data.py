@@ -32,7 +32,7 @@ def user_file(path: Path) -> Path:
 def read_text(path: Path) -> str:
     """The whole file as text; one that is not UTF-8 is a one-line error, not a UnicodeDecodeError."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the text
     except UnicodeDecodeError as exc:
         raise DataFormatError(f"{path}: {_not_utf8(exc)}") from None
 
@@ -46,7 +46,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                # a byte-order mark opens files saved by some Windows editors; json.loads refuses it
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise DataFormatError(f"{path}:{number}: {_not_utf8(exc)}") from None
             if not line.strip():

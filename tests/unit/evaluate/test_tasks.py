@@ -113,3 +113,12 @@ def test_a_calibration_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataFormatError, match=r"weights.bin: not UTF-8 text .*; save the file as UTF-8"):
         calibration.load(Calibration(file=str(path)), tokenizer=None)  # type: ignore[arg-type]
+
+
+def test_a_byte_order_mark_opens_a_task_file(tmp_path: Path) -> None:
+    # files saved by some Windows editors begin with one: the first item was refused as "not valid JSON"
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"context": "Sky:", "choices": [" blue", " red"], "gold": 0}\n')
+    assert [item.choices for item in multiple_choice.custom(path)] == [[" blue", " red"]]
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "Hi", "reference": "Hello"}\n')
+    assert [item.references for item in generation.custom(path)] == [["Hello"]]
