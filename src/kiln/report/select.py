@@ -10,6 +10,7 @@ quality is what it wants most of), else the smallest (with no limit, smaller is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -84,6 +85,8 @@ def _why_not(m: ModelSummary, ref_ppl: float, budget: Budget) -> str | None:
     ppl = m.metric("wikitext2", "ppl")
     if ppl is None:
         return "no wikitext2 perplexity recorded (run `kiln eval --task wikitext2` on it)"
+    if math.isnan(ppl):  # NaN passed the comparison below, so a model with NaN outputs met every budget
+        return "wikitext2 perplexity is NaN (the model's log-probabilities were not numbers)"
     increase = 100 * (ppl / ref_ppl - 1)
     if increase > budget.max_ppl_increase_pct:
         return f"perplexity {increase:+.2f}% > +{budget.max_ppl_increase_pct:g}%"
@@ -109,6 +112,10 @@ def choose(models: Sequence[str] | None = None, reference: str | None = None,
     ref_ppl = ref.metric("wikitext2", "ppl") if ref else None
     if not ref_ppl:
         choice.reason = "the reference has no wikitext2 perplexity recorded; run `kiln eval --task wikitext2` on it"
+        return choice
+    if not math.isfinite(ref_ppl):  # every increase over it is NaN (or 0 / inf), which met the budget
+        choice.reason = (f"the reference {choice.reference} has a wikitext2 perplexity of {ref_ppl}, which "
+                         "nothing can be measured against; pass another model as --reference")
         return choice
     ok = []
     for m in found:

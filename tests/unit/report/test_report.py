@@ -257,3 +257,14 @@ def test_the_memory_limit_reads_the_serving_peak_where_recorded(tmp_path: Path,
     assert choice.chosen == "new" and choice.rejected == {"old": "peak RSS 900.0 MB > 500 MB"}
     assert "serving RSS 400.0 MB > 300 MB" in choose(budget=Budget(max_memory_mb=300)).rejected["new"]
     assert ">400 / 900<" in html.render()
+
+
+def test_a_nan_perplexity_does_not_meet_the_budget(home: Path) -> None:
+    # NaN passed "increase > limit", so a model whose outputs were NaN met every budget, and as the smallest
+    # it was the one to serve
+    runs.add(runs.Run(kind="eval", task="wikitext2", settings={}, metrics={"ppl": float("nan")}, model="broken",
+                      model_sha256="d" * 64, model_size_bytes=1, versions={}, duration_s=1.0))
+    choice = choose()
+    assert choice.chosen == "int8" and "wikitext2 perplexity is NaN" in choice.rejected["broken"]
+    against_it = choose(reference="broken")
+    assert against_it.chosen is None and "pass another model as --reference" in against_it.reason
