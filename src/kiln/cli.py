@@ -388,8 +388,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _calibrate_first(profile):  # noqa: ANN001, ANN202 (module passed to keep the import lazy)
-    print("kiln: no machine profile for this CPU, thread count and kiln version yet; measuring this machine once "
-          "(about four minutes)...", file=sys.stderr)
+    print("kiln: no usable machine profile for this CPU, thread count and kiln version yet; measuring this machine "
+          "once (about four minutes)...", file=sys.stderr)
     return profile.calibrate()
 
 

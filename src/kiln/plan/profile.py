@@ -130,9 +130,37 @@ def load_cached() -> MachineProfile | None:
         profile = MachineProfile(**data)
     except (OSError, ValueError, TypeError):
         return None
+    if not _well_formed(profile):  # an edited or damaged file ended the plan in a TypeError or KeyError
+        return None
     if profile.version != PROFILE_VERSION or profile.cpu != cpu_name() or profile.threads != torch.get_num_threads():
         return None
     return profile
+
+
+def _is_cost(value: object, positive: bool = False) -> bool:
+    """A finite number of seconds, bytes or a rate (bool is an int to Python, not a cost)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > 0 if positive else value >= 0
+
+
+def _well_formed(profile: MachineProfile) -> bool:
+    """Every field the plan reads, of the shape calibrate() writes: the torch engine keys, each key's
+    costs at every probed batch size, finite and not negative."""
+    keys = profile.seconds_per_weight_byte
+    if not isinstance(keys, dict) or any(engine_key("torch", p) not in keys for p in (*DTYPES, *TORCH_FORMATS)):
+        return False
+    per_batch = (keys, profile.layer_overhead_s, profile.step_overhead_s, profile.kv_seconds_per_byte)
+    per_key = (profile.prefill_gflops, profile.prefill_efficiency)
+    for field in (*per_batch, *per_key):
+        if not isinstance(field, dict) or any(key not in field for key in keys):
+            return False
+    batches = {str(b) for b in BATCHES}
+    return (all(isinstance(f[k], dict) and set(f[k]) == batches and all(map(_is_cost, f[k].values()))
+                for f in per_batch for k in keys)
+            and all(_is_cost(f[k], positive=True) for f in per_key for k in keys)
+            and _is_cost(profile.read_bandwidth_gbs, positive=True)
+            and isinstance(profile.runtime_bytes, int) and _is_cost(profile.runtime_bytes))
 
 
 def best_time(fn: Any, repeats: int) -> float:

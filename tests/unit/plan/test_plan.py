@@ -263,3 +263,30 @@ def test_an_artifact_whose_config_was_modified_is_refused(tmp_path: Path) -> Non
     Manifest(source={}, recipe={}, files={"config.json": "0" * 64}).write(tmp_path)
     with pytest.raises(ModelFormatError, match="config.json does not match its sha256"):
         spec_of(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.update(read_bandwidth_gbs="fast"),
+    lambda p: p.update(seconds_per_weight_byte={}),
+    lambda p: p["prefill_gflops"].update({"torch:int4": None}),
+    lambda p: p["kv_seconds_per_byte"].update({"torch:fp32": {}}),
+    lambda p: p["layer_overhead_s"]["torch:bf16"].pop("16"),
+    lambda p: p["step_overhead_s"]["onnxruntime:int8"].update({"4": float("nan")}),
+])
+def test_a_damaged_cached_profile_is_measured_again(damage, tmp_path: Path,  # noqa: ANN001
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # each ended `kiln plan` in a TypeError, KeyError or IndexError traceback instead of a new calibration
+    import dataclasses
+
+    import torch
+
+    from kiln.benchmark.machine import cpu_name
+    from kiln.plan import profile
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    data = dataclasses.asdict(dataclasses.replace(PROFILE, cpu=cpu_name(), threads=torch.get_num_threads()))
+    profile.profile_path().write_text(json.dumps(data))
+    assert profile.load_cached() is not None
+    damage(data)
+    profile.profile_path().write_text(json.dumps(data))
+    assert profile.load_cached() is None
