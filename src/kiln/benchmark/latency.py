@@ -46,6 +46,10 @@ class BenchOptions:
             )
         if min(self.batch_sizes) < 1:
             raise InvalidParameterError(f"--batch-sizes {self.batch_sizes} must all be at least 1")
+        twice = sorted({b for b in self.batch_sizes if self.batch_sizes.count(b) > 1})
+        if twice:  # each was run and recorded again, and the report read only the first of the rows
+            raise InvalidParameterError(f"--batch-sizes names {', '.join(map(str, twice))} more than once; "
+                                        "name each batch size once")
         if self.data_dir is not None:  # asked for by name: a wrong folder must not fall back to random token ids
             data_file(PROMPT_FILE, self.data_dir)
 

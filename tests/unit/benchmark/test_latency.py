@@ -69,3 +69,16 @@ def test_a_data_folder_without_the_prompts_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match=f"wiki.test.raw not found under {tmp_path}"):
         BenchOptions(data_dir=tmp_path)
     assert BenchOptions(data_dir=None).data_dir is None  # left out, the shared data (or random ids) still serve
+
+
+def test_a_batch_size_named_twice_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1,4,1 ran batch 1 twice and recorded two rows for it, of which the report read only the first
+    from kiln import cli
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+
+    assert cli.main(["bench", "--batch-sizes", "1,4,1,4,8", "--runs", "1", "--prompt-tokens", "4",
+                     "--new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "kiln: error: --batch-sizes names 1, 4 more than once; name each batch size once\n"
