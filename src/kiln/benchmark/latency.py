@@ -16,8 +16,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kiln.benchmark.machine import machine_info
+from kiln.benchmark.machine import available_bytes, machine_info
 from kiln.engine.generate import GenerationOutput, Generator
+from kiln.engine.kv_cache import PagedKVCache
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import ContextLengthError, DataNotFoundError, InvalidParameterError
 from kiln.evaluate.data import data_file
@@ -142,6 +143,20 @@ def measure_once(outputs: Sequence[GenerationOutput], batch_size: int) -> dict[s
     }
 
 
+def _check_cache_fits(loaded: LoadedModel, options: BenchOptions) -> None:
+    """Refuse a batch whose keys and values alone would not fit the memory available now: the engine sizes
+    its cache for the whole batch at once, so --batch-sizes 100000 asked the system for terabytes."""
+    available = available_bytes()
+    per_token = PagedKVCache.bytes_per_token(loaded.spec, loaded.model.dtype, options.kv_cache == "int8")
+    largest = max(options.batch_sizes)
+    needed = largest * (options.prompt_tokens + options.new_tokens) * per_token
+    if available and needed > available:
+        raise InvalidParameterError(
+            f"--batch-sizes {largest} needs {needed / 1e6:,.0f} MB of keys and values for "
+            f"{options.prompt_tokens + options.new_tokens} tokens a sequence, more than the "
+            f"{available / 1e6:,.0f} MB of memory available; pass smaller batch sizes or fewer tokens")
+
+
 def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     from kiln.engine.onnx_runtime import pick_runtime
 
@@ -151,6 +166,7 @@ def run(loaded: LoadedModel, options: BenchOptions, progress: bool = True) -> di
         raise ContextLengthError(
             f"--prompt-tokens {options.prompt_tokens} + --new-tokens {options.new_tokens} is more than the model's "
             f"context of {context} tokens; pass a sum of {context} or less")
+    _check_cache_fits(loaded, options)
     weights, precision = model_bytes(loaded), str(loaded.model.dtype).removeprefix("torch.")
     # as generate, chat and serve do: under an ONNX Runtime session only the session's copy stays
     model, runtime = pick_runtime(loaded, options.runtime, options.kv_cache, keep_weights=False)

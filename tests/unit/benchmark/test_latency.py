@@ -82,3 +82,17 @@ def test_a_batch_size_named_twice_is_refused(capsys: pytest.CaptureFixture[str],
                      "--new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err == "kiln: error: --batch-sizes names 1, 4 more than once; name each batch size once\n"
+
+
+def test_a_batch_whose_cache_cannot_fit_the_memory_is_refused(default_model: object,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # the engine sized its cache for the whole batch: --batch-sizes 100000 asked for 2.9 TB of keys and values
+    from kiln.benchmark import latency
+    from kiln.benchmark.latency import BenchOptions
+
+    monkeypatch.setattr(latency, "available_bytes", lambda: 10_000_000)
+    options = BenchOptions(prompt_tokens=32, new_tokens=2, batch_sizes=(1, 8), runs=1)
+    with pytest.raises(latency.InvalidParameterError,
+                       match=r"--batch-sizes 8 needs 13 MB of keys and values for 34 tokens a sequence, "
+                             r"more than the 10 MB of memory available; pass smaller batch sizes"):
+        latency.run(default_model, options)  # type: ignore[arg-type]
