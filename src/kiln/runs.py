@@ -59,7 +59,7 @@ def db_path() -> Path:
     return settings.home_dir() / "runs.sqlite"
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, writing: bool = True) -> sqlite3.Connection:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # KILN_HOME is a file, or in a place that cannot be written
@@ -78,12 +78,33 @@ def _connect(path: Path) -> sqlite3.Connection:
         if "run_key" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:
             conn.execute("ALTER TABLE runs ADD COLUMN run_key TEXT")  # a database from before run keys
         conn.execute(RUN_KEY_INDEX)
+        _check_columns(path, conn, writing)
     except sqlite3.DatabaseError as exc:  # a damaged or foreign file: say which, and how to start afresh
         conn.close()
         raise DataFormatError(
             f"{path} is not a usable runs database ({exc}); move it aside and kiln starts a new one"
         ) from exc
     return conn
+
+
+COLUMNS = ("id", "created_at", "kind", "model", "model_sha256", "model_size_bytes", "task", "settings", "metrics",
+           "versions", "duration_s", "worst", "run_key")
+
+
+def _check_columns(path: Path, conn: sqlite3.Connection, writing: bool) -> None:
+    """Refuse a runs table this kiln cannot read, or when `writing` one it cannot write (a newer kiln's, with
+    a column it must fill), before the command's work: the INSERT failed only once an evaluation was done."""
+    # PRAGMA table_info rows: (cid, name, type, notnull, default, pk)
+    columns = {row[1]: row for row in conn.execute("PRAGMA table_info(runs)")}
+    missing = [c for c in COLUMNS if c not in columns]
+    required = [name for name, row in columns.items()
+                if writing and name not in COLUMNS and row[3] and row[4] is None]
+    if missing or required:
+        what = (f"lacks the column(s) {', '.join(missing)}" if missing
+                else f"requires the column(s) {', '.join(required)}, which this kiln does not know (a newer kiln's?)")
+        conn.close()
+        raise DataFormatError(f"{path}: its runs table {what}; use the kiln that made it, or set KILN_HOME to "
+                              "another folder to start a new database")
 
 
 def check(path: Path | None = None) -> None:
@@ -124,7 +145,7 @@ def query(model: str | None = None, kind: str | None = None, path: Path | None =
     if kind:
         sql += " AND kind = ?"
         args.append(kind)
-    conn = _connect(path or db_path())
+    conn = _connect(path or db_path(), writing=False)
     conn.row_factory = sqlite3.Row
     try:
         rows = conn.execute(sql + " ORDER BY id", args).fetchall()

@@ -81,3 +81,28 @@ def test_a_run_key_is_stored_once(tmp_path: Path) -> None:
     assert runs.add(keyed, db) == runs.add(keyed, db) == first + 1
     assert runs.add(make("default", "abc123", "piqa"), db) == first + 2
     assert [r.run_key for r in runs.query(path=db)] == [None, "k1", None]
+
+
+def test_a_database_with_a_column_this_kiln_cannot_fill_is_refused_before_the_work(tmp_path: Path) -> None:
+    # a newer kiln's table with a required column: reading worked, and the INSERT of a finished evaluation
+    # ended in an IntegrityError traceback
+    import sqlite3
+
+    db = tmp_path / "runs.sqlite"
+    runs.add(make("default", "abc123", "piqa"), db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE runs ADD COLUMN extra TEXT NOT NULL DEFAULT 'x'")  # with a default: fillable
+    runs.add(make("default", "abc123", "arc_easy"), db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE runs")
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, created_at TEXT, kind TEXT, model TEXT, "
+                     "model_sha256 TEXT, model_size_bytes INTEGER, task TEXT, settings TEXT, metrics TEXT, "
+                     "versions TEXT, duration_s REAL, worst TEXT, run_key TEXT, tokens INTEGER NOT NULL)")
+    assert runs.query(path=db) == []  # read, it is still listed
+    with pytest.raises(DataFormatError, match=r"runs.sqlite: its runs table requires the column\(s\) tokens, "
+                                              r"which this kiln does not know .*set KILN_HOME to another folder"):
+        runs.check(db)
+    with sqlite3.connect(db) as conn:  # one without a column kiln reads: an IndexError from the listing
+        conn.execute("ALTER TABLE runs DROP COLUMN worst")
+    with pytest.raises(DataFormatError, match=r"its runs table lacks the column\(s\) worst"):
+        runs.query(path=db)
