@@ -5,6 +5,7 @@ It is all kiln needs to build the graph, size the KV cache and plan memory; it h
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
 
@@ -115,22 +116,23 @@ class ModelSpec:
         """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
         arch = _architecture(cfg)
         try:
-            num_heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
+            num_heads = _count(cfg, "num_attention_heads")
+            hidden = _count(cfg, "hidden_size")
             rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
             theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-            layers = int(cfg["num_hidden_layers"])
+            layers = _count(cfg, "num_hidden_layers")
             window, sliding_layers = _sliding_window(cfg, layers)
             return cls(
                 architecture=arch,
-                vocab_size=int(cfg["vocab_size"]),
+                vocab_size=_count(cfg, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
+                intermediate_size=_count(cfg, "intermediate_size"),
                 num_layers=layers,
                 num_heads=num_heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-                head_dim=int(cfg.get("head_dim") or (hidden // num_heads if num_heads > 0 else 0)),
-                max_position=int(cfg.get("max_position_embeddings", 2048)),
+                num_kv_heads=_count(cfg, "num_key_value_heads", num_heads, zero_is_unset=True),
+                head_dim=_count(cfg, "head_dim", hidden // num_heads if num_heads > 0 else 0,
+                                zero_is_unset=True),
+                max_position=_count(cfg, "max_position_embeddings", 2048),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling=_rope_scaling(rope),
@@ -206,6 +208,21 @@ def int8_block(spec: ModelSpec) -> int:
             return block
     raise InvalidParameterError(f"ONNX Runtime's int8 kernels need matrix input sizes that are multiples of 16, and "
                                 f"this model's are {', '.join(map(str, sizes))}; run it with --runtime torch")
+
+
+def _count(cfg: dict[str, Any], key: str, default: int | None = None, zero_is_unset: bool = False) -> int:
+    """cfg[key] as a whole number, `default` where it is missing or null (or 0 with zero_is_unset, as for a
+    head_dim or num_key_value_heads of 0). true was read as 1 (a model of one layer planned without a word)
+    and 30.5 as 30."""
+    value = cfg.get(key)
+    if value is None or zero_is_unset and value == 0 and not isinstance(value, bool):
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ModelFormatError(f"config.json has {key}={json.dumps(value)}, which is not a whole number; "
+                               "fix the model's config.json")
+    return int(value)
 
 
 def _architecture(cfg: dict[str, Any]) -> str:

@@ -78,3 +78,15 @@ def test_counts_must_be_positive(key: str, value: int) -> None:
     # zero heads raised ZeroDivisionError; negative layers planned a smaller model with exit 0
     with pytest.raises(ModelFormatError, match=rf"{key} = {value} is not a positive count; fix the model's config"):
         ModelSpec.from_hf_config({**LLAMA, key: value})
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("num_hidden_layers", True, "true"), ("hidden_size", 64.5, "64.5"), ("num_key_value_heads", True, "true"),
+    ("max_position_embeddings", 511.9, "511.9"),
+])
+def test_a_count_that_is_not_a_whole_number_is_refused(key: str, value: object, shown: str) -> None:
+    # true was read as 1 (a model of one layer planned with exit 0) and 64.5 as 64
+    with pytest.raises(ModelFormatError, match=rf"config.json has {key}={shown}, which is not a whole number"):
+        ModelSpec.from_hf_config({**LLAMA, key: value})
+    spec = ModelSpec.from_hf_config({**LLAMA, "num_hidden_layers": 2.0, "head_dim": 0, "num_key_value_heads": None})
+    assert (spec.num_layers, spec.head_dim, spec.num_kv_heads) == (2, 8, 8)
