@@ -227,6 +227,8 @@ def _count(cfg: dict[str, Any], key: str, default: int | None = None, zero_is_un
 
 def _architecture(cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures") or []
+    if isinstance(archs, str):  # a name written without its list was read letter by letter ("'L' is not supported")
+        archs = [archs]
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return str(arch)

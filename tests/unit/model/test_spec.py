@@ -90,3 +90,10 @@ def test_a_count_that_is_not_a_whole_number_is_refused(key: str, value: object, 
         ModelSpec.from_hf_config({**LLAMA, key: value})
     spec = ModelSpec.from_hf_config({**LLAMA, "num_hidden_layers": 2.0, "head_dim": 0, "num_key_value_heads": None})
     assert (spec.num_layers, spec.head_dim, spec.num_kv_heads) == (2, 8, 8)
+
+
+def test_an_architecture_written_without_its_list_is_read() -> None:
+    # it was read letter by letter: "architecture 'L' is not supported"
+    assert ModelSpec.from_hf_config({**LLAMA, "architectures": "LlamaForCausalLM"}).architecture == "LlamaForCausalLM"
+    with pytest.raises(UnsupportedArchitectureError, match="architecture 'GPT2LMHeadModel' is not supported"):
+        ModelSpec.from_hf_config({**LLAMA, "architectures": "GPT2LMHeadModel"})
