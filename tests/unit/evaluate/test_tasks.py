@@ -122,3 +122,11 @@ def test_a_byte_order_mark_opens_a_task_file(tmp_path: Path) -> None:
     assert [item.choices for item in multiple_choice.custom(path)] == [[" blue", " red"]]
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "Hi", "reference": "Hello"}\n')
     assert [item.references for item in generation.custom(path)] == [["Hello"]]
+
+
+def test_a_choice_written_twice_is_refused(tmp_path: Path) -> None:
+    # the tie went to the first copy: an item whose gold was the second copy was scored wrong every time
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"context": "Pick:", "choices": [" a", " b", " a"], "gold": 2}\n')
+    with pytest.raises(DataFormatError, match=r"items.jsonl:1: 'choices' holds ' a' more than once; keep one copy"):
+        list(multiple_choice.custom(path))

@@ -84,6 +84,9 @@ def custom(path: Path) -> Iterator[MCItem]:
         choices = require(path, number, record, "choices", list)
         if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise DataFormatError(f"{path}:{number}: 'choices' must be a list of at least two non-empty strings")
+        twice = sorted({c for c in choices if choices.count(c) > 1})
+        if twice:  # tied scores go to the first copy, so a gold that is the later copy was never right
+            raise DataFormatError(f"{path}:{number}: 'choices' holds {twice[0]!r} more than once; keep one copy")
         gold = require(path, number, record, "gold", int)
         if not 0 <= gold < len(choices):
             raise DataFormatError(f"{path}:{number}: gold {gold} is not an index into its {len(choices)} choices")
