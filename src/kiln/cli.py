@@ -291,11 +291,11 @@ def _served(args: argparse.Namespace):  # noqa: ANN202 (the import stays lazy)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from kiln import runs
+    from kiln import jsonout, runs
 
     found = runs.query(model=args.model, kind=args.kind)
     if args.json:
-        print(json.dumps([r.__dict__ for r in found]))
+        print(jsonout.dumps([r.__dict__ for r in found]))
         return 0
     if not found:
         print(f"no runs recorded in {runs.db_path()}" + (f" for {args.model!r}" if args.model else ""))

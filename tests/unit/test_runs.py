@@ -106,3 +106,28 @@ def test_a_database_with_a_column_this_kiln_cannot_fill_is_refused_before_the_wo
         conn.execute("ALTER TABLE runs DROP COLUMN worst")
     with pytest.raises(DataFormatError, match=r"its runs table lacks the column\(s\) worst"):
         runs.query(path=db)
+
+
+def test_nan_figures_are_null_in_printed_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # a model with NaN outputs has a NaN perplexity, printed as NaN: jq and JSON.parse refuse the whole output
+    import json
+
+    from kiln import cli
+    from kiln.evaluate import summary
+    from kiln.evaluate.runner import EvalOutcome
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    run = make("broken", "abc123", "wikitext2")
+    run.metrics = {"ppl": float("nan"), "ppl_stderr": float("inf")}
+    runs.add(run)
+    assert cli.main(["runs", "--json"]) == 0
+    listed = strict(capsys.readouterr().out)
+    assert listed[0]["metrics"] == {"ppl": None, "ppl_stderr": None}  # type: ignore[index]
+    outcome = EvalOutcome("wikitext2", "perplexity", run.metrics, [{"index": 0, "score": float("nan")}], 1.0)
+    assert strict(summary.as_json(outcome, "broken", "abc123"))["ppl"] is None  # type: ignore[index]
+    summary.write_samples(outcome, tmp_path / "samples.jsonl")
+    assert strict((tmp_path / "samples.jsonl").read_text())["score"] is None  # type: ignore[index]

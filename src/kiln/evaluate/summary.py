@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from kiln import jsonout
 from kiln.errors import InvalidParameterError
 from kiln.evaluate.runner import EvalOutcome, Metrics
 from kiln.files import write_text
@@ -59,7 +59,7 @@ def worst_text(outcome: EvalOutcome, n: int = 5) -> str:
 def as_json(outcome: EvalOutcome, model: str, sha256: str) -> str:
     data: dict[str, Any] = {"task": outcome.task, "model": model, "model_sha256": sha256,
                             **outcome.metrics, "num_items": len(outcome.records), "seconds": round(outcome.seconds, 3)}
-    return json.dumps(data)
+    return jsonout.dumps(data)  # a model with NaN outputs has a NaN perplexity: null, not invalid JSON
 
 
 def check_samples_path(path: Path, task_file: Path | None = None) -> None:
@@ -79,7 +79,7 @@ def check_samples_path(path: Path, task_file: Path | None = None) -> None:
 
 def write_samples(outcome: EvalOutcome, path: Path) -> None:
     """One JSON record per item, written whole or not at all."""
-    text = "".join(json.dumps({"task": outcome.task, **r}) + "\n" for r in outcome.records)
+    text = "".join(jsonout.dumps({"task": outcome.task, **r}) + "\n" for r in outcome.records)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, text)
