@@ -343,8 +343,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kiln.model.info import spec_of
+    from kiln.model.info import artifact_precision, spec_of
     from kiln.plan import estimate, profile
+    from kiln.plan.memory import PlanPrecision
 
     # a zero or negative count gave negative memory and speeds with exit 0, a NaN rate "to reach nan tok/s: does
     # not meet it" everywhere; refuse them before any work
@@ -357,12 +358,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"--context {args.context} is more than the model's context of "
                                     f"{spec.max_position} tokens; pass {spec.max_position} or less")
     context = args.context or spec.max_position
+    # an int8 / int4 artifact planned as fp32 by default: 4x its weights, and fp32 kernels' speeds
+    precision: PlanPrecision = args.precision or artifact_precision(args.model) or "fp32"
     if args.calibrate:
         machine = profile.calibrate()
         print(f"kiln: calibrated this machine; profile cached in {profile.profile_path()}", file=sys.stderr)
     else:
         machine = profile.load_cached() or _calibrate_first(profile)
-    plan = estimate.estimate(spec, args.precision, context, args.concurrency, machine, args.runtime)
+    plan = estimate.estimate(spec, precision, context, args.concurrency, machine, args.runtime)
     advice = (estimate.recommend(spec, context, args.concurrency, args.target_tokens_per_s, machine)
               if args.target_tokens_per_s else [])
     if args.json:
@@ -370,7 +373,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     gb = 1e9
     print(f"plan for {args.model} ({spec.architecture}, {spec.num_parameters / 1e6:.1f}M parameters), "
-          f"{args.precision} on {plan.runtime}, context {context}, {args.concurrency} concurrent\n")
+          f"{precision} on {plan.runtime}, context {context}, {args.concurrency} concurrent\n")
     for label, value in (("weights", plan.weights_bytes), ("KV cache", plan.kv_cache_bytes),
                          ("activations", plan.activations_bytes), ("runtime", plan.runtime_bytes),
                          ("total", plan.total_bytes)):
@@ -708,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", parents=[common], help="memory and speed before deploying (config or header only)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8", "int4"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8", "int4"], default=None,
+                   help="weight format to plan (default: a kiln artifact's own, else fp32)")
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's context)")
     p.add_argument("--concurrency", type=int, default=1, help="sequences served at once")
     p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",

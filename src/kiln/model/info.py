@@ -6,7 +6,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kiln.model import gguf
 from kiln.model.source import resolve
@@ -69,6 +69,20 @@ def spec_of(name: str) -> ModelSpec:
     from kiln.model.load import read_config
 
     return ModelSpec.from_hf_config(read_config(source.path))
+
+
+def artifact_precision(name: str) -> Literal["int8", "int4"] | None:
+    """The weight format most of a kiln artifact's layers are stored in ("int4" where its layers are int4 and
+    its head int8), or None for anything else: what `kiln plan -m ARTIFACT` plans without --precision."""
+    path = Path(name).expanduser()
+    if name == "default" or not path.is_dir():
+        return None
+    from kiln.artifact.manifest import Manifest, is_artifact
+
+    if not is_artifact(path):
+        return None
+    formats = {meta.get("format") for meta in Manifest.read(path).tensors.values()}
+    return "int4" if "int4" in formats else "int8" if formats & {"int8", "w8a8"} else None
 
 
 def _describe_folder(folder: Path, artifact: bool) -> tuple[ModelSpec, dict[str, int], int]:

@@ -290,3 +290,33 @@ def test_a_damaged_cached_profile_is_measured_again(damage, tmp_path: Path,  # n
     damage(data)
     profile.profile_path().write_text(json.dumps(data))
     assert profile.load_cached() is None
+
+
+@pytest.mark.parametrize("formats,planned", [(("int8",), "int8"), (("int4", "int8"), "int4"), ((), "fp32")])
+def test_an_artifact_is_planned_at_its_own_precision(formats: tuple[str, ...], planned: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # `kiln plan -m demo/int8` planned fp32: 538 MB of weights for a 220 MB artifact, at fp32 kernels' speed
+    import dataclasses
+
+    import torch
+
+    from kiln import cli
+    from kiln.artifact.manifest import Manifest, file_sha256
+    from kiln.benchmark.machine import cpu_name
+    from kiln.plan import profile
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    profile.profile_path().parent.mkdir()
+    data = dataclasses.asdict(dataclasses.replace(PROFILE, cpu=cpu_name(), threads=torch.get_num_threads()))
+    profile.profile_path().write_text(json.dumps(data))
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(SMOL))
+    tensors = {f"layers.{i}.mlp.down_proj": {"format": f, "shape": [576, 1536]} for i, f in enumerate(formats)}
+    Manifest(source={}, recipe={}, tensors=tensors,
+             files={"config.json": file_sha256(folder / "config.json")}).write(folder)
+    assert cli.main(["plan", "-m", str(folder), "--context", "1024", "--runtime", "torch", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == planned
+    assert cli.main(["plan", "-m", str(folder), "--context", "1024", "--precision", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "bf16"  # asked for by name, it is planned
