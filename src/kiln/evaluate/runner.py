@@ -21,7 +21,7 @@ from tqdm import tqdm
 from kiln.compress.quantize.qlinear import widened
 from kiln.engine import RUNTIMES
 from kiln.engine.generate import Generator
-from kiln.errors import DataFormatError, Interrupted, InvalidParameterError
+from kiln.errors import ContextLengthError, DataFormatError, Interrupted, InvalidParameterError
 from kiln.evaluate import generation, loglikelihood, multiple_choice, perplexity
 from kiln.evaluate.checkpoint import Checkpoint
 from kiln.evaluate.data import data_file, read_text
@@ -170,7 +170,7 @@ def run(loaded: LoadedModel | ServedModel, options: EvalOptions, baseline: Loade
         if ref.kind == "generation":
             generator = (ApiGenerator(loaded) if isinstance(loaded, ServedModel)
                          else EngineGenerator(Generator(runtime_model, loaded.tokenizer)))  # type: ignore[arg-type]
-            records, metrics = _run_generation(generator, options, ref, checkpoint, done, progress)
+            records, metrics = _run_generation(loaded, generator, options, ref, checkpoint, done, progress)
         else:
             runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice}
             records, metrics = runners[ref.kind](loaded, _scorer(loaded, options, baseline), options, ref, baseline,
@@ -286,10 +286,22 @@ def _run_multiple_choice(loaded: LoadedModel | ServedModel, scorer: Scorer, opti
     return records, multiple_choice.metrics(records)
 
 
-def _run_generation(generator: TextGenerator, options: EvalOptions, ref: TaskRef,
+def _check_prompts_fit(loaded: LoadedModel | ServedModel, items: list[gen_tasks.GenItem]) -> None:
+    """Refuse, before any generation, an item whose prompt leaves no room for one token: the engine refused
+    it only when its batch came, after the items before it, without saying which item it was."""
+    context = loaded.spec.max_position
+    for item in items:
+        n = len(generation.prompt_ids(loaded.tokenizer, item))
+        if n >= context:
+            raise ContextLengthError(f"{item.where or f'item {item.index}'}: the prompt is {n} tokens, and the "
+                                     f"model's context of {context} leaves no room for an answer; shorten it")
+
+
+def _run_generation(loaded: LoadedModel | ServedModel, generator: TextGenerator, options: EvalOptions, ref: TaskRef,
                     checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
     source = gen_tasks.squad(options.data_dir) if ref.name == "squad" else gen_tasks.custom(ref.path or Path())
     items = _some(list(itertools.islice(source, options.limit)), ref)
+    _check_prompts_fit(loaded, items)
     stop = ("\n",) if ref.name == "squad" else ()
 
     def work(batch: list[gen_tasks.GenItem]) -> list[dict[str, Any]]:

@@ -241,3 +241,17 @@ def test_an_item_beyond_the_models_context_is_refused_naming_its_line(default_mo
     with pytest.raises(DataFormatError, match=r"items.jsonl:1: the context and choice ' a' are \d+ tokens, more "
                                               r"than the model's context of 8192; shorten the context"):
         runner.run(default_model, runner.EvalOptions(f"mc:{path}"), progress=False)
+
+
+def test_a_generation_prompt_beyond_the_context_is_refused_naming_its_line(default_model: LoadedModel,
+                                                                           tmp_path: Path, home: Path) -> None:
+    # the engine refused it when its batch came, after the items before it, without naming the item
+    from kiln.errors import ContextLengthError
+
+    path = tmp_path / "gen.jsonl"
+    long = "word " * (default_model.spec.max_position + 10)
+    path.write_text(json.dumps({"prompt": "Say hi", "reference": "hi"}) + "\n\n"
+                    + json.dumps({"prompt": long, "reference": "a"}) + "\n")
+    with pytest.raises(ContextLengthError, match=r"gen.jsonl:3: the prompt is \d+ tokens, and the model's context "
+                                                 r"of 8192 leaves no room for an answer; shorten it"):
+        run(default_model, EvalOptions(f"gen:{path}", max_new_tokens=2), progress=False)

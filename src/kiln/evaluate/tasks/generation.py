@@ -20,6 +20,7 @@ class GenItem:
     index: int
     messages: list[dict[str, str]]  # chat messages (the chat template is applied when the model has one)
     references: list[str]  # one or more acceptable answers
+    where: str = ""  # "FILE:LINE" of a user's item, for errors about it
 
 
 def squad(data_dir: Path | None = None) -> Iterator[GenItem]:
@@ -51,4 +52,4 @@ def custom(path: Path) -> Iterator[GenItem]:
         references = [reference] if isinstance(reference, str) else reference
         if not references or not all(isinstance(r, str) for r in references):
             raise DataFormatError(f"{path}:{number}: 'reference' must be a string or a list of strings")
-        yield GenItem(index, [{"role": "user", "content": prompt}], references)
+        yield GenItem(index, [{"role": "user", "content": prompt}], references, where=f"{path}:{number}")
