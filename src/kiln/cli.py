@@ -298,7 +298,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(jsonout.dumps([r.__dict__ for r in found]))
         return 0
     if not found:
-        print(f"no runs recorded in {runs.db_path()}" + (f" for {args.model!r}" if args.model else ""))
+        # the filters are named: "no runs recorded" for --kind eval read as an empty database
+        print(f"no {args.kind + ' ' if args.kind else ''}runs recorded in {runs.db_path()}"
+              + (f" for {args.model!r}" if args.model else ""))
         return 0
     for r in found:
         keys = [k for k in ("ppl", "kld", "acc", "acc_norm", "exact_match", "f1", "bleu", "rouge_l") if k in r.metrics]

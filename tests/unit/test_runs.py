@@ -131,3 +131,13 @@ def test_nan_figures_are_null_in_printed_json(tmp_path: Path, monkeypatch: pytes
     assert strict(summary.as_json(outcome, "broken", "abc123"))["ppl"] is None  # type: ignore[index]
     summary.write_samples(outcome, tmp_path / "samples.jsonl")
     assert strict((tmp_path / "samples.jsonl").read_text())["score"] is None  # type: ignore[index]
+
+
+def test_an_empty_listing_names_its_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln import cli
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    runs.add(make("default", "abc123", "piqa"))
+    assert cli.main(["runs", "--kind", "bench", "--model", "default"]) == 0
+    assert capsys.readouterr().out == f"no bench runs recorded in {tmp_path / 'runs.sqlite'} for 'default'\n"
