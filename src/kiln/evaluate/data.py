@@ -24,6 +24,8 @@ def data_file(relative: str, data_dir: Path | None = None) -> Path:
 
 
 def user_file(path: Path) -> Path:
+    if path.is_dir():  # it was said not to exist, which sent the user looking for a typo
+        raise DataNotFoundError(f"data file {path} is a folder; pass the .jsonl file inside it")
     if not path.is_file():
         raise DataNotFoundError(f"data file {path} does not exist; check the path")
     return path

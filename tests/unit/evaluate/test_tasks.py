@@ -130,3 +130,10 @@ def test_a_choice_written_twice_is_refused(tmp_path: Path) -> None:
     path.write_text('{"context": "Pick:", "choices": [" a", " b", " a"], "gold": 2}\n')
     with pytest.raises(DataFormatError, match=r"items.jsonl:1: 'choices' holds ' a' more than once; keep one copy"):
         list(multiple_choice.custom(path))
+
+
+def test_a_folder_given_as_the_task_file_is_named_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match=rf"data file {tmp_path} is a folder; pass the .jsonl file"):
+        list(multiple_choice.custom(tmp_path))
+    with pytest.raises(DataNotFoundError, match=r"does not exist; check the path"):
+        list(generation.custom(tmp_path / "missing.jsonl"))
