@@ -231,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kiln import runs
     from kiln.benchmark.machine import machine_info
     from kiln.evaluate import summary
-    from kiln.evaluate.runner import EvalOptions, EvalOutcome, check_api, run
+    from kiln.evaluate.runner import EvalOptions, EvalOutcome, check_api, check_baseline, run
     from kiln.evaluate.tasks import resolve
     from kiln.model.load import LoadedModel, load
 
@@ -246,6 +246,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                           ("--api-timeout", args.api_timeout)) if value is not None]
         if given:
             raise InvalidParameterError(f"{', '.join(given)} only applies with --api URL; add --api or drop it")
+    if args.baseline:  # refused after both models had loaded
+        check_baseline(args.task)
     if args.samples:
         # written at the end: a bad path must not cost the evaluation
         summary.check_samples_path(args.samples, resolve(args.task).path)

@@ -108,6 +108,13 @@ class EvalInterrupted(Interrupted):
     pass
 
 
+def check_baseline(task: str) -> None:
+    """Refuse --baseline for a task it does not apply to (kiln eval calls it before loading either model)."""
+    ref = resolve(task)
+    if ref.kind != "perplexity":
+        raise InvalidParameterError(f"--baseline applies to perplexity tasks, not {ref.name!r}")
+
+
 def check_api(options: EvalOptions, has_baseline: bool) -> None:
     """Refuse, before anything loads, what scoring through a server cannot do."""
     if has_baseline:
@@ -133,8 +140,8 @@ def run(loaded: LoadedModel | ServedModel, options: EvalOptions, baseline: Loade
     ref = resolve(options.task)
     if isinstance(loaded, ServedModel):
         check_api(options, baseline is not None)
-    if baseline is not None and ref.kind != "perplexity":
-        raise InvalidParameterError(f"--baseline applies to perplexity tasks, not {ref.name!r}")
+    if baseline is not None:
+        check_baseline(options.task)
     if baseline is not None and baseline.spec.vocab_size != loaded.spec.vocab_size:
         raise InvalidParameterError(
             f"--baseline has a vocabulary of {baseline.spec.vocab_size} tokens, the model {loaded.spec.vocab_size}; "

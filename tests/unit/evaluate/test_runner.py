@@ -255,3 +255,17 @@ def test_a_generation_prompt_beyond_the_context_is_refused_naming_its_line(defau
     with pytest.raises(ContextLengthError, match=r"gen.jsonl:3: the prompt is \d+ tokens, and the model's context "
                                                  r"of 8192 leaves no room for an answer; shorten it"):
         run(default_model, EvalOptions(f"gen:{path}", max_new_tokens=2), progress=False)
+
+
+def test_a_baseline_for_a_task_it_does_not_apply_to_is_refused_before_loading(
+        home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # it was refused once the model and the baseline had both loaded
+    from kiln import cli
+    from kiln.model import load
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before --baseline was checked")
+
+    monkeypatch.setattr(load, "load", no_load)
+    assert cli.main(["eval", "--task", "piqa", "--baseline", "other", "--limit", "2"]) == 2
+    assert "kiln: error: --baseline applies to perplexity tasks, not 'piqa'" in capsys.readouterr().err
