@@ -24,6 +24,7 @@ from kiln.artifact.manifest import Manifest, is_artifact
 from kiln.compress.quantize import grid
 from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, W8A8Linear
 from kiln.errors import InvalidParameterError, ModelFormatError
+from kiln.model.gguf import open_reader
 from kiln.model.llama import Block
 from kiln.model.load import LoadedModel
 from kiln.model.source import resolve
@@ -127,9 +128,9 @@ def _source_gguf(loaded: LoadedModel) -> Path | None:
 
 
 def _copy_tokenizer(writer: Any, gguf_path: Path) -> None:
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    reader = GGUFReader(gguf_path)
+    reader = open_reader(gguf_path)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue

@@ -33,26 +33,60 @@ class GGUFHeader:
     num_parameters: int = 0
 
 
-def read_header(path: Path) -> GGUFHeader:
-    """Parse and check a GGUF file's header; a truncated or corrupt file gets a one-line error."""
+# What gguf-py raises on a damaged header: a bad type code, a duplicate key, text that is not UTF-8.
+_PARSE_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError)
+_REFETCH = "download or copy it again, or export it again if kiln made it"
+
+
+class _PastEnd(Exception):
+    """Private sentinel: the reader needed bytes beyond the end of the file."""
+
+
+def open_reader(path: Path) -> Any:
+    """A gguf.GGUFReader over `path`, refusing a truncated or corrupt file in one line that names it.
+
+    gguf-py slices its memory map without bounds checks, so a cut file surfaces as whichever numpy
+    error the short slice happens to cause; every read goes through its `_get`, checked here instead."""
     import gguf  # deferred: its import is slow and only GGUF sources need it
 
+    class CheckedReader(gguf.GGUFReader):  # type: ignore[misc]
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+            import numpy as np
+
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise _PastEnd
+            return super()._get(offset, dtype, count, override_order)
+
     try:
-        reader = gguf.GGUFReader(path)
-        metadata = {k: _scalar(f) for k, f in reader.fields.items() if not _is_big_array(k)}
-        size = path.stat().st_size
-        types: Counter[str] = Counter()
-        num_params = 0
-        for t in reader.tensors:
-            if int(t.data_offset) + int(t.n_bytes) > size:
-                raise ValueError(f"tensor {t.name} ends past the end of the file")
-            types[t.tensor_type.name] += 1
-            num_params += int(t.n_elements)
-        tensor_names = {t.name for t in reader.tensors}
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
+        return CheckedReader(path)
+    except _PastEnd:
         raise ModelFormatError(
-            f"{path} is truncated or corrupt ({exc}); download or copy the file again"
-        ) from exc
+            f"GGUF file {path} is truncated or corrupt: it ends at byte {path.stat().st_size}, before the data "
+            f"its header lists; {_REFETCH}"
+        ) from None
+    except _PARSE_ERRORS as exc:
+        raise _corrupt(path) from exc
+
+
+def _corrupt(path: Path) -> ModelFormatError:
+    # gguf-py's own wording is left to --debug's traceback: it names its internals, not the problem
+    return ModelFormatError(f"GGUF file {path} is corrupt (its header does not parse); {_REFETCH}")
+
+
+def read_header(path: Path) -> GGUFHeader:
+    """Parse and check a GGUF file's header; a truncated or corrupt file gets a one-line error."""
+    reader = open_reader(path)
+    try:
+        metadata = {k: _scalar(f) for k, f in reader.fields.items() if not _is_big_array(k)}
+    except _PARSE_ERRORS as exc:
+        raise _corrupt(path) from exc
+    types: Counter[str] = Counter()
+    num_params = 0
+    for t in reader.tensors:
+        types[t.tensor_type.name] += 1
+        num_params += int(t.n_elements)
+    tensor_names = {t.name for t in reader.tensors}
     spec = spec_from_metadata(metadata, tensor_names, path)
     return GGUFHeader(spec=spec, metadata=metadata, tensor_types=types, num_parameters=num_params)
 
