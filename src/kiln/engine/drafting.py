@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kiln.engine.speculative import SequenceRunner, check_draft, propose
+from kiln.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.engine.onnx_runtime import OnnxModel
@@ -73,5 +74,8 @@ def load_drafter(source: str, k: int, vocab_size: int, runtime: str, precision: 
     from kiln.engine.onnx_runtime import pick_runtime
     from kiln.model.load import load
 
-    model, _ = pick_runtime(load(source, precision=precision, progress=False), runtime, keep_weights=False)
+    try:
+        model, _ = pick_runtime(load(source, precision=precision, progress=False), runtime, keep_weights=False)
+    except KilnError as exc:  # the loader's words fit -m as well; say which of the two models they are about
+        raise type(exc)(f"the draft model (--draft) failed to load: {exc}") from exc
     return Drafter(model, k, vocab_size)  # type: ignore[arg-type]

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from kiln.engine.drafting import Drafter
+from kiln.engine.drafting import Drafter, load_drafter
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.generate import Generator
 from kiln.engine.request import Request
 from kiln.engine.sampler import SamplingParams
 from kiln.engine.speculative import skip_layers_draft
-from kiln.errors import InvalidParameterError
+from kiln.errors import InvalidParameterError, KilnError, ModelFormatError, ModelNotFoundError
 from kiln.model.load import LoadedModel
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -163,3 +163,18 @@ def test_blocks_reserved_for_rejected_drafts_go_back(default_model: LoadedModel)
         if not r.status.finished:
             assert len(engine.cache.seqs[r.seq_id].blocks) == -(-(r.num_computed + 1) // 16)
     assert drafter.stats.accepted < drafter.stats.proposed and engine.cache.used_blocks == 0
+
+
+@pytest.mark.parametrize("make", ["missing", "not_gguf", "no_config"])
+def test_a_draft_that_fails_to_load_is_named_as_the_draft(tmp_path: Path, make: str) -> None:
+    """The loader's message fits -m as well; kiln generate/serve --draft say it is the draft that failed."""
+    source = tmp_path / "draft"
+    if make == "not_gguf":
+        source.write_text("not a model")
+    elif make == "no_config":
+        source.mkdir()
+    with pytest.raises(KilnError) as info:
+        load_drafter(str(source), 4, 49152, "torch", "fp32")
+    assert type(info.value) is (ModelNotFoundError if make == "missing" else ModelFormatError)
+    assert str(info.value).startswith("the draft model (--draft) failed to load: ")
+    assert str(source) in str(info.value)
