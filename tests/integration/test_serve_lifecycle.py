@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import KILN, Server, kiln_server
+from .conftest import KILN, Server, free_port, kiln_server
 
 LONG = {"prompt": "Tell me a very long story about the sea.", "max_tokens": 2000, "temperature": 0,
         "ignore_eos": True}
@@ -45,6 +45,20 @@ def test_live_before_ready(module_tmp: Path) -> None:
                 break
             time.sleep(0.05)
         assert seen_loading and ready.status_code == 200
+
+
+@pytest.mark.parametrize("flag", ["-m", "--draft"])
+def test_a_model_that_fails_to_load_ends_the_server_with_one_line(tmp_path: Path, flag: str) -> None:
+    """The start-up load runs beside the server; its failure used to leave a server up for good, never ready,
+    with nothing said."""
+    port = str(free_port())
+    proc = subprocess.run([KILN, "serve", "--port", port, flag, str(tmp_path / "missing")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kiln: error:")]
+    assert len(errors) == 1 and "missing' does not exist" in errors[0], proc.stderr
+    assert ("the draft model (--draft)" in errors[0]) == (flag == "--draft")
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.fixture(scope="module")

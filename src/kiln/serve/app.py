@@ -231,6 +231,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(state))
+        loader.add_done_callback(lambda task: _keep_load_error(state, task))
         follower = asyncio.create_task(_follow_registry(state)) if registry else None
         try:
             yield
@@ -346,6 +347,13 @@ async def _load(state: ServerState) -> None:
     state.ready = bool(state.router.routes)
 
 
+def _keep_load_error(state: ServerState, loader: asyncio.Task[None]) -> None:
+    """A failed start-up load ends the server (DrainingServer.on_tick) and serve() raises its error: left in the
+    task, it went unseen while the server stayed up, never ready, without a word."""
+    if not loader.cancelled() and loader.exception() is not None:
+        state.load_error = loader.exception()
+
+
 async def _follow_registry(state: ServerState) -> None:
     log = logging.getLogger("kiln.serve")
     while True:
@@ -383,6 +391,11 @@ class DrainingServer(uvicorn.Server):
         finally:
             deadline.cancel()
 
+    async def on_tick(self, counter: int) -> bool:
+        if self.kiln_state.load_error is not None:  # nothing to serve: stop, and serve() says why
+            return True
+        return await super().on_tick(counter)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.kiln_state.draining = True
         super().handle_exit(sig, frame)
@@ -399,4 +412,6 @@ def serve(config: ServeConfig) -> int:
                                            timeout_graceful_shutdown=math.ceil(config.drain_timeout_s + ABORT_GRACE_S),
                                            access_log=False), state)
     server.run()
+    if state.load_error is not None:  # a KilnError becomes the CLI's one line and exit code 2
+        raise state.load_error
     return 0

@@ -73,6 +73,7 @@ class ServerState:
     feedback: FeedbackStore | None = None
     ready: bool = False
     draining: bool = False
+    load_error: BaseException | None = None  # why the start-up load failed: the server stops and serve() raises it
     started: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
