@@ -4,7 +4,9 @@ Log-likelihoods come as lm-evaluation-harness's local-completions reads them: PO
 token ids made here by the served model's tokenizer (-m), echo and logprobs, and the prompt's own token
 log-probabilities read back. A server that does not return those is refused by name: through such a server
 lm-eval's scores silently fall to chance (llama.cpp issue #27174). Generation goes through
-/v1/chat/completions. The HTTP (concurrency, retries, errors) is client.py's.
+/v1/chat/completions, or, for a model without a chat template, as -m's token ids on /v1/completions; every
+path that sends token ids first checks that the server's vocabulary is -m's. The HTTP (concurrency, retries,
+errors) is client.py's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ NO_PROMPT_LOGPROBS = (
     "loglikelihood tasks: their scores would fall to chance; serve the model with kiln serve, or score only "
     "generation tasks (squad, gen:FILE.jsonl) through this server"
 )
+# a request for a prompt's own tokens back: max_tokens 1 is the API's minimum (the token is ignored), temperature
+# 0 keeps it cheap
+ECHO = {"echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
 
 
 @dataclass
@@ -138,17 +143,20 @@ class ApiScorer:
         per_request = max(1, min(config.prompts_per_request, math.ceil(len(prompts) / config.concurrency)))
         groups = [list(prompts[i : i + per_request]) for i in range(0, len(prompts), per_request)]
         model = {"model": self.served.name} if self.served.name is not None else {}
-        # max_tokens 1: the API's minimum; the one generated token is ignored. temperature 0 keeps it cheap.
-        bodies = [{**model, "prompt": group, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
-                  for group in groups]
+        bodies = [{**model, "prompt": group, **ECHO} for group in groups]
         out: list[PromptLogprobs] = []
         for group, answer in zip(groups, self.served.client.post_many("/v1/completions", bodies), strict=True):
             choices = _choices(answer, len(group), config.base_url)
             out += [read_prompt_logprobs(choice, len(p), config.base_url) for choice, p in zip(choices, group,
                                                                                                 strict=True)]
             if not self._vocabulary_checked:  # once the server is known to echo the prompt
-                self._vocabulary_checked = check_vocabulary(self.served, group[0], choices[0])
+                self._vocabulary_checked = check_echoes(self.served, group, choices)
         return out
+
+
+def check_echoes(served: ServedModel, prompts: Sequence[list[int]], choices: Sequence[dict[str, Any]]) -> bool:
+    """check_vocabulary on each prompt's echo in turn, until one had tokens to compare (True) or none had."""
+    return any(check_vocabulary(served, prompt, choice) for prompt, choice in zip(prompts, choices, strict=True))
 
 
 def check_vocabulary(served: ServedModel, prompt: list[int], choice: dict[str, Any]) -> bool:
@@ -224,6 +232,7 @@ class ApiGenerator:
 
     def __init__(self, served: ServedModel) -> None:
         self.served = served
+        self._vocabulary_checked = False
 
     def answers(self, items: Sequence[GenItem], params: SamplingParams) -> list[str]:
         served = self.served
@@ -236,9 +245,24 @@ class ApiGenerator:
         if chat:
             path, bodies = "/v1/chat/completions", [{**common, "messages": it.messages} for it in items]
         else:
-            path, bodies = "/v1/completions", [{**common, "prompt": prompt_ids(served.tokenizer, it)} for it in items]
+            prompts = [prompt_ids(served.tokenizer, it) for it in items]
+            self._check_vocabulary(prompts)
+            path, bodies = "/v1/completions", [{**common, "prompt": prompt} for prompt in prompts]
         return [_text(answer, chat, served.client.config.base_url)
                 for answer in served.client.post_many(path, bodies)]
+
+    def _check_vocabulary(self, prompts: list[list[int]]) -> None:
+        """Token ids are -m's: a server with another vocabulary would answer a prompt other than the one asked,
+        and the scores would look fine. One echo of a few prompts is read as the loglikelihood path reads its
+        own; a server that echoes no token texts passes, as there."""
+        if self._vocabulary_checked or not prompts:
+            return
+        served = self.served
+        probe = prompts[: served.client.config.prompts_per_request]
+        body = {**({"model": served.name} if served.name is not None else {}), "prompt": probe, **ECHO}
+        answer = served.client.post_many("/v1/completions", [body])[0]
+        self._vocabulary_checked = check_echoes(served, probe, _choices(answer, len(probe),
+                                                                         served.client.config.base_url))
 
 
 def _text(answer: Any, chat: bool, url: str) -> str:

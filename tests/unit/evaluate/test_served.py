@@ -261,3 +261,43 @@ def test_the_vocabulary_is_checked_on_the_first_echo_with_whole_tokens(served: C
     scorer.loglikelihoods([ScoreRequest(partial[:1], [partial[1:2]])])  # nothing to compare: not refused yet
     with pytest.raises(EndpointError, match="does not tokenize as -m"):
         scorer.loglikelihoods([ScoreRequest([1, 2, 3], [[4]])])
+
+
+def generating_server(choice: Callable[[list[int]], dict[str, Any]], seen: list[dict[str, Any]]) -> Handler:
+    """A server that answers generation (a text per prompt) and, asked to echo, echoes as `choice` does."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "default"}]})
+        body = json.loads(request.content)
+        seen.append(body)
+        prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+        made = [choice(p) if body.get("echo") else {"text": " an answer"} for p in prompts]
+        return httpx.Response(200, json={"choices": [{"index": i, **c} for i, c in enumerate(made)]})
+
+    return handle
+
+
+@pytest.mark.parametrize("vocabulary", ["another", "the same"])
+def test_generation_sent_as_token_ids_checks_the_servers_vocabulary(
+        served: Callable[..., ServedModel], monkeypatch: pytest.MonkeyPatch, vocabulary: str) -> None:
+    """A model without a chat template gets its prompts as -m's token ids: a server with another vocabulary
+    would answer other text than the one asked, as the loglikelihood path's check says."""
+    from kiln.engine.sampler import SamplingParams
+    from kiln.evaluate.served import ApiGenerator
+    from kiln.evaluate.tasks.generation import GenItem
+    from kiln.model.tokenizer import Tokenizer
+
+    monkeypatch.setattr(Tokenizer, "has_chat_template", property(lambda _: False))
+    seen: list[dict[str, Any]] = []
+    model = served(generating_server(another_vocabulary if vocabulary == "another" else echo, seen))
+    items = [GenItem(i, [{"role": "user", "content": f"Question {i}: what is the capital of France?"}], ["Paris"])
+             for i in range(3)]
+    generator = ApiGenerator(model)
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    if vocabulary == "another":
+        with pytest.raises(EndpointError, match=f"^{URL} does not tokenize as -m "):
+            generator.answers(items, params)
+        return
+    assert generator.answers(items, params) == [" an answer"] * 3
+    assert generator.answers(items, params) == [" an answer"] * 3
+    assert sum(1 for body in seen if body.get("echo")) == 1  # checked once, not per batch
