@@ -31,6 +31,7 @@ from kiln.model.source import resolve
 
 BLOCK = 32  # llama.cpp's block for Q4_0, Q4_1 and Q8_0
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+NAME_MARK = " (kiln)"  # general.name's end in every export: an earlier export is the one file -o may replace
 
 
 def _permute(w: Tensor, heads: int) -> Tensor:
@@ -142,13 +143,33 @@ def _copy_tokenizer(writer: Any, gguf_path: Path) -> None:
 
 
 def check_output(out: Path, model_path: Path) -> None:
-    """Refuse an output `export` would have to destroy: a folder, or the GGUF file being exported (replaced by
-    its export, the user's model was gone without a word, an F32 file five times its size in its place)."""
+    """Refuse an output `export` would have to destroy: a folder, the GGUF file being exported (replaced by
+    its export, the user's model was gone without a word, an F32 file five times its size in its place), or any
+    other file but an earlier export (a text file or someone's GGUF was overwritten as readily)."""
     if out.is_dir():
         raise InvalidParameterError(f"output {out} is a folder; pass a file name such as {out / 'model.gguf'}")
-    if out.exists() and out.resolve() == model_path.resolve():
+    if not out.exists():
+        return
+    if out.resolve() == model_path.resolve():
         raise InvalidParameterError(f"output {out} is the model being exported, which the export would replace; "
                                     "pass another file name")
+    if not _exported_by_kiln(out):
+        raise InvalidParameterError(f"output {out} exists and is not a GGUF that kiln exported; the export would "
+                                    "replace it, so pass a new file name (or remove the file first)")
+
+
+def _exported_by_kiln(path: Path) -> bool:
+    """Whether `path` is a GGUF written by `export` (its general.name ends in NAME_MARK)."""
+    from kiln.model.source import GGUF_MAGIC
+
+    with path.open("rb") as f:
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            return False
+    try:
+        name = open_reader(path).get_field("general.name")
+    except ModelFormatError:  # a damaged file: whatever it was, it is not kiln's to replace
+        return False
+    return name is not None and str(name.contents()).endswith(NAME_MARK)
 
 
 def export(loaded: LoadedModel, out: Path, progress: bool = True) -> Path:
@@ -167,7 +188,7 @@ def export(loaded: LoadedModel, out: Path, progress: bool = True) -> Path:
     arch = GGUF_ARCH[spec.model_type]
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     writer = GGUFWriter(str(tmp), arch)
-    writer.add_name(f"{loaded.source.name} (kiln)")
+    writer.add_name(f"{loaded.source.name}{NAME_MARK}")
     writer.add_block_count(spec.num_layers)
     writer.add_context_length(spec.max_position)
     writer.add_embedding_length(spec.hidden_size)

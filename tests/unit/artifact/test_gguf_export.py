@@ -141,6 +141,39 @@ def test_export_refuses_its_input_as_output_and_an_onnx_precision_before_the_loa
 
 
 
+@pytest.mark.parametrize("kind", ["text", "another GGUF", "cut GGUF"])
+def test_an_existing_output_that_kiln_did_not_export_is_kept(kind: str, exported: tuple[LoadedModel, Path],
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """-o naming a file the user has: refused before the load, the file as it was (it was overwritten)."""
+    from kiln import cli
+    from kiln.model import load as load_module
+    from kiln.model.source import default_gguf_path
+
+    def no_load(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    out = tmp_path / "out.gguf"
+    if kind == "text":
+        out.write_text("my notes")
+    else:
+        with default_gguf_path().open("rb") as src:  # llama.cpp's file, general.name not kiln's
+            out.write_bytes(src.read(None if kind == "another GGUF" else 1000))
+    before = out.read_bytes()
+    monkeypatch.setattr(load_module, "load", no_load)
+    assert cli.main(["export", "--format", "gguf", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists and is not a GGUF that kiln exported" in err
+    assert out.read_bytes() == before
+
+
+def test_an_earlier_export_is_replaced(exported: tuple[LoadedModel, Path]) -> None:
+    from kiln.artifact.gguf_export import check_output
+    from kiln.model.source import default_gguf_path
+
+    check_output(exported[1], default_gguf_path())  # no error: the export's own output may be written again
+
+
 def test_export_shows_progress(default_model: LoadedModel, tmp_path: Path, recorded_bars: Callable[[object], list[Any]]
                                ) -> None:
     # the export ran for seconds (minutes on a larger model) with no bar after the load's
