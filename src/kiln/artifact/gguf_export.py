@@ -243,6 +243,7 @@ def export(loaded: LoadedModel, out: Path, progress: bool = True) -> Path:
         bar.update(1)
     try:
         bar.set_postfix_str("write")
+        out.parent.mkdir(parents=True, exist_ok=True)  # as the ONNX export does: -o new/model.gguf just works
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

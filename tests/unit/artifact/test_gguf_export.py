@@ -167,6 +167,12 @@ def test_an_existing_output_that_kiln_did_not_export_is_kept(kind: str, exported
     assert out.read_bytes() == before
 
 
+def test_an_output_in_a_new_folder_is_written(exported: tuple[LoadedModel, Path], tmp_path: Path) -> None:
+    # the folder's absence ended the export with an error after all of its work
+    out = tmp_path / "new" / "deeper" / "model.gguf"
+    assert export(exported[0], out, progress=False) == out and out.read_bytes()[:4] == b"GGUF"
+
+
 def test_an_earlier_export_is_replaced(exported: tuple[LoadedModel, Path]) -> None:
     from kiln.artifact.gguf_export import check_output
     from kiln.model.source import default_gguf_path
