@@ -42,6 +42,7 @@ class Manifest:
         path = folder / MANIFEST
         try:
             data = json.loads(path.read_text())
+            check_shape(data)
             if data.get("format") != FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
             if int(data.get("format_version", 0)) > FORMAT_VERSION:
@@ -52,6 +53,28 @@ class Manifest:
             return cls(**data)
         except (OSError, ValueError, TypeError) as exc:
             raise ModelFormatError(f"{path} cannot be read ({exc}); the artifact is damaged, re-create it") from exc
+
+
+# the JSON type of each field, so that a hand-edited manifest fails here in one line rather than where a field is used
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "source": dict, "recipe": dict, "tensors": dict, "calibration": (dict, type(None)), "files": dict,
+    "metrics": dict, "history": dict, "format": str, "format_version": int, "kiln_version": str, "created_at": str,
+}
+
+
+def check_shape(data: Any) -> None:
+    """Raise ValueError unless `data` is a manifest's JSON object with each field of its type, every tensor entry
+    an object and every file a plain file name with a sha256 string."""
+    if not isinstance(data, dict):
+        raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+    for key, kind in _FIELD_TYPES.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ValueError(f"its {key!r} is a JSON {type(data[key]).__name__}, which is the wrong type")
+    if not all(isinstance(entry, dict) for entry in data.get("tensors", {}).values()):
+        raise ValueError("an entry of its 'tensors' is not an object")
+    for name, digest in data.get("files", {}).items():
+        if Path(name).name != name or name in ("", ".", "..") or not isinstance(digest, str):
+            raise ValueError(f"its 'files' entry {name!r} is not a file name with a sha256")
 
 
 def is_artifact(folder: Path) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -134,6 +136,23 @@ def test_damaged_manifest(saved: tuple[LlamaModel, Path]) -> None:
         io.load_graph(folder, torch.float32, progress=False)
     (folder / "manifest.json").write_text(json.dumps({"format": "kiln-artifact", "format_version": 99}))
     with pytest.raises(ModelFormatError, match="upgrade kiln"):
+        io.load_graph(folder, torch.float32, progress=False)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: [m],  # valid JSON, not an object: an AttributeError traceback
+    lambda m: {**m, "files": list(m["files"])},
+    lambda m: {**m, "files": {**m["files"], "model.safetensors": 1}},
+    lambda m: {**m, "files": {**m["files"], "../outside.txt": "0" * 64}},
+    lambda m: {**m, "tensors": {name: "int4" for name in m["tensors"]}},
+    lambda m: {**m, "source": "tiny"},
+])
+def test_a_hand_edited_manifest_of_the_wrong_shape_is_one_line(saved: tuple[LlamaModel, Path],
+                                                               edit: Callable[[dict[str, Any]], Any]) -> None:
+    _, folder = saved
+    path = folder / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ModelFormatError, match="manifest.json cannot be read .*; the artifact is damaged"):
         io.load_graph(folder, torch.float32, progress=False)
 
 
