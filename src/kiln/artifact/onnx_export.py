@@ -44,6 +44,7 @@ from kiln.errors import InvalidParameterError, KilnError
 from kiln.files import check_replaceable, replace_folder
 from kiln.model.llama import Block, LlamaModel, weight_map
 from kiln.model.load import LoadedModel
+from kiln.model.source import ONNX_EXPORT_MARKER
 from kiln.model.spec import int8_block  # also onnx_export.int8_block for the export's callers
 
 OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
@@ -170,7 +171,7 @@ def write_hf_folder(loaded: LoadedModel, out: Path) -> Path:
 
 def check_output(out: Path) -> None:
     """Refuse an output `export` would have to destroy (it replaces its folder whole). Run before any work."""
-    check_replaceable(out, "kiln-export.json", "ONNX export")
+    check_replaceable(out, ONNX_EXPORT_MARKER, "ONNX export")
 
 
 def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", check: bool = True,
@@ -213,7 +214,7 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             bar.update(1)
         keep_last_logits(staging)
         write_prefill_graph(staging)
-        (staging / "kiln-export.json").write_text(json.dumps({
+        (staging / ONNX_EXPORT_MARKER).write_text(json.dumps({
             "source": loaded.source.name, "source_sha256": loaded.sha256, "precision": plan.precision,
             "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head,
             "head_bits": head_bits(plan)}))

@@ -20,6 +20,7 @@ from kiln.errors import ModelFormatError, ModelNotFoundError
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MAGIC = b"GGUF"
+ONNX_EXPORT_MARKER = "kiln-export.json"  # in every folder `kiln export --format onnx` writes
 
 SourceKind = Literal["gguf", "hf", "artifact"]
 
@@ -75,6 +76,11 @@ def resolve(name: str) -> ModelSource:
         return ModelSource(name, "gguf", path.resolve())
     if (path / "manifest.json").is_file():
         return ModelSource(name, "artifact", path.resolve())
+    if (path / ONNX_EXPORT_MARKER).is_file():  # refused below for its missing config.json, which misled
+        raise ModelFormatError(
+            f"folder {name!r} is an ONNX export (kiln export --format onnx), for ONNX Runtime GenAI; kiln runs the "
+            f"same graph from the model it was made from: pass -m {_export_source(path)} --runtime onnxruntime"
+        )
     if not (path / "config.json").is_file():
         raise ModelFormatError(
             f"folder {name!r} has no config.json; a Hugging Face model folder needs config.json, "
@@ -95,6 +101,12 @@ def resolve(name: str) -> ModelSource:
             "make the artifact again with kiln compress"
         )
     return ModelSource(name, "hf", path.resolve())
+
+
+def _export_source(folder: Path) -> str:
+    """The -m an ONNX export was made from, as its marker file records it."""
+    source = _read_json(folder / ONNX_EXPORT_MARKER).get("source")
+    return repr(source) if isinstance(source, str) and source else "MODEL"
 
 
 def _written_by_kiln(weights: Path) -> bool:

@@ -190,3 +190,13 @@ def test_text_that_is_not_utf8_is_refused_in_one_line(default_model: LoadedModel
     with pytest.raises(InvalidParameterError, match="not valid UTF-8"):
         tok.encode_chat([{"role": "user", "content": text}])
     assert tok.encode("hi 日本 🎉")  # any real text still encodes
+
+
+def test_an_onnx_export_as_model_points_at_its_source(tmp_path: Path) -> None:
+    # it was refused for lacking config.json, as if it were a damaged Hugging Face folder
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"")
+    (folder / "kiln-export.json").write_text(json.dumps({"source": "my-int4"}))
+    with pytest.raises(ModelFormatError, match="is an ONNX export .*pass -m 'my-int4' --runtime onnxruntime$"):
+        resolve(str(folder))
