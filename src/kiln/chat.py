@@ -12,7 +12,7 @@ from typing import TextIO
 
 from kiln.engine.generate import Generator
 from kiln.engine.sampler import SamplingParams
-from kiln.errors import KilnError
+from kiln.errors import ContextLengthError, KilnError
 from kiln.model.load import LoadedModel
 from kiln.model.tokenizer import Message
 
@@ -30,6 +30,17 @@ class ChatSession:
         self.params = params
         self.system: list[Message] = [{"role": "system", "content": system}] if system else []
         self.history: list[Message] = []
+        self._check_system()
+
+    def _check_system(self) -> None:
+        """Refuse a system message that leaves no room in the context: no history can be dropped to fit it, so
+        every message was refused with "shorten the prompt", which the user's own text could not fix."""
+        if not self.system:
+            return
+        tokens = len(self.tokenizer.encode_chat([*self.system, {"role": "user", "content": ""}]))
+        if tokens >= self.generator.context:
+            raise ContextLengthError(f"--system takes {tokens} tokens in the chat template but the model's context "
+                                     f"is {self.generator.context}; shorten it")
 
     def reset(self) -> None:
         self.history = []

@@ -58,3 +58,13 @@ def test_a_message_beyond_the_context_is_refused_and_the_conversation_goes_on(
     assert out.getvalue().strip()  # "Hi" was answered after the refusal
     assert session.history[:2] == kept and [m["content"] for m in session.history[2::2]] == ["Hi"]
     assert code == 2  # the refusal still shows in the exit status
+
+
+def test_a_system_message_over_the_context_is_refused_before_the_conversation(default_model: LoadedModel) -> None:
+    # every message was refused instead, each with "shorten the prompt", which the user's text could not fix
+    from kiln.errors import ContextLengthError
+
+    system = "word " * (default_model.spec.max_position + 10)
+    with pytest.raises(ContextLengthError, match=r"^--system takes \d+ tokens .* context is \d+; shorten it$"):
+        ChatSession(default_model, SamplingParams(max_tokens=4), system=system)
+    ChatSession(default_model, SamplingParams(max_tokens=4), system="Be brief.")  # one that fits is kept
