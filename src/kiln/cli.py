@@ -6,7 +6,9 @@ User mistakes (KilnError) print one line on stderr and exit 2; --debug adds the 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import signal
 import sys
 import traceback
@@ -875,7 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # here, where a full disk is caught, not at exit
+        return code
     except KilnError as exc:
         is_interruption = exc.exit_code == 130  # one the command turned into its own message (eval, distill)
         if is_interruption:
@@ -891,6 +895,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:  # anything else is kiln's bug: its traceback is wanted
+            raise
+        _drop_pending_output()
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"kiln: error: the disk is full{where}: {exc.strerror}; free some space and run the command again",
+              file=sys.stderr)
+        return 2
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the user's to fix, wherever kiln was writing: stdout, a file, a cache
+
+
+def _drop_pending_output() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail again with a traceback."""
+    try:
+        fileno = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a caller's own stream): nothing is flushed at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fileno)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

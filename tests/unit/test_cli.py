@@ -42,6 +42,30 @@ def test_ctrl_c_twice_ends_with_one_line_and_no_traceback() -> None:
     assert done.returncode in (130, -2)  # 130 by exit, or the SIGINT's own death (the shell shows 130)
 
 
+FULL_DISK = textwrap.dedent("""
+    import sys
+    from kiln import cli
+
+    def talk(args):
+        print("x" * int(sys.argv[1]))  # a long output fails as it is written, a short one when it is flushed
+        return 0
+
+    cli.cmd_runs = talk
+    raise SystemExit(cli.main(["runs"]))
+""")
+
+
+@pytest.mark.parametrize("size", [10, 1_000_000])
+def test_output_to_a_full_disk_is_one_line(size: int) -> None:
+    # `kiln generate ... > out.txt` on a full disk ended in an OSError traceback
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", FULL_DISK, str(size)], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("kiln: error: the disk is full: No space left on device; free some space and "
+                                   "run the command again")
+
+
 @pytest.mark.parametrize("verb", [["generate", "hi"], ["chat"]])
 @pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**100])
 def test_a_seed_the_server_refuses_is_refused_in_one_line(verb: list[str], seed: int,
