@@ -19,6 +19,15 @@ from kiln.model.spec import ModelSpec
 Message = Mapping[str, Any]
 
 
+def _config_validation_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's error for a config that fails transformers' checks (not a ValueError; recent hubs only)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
 class Tokenizer:
     """Encode, decode and apply the chat template of one model."""
 
@@ -29,9 +38,17 @@ class Tokenizer:
             raise ModelFormatError(
                 f"folder {folder} has no tokenizer.json; copy the model's tokenizer files next to its weights"
             )
+        unreadable: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, TypeError,
+                                                   *_config_validation_errors())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.hf = AutoTokenizer.from_pretrained(folder)
+            try:
+                self.hf = AutoTokenizer.from_pretrained(folder)
+            except unreadable as exc:
+                # transformers also reads and validates config.json here (e.g. heads that do not divide the width)
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise ModelFormatError(f"folder {folder}: transformers cannot load its tokenizer ({reason}); fix "
+                                       "config.json and the tokenizer files, or re-export the model") from exc
         eos = set(spec.eos_token_ids)
         if self.hf.eos_token_id is not None:
             eos.add(int(self.hf.eos_token_id))

@@ -200,3 +200,18 @@ def test_an_onnx_export_as_model_points_at_its_source(tmp_path: Path) -> None:
     (folder / "kiln-export.json").write_text(json.dumps({"source": "my-int4"}))
     with pytest.raises(ModelFormatError, match="is an ONNX export .*pass -m 'my-int4' --runtime onnxruntime$"):
         resolve(str(folder))
+
+
+@pytest.mark.parametrize("damage", ["tokenizer_config", "heads"])
+def test_a_tokenizer_transformers_cannot_load_is_one_line(tmp_path: Path, tiny_folder: Path, damage: str) -> None:
+    # a damaged tokenizer_config.json, or a config.json that fails transformers' own checks, was a traceback
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    if damage == "tokenizer_config":
+        (folder / "tokenizer_config.json").write_text("{bad")
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("head_dim", None)
+        (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 6}))  # 32 wide
+    with pytest.raises(ModelFormatError, match=r"transformers cannot load its tokenizer \(.+\); fix config.json"):
+        load(str(folder), progress=False)
