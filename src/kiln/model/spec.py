@@ -143,10 +143,13 @@ class ModelSpec:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=_int_tuple(cfg.get("eos_token_id")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
             raise ModelFormatError(
-                f"config.json is missing or has a bad value for {exc}; "
-                "re-export the model with transformers' save_pretrained"
+                f"config.json lacks {exc}; re-export the model with transformers' save_pretrained"
+            ) from exc
+        except (TypeError, ValueError) as exc:  # a value of the wrong type: the message quotes it
+            raise ModelFormatError(
+                f"config.json has a bad value ({exc}); re-export the model with transformers' save_pretrained"
             ) from exc
 
     def to_hf_config(self) -> dict[str, Any]:

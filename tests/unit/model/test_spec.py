@@ -97,3 +97,14 @@ def test_an_architecture_written_without_its_list_is_read() -> None:
     assert ModelSpec.from_hf_config({**LLAMA, "architectures": "LlamaForCausalLM"}).architecture == "LlamaForCausalLM"
     with pytest.raises(UnsupportedArchitectureError, match="architecture 'GPT2LMHeadModel' is not supported"):
         ModelSpec.from_hf_config({**LLAMA, "architectures": "GPT2LMHeadModel"})
+
+
+@pytest.mark.parametrize("cfg,says", [
+    ({k: v for k, v in LLAMA.items() if k != "num_hidden_layers"}, "config.json lacks 'num_hidden_layers'; re-export"),
+    ({**LLAMA, "hidden_size": "abc"}, "config.json has a bad value (invalid literal for int() with base 10: 'abc'); "),
+])
+def test_a_missing_or_bad_config_value_reads_as_one_sentence(cfg: dict[str, object], says: str) -> None:
+    # "is missing or has a bad value for invalid literal for int() ..." said neither which nor why
+    with pytest.raises(ModelFormatError) as info:
+        ModelSpec.from_hf_config(cfg)
+    assert str(info.value).startswith(says)
