@@ -90,15 +90,29 @@ def _json_schema_grammar(value: str | None) -> str | None:
     """--json-schema: inline JSON or a file's path, compiled to the grammar the sampler follows."""
     if value is None:
         return None
-    from kiln.engine.grammar import json_grammar
-
     text = value
     if not value.lstrip().startswith("{"):
         try:
             text = Path(value).read_text()
         except OSError as exc:
+            if _is_json(value):  # inline JSON that is not an object ('[]', 'true'): refused as that below
+                return _schema_grammar(value)
             raise InvalidParameterError(f"--json-schema {value!r} is neither inline JSON nor a readable file "
                                         f"({exc.strerror}); pass a schema such as '{{\"type\": \"object\"}}'") from None
+    return _schema_grammar(text)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _schema_grammar(text: str) -> str:
+    from kiln.engine.grammar import json_grammar
+
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -198,3 +198,12 @@ def test_a_max_tokens_past_the_context_is_refused_and_no_flag_runs_to_its_end(
     assert cli.main(["generate", "-m", str(tiny_folder), "--raw", "--json", "--temperature", "0", prompt]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert (answer["prompt_tokens"], answer["completion_tokens"]) == (56, 8)  # the default 256, cut at the context
+
+
+@pytest.mark.parametrize("value", ["[]", "true", "3", '"text"'])
+def test_inline_json_that_is_not_an_object_is_refused_as_such(value: str) -> None:
+    # it was read as a file name, and refused as "neither inline JSON nor a readable file"
+    from kiln.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=r"^--json-schema must be a JSON object \(a schema\)"):
+        cli._json_schema_grammar(value)
