@@ -23,11 +23,11 @@ from tqdm import tqdm
 from kiln.artifact.manifest import Manifest, is_artifact
 from kiln.compress.quantize import grid
 from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, W8A8Linear
-from kiln.errors import InvalidParameterError, ModelFormatError
+from kiln.errors import InvalidParameterError, ModelFormatError, ModelNotFoundError
 from kiln.model.gguf import open_reader
 from kiln.model.llama import Block
 from kiln.model.load import LoadedModel
-from kiln.model.source import resolve
+from kiln.model.source import ModelSource, resolve
 
 BLOCK = 32  # llama.cpp's block for Q4_0, Q4_1 and Q8_0
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -120,12 +120,24 @@ def _source_gguf(loaded: LoadedModel) -> Path | None:
     if is_artifact(loaded.folder):
         source = Manifest.read(loaded.folder).source
         if source.get("kind") == "gguf":
-            try:
-                origin = resolve(source["name"])
-            except (ModelFormatError, OSError):
-                return None
-            return origin.path if origin.kind == "gguf" and origin.sha256 == source["sha256"] else None
+            return _artifact_origin(source)
     return None
+
+
+def _artifact_origin(source: dict[str, Any]) -> Path:
+    """The GGUF an artifact was made from, as its manifest names it, unchanged since. Its absence was the loader's
+    "model '...' does not exist; pass a .gguf file" about a file the user never passed (or, changed, "this model
+    has none" about an artifact made from one)."""
+    name = str(source.get("name"))
+    try:
+        origin: ModelSource | None = resolve(name)
+    except (ModelNotFoundError, ModelFormatError, OSError):
+        origin = None
+    if origin is None or origin.kind != "gguf" or origin.sha256 != source.get("sha256"):
+        raise InvalidParameterError(
+            f"GGUF export copies the tokenizer from the GGUF this artifact was made from, {name!r}, which is no "
+            "longer there as it was; put that file back, or make the artifact again from a GGUF that is there")
+    return origin.path
 
 
 def _copy_tokenizer(writer: Any, gguf_path: Path) -> None:

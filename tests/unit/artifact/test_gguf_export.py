@@ -189,3 +189,24 @@ def test_export_shows_progress(default_model: LoadedModel, tmp_path: Path, recor
     export(default_model, tmp_path / "m.gguf")
     [bar] = bars
     assert bar.disable is None and bar.total == default_model.spec.num_layers + 2 and bar.done == bar.total
+
+
+@pytest.mark.parametrize("where", ["missing", "changed"])
+def test_an_artifact_whose_source_gguf_is_gone_says_so(where: str, tmp_path: Path) -> None:
+    # missing: "model '...' does not exist; pass a .gguf file" about a file the user never passed;
+    # changed: "this model has none", about an artifact made from a GGUF
+    from types import SimpleNamespace
+
+    from kiln.artifact.manifest import Manifest
+    from kiln.errors import InvalidParameterError
+
+    origin = tmp_path / "origin.gguf"
+    if where == "changed":
+        origin.write_bytes(b"GGUF but another file")
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    Manifest(source={"name": str(origin), "sha256": "0" * 64, "kind": "gguf"}, recipe={}).write(folder)
+    loaded = SimpleNamespace(source=SimpleNamespace(kind="artifact", path=folder, name=str(folder)), folder=folder,
+                             spec=None, model=None)
+    with pytest.raises(InvalidParameterError, match=f"made from, '{origin}', which is no longer there as it was; "):
+        export(loaded, tmp_path / "out.gguf")  # type: ignore[arg-type]
