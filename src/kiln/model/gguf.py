@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__, settings
-from kiln.errors import ModelFormatError, UnsupportedArchitectureError
+from kiln.errors import InvalidParameterError, ModelFormatError, UnsupportedArchitectureError
 from kiln.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 
 # GGUF general.architecture -> Hugging Face architecture (Mistral GGUFs say "llama").
@@ -173,6 +173,11 @@ def ensure_converted(path: Path, sha256: str) -> Path:
         )
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
+    except OSError as exc:  # a cache that is a file, read-only or full: the reading side raised ModelFormatError
+        raise InvalidParameterError(
+            f"cannot write the dequantized copy of {path.name} under {settings.cache_dir()} ({exc.strerror}); "
+            "set KILN_CACHE to a writable folder with room for it"
+        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -215,3 +215,14 @@ def test_a_tokenizer_transformers_cannot_load_is_one_line(tmp_path: Path, tiny_f
         (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 6}))  # 32 wide
     with pytest.raises(ModelFormatError, match=r"transformers cannot load its tokenizer \(.+\); fix config.json"):
         load(str(folder), progress=False)
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a KILN_CACHE that is a file (or read-only, or full) ended the GGUF's first load in an OSError traceback
+    from kiln.errors import InvalidParameterError
+
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("KILN_CACHE", str(cache))
+    with pytest.raises(InvalidParameterError, match=f"under {cache} .*; set KILN_CACHE to a writable folder"):
+        kgguf.ensure_converted(default_gguf_path(), "0" * 64)
