@@ -165,7 +165,7 @@ def check_output(out: Path, model_path: Path) -> None:
     if out.resolve() == model_path.resolve():
         raise InvalidParameterError(f"output {out} is the model being exported, which the export would replace; "
                                     "pass another file name")
-    if not _exported_by_kiln(out):
+    if not out.is_file() or not _exported_by_kiln(out):  # a device or a FIFO is not opened (a FIFO would block)
         raise InvalidParameterError(f"output {out} exists and is not a GGUF that kiln exported; the export would "
                                     "replace it, so pass a new file name (or remove the file first)")
 

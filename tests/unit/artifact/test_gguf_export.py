@@ -173,6 +173,35 @@ def test_an_output_in_a_new_folder_is_written(exported: tuple[LoadedModel, Path]
     assert export(exported[0], out, progress=False) == out and out.read_bytes()[:4] == b"GGUF"
 
 
+def test_a_fifo_as_output_is_refused_without_opening_it(tmp_path: Path) -> None:
+    # opened to read its first bytes, a FIFO without a writer blocked the command for good
+    import os
+    import threading
+
+    from kiln.artifact.gguf_export import check_output
+    from kiln.errors import InvalidParameterError
+    from kiln.model.source import default_gguf_path
+
+    fifo = tmp_path / "out.gguf"
+    os.mkfifo(fifo)
+    raised: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            check_output(fifo, default_gguf_path())
+        except InvalidParameterError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=check, daemon=True)  # a daemon: a blocked open must not hang the suite
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        with open(fifo, "wb"):  # let the blocked open return
+            pass
+        raise AssertionError("check_output opened the FIFO and blocked")
+    assert len(raised) == 1 and "exists and is not a GGUF that kiln exported" in str(raised[0])
+
+
 def test_an_earlier_export_is_replaced(exported: tuple[LoadedModel, Path]) -> None:
     from kiln.artifact.gguf_export import check_output
     from kiln.model.source import default_gguf_path
