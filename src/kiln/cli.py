@@ -146,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _params(args)  # validate before the (slow) load
     _check_generate_flags(args)
-    if args.draft:
+    if args.draft is not None:
         _check_speculative(args, params)
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not args.raw and not prompt_text.strip():  # the chat template would wrap a blank message and run anyway
@@ -168,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     model = _runtime_model(loaded, args.runtime, args.kv_cache)
-    drafter = _load_drafter(args, loaded, model) if args.draft else None
+    drafter = _load_drafter(args, loaded, model) if args.draft is not None else None
     generator = Generator(model, tok, kv_cache=args.kv_cache, drafter=drafter)
     out = generator.generate([prompt], params, on_text=None if args.json else stream)[0]
     if args.json:
@@ -205,7 +205,7 @@ def _check_generate_flags(args: argparse.Namespace) -> None:
     """Flags that do nothing together, refused before the load (each was ignored without a word)."""
     if args.raw and args.system is not None:
         raise InvalidParameterError("--system goes into the chat template, which --raw skips; drop --raw or --system")
-    if args.speculate is not None and not args.draft:
+    if args.speculate is not None and args.draft is None:
         raise InvalidParameterError(f"--speculate {args.speculate} only applies with --draft MODEL; add --draft or "
                                     "drop --speculate")
 

@@ -60,6 +60,8 @@ def resolve(name: str) -> ModelSource:
     """
     if name == DEFAULT_MODEL:
         return ModelSource(name, "gguf", default_gguf_path())
+    if not name.strip():  # Path("") is the working folder: an unset shell variable read as "this folder"
+        raise ModelNotFoundError("the model name is empty; pass a .gguf file, a Hugging Face folder, or 'default'")
     path = Path(name).expanduser()
     if not path.exists():
         raise ModelNotFoundError(

@@ -178,3 +178,12 @@ def test_a_draft_that_fails_to_load_is_named_as_the_draft(tmp_path: Path, make: 
     assert type(info.value) is (ModelNotFoundError if make == "missing" else ModelFormatError)
     assert str(info.value).startswith("the draft model (--draft) failed to load: ")
     assert str(source) in str(info.value)
+
+
+def test_an_empty_draft_is_refused_not_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+    # --draft "" (an unset shell variable) was falsy: the command ran without drafting and without a word
+    from kiln import cli
+
+    assert cli.main(["generate", "--draft", "", "--temperature", "0", "--max-tokens", "2", "hi"]) == 2
+    assert capsys.readouterr().err.strip() == ("kiln: error: the draft model (--draft) failed to load: the model "
+                                               "name is empty; pass a .gguf file, a Hugging Face folder, or 'default'")

@@ -226,3 +226,10 @@ def test_a_cache_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("KILN_CACHE", str(cache))
     with pytest.raises(InvalidParameterError, match=f"under {cache} .*; set KILN_CACHE to a writable folder"):
         kgguf.ensure_converted(default_gguf_path(), "0" * 64)
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_model_name_is_refused(name: str) -> None:
+    # "" was the working folder ("folder '' has no config.json"); an unset shell variable passed as -m or --draft
+    with pytest.raises(ModelNotFoundError, match="^the model name is empty; pass"):
+        resolve(name)
