@@ -505,6 +505,11 @@ def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
 
     folder = export_path(loaded, precision)
     if not has_export(loaded, precision):
+        try:  # before the build (half a minute and more), which failed only at its last step
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidParameterError(f"cannot make the ONNX export cache {folder.parent} ({exc.strerror}); set "
+                                        "KILN_CACHE to a writable folder") from exc
         print(f"kiln: building the ONNX export of {loaded.source.name} for the onnxruntime runtime (once; cached "
               f"in {folder.parent})", file=sys.stderr)
         export(loaded, folder, precision)  # type: ignore[arg-type]

@@ -804,3 +804,19 @@ def test_int8_keys_and_values_on_onnxruntime_by_name_are_refused() -> None:
 
     with pytest.raises(InvalidParameterError, match="--kv-cache int8 .* pass --runtime torch"):
         pick_runtime(SimpleNamespace(), "onnxruntime", kv_cache="int8")  # type: ignore[arg-type]
+
+
+def test_a_cache_that_cannot_be_made_is_refused_before_the_build(default_model: LoadedModel, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # the build ran its half minute and more, then failed to write, pointing at -o (which `generate` has not)
+    from kiln.engine import onnx_runtime
+
+    def no_build(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the export was built")
+
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("KILN_CACHE", str(cache))
+    monkeypatch.setattr(onnx_export, "export", no_build)
+    with pytest.raises(InvalidParameterError, match=f"cannot make the ONNX export cache {cache}/onnx .*KILN_CACHE"):
+        onnx_runtime.onnx_folder(default_model)
