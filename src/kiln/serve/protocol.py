@@ -409,8 +409,22 @@ class ChatMessage(BaseModel):
         return message
 
 
+def _results_answer_calls(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+    """Refuse a tool result whose tool_call_id names no call an earlier assistant message made, as OpenAI does:
+    the template writes it as the answer to a call the model never made, and a typo in the id went unnoticed."""
+    made: set[str] = set()
+    for i, message in enumerate(messages or ()):
+        made.update(call.id for call in message.tool_calls or ())
+        if message.role == "tool" and message.tool_call_id not in made:
+            raise ValueError(f"message {i} is the result of tool call {message.tool_call_id!r}, which no earlier "
+                             "assistant message makes; send the assistant message with that call before it, or fix "
+                             "the id")
+    return messages
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    _calls_answered = field_validator("messages")(_results_answer_calls)
     max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     logprobs: bool = Field(default=False, strict=True)
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
@@ -526,7 +540,7 @@ class TokenizeRequest(_RequestBody):
         if (value is None) == (info.data["prompt"] is None):
             raise ValueError("send either a prompt (text) or messages (a chat), not both" if value is not None else
                              "send a prompt (text) or messages (a chat) to tokenize")
-        return value
+        return _results_answer_calls(value)
 
     @field_validator("tools", "add_generation_prompt")
     @classmethod

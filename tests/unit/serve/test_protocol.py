@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from kiln.engine.sampler import SamplerState
-from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
+from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 
 
 def chat(content: object) -> ChatCompletionRequest:
@@ -180,6 +180,19 @@ def test_tool_fields_go_with_their_roles(message: dict, words: str) -> None:
         ChatCompletionRequest.model_validate({"messages": [message]})
     error = refused.value.errors()[0]
     assert error["loc"] == ("messages", 0) and words in error["msg"], error
+
+
+@pytest.mark.parametrize("body", [ChatCompletionRequest, TokenizeRequest])
+@pytest.mark.parametrize("history", [
+    [],  # a result with no call before it
+    [{"role": "assistant", "content": None, "tool_calls": [CALL]}],  # a call, but with another id
+])
+def test_a_result_must_answer_an_earlier_call(body: type, history: list) -> None:
+    messages = [{"role": "user", "content": "hi"}, *history, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]
+    with pytest.raises(ValidationError) as refused:
+        body.model_validate({"messages": messages})
+    error = refused.value.errors()[0]
+    assert error["loc"] == ("messages",) and "tool call 'call_9', which no earlier assistant" in error["msg"], error
 
 
 # --- vLLM's sampling extensions -------------------------------------------------------------------------------
