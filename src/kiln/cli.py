@@ -188,7 +188,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
+        _note_cut_json(args, out.finish_reason)
     return 0
+
+
+def _note_cut_json(args: argparse.Namespace, finish_reason: str) -> None:
+    """Say on stderr when --max-tokens cut output held to --json-schema short: what stdout holds is then not the
+    whole JSON, and nothing else would tell a script that pipes it on (--json has finish_reason for that)."""
+    if args.json_schema is not None and finish_reason == "length":
+        print("kiln: note: the output reached --max-tokens before its JSON was complete, so it does not match the "
+              "schema; raise --max-tokens", file=sys.stderr)
 
 
 def _check_room(num_prompt: int, max_tokens: int | None, context: int) -> None:

@@ -200,6 +200,17 @@ def test_a_max_tokens_past_the_context_is_refused_and_no_flag_runs_to_its_end(
     assert (answer["prompt_tokens"], answer["completion_tokens"]) == (56, 8)  # the default 256, cut at the context
 
 
+def test_json_cut_short_by_max_tokens_is_noted(tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # it printed '{"a": "' and ended with status 0 and nothing on stderr, as if the JSON were whole
+    schema = '{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}'
+    assert cli.main(["generate", "-m", str(tiny_folder), "--raw", "--json-schema", schema, "--max-tokens", "2",
+                     "hi"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("{")
+    assert captured.err == ("kiln: note: the output reached --max-tokens before its JSON was complete, so it does "
+                            "not match the schema; raise --max-tokens\n")
+
+
 @pytest.mark.parametrize("value", ["[]", "true", "3", '"text"'])
 def test_inline_json_that_is_not_an_object_is_refused_as_such(value: str) -> None:
     # it was read as a file name, and refused as "neither inline JSON nor a readable file"
