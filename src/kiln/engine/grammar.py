@@ -38,11 +38,19 @@ def json_grammar(schema: Mapping[str, Any] | None) -> str:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(ANY_OBJECT if schema is None else schema),
                                                                   defaults={"whitespace_pattern": WHITESPACE})
     except (TypeError, ValueError) as exc:  # not serialisable, or not a schema llguidance understands
-        raise GrammarError(f"the JSON schema cannot be used ({_one_line(exc)}); fix the schema") from None
+        raise _schema_error(str(exc)) from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
-        raise GrammarError(f"the JSON schema cannot be used ({_one_line(error)}); fix the schema")
+        raise _schema_error(error)
     return grammar
+
+
+def _schema_error(reason: str) -> GrammarError:
+    """The one-line error for a schema llguidance refuses, with its reason."""
+    if "coerce_one_of" in reason:  # its advice is an llguidance option that no kiln user can set
+        return GrammarError("the JSON schema's oneOf has branches that one value may match together, which cannot "
+                            "be enforced; make the branches exclusive or use anyOf")
+    return GrammarError(f"the JSON schema cannot be used ({_one_line(reason)}); fix the schema")
 
 
 def tool_call_grammar(tools: Sequence[tuple[str, Mapping[str, Any] | None]], parallel: bool) -> str:

@@ -55,6 +55,10 @@ def test_any_object_and_an_unconstrained_row_beside_it(default_model: LoadedMode
     ({"type": "nonsense"}, "Invalid type"),
     ({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, "does not exist"),
     ({"type": "string", "pattern": "[a-"}, "unclosed character class"),
+    # overlapping branches (5 matches both); the message said to enable an llguidance option
+    ({"oneOf": [{"type": "integer", "minimum": 0}, {"type": "integer", "maximum": 10}]},
+     "oneOf has branches that one value may match together, which cannot be enforced; make the branches exclusive "
+     "or use anyOf"),
 ])
 def test_bad_schemas_are_one_line_errors(schema: dict, message: str) -> None:
     with pytest.raises(GrammarError) as info:
