@@ -394,8 +394,9 @@ class ChatMessage(BaseModel):
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError(f"tool_call_id goes with role 'tool', not {self.role!r}; drop it")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls may "
-                             "leave it null)")
+            article = "an" if self.role == "assistant" else "a"  # the only role that starts with a vowel sound
+            raise ValueError(f"{article} {self.role} message needs content (only an assistant message with "
+                             "tool_calls may leave it null)")
         return self
 
     def template_form(self) -> dict[str, Any]:

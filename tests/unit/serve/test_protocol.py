@@ -170,7 +170,8 @@ def test_calls_and_results_in_the_history() -> None:
 @pytest.mark.parametrize("message,words", [
     ({"role": "user", "content": None}, "a user message needs content"),
     ({"role": "user"}, "a user message needs content"),
-    ({"role": "assistant", "content": None}, "only an assistant message with tool_calls may leave it null"),
+    ({"role": "assistant", "content": None}, "an assistant message needs content (only an assistant message with "
+                                             "tool_calls may leave it null)"),  # it read "a assistant message"
     ({"role": "tool", "content": "21 C"}, "needs the tool_call_id"),
     ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "goes with role 'tool'"),
     ({"role": "user", "content": "x", "tool_calls": [CALL]}, "a user message cannot carry them"),
