@@ -94,6 +94,7 @@ class Job:
     started: dict[int, EngineRequest] = field(default_factory=dict)  # choice index -> its request, once it ran
     tool_names: tuple[str, ...] | None = None  # a chat with tools in effect: calls to these are read out of the text
     is_tool_forced: bool = False  # a forcing tool_choice held the output to calls
+    max_tool_calls: int | None = None  # 1 with parallel_tool_calls false: later calls are dropped; None: no limit
     echo: bool = False  # a streamed completion whose choices each send their prompt first (echo)
     # the request as sent, for the request log (--log-requests), streamed or not
     body: CompletionRequest | ChatCompletionRequest | None = None
@@ -637,6 +638,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         job.n, job.body = body.n, body
         job.tool_names = tuple(t["function"]["name"] for t in tools) if tools else None
         job.is_tool_forced = body.tool_mode() == "forced"
+        job.max_tool_calls = None if body.parallel_tool_calls else 1
         job.is_default_budget = asked is None
         _reserve_tokens(job)
         if body.stream:
@@ -645,8 +647,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         outs = await _collect(job, request, body.n)
         _record(job, outs)
         # with tools in effect, each choice's text read once into its content and calls
-        splits = [split_tool_calls(o.request.text, job.tool_names, job.is_tool_forced) if job.tool_names is not None
-                  else None for o in outs]
+        splits = [split_tool_calls(o.request.text, job.tool_names, job.is_tool_forced, job.max_tool_calls)
+                  if job.tool_names is not None else None for o in outs]
         _guard(state, dep, [text for o, split in zip(outs, splits, strict=True)
                             for text in _output_texts(o.request.text, split)], "output")
         choices: list[dict[str, Any]] = [{"index": i, **_chat_message(o, split),
@@ -829,7 +831,8 @@ async def _sse_events(job: Job, request: Request, include_usage: bool, chat: boo
     sent: list[str] = ["" for _ in tasks]
     texts: list[str] = []  # per finished choice, in finishing order
     # with tools in effect, each choice's calls are read out of its text as it grows (content held back meanwhile)
-    parsers = [ToolCallParser(job.tool_names, job.is_tool_forced) for _ in tasks] if job.tool_names is not None else []
+    parsers = ([ToolCallParser(job.tool_names, job.is_tool_forced, job.max_tool_calls) for _ in tasks]
+               if job.tool_names is not None else [])
     num_calls = [0 for _ in tasks]
     echoed_choices: set[int] = set()
     echoed_chars = [0 for _ in tasks]  # the length of each choice's echoed prompt, which its offsets count from

@@ -53,11 +53,13 @@ class ToolCallParser:
     may begin a <tool_call> tag is held until it is known not to; so is whitespace, which is dropped where it
     only separates a call from what is around it (the line breaks between blocks). Without a valid call the
     content is the text exactly. With `is_forced` (the output was held to calls by a grammar) a block or tag left
-    open at the end was only cut short by max_tokens, not written as text: it is dropped.
+    open at the end was only cut short by max_tokens, not written as text: it is dropped. Calls past `max_calls`
+    (1 with parallel_tool_calls false) are dropped too: the client asked for one and reads only one.
     """
 
-    def __init__(self, names: Collection[str], is_forced: bool = False) -> None:
-        self.names, self.is_forced = names, is_forced
+    def __init__(self, names: Collection[str], is_forced: bool = False, max_calls: int | None = None) -> None:
+        self.names, self.is_forced, self.max_calls = names, is_forced, max_calls
+        self.num_calls = 0  # calls returned so far, by all feeds
         self.buffer = ""  # text not yet sent: a possible tag's start and the whitespace before it, or a block's body
         self.in_block = False  # the buffer holds a block's body, its <tool_call> tag already read
         self.spacing = ""  # the whitespace before the open block: dropped if it is a call, sent if it is not
@@ -75,8 +77,9 @@ class ToolCallParser:
                 call = parse_call(body, self.names)
                 if call is None:  # a malformed block is the model's text, tags and all
                     content += f"{self.spacing}{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"
-                else:
+                elif self.max_calls is None or self.num_calls < self.max_calls:
                     calls.append(call)
+                    self.num_calls += 1
                 self.in_block, self.spacing, self.is_after_call = False, "", call is not None
                 continue
             start = self.buffer.find(TOOL_CALL_OPEN)
@@ -118,9 +121,10 @@ def _num_held(text: str) -> int:
     return partial + len(before) - len(before.rstrip())
 
 
-def split_tool_calls(text: str, names: Collection[str], is_forced: bool = False) -> tuple[str | None, list[ParsedCall]]:
+def split_tool_calls(text: str, names: Collection[str], is_forced: bool = False,
+                     max_calls: int | None = None) -> tuple[str | None, list[ParsedCall]]:
     """A whole response's content and calls; with calls, content is None when there is none (OpenAI's null)."""
-    parser = ToolCallParser(names, is_forced)
+    parser = ToolCallParser(names, is_forced, max_calls)
     content, calls = parser.feed(text)
     content += parser.finish()[0]
     return (content or None) if calls else content, calls

@@ -97,3 +97,15 @@ def test_each_call_has_its_own_id_in_openais_shape() -> None:
     assert first == {"id": first["id"], "type": "function",
                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     assert second["index"] == 1
+
+
+def test_one_call_is_kept_when_the_client_asked_for_one() -> None:
+    # with parallel_tool_calls false a model that wrote two calls returned both
+    rome = block(arguments='{"city": "Rome"}')
+    text = f"{block()}\n{rome}"
+    content, calls = split_tool_calls(text, ["get_weather"], max_calls=1)
+    assert content is None and [json.loads(c.arguments) for c in calls] == [{"city": "Paris"}]
+    parser = ToolCallParser(["get_weather"], max_calls=1)
+    streamed = [parser.feed(piece) for piece in (block(), "\n", rome)]
+    assert [len(calls) for _, calls in streamed] == [1, 0, 0] and "".join(c for c, _ in streamed) == ""
+    assert len(split_tool_calls(text, ["get_weather"])[1]) == 2  # no limit by default
