@@ -118,6 +118,9 @@ def _schema_grammar(text: str) -> str:
     except json.JSONDecodeError as exc:
         raise InvalidParameterError(f"--json-schema is not valid JSON ({exc.msg} at line {exc.lineno} column "
                                     f"{exc.colno}); fix it") from None
+    except RecursionError:  # hundreds of levels: past what the JSON reader (and the grammar compiler) can nest
+        raise InvalidParameterError("--json-schema nests too deeply to be read; flatten it, naming repeated parts "
+                                    "in $defs and pointing at them with $ref") from None
     if not isinstance(schema, dict):
         raise InvalidParameterError("--json-schema must be a JSON object (a schema); '{\"type\": \"object\"}' "
                                     "allows any JSON object")

@@ -211,6 +211,18 @@ def test_json_cut_short_by_max_tokens_is_noted(tiny_folder: Path, capsys: pytest
                             "not match the schema; raise --max-tokens\n")
 
 
+def test_a_schema_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    # json.loads ran out of stack: a RecursionError traceback
+    from kiln.errors import InvalidParameterError
+
+    schema = '{"type": "integer"}'
+    for _ in range(1200):
+        schema = '{"type": "array", "items": ' + schema + "}"
+    (tmp_path / "deep.json").write_text(schema)
+    with pytest.raises(InvalidParameterError, match=r"^--json-schema nests too deeply to be read; flatten it"):
+        cli._json_schema_grammar(str(tmp_path / "deep.json"))
+
+
 @pytest.mark.parametrize("value", ["[]", "true", "3", '"text"'])
 def test_inline_json_that_is_not_an_object_is_refused_as_such(value: str) -> None:
     # it was read as a file name, and refused as "neither inline JSON nor a readable file"
