@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -52,14 +53,28 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.speculate < 1:
             raise InvalidParameterError(f"--speculate {self.speculate} must be at least 1")
-        if self.max_queue < 1 or self.max_body_bytes < 1 or self.drain_timeout_s < 0:
-            raise InvalidParameterError("--max-queue and --max-body-bytes must be positive, --drain-timeout >= 0")
-        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
-            raise InvalidParameterError(f"--request-timeout {self.request_timeout_s} must be positive")
+        if self.max_queue < 1 or self.max_body_bytes < 1:
+            raise InvalidParameterError("--max-queue and --max-body-bytes must be positive")
+        # argparse's float() takes "nan" and "inf": a NaN limit compared False everywhere (no limit at all), 0 divided
+        # by zero on the first refusal (500), and a NaN or infinite drain timeout broke uvicorn's start-up
+        _check_seconds("--drain-timeout", self.drain_timeout_s, "0 or more")
+        if self.request_timeout_s is not None:  # the CLI's 0 ("none") arrives as None
+            _check_seconds("--request-timeout", self.request_timeout_s, "more than 0 (0: none)")
+        for flag, per_min in (("--rate-limit-requests", self.requests_per_min),
+                              ("--rate-limit-tokens", self.tokens_per_min)):
+            if per_min is not None and not (math.isfinite(per_min) and per_min > 0):
+                raise InvalidParameterError(f"{flag} {per_min} must be a positive number per minute; leave the flag "
+                                            "out for no limit")
 
     def engine(self) -> EngineConfig:
         return EngineConfig(kv_budget_bytes=self.kv_budget_bytes, max_running=self.max_running,
                             max_batch_tokens=self.max_batch_tokens, kv_cache=self.kv_cache)
+
+
+def _check_seconds(flag: str, value: float, bound: str) -> None:
+    """A time flag must be a finite number of seconds: `bound` says whether 0 is one ("0 or more") or not."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and bound != "0 or more"):
+        raise InvalidParameterError(f"{flag} {value} must be a finite number of seconds, {bound}")
 
 
 @dataclass
