@@ -95,7 +95,10 @@ class RateLimiter:
     def _bucket(self, key: str, kind: str, per_min: float) -> Bucket:
         bucket = self.buckets.get((key, kind))
         if bucket is None:
-            bucket = self.buckets[(key, kind)] = Bucket(per_min / 60, per_min, per_min)
+            # a request bucket holds at least one request: with --rate-limit-requests 0.5 ("one every two minutes")
+            # a bucket of half a request could never give a whole one, and every request was refused forever
+            capacity = max(per_min, 1.0) if kind == "requests" else per_min
+            bucket = self.buckets[(key, kind)] = Bucket(per_min / 60, capacity, capacity)
         return bucket
 
     def never_fits(self, tokens: float) -> bool:

@@ -37,3 +37,11 @@ def test_serve_refuses_a_limit_that_is_not_a_positive_finite_number(field: str, 
 def test_serve_takes_positive_limits_and_a_zero_drain_timeout() -> None:
     config = ServeConfig(requests_per_min=2, tokens_per_min=100, drain_timeout_s=0)
     assert RateLimiter(config.requests_per_min, config.tokens_per_min).take("k", requests=1) is None
+
+
+def test_a_request_rate_under_one_a_minute_still_lets_requests_through() -> None:
+    # the bucket held 0.5 of a request, so no request ever fitted: each was told to retry in 0.0 s
+    limiter = RateLimiter(requests_per_min=0.5, tokens_per_min=None)
+    assert limiter.take("k", requests=1) is None
+    wait = limiter.take("k", requests=1)
+    assert wait is not None and 119 < wait <= 120  # the next one in two minutes
