@@ -25,7 +25,8 @@ class ApiKeyFileError(KilnError):
 
 
 def load_digests(path: Path) -> list[bytes]:
-    """One sha256 hex digest per line (blank lines and # comments skipped)."""
+    """One sha256 hex digest per line (blank lines and # comments skipped); a line may be sha256sum's whole output,
+    the digest and then the name it read ("-" for standard input)."""
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
@@ -35,6 +36,8 @@ def load_digests(path: Path) -> list[bytes]:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
+        # `printf %s KEY | sha256sum`, which the error below tells users to store, prints "DIGEST  -"
+        text = text.split()[0]
         if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
             raise ApiKeyFileError(
                 f"{path}:{number}: not a sha256 hex digest; store `printf %s KEY | sha256sum` output, not the key"
