@@ -28,9 +28,13 @@ def load_digests(path: Path) -> list[bytes]:
     """One sha256 hex digest per line (blank lines and # comments skipped); a line may be sha256sum's whole output,
     the digest and then the name it read ("-" for standard input)."""
     try:
-        lines = path.read_text().splitlines()
+        # utf-8-sig: an editor's byte-order mark made the first digest "not a sha256 hex digest"
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as exc:
         raise ApiKeyFileError(f"API key file {path} cannot be read ({exc.strerror}); pass an existing file") from exc
+    except UnicodeDecodeError as exc:  # a binary file (a key store, the wrong path) was a traceback
+        raise ApiKeyFileError(f"API key file {path} is not text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                              "pass a file of sha256 hex digests, one a line") from None
     digests = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()
