@@ -19,8 +19,9 @@ from kiln.engine.drafting import load_drafter
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.sampler import SamplingParams
 from kiln.engine.threads import use_threads_for
+from kiln.errors import ModelFormatError
 from kiln.model.load import LoadedModel, load
-from kiln.serve.registry import Registry
+from kiln.serve.registry import Registry, Version
 from kiln.serve.worker import EngineWorker
 from kiln.types import Precision
 
@@ -130,6 +131,17 @@ class Router:
         model and an ONNX Runtime session share the process)."""
         return start(name, version, source, self.engine_config, self.precision, self.runtime, self.draft)
 
+    def _start_registered(self, version: Version) -> Deployment:
+        """start() a registry version, once its files are still those `kiln registry add` hashed: a folder replaced
+        or edited since was served under the old version's name and header, unnoticed."""
+        found = load_version(version.path, length=64)
+        if found != version.sha256:
+            raise ModelFormatError(
+                f"registry: {version.name!r} version {version.version!r} at {version.path} has changed since it was "
+                f"added (sha256 {found[:16]}, registered {version.sha256[:16]}); put the registered files back, or "
+                "`kiln registry add` it as a new version")
+        return self._start(version.name, version.version, version.path)
+
     def add_static(self, name: str) -> None:
         """Serve the model `name` (any -m value) under that name, outside the registry."""
         self._set(name, Route(self._start(name, load_version(name), name)))
@@ -168,10 +180,10 @@ class Router:
         for name, (live, canary) in self.registry.serving().items():
             route = self.routes.get(name)
             current = {d.version: d for d in ((route.live, route.canary) if route else ()) if d is not None}
-            live_dep = current.get(live.version) or self._start(name, live.version, live.path)
+            live_dep = current.get(live.version) or self._start_registered(live)
             canary_dep = None
             if canary is not None:
-                canary_dep = current.get(canary.version) or self._start(name, canary.version, canary.path)
+                canary_dep = current.get(canary.version) or self._start_registered(canary)
             share = canary.canary_share if canary else 0.0
             if route is None or route.live is not live_dep or route.canary is not canary_dep or route.share != share:
                 self._set(name, Route(live_dep, canary_dep, share))
@@ -187,7 +199,8 @@ class Router:
             dep.worker.stop()
 
 
-def load_version(source: str) -> str:
+def load_version(source: str, length: int = 12) -> str:
+    """The model's sha256 (its first `length` hex digits: 12 name a version)."""
     from kiln.model.source import resolve
 
-    return resolve(source).sha256[:12]
+    return resolve(source).sha256[:length]

@@ -53,3 +53,49 @@ def test_auto_runtime_is_resolved_for_each_model(monkeypatch: pytest.MonkeyPatch
     named.add_static("int4-artifact")
     named.add_static("default")
     assert asked[-2:] == ["torch", "torch"]
+
+
+def _fake_models(monkeypatch: pytest.MonkeyPatch, shas: dict[str, str]) -> list[str]:
+    """Models as paths with a sha256 each (edit `shas` to change one's files); returns the versions started."""
+    from types import SimpleNamespace
+
+    from kiln.model import source
+    from kiln.serve import deploy, registry
+
+    def fake_resolve(path: str) -> object:
+        return SimpleNamespace(sha256=shas[path])
+
+    started: list[str] = []
+
+    def fake_start(name: str, version: str, path: str, *args: object) -> object:
+        started.append(version)
+        return SimpleNamespace(name=name, version=version, retire=lambda: None)
+
+    monkeypatch.setattr(registry, "resolve", fake_resolve)
+    monkeypatch.setattr(source, "resolve", fake_resolve)
+    monkeypatch.setattr(deploy, "start", fake_start)
+    return started
+
+
+def test_a_registry_version_whose_files_changed_since_add_is_not_served(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from kiln.engine.engine import EngineConfig
+    from kiln.errors import ModelFormatError
+    from kiln.serve import deploy
+    from kiln.serve.registry import Registry
+
+    a, b = str(Path(str(tmp_path)) / "a"), str(Path(str(tmp_path)) / "b")
+    shas = {a: "a" * 64, b: "b" * 64}
+    started = _fake_models(monkeypatch, shas)
+    reg = Registry(Path(str(tmp_path)) / "registry.sqlite")
+    reg.add("m", a, "v1")
+    reg.add("m", b, "v2")
+    router = deploy.Router(EngineConfig(), "fp32", reg)
+    router.sync_registry()
+    shas[b] = "c" * 64  # another model copied over b after `kiln registry add`: it was served as v2
+    reg.canary("m", "v2", 0.5)
+    with pytest.raises(ModelFormatError, match=r"'m' version 'v2' at .*b has changed since it was added"):
+        router.sync_registry()
+    assert started == ["v1"] and router.routes["m"].canary is None
