@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from kiln.serve.auth import ApiKeyMiddleware, load_digests
 from kiln.serve.deploy import Router
 from kiln.serve.limits import BodyLimitMiddleware
 from kiln.serve.protocol import error_body, error_code
-from kiln.serve.registry import Registry
+from kiln.serve.registry import Registry, Version
 from kiln.serve.routes import ApiError, engine_stopped_error, router
 from kiln.serve.state import ServeConfig, ServerState
 from kiln.serve.worker import EngineStopped
@@ -354,6 +355,11 @@ def _keep_load_error(state: ServerState, loader: asyncio.Task[None]) -> None:
         state.load_error = loader.exception()
 
 
+def _not_loaded(log: logging.Logger, version: Version, error: KilnError) -> None:
+    log.error("registry: %s version %s not loaded (%s); the versions served before it go on", version.name,
+              version.version, error)
+
+
 async def _follow_registry(state: ServerState) -> None:
     log = logging.getLogger("kiln.serve")
     while True:
@@ -361,10 +367,10 @@ async def _follow_registry(state: ServerState) -> None:
         if not state.ready or state.draining:
             continue
         try:
-            for change in await asyncio.to_thread(state.router.sync_registry):
+            for change in await asyncio.to_thread(state.router.sync_registry, partial(_not_loaded, log)):
                 log.info("registry: %s", change)
-        except KilnError as exc:
-            log.error("registry: %s", exc)
+        except Exception:  # noqa: BLE001 -- an error left in this task (a locked registry file) ended the following
+            log.exception("registry: could not follow the registry; trying again in %s s", state.config.registry_poll_s)
 
 
 ABORT_GRACE_S = 2.0  # after the drain deadline, time to send the aborted requests' last chunks before exiting

@@ -19,7 +19,7 @@ from kiln.engine.drafting import load_drafter
 from kiln.engine.engine import Engine, EngineConfig
 from kiln.engine.sampler import SamplingParams
 from kiln.engine.threads import use_threads_for
-from kiln.errors import ModelFormatError
+from kiln.errors import KilnError, ModelFormatError
 from kiln.model.load import LoadedModel, load
 from kiln.serve.registry import Registry, Version
 from kiln.serve.worker import EngineWorker
@@ -137,8 +137,8 @@ class Router:
         found = load_version(version.path, length=64)
         if found != version.sha256:
             raise ModelFormatError(
-                f"registry: {version.name!r} version {version.version!r} at {version.path} has changed since it was "
-                f"added (sha256 {found[:16]}, registered {version.sha256[:16]}); put the registered files back, or "
+                f"the registry's {version.name!r} version {version.version!r} at {version.path} has changed since it "
+                f"was added (sha256 {found[:16]}, registered {version.sha256[:16]}); put the registered files back, or "
                 "`kiln registry add` it as a new version")
         return self._start(version.name, version.version, version.path)
 
@@ -172,24 +172,41 @@ class Router:
                 return deployment
         return None
 
-    def sync_registry(self) -> list[str]:
-        """Load what the registry says should be served and swap it in; returns what changed."""
+    def sync_registry(self, on_error: Callable[[Version, KilnError], None] | None = None) -> list[str]:
+        """Load what the registry says should be served and swap it in; returns what changed.
+
+        Without `on_error` a version that cannot be loaded raises (start-up: the server stops and says why). With it,
+        the error is reported and the rest goes on: the other names still change, and a live version that loaded is
+        served without the canary that did not (so it is not loaded again, and again, on every poll)."""
         if self.registry is None:
             return []
         changes = []
         for name, (live, canary) in self.registry.serving().items():
             route = self.routes.get(name)
             current = {d.version: d for d in ((route.live, route.canary) if route else ()) if d is not None}
-            live_dep = current.get(live.version) or self._start_registered(live)
-            canary_dep = None
-            if canary is not None:
-                canary_dep = current.get(canary.version) or self._start_registered(canary)
-            share = canary.canary_share if canary else 0.0
+            live_dep = self._deployment_of(live, current, on_error)
+            if live_dep is None:
+                continue
+            canary_dep = None if canary is None else self._deployment_of(canary, current, on_error)
+            share = canary.canary_share if canary and canary_dep else 0.0
             if route is None or route.live is not live_dep or route.canary is not canary_dep or route.share != share:
                 self._set(name, Route(live_dep, canary_dep, share))
                 changes.append(f"{name}: live {live.version}" + (f", canary {canary.version} {share:.0%}"
-                                                                 if canary else ""))
+                                                                 if canary and canary_dep else ""))
         return changes
+
+    def _deployment_of(self, version: Version, current: dict[str, Deployment],
+                       on_error: Callable[[Version, KilnError], None] | None) -> Deployment | None:
+        """The running deployment of `version`, or a new one; None when it cannot be loaded and on_error took that."""
+        if version.version in current:
+            return current[version.version]
+        try:
+            return self._start_registered(version)
+        except KilnError as exc:
+            if on_error is None:
+                raise
+            on_error(version, exc)
+            return None
 
     def deployments(self) -> list[Deployment]:
         return [d for r in self.routes.values() for d in (r.live, r.canary) if d is not None]

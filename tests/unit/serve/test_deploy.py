@@ -96,6 +96,37 @@ def test_a_registry_version_whose_files_changed_since_add_is_not_served(
     router.sync_registry()
     shas[b] = "c" * 64  # another model copied over b after `kiln registry add`: it was served as v2
     reg.canary("m", "v2", 0.5)
-    with pytest.raises(ModelFormatError, match=r"'m' version 'v2' at .*b has changed since it was added"):
+    with pytest.raises(ModelFormatError, match=r"registry's 'm' version 'v2' at .*b has changed since it was added"):
         router.sync_registry()
     assert started == ["v1"] and router.routes["m"].canary is None
+
+
+def test_a_broken_version_holds_back_neither_other_names_nor_its_live_version(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from kiln.engine.engine import EngineConfig
+    from kiln.serve import deploy
+    from kiln.serve.registry import Registry
+
+    root = Path(str(tmp_path))
+    paths = {label: str(root / label) for label in ("a1", "a2", "a3", "b1", "b2")}
+    shas = {path: label * 32 for label, path in paths.items()}
+    started = _fake_models(monkeypatch, shas)
+    reg = Registry(root / "registry.sqlite")
+    for label, path in paths.items():
+        reg.add(label[0], path, label)
+    router = deploy.Router(EngineConfig(), "fp32", reg)
+    router.sync_registry()
+    assert started == ["a1", "b1"]
+    shas[paths["a3"]] = "ff" * 32  # a3's folder replaced since it was added
+    reg.promote("a", "a2")
+    reg.canary("a", "a3", 0.5)
+    reg.promote("b", "b2")
+    failed: list[str] = []
+    changes = router.sync_registry(lambda version, error: failed.append(version.version))
+    # a's broken canary stopped neither a2 going live nor b's promotion (both were left undone, retried every poll)
+    assert failed == ["a3"] and changes == ["a: live a2", "b: live b2"]
+    assert router.routes["a"].live.version == "a2" and router.routes["a"].canary is None
+    router.sync_registry(lambda version, error: failed.append(version.version))
+    assert started == ["a1", "b1", "a2", "b2"]  # a2 is not loaded again on the next poll
