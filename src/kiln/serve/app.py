@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiln.errors import KilnError
+from kiln.errors import InvalidParameterError, KilnError
 from kiln.serve.auth import ApiKeyMiddleware, load_digests
 from kiln.serve.deploy import Router
 from kiln.serve.limits import BodyLimitMiddleware
@@ -195,7 +195,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(KilnError)
     async def kiln_error(_: Request, exc: KilnError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "invalid_request_error", code=error_code(exc)), 400)
+        # the field at fault, when the error names one (a rating out of range): clients show it beside that field
+        param = exc.param if isinstance(exc, InvalidParameterError) else None
+        return JSONResponse(error_body(str(exc), "invalid_request_error", param, error_code(exc)), 400)
 
     @app.exception_handler(EngineStopped)
     async def engine_stopped(_: Request, exc: EngineStopped) -> JSONResponse:

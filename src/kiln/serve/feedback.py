@@ -109,7 +109,8 @@ class FeedbackStore:
         # bool is an int subclass, so it is excluded by name; NaN fails the range comparison.
         is_number = isinstance(rating, int | float) and not isinstance(rating, bool)
         if not (is_number and lo <= rating <= hi):
-            raise InvalidParameterError(f"rating {rating!r} is out of range; give a number from {lo} to {hi}")
+            raise InvalidParameterError(f"rating {rating!r} is out of range; give a number from {lo} to {hi}",
+                                        param="rating")
         with self._transaction() as conn:
             cursor = conn.execute(
                 "UPDATE requests SET rating = ?, comment = ?, rated_at = ? WHERE id = ?",

@@ -180,3 +180,16 @@ def test_cli_feedback_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     blocker.write_text("")
     assert main(["feedback", "export", "-o", str(blocker / "x.jsonl")]) == 2
     assert "kiln: error: cannot write" in capsys.readouterr().err
+
+
+def test_a_rating_out_of_range_is_a_400_naming_the_rating_field(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from kiln.serve.app import create_app
+    from kiln.serve.state import ServeConfig
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    client = TestClient(create_app(ServeConfig(log_requests=True)))
+    r = client.post("/v1/feedback", json={"id": "chatcmpl-1", "rating": 6})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rating", r.text  # param was null
