@@ -248,10 +248,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="kiln", version="1", lifespan=lifespan)
     app.state.kiln = state
     if config.guardrails:
-        from kiln.serve.guardrails import load_guardrails
+        from kiln.serve.guardrails import GuardrailConfigError, load_guardrails
 
         for spec in config.guardrails:  # FILE for every model, or NAME=FILE for one
             name, _, path = spec.rpartition("=") if "=" in spec else ("*", "", spec)
+            if name != "*" and not config.registry and name not in config.models:
+                # a misspelt NAME left its model without the filters the operator asked for, without a word
+                raise GuardrailConfigError(f"--guardrails {spec!r} names model {name!r}, which is not served (models: "
+                                           f"{', '.join(config.models)}); use a -m value as NAME, or FILE for all")
             state.guardrails[name] = load_guardrails(Path(path))
     if config.log_requests:
         from kiln.serve.feedback import FeedbackStore

@@ -211,3 +211,16 @@ def test_stream_filter_reads_a_bounded_tail_and_finds_what_a_whole_check_finds()
     for _ in range(2000):
         guard.feed("the sea is calm today ")
     assert guard.checked > 40_000 and guard.since() > guard.checked - 300
+
+
+def test_guardrails_for_a_model_that_is_not_served_are_refused(tmp_path: Path) -> None:
+    from kiln.serve.app import create_app
+    from kiln.serve.state import ServeConfig
+
+    rules = tmp_path / "g.toml"
+    rules.write_text('[input]\nblocklist = ["secret"]\n')
+    # a misspelt NAME was accepted, and the served model ran without any filter
+    with pytest.raises(GuardrailConfigError, match="names model 'int9', which is not served"):
+        create_app(ServeConfig(models=("int8",), guardrails=(f"int9={rules}",)))
+    app = create_app(ServeConfig(models=("int8",), guardrails=(f"int8={rules}",)))
+    assert app.state.kiln.guardrails_for("int8") is not None
