@@ -220,6 +220,8 @@ def _check_generate_flags(args: argparse.Namespace) -> None:
     if args.speculate is not None and args.draft is None:
         raise InvalidParameterError(f"--speculate {args.speculate} only applies with --draft MODEL; add --draft or "
                                     "drop --speculate")
+    if args.speculate is not None and args.speculate < 1:  # checked again by the drafter, once both models loaded
+        raise InvalidParameterError(f"--speculate {args.speculate} must be at least 1")
 
 
 def _check_speculative(args: argparse.Namespace, params: Any) -> None:

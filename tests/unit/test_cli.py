@@ -159,6 +159,17 @@ def test_a_system_message_with_raw_is_refused_before_the_load(monkeypatch: pytes
     assert error.count("\n") == 1 and "--raw" in error and "--system" in error
 
 
+def test_speculate_below_one_is_refused_before_the_load(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # it was refused only by the drafter, once the model and the draft had both loaded
+    def no_load(*args: object, **kw: object) -> None:
+        raise AssertionError("the flags are checked before the model loads")
+
+    monkeypatch.setattr("kiln.model.load.load", no_load)
+    assert cli.main(["generate", "hi", "--temperature", "0", "--draft", "default", "--speculate", "0"]) == 2
+    assert capsys.readouterr().err == "kiln: error: --speculate 0 must be at least 1\n"
+
+
 def test_speculate_without_a_draft_is_refused_before_the_load(monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     # --speculate only sizes --draft's proposals: alone it was ignored without a word
