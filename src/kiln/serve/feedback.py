@@ -122,7 +122,8 @@ class FeedbackStore:
         """Write one JSON line per logged response, oldest first, and return how many were written."""
         sql = "SELECT id, model, version, created_at, request, response, rating, comment FROM requests"
         sql += " WHERE rating IS NOT NULL" if only_rated else ""
-        partial = out.with_name(out.name + ".partial")  # renamed at the end: a failed export leaves no half file
+        # renamed at the end: a failed export leaves no half file (a hidden name with the pid: not one of the user's)
+        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             count = self._write_jsonl(partial, sql + " ORDER BY rowid")

@@ -119,6 +119,14 @@ def test_export_of_empty_store_writes_empty_file(store: FeedbackStore, tmp_path:
     assert out.read_text() == ""
 
 
+def test_export_keeps_a_users_file_named_like_its_temporary_one(store: FeedbackStore, tmp_path: Path) -> None:
+    # the export wrote OUT.partial and removed it: a file of the user's with that name was overwritten, then gone
+    mine = tmp_path / "out.jsonl.partial"
+    mine.write_text("keep")
+    store.export(tmp_path / "out.jsonl")
+    assert mine.read_text() == "keep"
+
+
 def test_export_to_unwritable_path_is_a_kiln_error(store: FeedbackStore, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
