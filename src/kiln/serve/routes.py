@@ -156,8 +156,10 @@ def _guard(state: ServerState, deployment: Deployment, texts: Sequence[str],
         violation = check(getattr(rules, direction), text)
         if violation is not None:
             state.metrics.guardrail_blocks.labels(deployment.name, direction, violation.kind).inc()
+            # a blocked answer was still made by a version: the header names it, as on every answer
+            version = {"X-Kiln-Model-Version": deployment.version} if direction == "output" else None
             raise ApiError(400, f"the {what} was blocked by the {direction} guardrail ({violation.kind}: "
-                           f"{violation.detail})", "guardrail_error", code=f"{direction}_blocked")
+                           f"{violation.detail})", "guardrail_error", code=f"{direction}_blocked", headers=version)
 
 
 def _max_tokens(state: ServerState, deployment: Deployment, prompt: list[int], asked: int | None,

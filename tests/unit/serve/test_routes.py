@@ -1058,6 +1058,8 @@ def test_the_output_guardrail_reads_call_arguments_as_they_are_returned(
         body = {**CHAT, "tools": [WEATHER], "max_tokens": size + 4}
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["code"] == "output_blocked", r.text
+        # the version that made the blocked answer is named, as on every answer (the header was missing)
+        assert r.headers["X-Kiln-Model-Version"] == app.state.kiln.router.deployments()[0].version
         chunks = streamed(client, "/v1/chat/completions", body)
         assert not [c for chunk in chunks for c in chunk["choices"] if c["delta"].get("tool_calls")]
         assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]] == \
