@@ -113,7 +113,7 @@ def test_prompt_longer_than_context(tiny_folder: Path) -> None:
 
 
 def test_bad_sampling_parameter() -> None:
-    assert_one_line_error(run("generate", "hi", "--top-p", "0"), "top_p=0.0")
+    assert_one_line_error(run("generate", "hi", "--top-p", "0"), "--top-p 0.0 is out of range")
 
 
 def test_generate_follows_a_json_schema(tmp_path: Path) -> None:
