@@ -50,6 +50,9 @@ def _schema_error(reason: str) -> GrammarError:
     if "coerce_one_of" in reason:  # its advice is an llguidance option that no kiln user can set
         return GrammarError("the JSON schema's oneOf has branches that one value may match together, which cannot "
                             "be enforced; make the branches exclusive or use anyOf")
+    if "recursion limit" in reason:  # deeper than its parser nests (Python's JSON reader may give up first)
+        return GrammarError("the JSON schema nests too deeply to be read; flatten it, naming repeated parts in $defs "
+                            "and pointing at them with $ref")
     return GrammarError(f"the JSON schema cannot be used ({_one_line(reason)}); fix the schema")
 
 
