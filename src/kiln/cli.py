@@ -377,7 +377,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kiln.model.info import artifact_precision, spec_of
+    from kiln.model.info import artifact_layout, spec_of
     from kiln.plan import estimate, profile
     from kiln.plan.memory import PlanPrecision
 
@@ -392,14 +392,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"--context {args.context} is more than the model's context of "
                                     f"{spec.max_position} tokens; pass {spec.max_position} or less")
     context = args.context or spec.max_position
-    # an int8 / int4 artifact planned as fp32 by default: 4x its weights, and fp32 kernels' speeds
-    precision: PlanPrecision = args.precision or artifact_precision(args.model) or "fp32"
+    # an artifact is priced by its own tensors (an int8 one was planned as fp32, 4x its weights and fp32 kernels'
+    # speeds, then as int8 throughout, missing the fp32 head that compress keeps by default); --precision asks
+    # what the model would cost at that precision throughout
+    layout = None if args.precision else artifact_layout(args.model)
+    precision: PlanPrecision = args.precision or (layout.layers if layout else "fp32")
     if args.calibrate:
         machine = profile.calibrate()
         print(f"kiln: calibrated this machine; profile cached in {profile.profile_path()}", file=sys.stderr)
     else:
         machine = profile.load_cached() or _calibrate_first(profile)
-    plan = estimate.estimate(spec, precision, context, args.concurrency, machine, args.runtime)
+    plan = estimate.estimate(spec, precision, context, args.concurrency, machine, args.runtime, layout)
     advice = (estimate.recommend(spec, context, args.concurrency, args.target_tokens_per_s, machine)
               if args.target_tokens_per_s else [])
     if args.json:

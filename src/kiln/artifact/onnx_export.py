@@ -45,7 +45,7 @@ from kiln.files import check_replaceable, replace_folder
 from kiln.model.llama import Block, LlamaModel, weight_map
 from kiln.model.load import LoadedModel
 from kiln.model.source import ONNX_EXPORT_MARKER
-from kiln.model.spec import int8_block  # also onnx_export.int8_block for the export's callers
+from kiln.model.spec import ModelSpec, int8_block  # also onnx_export.int8_block for the export's callers
 
 OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
 ONNX_FILE = "model.onnx"
@@ -99,18 +99,23 @@ class BuildPlan:
 
 def plan_for(loaded: LoadedModel, precision: OnnxPrecision) -> BuildPlan:
     """The builder settings that match the artifact (or the precision asked for)."""
+    return plan_for_folder(loaded.folder, loaded.spec, precision)
+
+
+def plan_for_folder(folder: Path, spec: ModelSpec, precision: OnnxPrecision) -> BuildPlan:
+    """plan_for from the files alone, for `kiln plan`, which prices an artifact's export without loading it."""
     step: dict[str, Any] = {}
-    if is_artifact(loaded.folder):
-        quant = [s for s in Manifest.read(loaded.folder).recipe.get("steps", []) if s.get("kind") == "quantize"]
+    if is_artifact(folder):
+        quant = [s for s in Manifest.read(folder).recipe.get("steps", []) if s.get("kind") == "quantize"]
         step = quant[-1] if quant else {}
     head = not step.get("keep_embeddings", True)
-    tied = loaded.spec.tie_embeddings
+    tied = spec.tie_embeddings
     head8 = 8 if head and step.get("bits") == 4 and step.get("head_bits") == 8 else 0  # int8 head, int4 layers
     if precision == "auto":
         if step.get("bits") == 4:
             return BuildPlan("int4", int(step.get("group_size", 128)), bool(step.get("symmetric", False)), head,
                              tied=tied, head_bits=head8)
-        return BuildPlan("int8", int8_block(loaded.spec), True, head) if step.get("bits") == 8 else BuildPlan("fp32")
+        return BuildPlan("int8", int8_block(spec), True, head) if step.get("bits") == 8 else BuildPlan("fp32")
     if precision == "int4":
         return BuildPlan("int4", int(step.get("group_size", 32)), bool(step.get("symmetric", False)), head, tied=tied,
                          head_bits=head8)

@@ -6,11 +6,12 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from kiln.model import gguf
 from kiln.model.source import resolve
 from kiln.model.spec import ModelSpec
+from kiln.plan.memory import Layout, PlanPrecision
 
 
 def describe(name: str) -> dict[str, Any]:
@@ -71,18 +72,34 @@ def spec_of(name: str) -> ModelSpec:
     return ModelSpec.from_hf_config(read_config(source.path))
 
 
-def artifact_precision(name: str) -> Literal["int8", "int4"] | None:
-    """The weight format most of a kiln artifact's layers are stored in ("int4" where its layers are int4 and
-    its head int8), or None for anything else: what `kiln plan -m ARTIFACT` plans without --precision."""
+def artifact_layout(name: str) -> Layout | None:
+    """How a kiln artifact stores its weights, from its manifest and tensor index (no weights read), or None
+    for anything else: what `kiln plan -m ARTIFACT` prices without --precision. The layers' format is the one
+    most of them are stored in ("int4" where its layers are int4 and its head int8); the head's is the one
+    the onnxruntime export gives it (artifact/onnx_export.plan_for), as the torch runtime's is stored."""
     path = Path(name).expanduser()
     if name == "default" or not path.is_dir():
         return None
     from kiln.artifact.manifest import Manifest, is_artifact
+    from kiln.artifact.onnx_export import head_bits, plan_for_folder
+    from kiln.model.load import read_safetensors_header
 
     if not is_artifact(path):
         return None
     formats = {meta.get("format") for meta in Manifest.read(path).tensors.values()}
-    return "int4" if "int4" in formats else "int8" if formats & {"int8", "w8a8"} else None
+    layers: PlanPrecision = "int4" if "int4" in formats else "int8" if formats & {"int8", "w8a8"} else "fp32"
+    spec = spec_of(name)
+    plan = plan_for_folder(path, spec, "auto")
+    bits = head_bits(plan)
+    head: PlanPrecision = "int8" if bits == 8 else "int4" if bits == 4 else "fp32"
+    sizes = {tensor: entry.end - entry.start for file in sorted(path.glob("*.safetensors"))
+             for tensor, entry in read_safetensors_header(file).items()}
+    embedding = sum(size for tensor, size in sizes.items() if tensor.startswith("embed."))
+    head_bytes = sum(size for tensor, size in sizes.items() if tensor.startswith("lm_head."))
+    group = plan.block_size if layers == "int4" else 128
+    if spec.tie_embeddings:  # the head is stored once: as lm_head's codes where quantized, else as the embedding
+        return Layout(layers, head, group, plan.shared_embedding, sum(sizes.values()), 0, head_bytes or embedding)
+    return Layout(layers, head, group, plan.shared_embedding, sum(sizes.values()), embedding, head_bytes)
 
 
 def _describe_folder(folder: Path, artifact: bool) -> tuple[ModelSpec, dict[str, int], int]:

@@ -17,7 +17,7 @@ from typing import Any
 from kiln.errors import InvalidParameterError
 from kiln.model.spec import ModelSpec, int8_block
 from kiln.plan import memory
-from kiln.plan.memory import PRECISIONS, PlanPrecision
+from kiln.plan.memory import PRECISIONS, Layout, PlanPrecision
 from kiln.plan.profile import MachineProfile, attended_bytes_per_token, engine_key
 
 PREFILL_TOKENS = 512
@@ -98,12 +98,14 @@ def resolve_runtime(spec: ModelSpec, precision: PlanPrecision, runtime: str, pro
 
 
 def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int,
-             profile: MachineProfile, runtime: str = "auto") -> Plan:
+             profile: MachineProfile, runtime: str = "auto", layout: Layout | None = None) -> Plan:
+    """The plan at `precision`, or for an artifact's own `layout` (whose layers' format is `precision`)."""
+    layout = layout or Layout.uniform(precision)
     runtime = resolve_runtime(spec, precision, runtime, profile)
     key = engine_key(runtime, precision)
-    weights = memory.weights_bytes(spec, precision)  # what a decode step reads
-    resident = weights + memory.packed_head_bytes(spec, precision)  # what memory holds
-    session = memory.onnx_session_bytes(spec, precision) if runtime == "onnxruntime" else 0
+    weights = memory.streamed_bytes(spec, layout)  # what a decode step reads
+    resident = memory.resident_bytes(spec, layout)  # what memory holds
+    session = memory.onnx_session_bytes(spec, layout) if runtime == "onnxruntime" else 0
     kv = (memory.onnx_kv_cache_bytes(spec, context, concurrency) if runtime == "onnxruntime"
           else memory.kv_cache_bytes(spec, precision, context, concurrency))
     activations = memory.activations_bytes(spec, precision, context, concurrency)
@@ -116,6 +118,9 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
     kv_per_token = spec.kv_bytes_per_token(memory.kv_bytes_per_element(precision))
     kv_read = concurrency * context * attended_bytes_per_token(spec, memory.kv_bytes_per_element(precision), runtime)
     weight_s = weights * profile.per_byte(key, concurrency)
+    head_key = engine_key(runtime, layout.head)
+    if layout.mixed and layout.head_bytes and profile.has(head_key):  # an fp32 or int8 head beside int4 / int8 layers
+        weight_s += layout.head_bytes * (profile.per_byte(head_key, concurrency) - profile.per_byte(key, concurrency))
     kv_s = kv_read * profile.kv_per_byte(key, concurrency)
     layers_s = spec.num_layers * profile.overhead(key, concurrency)
     fixed_s = profile.step_overhead(key, concurrency)
@@ -127,9 +132,7 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
     explanation = [
         f"runtime: {runtime} ({'what --runtime auto runs' if runtime == _auto(spec, precision, profile) else 'asked'}"
         f" for {precision} weights here); speeds and costs below are measured on its engine",
-        f"weights: {spec.num_parameters / 1e6:.1f}M parameters x {memory.bytes_per_weight(precision):g} B"
-        + (" + one fp32 scale per output row" if precision == "int8" else "")
-        + (f" + {resident - weights:,} B for the tied head's packed copy" if resident > weights else "")
+        _weights_line(spec, precision, layout, weights, resident)
         + (f"; on onnxruntime the session holds its own copy, {session / 1e6:.0f} MB, and kiln lets its own go "
            "before the session loads (the peak counts whichever is larger: kiln's copy while loading, or the "
            "session's with the cache and activations)" if session else ""),
@@ -142,7 +145,10 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
         f"runtime memory: kiln, torch and a tokenizer, {profile.runtime_bytes / 1e6:.0f} MB measured",
         f"decode step at batch {concurrency}, {context} tokens of context: {weights / 1e6:.0f} MB of weights "
         f"streamed at {effective:.1f} GB/s effective ({100 * effective / profile.read_bandwidth_gbs:.0f}% of the "
-        f"{profile.read_bandwidth_gbs:.1f} GB/s read bandwidth, {kernel[precision]}) = {1000 * weight_s:.1f} ms, "
+        f"{profile.read_bandwidth_gbs:.1f} GB/s read bandwidth, {kernel[precision]}"
+        + (f"; the {layout.head} head's {layout.head_bytes / 1e6:.0f} MB at its own kernel's rate"
+           if layout.mixed and layout.head_bytes and profile.has(head_key) else "")
+        + f") = {1000 * weight_s:.1f} ms, "
         f"+ attention reading {kv_read / 1e6:.0f} MB of cached keys and values"
         + (" (once per query head on onnxruntime)" if runtime == "onnxruntime" else "") + f" {1000 * kv_s:.1f} ms, "
         f"+ {spec.num_layers} layers x {1e3 * profile.overhead(key, concurrency):.3f} ms and "
@@ -159,6 +165,18 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
         prefill_tokens_per_s=prompt / prefill_s, decode_tokens_per_s=1 / step_s,
         total_decode_tokens_per_s=concurrency / step_s, explanation=explanation,
     )
+
+
+def _weights_line(spec: ModelSpec, precision: PlanPrecision, layout: Layout, weights: int, resident: int) -> str:
+    if layout.stored_bytes:
+        return (f"weights: the artifact's tensors as stored, {resident / 1e6:.0f} MB: layers {layout.layers}"
+                + (f" in groups of {layout.group}" if layout.layers == "int4" else "")
+                + f", lm_head {layout.head}"
+                + (f"; the untied embedding table ({layout.lookup_bytes / 1e6:.0f} MB) is read a row per token"
+                   if layout.lookup_bytes else ""))
+    return (f"weights: {spec.num_parameters / 1e6:.1f}M parameters x {memory.bytes_per_weight(precision):g} B"
+            + (" + one fp32 scale per output row" if precision == "int8" else "")
+            + (f" + {resident - weights:,} B for the tied head's packed copy" if resident > weights else ""))
 
 
 def _auto(spec: ModelSpec, precision: PlanPrecision, profile: MachineProfile) -> str:

@@ -7,6 +7,7 @@ dtype: bf16 for bf16, fp32 otherwise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from kiln import settings
@@ -42,34 +43,80 @@ def packed_head_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
     return spec.vocab_size * spec.hidden_size * 2 if precision == "bf16" and spec.tie_embeddings else 0
 
 
-def onnx_session_bytes(spec: ModelSpec, precision: PlanPrecision) -> int:
-    """The onnxruntime session's own copy of the weights (kiln drops its own before the session loads:
-    engine/onnx_runtime.pick_runtime's keep_weights), as ONNX Runtime holds it once built.
+@dataclass(frozen=True)
+class Layout:
+    """What each part of the weights is stored as. A plan for a precision stores all of them at it; an
+    artifact is priced by its own tensors: `kiln compress` keeps an fp32 lm_head beside int8 or int4
+    layers unless told otherwise (keep_embeddings), and its int4 groups need not be of 128."""
 
-    MatMulNBits repacks its blocks with one fp32 sum per block for its int8-activation kernels (4 B per
-    block more; int8 exports also store a scale per block of int8_block(spec) rather than per row). The
-    embedding lookup of a tied model: fp32 exports read it through a Transpose of the head's matrix,
-    which the session folds into a second fp32 table; int8 exports keep it as an fp32 table of its own;
-    int4 exports read the head's int4 blocks, whose reshape the session also folds into a copy. Measured
-    on the default model's exports (session's anonymous memory with and without prepacking): fp32 626
-    MiB for 515 MiB of weights on disk, int4 in groups of 32 115 MiB for 83.
+    layers: PlanPrecision  # the decoder layers' matrices; the machine profile's costs are this format's
+    head: PlanPrecision  # lm_head (the embedding's matrix too where the model ties them)
+    group: int = INT4_GROUP  # int4 group size
+    shared_lookup: bool = True  # onnxruntime's lookup reads a quantized tied head's codes, not an fp32 table
+    stored_bytes: int = 0  # an artifact's tensors as stored, which the torch runtime holds as they are; 0: none
+    lookup_bytes: int = 0  # of those, an untied embedding table: a lookup reads a row, a decode step not all
+    head_bytes: int = 0  # of those, lm_head's (or the tied embedding's), which a decode step reads at its own rate
+
+    @classmethod
+    def uniform(cls, precision: PlanPrecision) -> Layout:
+        return cls(precision, precision, shared_lookup=precision == "int4")
+
+    @property
+    def mixed(self) -> bool:
+        return self.head != self.layers
+
+
+def streamed_bytes(spec: ModelSpec, layout: Layout) -> int:
+    """Weight bytes one decode step reads: every matrix (and the tied head), not the lookup table."""
+    if layout.stored_bytes:
+        return layout.stored_bytes - layout.lookup_bytes
+    return weights_bytes(spec, layout.layers)
+
+
+def resident_bytes(spec: ModelSpec, layout: Layout) -> int:
+    """Weight bytes the torch runtime holds."""
+    if layout.stored_bytes:
+        return layout.stored_bytes
+    return weights_bytes(spec, layout.layers) + packed_head_bytes(spec, layout.layers)
+
+
+def _onnx_matrix_bytes(spec: ModelSpec, precision: PlanPrecision, params: int, group: int) -> float:
+    """A matrix in the onnxruntime session: fp32 as is; MatMulNBits blocks with one fp32 scale and one fp32
+    sum per block (the sum, for its int8-activation kernels, takes the place of an int4 zero point)."""
+    if precision == "int8":
+        return params * (1.0 + 8.0 / int8_block(spec))
+    if precision == "int4":
+        return params * (0.5 + 8.0 / group)
+    return params * 4.0
+
+
+def onnx_session_bytes(spec: ModelSpec, layout: Layout | PlanPrecision) -> int:
+    """The onnxruntime session's own copy of the weights (kiln drops its own before the session loads:
+    engine/onnx_runtime.pick_runtime's keep_weights), as ONNX Runtime holds it once built: the layers' and
+    the head's matrices at their formats (artifact/onnx_export.plan_for), and the embedding lookup.
+
+    The lookup of a tied model: an fp32 head is read through a Transpose, which the session folds into
+    a second fp32 table; an int8 head in an int8 export leaves the lookup an fp32 table of its own; a
+    shared int4 (or int8) head's codes are read through a reshape, which the session also folds into a
+    copy. An untied embedding stays an fp32 table. Measured on the default model's exports (session's
+    anonymous memory with and without prepacking): fp32 626 MiB for 515 MiB of weights on disk, int4
+    in groups of 32 115 MiB for 83.
     """
-    lookup = spec.vocab_size * spec.hidden_size
-    tied = spec.tie_embeddings
-    extra = 0.0
-    if precision == "fp32" and tied:
-        extra = lookup * 4.0
-    elif precision == "int8":
-        extra = lookup * (4.0 if tied else 4.0 - bytes_per_weight(precision))
-        extra += spec.num_parameters * 8.0 / int8_block(spec)  # block scales and block sums
-    elif precision == "int4":
-        # block sums take the place of the zero points weights_bytes counts (the exports are symmetric)
-        extra = lookup * 0.5 if tied else 0.0
-        if settings.ort_prefill_graph():
-            # the prefill graph's session holds the int4 blocks again, repacked for fp32 activations
-            # (artifact/onnx_export.write_prefill_graph; 82 MB resident for the default model's 86 MB export)
-            extra += weights_bytes(spec, precision)
-    return weights_bytes(spec, precision) + int(extra)
+    if isinstance(layout, str):
+        layout = Layout.uniform(layout)
+    table = spec.vocab_size * spec.hidden_size
+    layer_params = spec.num_parameters - table * (1 if spec.tie_embeddings else 2)
+    matrices = (_onnx_matrix_bytes(spec, layout.layers, layer_params, layout.group)
+                + _onnx_matrix_bytes(spec, layout.head, table, layout.group))
+    if spec.tie_embeddings and layout.shared_lookup and layout.head in ("int4", "int8"):
+        lookup = table * (0.5 if layout.head == "int4" else 1.0)
+    else:
+        lookup = table * 4.0
+    if layout.layers == "int4" and settings.ort_prefill_graph():
+        # the prefill graph's session holds the int4 blocks again, repacked for fp32 activations
+        # (artifact/onnx_export.write_prefill_graph; 82 MB resident for the default model's 86 MB export)
+        matrices *= 2
+    return int(matrices + lookup)
 
 
 def kv_cache_bytes(spec: ModelSpec, precision: PlanPrecision, context: int, concurrency: int) -> int:

@@ -149,10 +149,11 @@ def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: M
     torch_plan, onnx_plan = (estimate.estimate(spec, "int8", 640, 1, PROFILE, r) for r in ("torch", "onnxruntime"))
     weights = memory.weights_bytes(spec, "int8")
     assert torch_plan.weights_bytes == weights
-    # the session holds the int8 weights with a scale and a sum per block of 64, and an fp32 table for the
+    # the session holds the int8 weights with a scale and a sum per block of 64 (no scale per row), and an fp32
+    # table for the
     # tied embedding's lookup; kiln's own copy is let go before the session loads, so it counts only while
     # loading (here the smaller of the two)
-    assert onnx_plan.weights_bytes == weights + 49152 * 576 * 4 + int(spec.num_parameters * 8 / 64)
+    assert onnx_plan.weights_bytes == int(spec.num_parameters * (1 + 8 / 64)) + 49152 * 576 * 4
     assert onnx_plan.total_bytes == (onnx_plan.weights_bytes + onnx_plan.kv_cache_bytes
                                      + onnx_plan.activations_bytes + 250_000_000)
     cached = 30 * 3 * 64 * 2 * 4 * 640
@@ -183,7 +184,7 @@ def test_an_int8_onnxruntime_plan_counts_the_block_its_export_uses() -> None:
     spec = ModelSpec.from_hf_config(config)
     assert spec.head_dim == 32
     tied_lookup = 49152 * 544 * 4
-    want = memory.weights_bytes(spec, "int8") + tied_lookup + int(spec.num_parameters * 8 / 32)
+    want = int(spec.num_parameters * (1 + 8 / 32)) + tied_lookup
     assert memory.onnx_session_bytes(spec, "int8") == want
 
 
@@ -320,3 +321,63 @@ def test_an_artifact_is_planned_at_its_own_precision(formats: tuple[str, ...], p
     assert json.loads(capsys.readouterr().out)["precision"] == planned
     assert cli.main(["plan", "-m", str(folder), "--context", "1024", "--precision", "bf16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["precision"] == "bf16"  # asked for by name, it is planned
+
+
+TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+def _int8_artifact_keeping_the_head(folder: Path, tied: bool) -> dict[str, int]:
+    """An int8 artifact as `kiln compress --quantize int8` makes by default (keep_embeddings): int8 layers, the
+    embedding and head in fp32. Returns each tensor's bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kiln.artifact.manifest import Manifest, file_sha256
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**TINY, "tie_word_embeddings": tied}))
+    tensors = {"embed.weight": torch.zeros(256, 64), "norm.weight": torch.zeros(64),
+               "layers.0.mlp.down_proj.qweight": torch.zeros(64, 128, dtype=torch.int8),
+               "layers.0.mlp.down_proj.scales": torch.zeros(64)}
+    if not tied:
+        tensors["lm_head.weight"] = torch.zeros(256, 64)
+    save_file(tensors, str(folder / "model.safetensors"))
+    recipe = {"steps": [{"kind": "quantize", "bits": 8, "method": "rtn", "keep_embeddings": True}]}
+    Manifest(source={}, recipe=recipe, tensors={"layers.0.mlp.down_proj": {"format": "int8", "shape": [64, 128]}},
+             files={"config.json": file_sha256(folder / "config.json")}).write(folder)
+    return {name: t.numel() * t.element_size() for name, t in tensors.items()}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_artifact_is_priced_by_its_own_tensors(tied: bool, tmp_path: Path) -> None:
+    # `kiln plan -m demo/int8` priced all 134.5M parameters at 1 B: 135 MB streamed per token, where the artifact
+    # keeps its tied head in fp32 (113 MB more) and a decode step reads 220 MB, at fp32 matmul's rate for the head
+    import dataclasses
+
+    from kiln.model.info import artifact_layout
+    from kiln.model.spec import int8_block
+
+    sizes = _int8_artifact_keeping_the_head(tmp_path / "int8", tied)
+    layout = artifact_layout(str(tmp_path / "int8"))
+    assert layout is not None and (layout.layers, layout.head) == ("int8", "fp32")
+    table = 256 * 64 * 4
+    assert layout.stored_bytes == sum(sizes.values())
+    assert layout.head_bytes == table
+    assert layout.lookup_bytes == (0 if tied else table)  # an untied embedding is looked up, not streamed
+    spec = spec_of(str(tmp_path / "int8"))
+    rates = {**PROFILE.seconds_per_weight_byte, "torch:fp32": {"1": 9e-11, "4": 9e-11, "16": 9e-11}}
+    machine = dataclasses.replace(PROFILE, seconds_per_weight_byte=rates)
+    plan = estimate.estimate(spec, "int8", 128, 1, machine, "torch", layout)
+    assert plan.weights_bytes == sum(sizes.values())
+    streamed = sum(sizes.values()) - layout.lookup_bytes
+    cached = 2 * 2 * 16 * 2 * 4 * 128
+    want_step = (streamed - table) * 4e-11 + table * 9e-11 + cached * 5e-11 + 2 * 1e-4 + 1e-3
+    assert plan.decode_tokens_per_s == pytest.approx(1 / want_step)
+    assert "lm_head fp32" in " ".join(plan.explanation)
+    # onnxruntime: the layers in MatMulNBits blocks, the head as an fp32 MatMul, and an fp32 lookup table
+    layer_params = spec.num_parameters - 256 * 64 * (1 if tied else 2)
+    want = int(layer_params * (1 + 8 / int8_block(spec)) + 2 * table)
+    assert memory.onnx_session_bytes(spec, layout) == want
+    # asked for a precision by name, the model is priced at it throughout
+    assert memory.onnx_session_bytes(spec, "int8") < want
