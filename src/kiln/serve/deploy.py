@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from kiln.engine.drafting import load_drafter
@@ -125,6 +126,9 @@ class Router:
         self.runtime = runtime
         self.registry = registry
         self.default: str | None = None
+        # registry versions that failed to load, with their files' fingerprint then: each poll tried them again,
+        # hashing (and loading) their files and logging the same error every few seconds
+        self._failed: dict[tuple[str, str], Fingerprint] = {}
 
     def _start(self, name: str, version: str, source: str) -> Deployment:
         """start(), with --runtime auto resolved for each model on its own (engine/threads.py lets a torch
@@ -176,8 +180,8 @@ class Router:
         """Load what the registry says should be served and swap it in; returns what changed.
 
         Without `on_error` a version that cannot be loaded raises (start-up: the server stops and says why). With it,
-        the error is reported and the rest goes on: the other names still change, and a live version that loaded is
-        served without the canary that did not (so it is not loaded again, and again, on every poll)."""
+        the error is reported once and the rest goes on: the other names still change, and a live version that loaded
+        is served without the canary that did not. A version that failed is tried again when its files change."""
         if self.registry is None:
             return []
         changes = []
@@ -200,13 +204,19 @@ class Router:
         """The running deployment of `version`, or a new one; None when it cannot be loaded and on_error took that."""
         if version.version in current:
             return current[version.version]
+        key = (version.name, version.version)
+        if on_error is not None and self._failed.get(key) == fingerprint(version.path):
+            return None  # reported when it failed; tried again once its files change
         try:
-            return self._start_registered(version)
+            deployment = self._start_registered(version)
         except KilnError as exc:
             if on_error is None:
                 raise
+            self._failed[key] = fingerprint(version.path)
             on_error(version, exc)
             return None
+        self._failed.pop(key, None)
+        return deployment
 
     def deployments(self) -> list[Deployment]:
         return [d for r in self.routes.values() for d in (r.live, r.canary) if d is not None]
@@ -214,6 +224,20 @@ class Router:
     def stop(self) -> None:
         for dep in self.deployments():
             dep.worker.stop()
+
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(path: str) -> Fingerprint:
+    """Each file's path, size and modification time under `path` (a file or a folder): cheap enough for every poll,
+    where a sha256 of the weights is not."""
+    root = Path(path).expanduser()
+    try:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        return tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+    except OSError:  # gone, or unreadable: as good a state as any to compare the next poll's against
+        return ()
 
 
 def load_version(source: str, length: int = 12) -> str:

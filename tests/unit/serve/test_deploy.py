@@ -130,3 +130,13 @@ def test_a_broken_version_holds_back_neither_other_names_nor_its_live_version(
     assert router.routes["a"].live.version == "a2" and router.routes["a"].canary is None
     router.sync_registry(lambda version, error: failed.append(version.version))
     assert started == ["a1", "b1", "a2", "b2"]  # a2 is not loaded again on the next poll
+    # nor is a3 tried, and its error logged, again on every poll: its files are as they were when it failed
+    assert failed == ["a3"]
+    Path(paths["a3"]).mkdir()
+    (Path(paths["a3"]) / "model.safetensors").write_bytes(b"x")  # its files changed: tried again, still not the same
+    router.sync_registry(lambda version, error: failed.append(version.version))
+    assert failed == ["a3", "a3"]
+    shas[paths["a3"]] = "a3" * 32  # the registered files put back
+    (Path(paths["a3"]) / "model.safetensors").write_bytes(b"xy")
+    assert router.sync_registry(lambda version, error: failed.append(version.version)) == ["a: live a2, canary a3 50%"]
+    assert failed == ["a3", "a3"] and started[-1] == "a3"
