@@ -250,12 +250,15 @@ def create_app(config: ServeConfig) -> FastAPI:
     if config.guardrails:
         from kiln.serve.guardrails import GuardrailConfigError, load_guardrails
 
+        # the registry's names (those it has versions of, live or not) when it says what is served
+        served = sorted({v.name for v in registry.versions()}) if registry else list(config.models)
         for spec in config.guardrails:  # FILE for every model, or NAME=FILE for one
             name, _, path = spec.rpartition("=") if "=" in spec else ("*", "", spec)
-            if name != "*" and not config.registry and name not in config.models:
+            if name != "*" and name not in served:
                 # a misspelt NAME left its model without the filters the operator asked for, without a word
+                how = ("a name the registry has versions of (`kiln registry list`)" if registry else "a -m value")
                 raise GuardrailConfigError(f"--guardrails {spec!r} names model {name!r}, which is not served (models: "
-                                           f"{', '.join(config.models)}); use a -m value as NAME, or FILE for all")
+                                           f"{', '.join(served) or 'none'}); use {how} as NAME, or FILE for all")
             state.guardrails[name] = load_guardrails(Path(path))
     if config.log_requests:
         from kiln.serve.feedback import FeedbackStore

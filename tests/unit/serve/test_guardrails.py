@@ -224,3 +224,23 @@ def test_guardrails_for_a_model_that_is_not_served_are_refused(tmp_path: Path) -
         create_app(ServeConfig(models=("int8",), guardrails=(f"int9={rules}",)))
     app = create_app(ServeConfig(models=("int8",), guardrails=(f"int8={rules}",)))
     assert app.state.kiln.guardrails_for("int8") is not None
+
+
+def test_guardrails_for_a_name_the_registry_has_no_version_of_are_refused(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from kiln.serve import registry
+    from kiln.serve.app import create_app
+    from kiln.serve.state import ServeConfig
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(registry, "resolve", lambda path: SimpleNamespace(sha256="ab" * 32))
+    registry.Registry().add("chat", str(tmp_path / "model"), "v1")
+    rules = tmp_path / "g.toml"
+    rules.write_text('[input]\nblocklist = ["secret"]\n')
+    # with --registry any NAME was taken: a misspelt one left the registry's model unfiltered
+    with pytest.raises(GuardrailConfigError, match=r"names model 'caht', which is not served \(models: chat\)"):
+        create_app(ServeConfig(registry=True, guardrails=(f"caht={rules}",)))
+    app = create_app(ServeConfig(registry=True, guardrails=(f"chat={rules}",)))
+    assert app.state.kiln.guardrails_for("chat") is not None
