@@ -281,6 +281,7 @@ def _run_multiple_choice(loaded: LoadedModel | ServedModel, scorer: Scorer, opti
                          baseline: LoadedModel | None, checkpoint: Checkpoint, done: dict[int, dict[str, Any]],
                          progress: bool) -> TaskResult:
     items = _some(list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit)), ref)
+    _check_choices_fit(loaded, items)
 
     def work(batch: list[mc_tasks.MCItem]) -> list[dict[str, Any]]:
         return multiple_choice.evaluate_items(scorer, loaded.tokenizer, batch, max_tokens=loaded.spec.max_position)
@@ -291,6 +292,17 @@ def _run_multiple_choice(loaded: LoadedModel | ServedModel, scorer: Scorer, opti
     by_length = sorted(items, key=lambda it: (max(map(len, it.choices)), len(it.context)))
     records = _process(by_length, done, lambda it: it.index, 64, work, checkpoint, ref.name, "item", progress)
     return records, multiple_choice.metrics(records)
+
+
+def _check_choices_fit(loaded: LoadedModel | ServedModel, items: list[mc_tasks.MCItem]) -> None:
+    """Refuse, before any scoring, an item whose context and a choice are longer than the model's context: it
+    was refused only when its checkpoint batch came, the longest last, after every shorter item was scored.
+    A token is at least one byte, so only items with more bytes than the context (a few tokens spare for
+    BOS) are tokenized here."""
+    context = loaded.spec.max_position
+    for item in items:
+        if any(len((item.context + item.delimiter + c).encode()) + 4 > context for c in item.choices):
+            multiple_choice.requests_for(loaded.tokenizer, item, context)  # raises ContextLengthError naming it
 
 
 def _check_prompts_fit(loaded: LoadedModel | ServedModel, items: list[gen_tasks.GenItem]) -> None:

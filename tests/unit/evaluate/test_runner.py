@@ -243,6 +243,23 @@ def test_an_item_beyond_the_models_context_is_refused_naming_its_line(default_mo
         runner.run(default_model, runner.EvalOptions(f"mc:{path}"), progress=False)
 
 
+def test_an_item_beyond_the_models_context_is_refused_before_any_item_is_scored(
+        default_model: LoadedModel, tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the longest items' checkpoint batch comes last: every other item was scored before the refusal
+    from kiln.evaluate import multiple_choice
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("items were scored before the long one was refused")
+
+    monkeypatch.setattr(multiple_choice, "evaluate_items", no_scoring)
+    path = tmp_path / "items.jsonl"
+    short = [json.dumps({"context": f"Item {i} is", "choices": [" a", " b"], "gold": 0}) for i in range(70)]
+    long = json.dumps({"context": "word " * (default_model.spec.max_position + 10), "choices": [" a", " b"], "gold": 0})
+    path.write_text("\n".join([*short, long]) + "\n")
+    with pytest.raises(DataFormatError, match=r"items.jsonl:71: the context and choice ' a' are \d+ tokens"):
+        runner.run(default_model, runner.EvalOptions(f"mc:{path}"), progress=False)
+
+
 def test_a_generation_prompt_beyond_the_context_is_refused_naming_its_line(default_model: LoadedModel,
                                                                            tmp_path: Path, home: Path) -> None:
     # the engine refused it when its batch came, after the items before it, without naming the item
