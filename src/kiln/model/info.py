@@ -86,7 +86,8 @@ def artifact_layout(name: str) -> Layout | None:
 
     if not is_artifact(path):
         return None
-    formats = {meta.get("format") for meta in Manifest.read(path).tensors.values()}
+    tensors = Manifest.read(path).tensors
+    formats = {meta.get("format") for meta in tensors.values()}
     layers: PlanPrecision = "int4" if "int4" in formats else "int8" if formats & {"int8", "w8a8"} else "fp32"
     spec = spec_of(name)
     plan = plan_for_folder(path, spec, "auto")
@@ -94,6 +95,10 @@ def artifact_layout(name: str) -> Layout | None:
     head: PlanPrecision = "int8" if bits == 8 else "int4" if bits == 4 else "fp32"
     sizes = {tensor: entry.end - entry.start for file in sorted(path.glob("*.safetensors"))
              for tensor, entry in read_safetensors_header(file).items()}
+    for key, meta in tensors.items():  # a sparse matrix is stored as values and a mask, and loaded dense (fp32)
+        if meta.get("format") == "sparse":
+            sizes = {t: n for t, n in sizes.items() if not t.startswith(f"{key}.")}
+            sizes[key] = 4 * math.prod(meta["shape"])
     embedding = sum(size for tensor, size in sizes.items() if tensor.startswith("embed."))
     head_bytes = sum(size for tensor, size in sizes.items() if tensor.startswith("lm_head."))
     group = plan.block_size if layers == "int4" else 128

@@ -169,7 +169,7 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
 
 def _weights_line(spec: ModelSpec, precision: PlanPrecision, layout: Layout, weights: int, resident: int) -> str:
     if layout.stored_bytes:
-        return (f"weights: the artifact's tensors as stored, {resident / 1e6:.0f} MB: layers {layout.layers}"
+        return (f"weights: the artifact's tensors as loaded, {resident / 1e6:.0f} MB: layers {layout.layers}"
                 + (f" in groups of {layout.group}" if layout.layers == "int4" else "")
                 + f", lm_head {layout.head}"
                 + (f"; the untied embedding table ({layout.lookup_bytes / 1e6:.0f} MB) is read a row per token"

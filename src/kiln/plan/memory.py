@@ -53,7 +53,7 @@ class Layout:
     head: PlanPrecision  # lm_head (the embedding's matrix too where the model ties them)
     group: int = INT4_GROUP  # int4 group size
     shared_lookup: bool = True  # onnxruntime's lookup reads a quantized tied head's codes, not an fp32 table
-    stored_bytes: int = 0  # an artifact's tensors as stored, which the torch runtime holds as they are; 0: none
+    stored_bytes: int = 0  # an artifact's tensors as the torch runtime holds them (sparse ones dense); 0: none
     lookup_bytes: int = 0  # of those, an untied embedding table: a lookup reads a row, a decode step not all
     head_bytes: int = 0  # of those, lm_head's (or the tied embedding's), which a decode step reads at its own rate
 

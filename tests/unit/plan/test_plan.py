@@ -381,3 +381,24 @@ def test_an_artifact_is_priced_by_its_own_tensors(tied: bool, tmp_path: Path) ->
     assert memory.onnx_session_bytes(spec, layout) == want
     # asked for a precision by name, the model is priced at it throughout
     assert memory.onnx_session_bytes(spec, "int8") < want
+
+
+def test_a_sparse_artifacts_matrices_are_priced_dense_as_they_load(tmp_path: Path) -> None:
+    # values and a bit mask on disk (artifact/io._sparse), a dense fp32 matrix once loaded (_dense)
+    import torch
+    from safetensors.torch import save_file
+
+    from kiln.artifact.manifest import Manifest, file_sha256
+    from kiln.model.info import artifact_layout
+
+    folder = tmp_path / "wanda"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**TINY, "tie_word_embeddings": True}))
+    save_file({"embed.weight": torch.zeros(256, 64), "layers.0.mlp.down_proj.values": torch.zeros(4096),
+               "layers.0.mlp.down_proj.mask": torch.zeros(1024, dtype=torch.uint8)}, str(folder / "model.safetensors"))
+    Manifest(source={}, recipe={"steps": [{"kind": "prune", "sparsity": 0.5}]},
+             tensors={"layers.0.mlp.down_proj": {"format": "sparse", "shape": [64, 128], "density": 0.5}},
+             files={"config.json": file_sha256(folder / "config.json")}).write(folder)
+    layout = artifact_layout(str(folder))
+    assert layout is not None and (layout.layers, layout.head) == ("fp32", "fp32")
+    assert layout.stored_bytes == 256 * 64 * 4 + 64 * 128 * 4
