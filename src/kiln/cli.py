@@ -667,7 +667,13 @@ def cmd_registry(args: argparse.Namespace) -> int:
         v = registry.canary(args.name, args.version, args.share)
         print(f"kiln: {v.name} {v.version} takes {v.canary_share:.0%} of the traffic")
     else:
-        for v in registry.versions(args.name):
+        found = registry.versions(args.name)
+        if not found and args.name is not None:  # a misspelt name listed nothing, exit 0, as if it had no versions
+            known = ", ".join(sorted({v.name for v in registry.versions()})) or "none"
+            raise InvalidParameterError(f"the registry has no model {args.name!r} (models: {known})")
+        if not found:
+            print(f"no models registered in {registry.path}; add one with `kiln registry add NAME MODEL`")
+        for v in found:
             share = f" {v.canary_share:.0%}" if v.state == "canary" else ""
             print(f"{v.name:<20} {v.version:<14} {v.state + share:<12} {v.sha256[:16]}  {v.created_at}  {v.path}")
     return 0

@@ -49,6 +49,14 @@ class Version:
     created_at: str
 
 
+def _check_label(kind: str, value: str, example: str) -> None:
+    """A name clients send as the request's `model`, a version they get back in X-Kiln-Model-Version: an empty one,
+    or one with spaces or control characters, was registered, and an empty name was taken for every model."""
+    if not value or len(value) > 128 or any(c.isspace() or not c.isprintable() for c in value):
+        raise InvalidParameterError(f"a {kind} must be 1-128 printable characters without spaces, not {value!r}; "
+                                    f"e.g. {example}")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -67,8 +75,10 @@ class Registry:
     def versions(self, name: str | None = None) -> list[Version]:
         conn = self._connect()
         try:
-            sql = "SELECT * FROM versions" + (" WHERE name = ?" if name else "") + " ORDER BY name, created_at"
-            rows = conn.execute(sql, (name,) if name else ()).fetchall()
+            # `is not None`: an empty name listed every model's versions, so `add ""` saw another model's live one
+            one = name is not None
+            sql = "SELECT * FROM versions" + (" WHERE name = ?" if one else "") + " ORDER BY name, created_at"
+            rows = conn.execute(sql, (name,) if one else ()).fetchall()
         finally:
             conn.close()
         return [Version(**dict(r)) for r in rows]
@@ -82,6 +92,9 @@ class Registry:
 
     def add(self, name: str, path: str, version: str | None = None) -> Version:
         """Register `path` (any -m value) under `name`; the first version of a name goes live."""
+        _check_label("model name", name, "chat or org/chat-int8")
+        if version is not None:  # an empty --version fell back to the sha256 label without a word
+            _check_label("version label", version, "v2 or 2026-11-28")
         source = resolve(path)
         sha = source.sha256
         label = version or sha[:12]
