@@ -643,6 +643,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens, kv_cache=args.kv_cache, runtime=args.runtime, draft=args.draft,
         speculate=args.speculate,
     )
+    if args.draft is not None and args.kv_cache == "int8":  # refused before the models load (the engine would)
+        from kiln.engine.engine import DRAFT_WITH_INT8_KV
+
+        raise InvalidParameterError(DRAFT_WITH_INT8_KV)
     if args.api_key_file is not None:  # refuse a bad key file before loading anything
         from kiln.serve.auth import load_digests
 

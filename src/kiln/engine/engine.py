@@ -93,9 +93,18 @@ def tokens_logprobs(logits: Logits, tokens: Sequence[int], top: int) -> list[Tok
     return out
 
 
+# The target checks k drafts in one pass, whose keys and values differ from one-token steps' in the last bits;
+# rounded to int8 such a difference can become a whole step of the grid, and greedy choices differed from plain
+# decoding's (1 of 5 replies of the default model within 64 tokens, with an int4 artifact drafting).
+DRAFT_WITH_INT8_KV = ("--draft does not run with --kv-cache int8: the checked tokens would differ from plain "
+                      "decoding's; drop one of them")
+
+
 class Engine:
     def __init__(self, model: LlamaModel | OnnxModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  drafter: Drafter | None = None) -> None:
+        if drafter is not None and config is not None and config.kv_cache == "int8":
+            raise InvalidParameterError(DRAFT_WITH_INT8_KV)
         self.model = model
         self.drafter = drafter  # speculative decoding while one sequence decodes alone
         self.tokenizer = tokenizer

@@ -187,3 +187,17 @@ def test_an_empty_draft_is_refused_not_ignored(capsys: pytest.CaptureFixture[str
     assert cli.main(["generate", "--draft", "", "--temperature", "0", "--max-tokens", "2", "hi"]) == 2
     assert capsys.readouterr().err.strip() == ("kiln: error: the draft model (--draft) failed to load: the model "
                                                "name is empty; pass a .gguf file, a Hugging Face folder, or 'default'")
+
+
+def test_a_draft_with_an_int8_kv_cache_is_refused(default_model: LoadedModel,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # `kiln generate` refused the pair; `kiln serve --draft M --kv-cache int8` drafted, and its greedy replies
+    # differed from plain decoding's
+    from kiln import cli
+
+    drafter = Drafter(default_model.model, 2, default_model.spec.vocab_size)
+    with pytest.raises(InvalidParameterError, match="--draft does not run with --kv-cache int8"):
+        Engine(default_model.model, default_model.tokenizer, EngineConfig(kv_cache="int8"), drafter=drafter)
+    assert cli.main(["serve", "--draft", "default", "--kv-cache", "int8", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--draft does not run with --kv-cache int8" in err
