@@ -19,6 +19,7 @@ from typing import Any
 from kiln import __version__
 from kiln.engine import RUNTIME_HELP, RUNTIMES
 from kiln.errors import ContextLengthError, Interrupted, InvalidParameterError, KilnError, ModelFormatError
+from kiln.files import is_stream
 
 DEFAULT_SPECULATE = 4  # --draft: tokens the draft proposes per step
 DEFAULT_MAX_TOKENS = 256  # generate and chat, when --max-tokens is not given
@@ -443,13 +444,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     found = collect(models)  # read once: the page and the choice describe the same runs
     choice = choose(models, args.reference, budget, found)
     path = html.write(args.output, models, args.reference, choice, found).resolve()
+    said = sys.stderr if is_stream(args.output) else sys.stdout  # -o /dev/stdout: the page alone on stdout
     if args.json:
-        print(json.dumps({"report": str(path), **choice.as_dict()}))
+        print(json.dumps({"report": str(path), **choice.as_dict()}), file=said)
     else:
-        print(f"kiln: report written to {path}")
+        print(f"kiln: report written to {path}", file=said)
         if choice.chosen:
             print(f"kiln: best model: {choice.chosen} ({choice.reason})\n"
-                  f"kiln: serve it with: kiln serve -m {choice.chosen}")
+                  f"kiln: serve it with: kiln serve -m {choice.chosen}", file=said)
         elif budget.limits_resources:
             print(f"kiln: {choice.reason}; " + "; ".join(f"{k}: {v}" for k, v in choice.rejected.items()),
                   file=sys.stderr)
@@ -625,7 +627,8 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     from kiln.serve.feedback import FeedbackStore
 
     count = FeedbackStore().export(args.output, only_rated=args.rated_only)
-    print(f"kiln: wrote {count} records to {args.output}")
+    # on stderr when the records went to stdout (-o /dev/stdout), where the line would have ended the JSONL
+    print(f"kiln: wrote {count} records to {args.output}", file=sys.stderr if is_stream(args.output) else sys.stdout)
     return 0
 
 

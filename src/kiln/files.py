@@ -36,8 +36,24 @@ def replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def is_stream(path: Path) -> bool:
+    """A device, pipe or terminal (`-o /dev/stdout`): written into, never renamed over. Renaming a finished
+    file over /dev/stdout replaced the link in /dev with a regular file (and /dev/full, as root, the device)."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+def final_path(path: Path) -> Path:
+    """Where a finished file goes: a symbolic link's target, so the link stays a link."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def write_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a temporary file beside it, then a rename)."""
+    """Write `path` whole or not at all (a temporary file beside it, then a rename); a stream is written into."""
+    if is_stream(path):
+        with path.open("w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    path = final_path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         tmp.write_text(text)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,49 @@ def test_write_text_leaves_the_old_file_when_the_write_fails(tmp_path: Path, mon
     with pytest.raises(KeyboardInterrupt):
         files.write_text(path, '{"new": 2}')
     assert path.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["profile.json"]
+
+
+def _read_fifo(path: Path) -> tuple[list[str], threading.Thread]:
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(path.read_text()))
+    reader.start()
+    return got, reader
+
+
+def test_a_stream_is_written_into_and_a_link_keeps_pointing_at_its_file(tmp_path: Path) -> None:
+    # `-o /dev/stdout` renamed the finished file over the link in /dev (as root, `-o /dev/full` over the device)
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got, reader = _read_fifo(fifo)
+    files.write_text(fifo, "page")
+    reader.join(5)
+    assert got == ["page"] and stat.S_ISFIFO(fifo.stat().st_mode)
+    target, link = tmp_path / "report.html", tmp_path / "latest.html"
+    target.write_text("old")
+    link.symlink_to(target)
+    files.write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_feedback_export_into_a_stream_or_through_a_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import stat
+
+    from kiln import cli
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got, reader = _read_fifo(fifo)
+    assert cli.main(["feedback", "export", "-o", str(fifo)]) == 0
+    reader.join(5)
+    out, err = capsys.readouterr()
+    # the count goes to stderr when the records went to a stream (stdout would have mixed it into the JSONL)
+    assert got == [""] and stat.S_ISFIFO(fifo.stat().st_mode) and out == "" and "wrote 0 records" in err
+    target, link = tmp_path / "records.jsonl", tmp_path / "latest.jsonl"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert cli.main(["feedback", "export", "-o", str(link)]) == 0
+    assert link.is_symlink() and target.read_text() == ""

@@ -18,6 +18,7 @@ from typing import Any
 
 from kiln import settings
 from kiln.errors import InvalidParameterError
+from kiln.files import final_path, is_stream
 from kiln.serve.redact import redact
 
 SCHEMA = """
@@ -122,6 +123,13 @@ class FeedbackStore:
         """Write one JSON line per logged response, oldest first, and return how many were written."""
         sql = "SELECT id, model, version, created_at, request, response, rating, comment FROM requests"
         sql += " WHERE rating IS NOT NULL" if only_rated else ""
+        if is_stream(out):  # -o /dev/stdout: written into (files.is_stream)
+            try:
+                return self._write_jsonl(out, sql + " ORDER BY rowid")
+            except OSError as exc:
+                raise InvalidParameterError(f"cannot write {out} ({exc.strerror or exc}); choose a writable path") \
+                    from exc
+        out = final_path(out)
         # renamed at the end: a failed export leaves no half file (a hidden name with the pid: not one of the user's)
         partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
         try:
