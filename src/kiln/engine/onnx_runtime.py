@@ -487,10 +487,11 @@ class OnnxModel:
 
 
 def export_path(loaded: LoadedModel, precision: str = "auto") -> Path:
-    """Where onnx_folder finds (or builds) the ONNX export of `loaded`: the model's own folder when it is
-    itself an export, else $KILN_CACHE/onnx by sha256 and precision."""
-    if (loaded.folder / ONNX_FILE).is_file():
-        return loaded.folder
+    """Where onnx_folder finds (or builds) the ONNX export of `loaded`: $KILN_CACHE/onnx by sha256 and precision.
+
+    Never the model's own folder, even where it holds a model.onnx: kiln does not load an export folder
+    as a model (model/source.py refuses one), so such a file is another tool's graph, of other inputs,
+    weights and precision, and running it would answer with a model the user did not name."""
     return settings.cache_dir() / "onnx" / f"{loaded.sha256[:16]}-{precision}-v{EXPORT_VERSION}"
 
 

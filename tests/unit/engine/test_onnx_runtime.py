@@ -820,3 +820,20 @@ def test_a_cache_that_cannot_be_made_is_refused_before_the_build(default_model: 
     monkeypatch.setattr(onnx_export, "export", no_build)
     with pytest.raises(InvalidParameterError, match=f"cannot make the ONNX export cache {cache}/onnx .*KILN_CACHE"):
         onnx_runtime.onnx_folder(default_model)
+
+
+def test_a_model_folder_holding_another_tools_model_onnx_runs_kilns_own_export(
+        onnx_tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a Hugging Face folder that ships a model.onnx was run from that file: another graph, other weights
+    import shutil
+
+    from kiln.engine.onnx_runtime import runtime_model
+
+    folder = tmp_path / "hf"
+    shutil.copytree(onnx_tiny_folder, folder)
+    (folder / "model.onnx").write_text("another tool's graph")
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    loaded = load(str(folder), progress=False)
+    model = runtime_model(loaded, "onnxruntime")
+    assert isinstance(model, OnnxModel) and model.folder.is_relative_to(tmp_path / "cache" / "onnx")
+    assert greedy(model, loaded, [[1, 2, 3]]) == greedy(loaded.model, loaded, [[1, 2, 3]])
