@@ -44,7 +44,7 @@ from kiln.errors import InvalidParameterError, KilnError
 from kiln.files import check_replaceable, replace_folder
 from kiln.model.llama import Block, LlamaModel, weight_map
 from kiln.model.load import LoadedModel
-from kiln.model.source import ONNX_EXPORT_MARKER
+from kiln.model.source import ONNX_EXPORT_MARKER, file_digest, remember_sha256, sha256_file
 from kiln.model.spec import ModelSpec, int8_block  # also onnx_export.int8_block for the export's callers
 
 OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
@@ -219,10 +219,11 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             bar.update(1)
         keep_last_logits(staging)
         write_prefill_graph(staging)
+        files = file_records(staging)
         (staging / ONNX_EXPORT_MARKER).write_text(json.dumps({
             "source": loaded.source.name, "source_sha256": loaded.sha256, "precision": plan.precision,
             "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head,
-            "head_bits": head_bits(plan)}))
+            "head_bits": head_bits(plan), FILES_KEY: files}))
         if check:
             begin("check")
             error = max_logit_error(loaded, staging)
@@ -239,6 +240,8 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             shutil.rmtree(partial, ignore_errors=True)
             shutil.move(str(staging), partial)  # beside `out` (the scratch folder may be on another file system)
             replace_folder(partial, out)
+            for name, record in files.items():  # so the runtime's check of the new export reads nothing again
+                remember_sha256(out / name, record["sha256"])
         except OSError as exc:  # a read-only place or a full disk: one line, not a traceback after the work
             raise InvalidParameterError(f"cannot write the ONNX export {out} ({exc}); pass a writable folder "
                                         "with room for it") from exc
@@ -246,6 +249,41 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             shutil.rmtree(partial, ignore_errors=True)
         bar.update(1)
     return out
+
+
+FILES_KEY = "files"  # the marker's record of every file of the export: {name: {"bytes": n, "sha256": hex}}
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Each file of the export in `folder` (but the marker) with its size and sha256."""
+    return {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)}
+            for f in sorted(folder.iterdir()) if f.is_file() and f.name != ONNX_EXPORT_MARKER}
+
+
+def export_problem(folder: Path) -> str | None:
+    """Why `folder` is not an export as `export` wrote it, or None when every file its marker lists is there
+    with that size and sha256.
+
+    ONNX Runtime loads whatever the files hold: a truncated weights file stopped it with a traceback,
+    and bytes changed in place ran silently. The hashes are remembered per (path, size, mtime), so an
+    unchanged export costs a stat per file; one changed since is read whole once."""
+    try:
+        marker = json.loads((folder / ONNX_EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return f"it has no readable {ONNX_EXPORT_MARKER}"
+    files = marker.get(FILES_KEY) if isinstance(marker, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"its {ONNX_EXPORT_MARKER} lists no files (an earlier kiln wrote it)"
+    for name, record in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if not isinstance(record, dict) or size != record.get("bytes"):
+            return f"{name} holds {size} bytes, not what it was written with"
+        if sha256_file(path) != record.get("sha256"):
+            return f"{name} has changed since it was written"
+    return None
 
 
 def _module_rows(model: LlamaModel, weight_name: str) -> tuple[nn.Module, slice] | None:

@@ -36,7 +36,14 @@ import torch
 from torch import Tensor
 
 from kiln import settings
-from kiln.artifact.onnx_export import EXPORT_VERSION, LOGITS_TO_KEEP, ONNX_FILE, PREFILL_FILE, RUNTIME_FILE
+from kiln.artifact.onnx_export import (
+    EXPORT_VERSION,
+    LOGITS_TO_KEEP,
+    ONNX_FILE,
+    PREFILL_FILE,
+    RUNTIME_FILE,
+    export_problem,
+)
 from kiln.benchmark.machine import available_bytes
 from kiln.engine import RUNTIMES
 from kiln.engine.hugepages import with_huge_pages
@@ -496,8 +503,8 @@ def export_path(loaded: LoadedModel, precision: str = "auto") -> Path:
 
 
 def has_export(loaded: LoadedModel, precision: str = "auto") -> bool:
-    """Whether onnx_folder would find the export already built (and so read none of kiln's weights)."""
-    return (export_path(loaded, precision) / ONNX_FILE).is_file()
+    """Whether onnx_folder would find the export already built, whole (and so read none of kiln's weights)."""
+    return export_problem(export_path(loaded, precision)) is None
 
 
 def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
@@ -505,14 +512,19 @@ def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
     from kiln.artifact.onnx_export import export
 
     folder = export_path(loaded, precision)
-    if not has_export(loaded, precision):
+    problem = export_problem(folder)
+    if problem is not None:
         try:  # before the build (half a minute and more), which failed only at its last step
             folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InvalidParameterError(f"cannot make the ONNX export cache {folder.parent} ({exc.strerror}); set "
                                         "KILN_CACHE to a writable folder") from exc
-        print(f"kiln: building the ONNX export of {loaded.source.name} for the onnxruntime runtime (once; cached "
-              f"in {folder.parent})", file=sys.stderr)
+        if folder.exists():  # cut short, or changed since: ONNX Runtime would load whatever it holds
+            print(f"kiln: the cached ONNX export {folder} is not whole ({problem}); building it again",
+                  file=sys.stderr)
+        else:
+            print(f"kiln: building the ONNX export of {loaded.source.name} for the onnxruntime runtime (once; "
+                  f"cached in {folder.parent})", file=sys.stderr)
         export(loaded, folder, precision)  # type: ignore[arg-type]
     return folder
 

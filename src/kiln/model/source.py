@@ -141,20 +141,39 @@ def default_gguf_path() -> Path:
 
 def sha256_file(path: Path) -> str:
     """sha256 of a file, remembered per (path, size, mtime) so large files are hashed once."""
-    stat = path.stat()
-    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    memo_path = settings.cache_dir() / "sha256.json"
-    memo = _read_json(memo_path)
-    if key in memo:
-        return str(memo[key])
+    memo = _read_json(_memo_path())
+    value = memo.get(_memo_key(path))
+    if isinstance(value, str):
+        return value
+    value = file_digest(path)
+    remember_sha256(path, value)
+    return value
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read now (sha256_file remembers it)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
-    value = digest.hexdigest()
-    memo[key] = value
-    _write_json_atomic(memo_path, memo)
-    return value
+    return digest.hexdigest()
+
+
+def remember_sha256(path: Path, value: str) -> None:
+    """Record `value` as the sha256 of `path` as it is now: a writer that hashed a file it then moved
+    saves sha256_file reading it all again."""
+    memo = _read_json(_memo_path())
+    memo[_memo_key(path)] = value
+    _write_json_atomic(_memo_path(), memo)
+
+
+def _memo_path() -> Path:
+    return settings.cache_dir() / "sha256.json"
+
+
+def _memo_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _read_json(path: Path) -> dict[str, object]:

@@ -837,3 +837,39 @@ def test_a_model_folder_holding_another_tools_model_onnx_runs_kilns_own_export(
     model = runtime_model(loaded, "onnxruntime")
     assert isinstance(model, OnnxModel) and model.folder.is_relative_to(tmp_path / "cache" / "onnx")
     assert greedy(model, loaded, [[1, 2, 3]]) == greedy(loaded.model, loaded, [[1, 2, 3]])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "changed in place", "marker lists no files"])
+def test_a_cached_export_that_is_not_whole_is_built_again(tiny: LoadedModel, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    # a truncated weights file stopped ONNX Runtime with a traceback; bytes changed in place ran silently
+    import os
+
+    from kiln.engine import onnx_runtime
+    from kiln.model.source import ONNX_EXPORT_MARKER
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    folder = onnx_runtime.onnx_folder(tiny)
+    data = folder / "model.onnx.data"
+    if damage == "truncated":
+        os.truncate(data, data.stat().st_size // 2)
+    elif damage == "changed in place":
+        with data.open("r+b") as f:
+            f.seek(data.stat().st_size // 2)
+            f.write(bytes(4096))
+    else:
+        marker = json.loads((folder / ONNX_EXPORT_MARKER).read_text())
+        del marker[onnx_export.FILES_KEY]
+        (folder / ONNX_EXPORT_MARKER).write_text(json.dumps(marker))
+    assert not onnx_runtime.has_export(tiny)
+    builds: list[Path] = []
+    build = onnx_export.export
+
+    def counted(loaded: LoadedModel, out: Path, *args: Any, **kwargs: Any) -> Path:
+        builds.append(out)
+        return build(loaded, out, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export", counted)
+    assert onnx_runtime.onnx_folder(tiny) == folder and builds == [folder]
+    assert onnx_runtime.onnx_folder(tiny) == folder and builds == [folder]  # whole again: not built a third time
+    assert greedy(OnnxModel(folder, tiny.spec), tiny, [[1, 2, 3]]) == greedy(tiny.model, tiny, [[1, 2, 3]])
