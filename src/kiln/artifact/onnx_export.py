@@ -194,6 +194,7 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             f"ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 16; this model's is "
             f"{loaded.spec.head_dim}; use the torch runtime"
         )
+    refuse_unexportable(loaded)
     plan = plan or plan_for(loaded, precision)
     stages = ["build", *(["transplant"] if plan.precision != "fp32" else []), *(["check"] if check else []), "write"]
     # the builder alone takes half a minute on the default model: a bar says the export is under way
@@ -284,6 +285,21 @@ def export_problem(folder: Path) -> str | None:
         if sha256_file(path) != record.get("sha256"):
             return f"{name} has changed since it was written"
     return None
+
+
+def refuse_unexportable(loaded: LoadedModel) -> None:
+    """Refuse, before the build, layers the export has no form for.
+
+    W8A8 layers round their activations to int8 per token at run time; MatMulNBits rounds them in
+    blocks, and the builder quantized their dequantized weights again with its own RTN, so the export
+    ran other arithmetic and failed its logit check after the whole build (or passed it by chance)."""
+    from kiln.compress.quantize.qlinear import W8A8Linear
+
+    if any(isinstance(m, W8A8Linear) for m in loaded.model.modules()):
+        raise InvalidParameterError(
+            "the ONNX export has no form for W8A8 layers (int8 activations quantized per token); run them with "
+            "--runtime torch, or export the model they were compressed from or a --quantize int8 or int4 artifact"
+        )
 
 
 def _module_rows(model: LlamaModel, weight_name: str) -> tuple[nn.Module, slice] | None:

@@ -873,3 +873,22 @@ def test_a_cached_export_that_is_not_whole_is_built_again(tiny: LoadedModel, tmp
     assert onnx_runtime.onnx_folder(tiny) == folder and builds == [folder]
     assert onnx_runtime.onnx_folder(tiny) == folder and builds == [folder]  # whole again: not built a third time
     assert greedy(OnnxModel(folder, tiny.spec), tiny, [[1, 2, 3]]) == greedy(tiny.model, tiny, [[1, 2, 3]])
+
+
+def test_w8a8_layers_are_refused_before_the_build(onnx_tiny_folder: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the builder re-quantized their dequantized weights as weight-only int8: other arithmetic, which failed
+    # the logit check only after the whole build, with no word of why
+    import subprocess
+
+    from kiln.compress.quantize.qlinear import W8A8Linear
+
+    def no_build(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the builder ran")
+
+    loaded = load(str(onnx_tiny_folder), progress=False)
+    mlp = loaded.model.layers[0].mlp
+    mlp.down_proj = W8A8Linear.from_float(mlp.down_proj)
+    monkeypatch.setattr(subprocess, "run", no_build)
+    with pytest.raises(InvalidParameterError, match="no form for W8A8 layers.*--runtime torch.*--quantize int8"):
+        onnx_export.export(loaded, tmp_path / "onnx")
