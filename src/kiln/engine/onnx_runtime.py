@@ -24,12 +24,13 @@ blocks ever published take memory.
 
 from __future__ import annotations
 
+import fcntl
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -512,13 +513,23 @@ def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
     from kiln.artifact.onnx_export import export
 
     folder = export_path(loaded, precision)
-    problem = export_problem(folder)
-    if problem is not None:
-        try:  # before the build (half a minute and more), which failed only at its last step
-            folder.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InvalidParameterError(f"cannot make the ONNX export cache {folder.parent} ({exc.strerror}); set "
-                                        "KILN_CACHE to a writable folder") from exc
+    if export_problem(folder) is None:
+        return folder
+    try:  # before the build (half a minute and more), which failed only at its last step
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = folder.with_name(folder.name + ".lock").open("a")
+    except OSError as exc:
+        raise InvalidParameterError(f"cannot make the ONNX export cache {folder.parent} ({exc.strerror}); set "
+                                    "KILN_CACHE to a writable folder") from exc
+    with lock:
+        # one build per export at a time: two processes that both built it replaced each other's folder,
+        # the second under the first's loading session (or failed to, its target no longer empty)
+        if not _try_lock(lock):
+            print(f"kiln: waiting for another kiln process building the ONNX export in {folder}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        problem = export_problem(folder)  # that process's export, if it was building this one
+        if problem is None:
+            return folder
         if folder.exists():  # cut short, or changed since: ONNX Runtime would load whatever it holds
             print(f"kiln: the cached ONNX export {folder} is not whole ({problem}); building it again",
                   file=sys.stderr)
@@ -527,6 +538,15 @@ def onnx_folder(loaded: LoadedModel, precision: str = "auto") -> Path:
                   f"cached in {folder.parent})", file=sys.stderr)
         export(loaded, folder, precision)  # type: ignore[arg-type]
     return folder
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    """Take an exclusive lock on the open file `lock` if no other holds it; True if taken."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def why_not_onnx(loaded: LoadedModel, kv_cache: str = "model") -> str | None:

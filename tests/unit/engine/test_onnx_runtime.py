@@ -892,3 +892,30 @@ def test_w8a8_layers_are_refused_before_the_build(onnx_tiny_folder: Path, tmp_pa
     monkeypatch.setattr(subprocess, "run", no_build)
     with pytest.raises(InvalidParameterError, match="no form for W8A8 layers.*--runtime torch.*--quantize int8"):
         onnx_export.export(loaded, tmp_path / "onnx")
+
+
+def test_two_builds_of_one_cached_export_at_once_make_it_once(tiny: LoadedModel, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # both built it, and the second replaced the folder the first was loading (or failed on its non-empty target)
+    import threading
+    import time
+
+    from kiln.engine import onnx_runtime
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    builds: list[Path] = []
+    build = onnx_export.export
+
+    def slow(loaded: LoadedModel, out: Path, *args: Any, **kwargs: Any) -> Path:
+        builds.append(out)
+        time.sleep(1)  # long enough for the other caller to arrive while this one builds
+        return build(loaded, out, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export", slow)
+    found: list[Path] = []
+    callers = [threading.Thread(target=lambda: found.append(onnx_runtime.onnx_folder(tiny))) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(builds) == 1 and found == builds * 2 and onnx_runtime.has_export(tiny)
