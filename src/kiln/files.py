@@ -12,7 +12,13 @@ from kiln.errors import InvalidParameterError
 def check_replaceable(out: Path, marker: str, what: str) -> None:
     """Refuse an output folder that writing a `what` there would destroy: a file, or a non-empty folder
     without `marker` (the file every earlier `what` holds), whose files the replacement would delete.
-    Callers run it before any work, so a wrong -o costs nothing."""
+    Callers run it before any work, so a wrong -o costs nothing: that includes a place the folder cannot
+    be made (under a file, or in a read-only folder), which was found only when the finished output moved in."""
+    where = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())  # the root always exists
+    if where != out.absolute() and not where.is_dir():
+        raise InvalidParameterError(f"output {out} is under {where}, which is a file; pass a folder in a directory")
+    if not os.access(where if where.is_dir() else where.parent, os.W_OK):
+        raise InvalidParameterError(f"output {out} cannot be written ({where} is read-only); pass a writable folder")
     if out.exists() and not out.is_dir():
         raise InvalidParameterError(f"output {out} is a file, not a folder; pass a new folder for the {what}")
     if out.is_dir() and not (out / marker).is_file() and any(out.iterdir()):

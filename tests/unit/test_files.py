@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kiln import files
+from kiln.errors import InvalidParameterError
 
 
 def _folder(path: Path, text: str) -> Path:
@@ -95,3 +96,15 @@ def test_feedback_export_into_a_stream_or_through_a_link(tmp_path: Path, monkeyp
     link.symlink_to(target)
     assert cli.main(["feedback", "export", "-o", str(link)]) == 0
     assert link.is_symlink() and target.read_text() == ""
+
+
+def test_an_output_that_cannot_be_made_is_refused_before_any_work(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # under a file, or in a read-only folder: found only once the finished output moved in, after the build
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(InvalidParameterError, match="under .*notes.txt, which is a file"):
+        files.check_replaceable(tmp_path / "notes.txt" / "out" / "more", "marker", "export")
+    files.check_replaceable(tmp_path / "new" / "out", "marker", "export")  # an ordinary new folder is fine
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(InvalidParameterError, match=f"cannot be written \\({tmp_path} is read-only\\)"):
+        files.check_replaceable(tmp_path / "new" / "out", "marker", "export")
