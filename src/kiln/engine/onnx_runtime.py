@@ -25,6 +25,8 @@ blocks ever published take memory.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -499,8 +501,13 @@ def export_path(loaded: LoadedModel, precision: str = "auto") -> Path:
 
     Never the model's own folder, even where it holds a model.onnx: kiln does not load an export folder
     as a model (model/source.py refuses one), so such a file is another tool's graph, of other inputs,
-    weights and precision, and running it would answer with a model the user did not name."""
-    return settings.cache_dir() / "onnx" / f"{loaded.sha256[:16]}-{precision}-v{EXPORT_VERSION}"
+    weights and precision, and running it would answer with a model the user did not name.
+
+    The name is a hash of the weights and of the config the builder is handed (write_hf_folder): an edited
+    config.json (rope_theta, the norm's epsilon) beside the same weights ran the export built before it."""
+    config = json.dumps(loaded.spec.to_hf_config(), sort_keys=True)
+    key = hashlib.sha256(f"{loaded.sha256}\n{config}".encode()).hexdigest()[:16]
+    return settings.cache_dir() / "onnx" / f"{key}-{precision}-v{EXPORT_VERSION}"
 
 
 def has_export(loaded: LoadedModel, precision: str = "auto") -> bool:

@@ -919,3 +919,21 @@ def test_two_builds_of_one_cached_export_at_once_make_it_once(tiny: LoadedModel,
     for caller in callers:
         caller.join()
     assert len(builds) == 1 and found == builds * 2 and onnx_runtime.has_export(tiny)
+
+
+def test_an_edited_config_beside_the_same_weights_gets_its_own_cached_export(
+        onnx_tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the cache was named by the weights alone: the export built with the old epsilon ran on
+    import shutil
+
+    from kiln.engine import onnx_runtime
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "hf"
+    shutil.copytree(onnx_tiny_folder, folder)
+    before = onnx_runtime.export_path(load(str(folder), progress=False))
+    config = json.loads((folder / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (folder / "config.json").write_text(json.dumps(config))
+    edited = load(str(folder), progress=False)
+    assert edited.spec.rms_norm_eps == 1e-3 and onnx_runtime.export_path(edited) != before
