@@ -6,10 +6,21 @@ Read at call time (not import time) so tests and long-lived processes see change
 import os
 from pathlib import Path
 
+# the user's choice, read as kiln is imported: importing torch._dynamo (loading a model does) sets this
+# variable to inductor's default folder, so read later it always looked chosen, and the compiled decode
+# kernels went to /tmp/torchinductor_$USER instead of $KILN_CACHE/inductor
+_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
 
 def cache_dir() -> Path:
     """KILN_CACHE: derived files that can be rebuilt (dequantized GGUF models, file hashes)."""
     return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
+
+
+def inductor_cache_dir() -> Path:
+    """Where torch.compile keeps the compiled decode kernels: TORCHINDUCTOR_CACHE_DIR as the user set it, else
+    $KILN_CACHE/inductor."""
+    return Path(_USER_INDUCTOR_CACHE) if _USER_INDUCTOR_CACHE else cache_dir() / "inductor"
 
 
 def home_dir() -> Path:

@@ -89,8 +89,9 @@ class _DecodeKernel:
 
 
 def use_disk_cache() -> None:
-    """Point inductor's caches at $KILN_CACHE/inductor unless the user chose a folder already."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir() / "inductor"))
+    """Point inductor's caches at $KILN_CACHE/inductor unless the user chose a folder (settings says why
+    the variable itself cannot tell: torch sets it too); inductor reads it at each use."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.inductor_cache_dir())
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
 
 

@@ -112,3 +112,21 @@ def test_a_model_with_nothing_to_compile_says_so(tiny_folder: Path, capsys: pyte
     loaded = load(str(tiny_folder), progress=False)  # fp32, no int8 / int4 layers
     assert runtime_model(loaded, "torch-compiled") is loaded.model
     assert "runs as --runtime torch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+def test_compiled_kernels_are_cached_under_kiln_cache_in_a_fresh_process(tmp_path: Path, chosen: bool) -> None:
+    # importing torch._dynamo (a model load does) sets TORCHINDUCTOR_CACHE_DIR to inductor's default first,
+    # which the cache's setdefault then took for the user's choice: the kernels went to /tmp/torchinductor_*
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["KILN_CACHE"] = str(tmp_path / "cache")
+    if chosen:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    code = ("import os, kiln.engine.compiled as c, torch._dynamo; c.use_disk_cache(); "
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path / ("mine" if chosen else "cache/inductor"))
