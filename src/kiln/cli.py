@@ -584,7 +584,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 f"{args.student_config}: expected {{\"layers\": [teacher layer indices]}} ({exc})"
             ) from exc
     count = len(layers) if isinstance(layers, list) and layers else None  # distil() checks the list itself
-    cfg = Distill(student_layers=args.student_layers or count, steps=args.steps,
+    # `is None`, not `or`: --student-layers 0 fell back to the default half of the teacher and trained it
+    wanted = count if args.student_layers is None else args.student_layers
+    cfg = Distill(student_layers=wanted, steps=args.steps,
                   time_budget_s=args.time_budget, lr=args.lr, temperature=args.temperature, ce_weight=args.ce_weight,
                   batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision)
     manifest = distill_to_artifact(args.teacher, cfg, args.output, layers, args.data, args.resume,

@@ -304,3 +304,19 @@ def test_calibration_text_shorter_than_one_window_is_one_error(tiny_folder: Path
         pipeline.distill_to_artifact(str(tiny_folder), Distill(student_layers=1, steps=1, batch_size=1, seq_len=16),
                                      out, data_dir=tmp_path / "data", progress=False)
     assert not out.exists()
+
+
+def test_student_layers_zero_is_refused_not_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 was read as "not given": the default student of half the teacher's layers was trained, exit 0
+    from kiln.cli import main
+    from kiln.compress import pipeline
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_teacher)
+    out = tmp_path / "student"
+    assert main(["distill", "--student-layers", "0", "--steps", "1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "student_layers = 0 is not allowed" in err and not out.exists()
