@@ -568,7 +568,6 @@ def _sweep_failure(exc: KilnError | KeyboardInterrupt, out: Path, written: list[
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    import json as _json
 
     from kiln.artifact.io import check_output
     from kiln.compress.pipeline import distill_to_artifact
@@ -577,12 +576,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     check_output(args.output)  # before the training, not after it
     layers = None
     if args.student_config:
-        try:
-            layers = _json.loads(args.student_config.read_text())["layers"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RecipeError(
-                f"{args.student_config}: expected {{\"layers\": [teacher layer indices]}} ({exc})"
-            ) from exc
+        if args.student_layers is not None:  # the file's layers were trained, the flag's count went in the manifest
+            raise RecipeError("--student-layers and --student-config both choose the student's layers; pass one")
+        layers = _student_config(args.student_config)
     count = len(layers) if isinstance(layers, list) and layers else None  # distil() checks the list itself
     # `is None`, not `or`: --student-layers 0 fell back to the default half of the teacher and trained it
     wanted = count if args.student_layers is None else args.student_layers
@@ -595,6 +591,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(f"kiln: wrote {args.output} ({len(info['teacher_layers'])} layers, {info['steps']} steps, "
           f"{info['tokens']:,} tokens, {info['seconds']:.0f} s)")
     return 0
+
+
+def _student_config(path: Path) -> Any:
+    """The layer list of a --student-config file (distil() checks its values). Any other key is refused: a student
+    is the teacher's own layers, so a width or vocabulary there was ignored without a word."""
+    from kiln.compress.recipe import RecipeError
+
+    expected = '{"layers": [teacher layer indices]}'
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{path}: expected {expected} ({exc})") from exc
+    if not isinstance(data, dict) or "layers" not in data:
+        raise RecipeError(f"{path}: expected {expected}")
+    others = sorted(set(data) - {"layers"})
+    if others:
+        raise RecipeError(f"{path}: unknown key {others[0]!r}; a student keeps the teacher's width and vocabulary "
+                          f"and only chooses its layers: {expected}")
+    return data["layers"]
 
 
 def cmd_export(args: argparse.Namespace) -> int:

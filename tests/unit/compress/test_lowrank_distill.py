@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -320,3 +321,29 @@ def test_student_layers_zero_is_refused_not_the_default(tmp_path: Path, monkeypa
     assert main(["distill", "--student-layers", "0", "--steps", "1", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "student_layers = 0 is not allowed" in err and not out.exists()
+
+
+@pytest.mark.parametrize("config,flags,message", [
+    ('{"layers": [0, 3], "hidden_size": 256}', [], r"unknown key 'hidden_size'; a student keeps the teacher's width"),
+    ('{"layers": [0, 3]}', ["--student-layers", "3"], r"--student-layers and --student-config both choose"),
+    ('[0, 3]', [], r'expected \{"layers"'),
+])
+def test_student_config_that_asks_for_something_else_is_refused(
+        config: str, flags: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # a width in the file was ignored, and --student-layers 3 beside a 2-layer file trained 2 layers while the
+    # manifest's recipe said 3
+    from kiln.cli import main
+    from kiln.compress import pipeline
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_teacher)
+    path = tmp_path / "student.json"
+    path.write_text(config)
+    out = tmp_path / "student"
+    assert main(["distill", "--student-config", str(path), *flags, "--steps", "1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert re.search(message, err), err
