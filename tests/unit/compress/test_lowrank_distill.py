@@ -347,3 +347,20 @@ def test_student_config_that_asks_for_something_else_is_refused(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and not out.exists()
     assert re.search(message, err), err
+
+
+def test_seq_len_beyond_the_teachers_context_is_one_error(tiny_folder: Path, tmp_path: Path) -> None:
+    # the rope table ends at the context: the first step died in an IndexError traceback
+    from kiln.compress import pipeline
+
+    text = tmp_path / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+    text.parent.mkdir(parents=True)
+    text.write_text("hello world, this is a sentence. " * 200)
+    out = tmp_path / "student"
+    cfg = Distill(student_layers=1, steps=1, batch_size=1, seq_len=65)  # the tiny model's context is 64
+    with pytest.raises(InvalidParameterError, match=r"seq_len 65 is longer than the teacher.s context of 64 .*most 64"):
+        pipeline.distill_to_artifact(str(tiny_folder), cfg, out, data_dir=tmp_path / "data", progress=False)
+    assert not out.exists()
+    pipeline.distill_to_artifact(str(tiny_folder), Distill(student_layers=1, steps=1, batch_size=1, seq_len=64), out,
+                                 data_dir=tmp_path / "data", progress=False)
+    assert (out / "manifest.json").is_file()
