@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import random
 import shutil
 import time
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kiln.compress.recipe import Distill
-from kiln.errors import InvalidParameterError
+from kiln.errors import InvalidParameterError, ModelFormatError
 from kiln.files import replace_folder
 from kiln.model.llama import Block, LlamaModel
 
@@ -166,8 +167,7 @@ def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Op
 
     Another student shape ended in load_state_dict's traceback; another teacher, layer choice or setting
     would have continued silently from weights the command did not ask for."""
-    run = folder / "run.json"
-    saved = json.loads(run.read_text()) if run.is_file() else {}
+    saved, weights, raw = _read_checkpoint(folder)
     wanted = json.loads(json.dumps(identity or {}))  # as JSON stores it: tuples are lists
     if saved != wanted:
         differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
@@ -175,12 +175,34 @@ def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Op
             f"the checkpoint {folder} is of another distillation ({', '.join(differ)} differ); pass the settings "
             "it was started with, or drop --resume to start afresh"
         )
-    data = torch.load(folder / "weights.pt", weights_only=True)  # kiln's own file; tensors and plain types only
-    student.load_state_dict(data["student"])
-    optimizer.load_state_dict(data["optimizer"])
-    raw = json.loads((folder / "state.json").read_text())
-    raw["losses"] = [tuple(x) for x in raw["losses"]]
-    return TrainState(**raw)
+    try:
+        student.load_state_dict(weights["student"])
+        optimizer.load_state_dict(weights["optimizer"])
+        state = TrainState(**{**raw, "losses": [tuple(x) for x in raw["losses"]]})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise _unreadable(folder, exc) from exc
+    return state
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The run identity, weights and state a checkpoint holds. A truncated or damaged file (a full disk, a copy
+    cut short) ended the resume in torch's or json's traceback once the teacher had loaded."""
+    try:
+        run = folder / "run.json"
+        saved = json.loads(run.read_text()) if run.is_file() else {}
+        weights = torch.load(folder / "weights.pt", weights_only=True)  # kiln's own file: tensors, plain types
+        raw = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise _unreadable(folder, exc) from exc
+    if not all(isinstance(x, dict) for x in (saved, weights, raw)):
+        raise _unreadable(folder, ValueError("unexpected contents"))
+    return saved, weights, raw
+
+
+def _unreadable(folder: Path, exc: BaseException) -> ModelFormatError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return ModelFormatError(f"the checkpoint {folder} is damaged ({reason}); delete it and drop --resume to start "
+                            "afresh")
 
 
 def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill, checkpoint: Path | None = None,

@@ -364,3 +364,30 @@ def test_seq_len_beyond_the_teachers_context_is_one_error(tiny_folder: Path, tmp
     pipeline.distill_to_artifact(str(tiny_folder), Distill(student_layers=1, steps=1, batch_size=1, seq_len=64), out,
                                  data_dir=tmp_path / "data", progress=False)
     assert (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "no weights", "bad state", "bad run", "other state"])
+def test_a_damaged_checkpoint_is_one_error(damage: str, tiny: LlamaModel, tmp_path: Path) -> None:
+    # each ended --resume in torch's or json's traceback once the teacher had loaded
+    from kiln.errors import ModelFormatError
+
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    cfg = Distill(steps=2, batch_size=2, seq_len=16)
+    checkpoint = tmp_path / "ckpt"
+    distill.train(tiny, distill.make_student(tiny, [0, 3]), text, cfg, checkpoint=checkpoint, every=2, progress=False)
+    weights = checkpoint / "weights.pt"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "no weights":
+        weights.unlink()
+    elif damage == "bad state":
+        (checkpoint / "state.json").write_text('{"step": 2')
+    elif damage == "bad run":
+        (checkpoint / "run.json").write_text("garbage")
+    else:
+        (checkpoint / "state.json").write_text('{"step": 2, "epoch": 1}')
+    message = r"the checkpoint .*ckpt is damaged \(.*\); delete it and drop --resume"
+    with pytest.raises(ModelFormatError, match=message) as err:
+        distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=4, batch_size=2, seq_len=16),
+                      checkpoint=checkpoint, resume=True, progress=False)
+    assert "\n" not in str(err.value)
