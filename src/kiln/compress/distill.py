@@ -225,6 +225,10 @@ def train(teacher: LlamaModel, student: LlamaModel, tokens: Tensor, cfg: Distill
             raise InvalidParameterError(
                 f"--resume: there is no checkpoint in {checkpoint} to resume; drop --resume to start afresh")
         state = load_checkpoint(checkpoint, student, optimizer, identity)
+        if state.step > cfg.steps:  # the student was written with more steps than its manifest's recipe says
+            raise InvalidParameterError(
+                f"--resume: the checkpoint in {checkpoint} is at step {state.step}, past --steps {cfg.steps}; pass "
+                f"--steps {state.step} (the student as it is) or more")
     stream = batches(tokens, cfg.batch_size, cfg.seq_len, seed=0, skip=state.step)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=None if progress else True)
     start = time.perf_counter() - state.seconds

@@ -391,3 +391,17 @@ def test_a_damaged_checkpoint_is_one_error(damage: str, tiny: LlamaModel, tmp_pa
         distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=4, batch_size=2, seq_len=16),
                       checkpoint=checkpoint, resume=True, progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_resume_with_fewer_steps_than_the_checkpoints_is_refused(tiny: LlamaModel, tmp_path: Path) -> None:
+    # the student of 4 steps was written with a recipe of 1 step in its manifest
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    checkpoint = tmp_path / "ckpt"
+    distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=4, batch_size=2, seq_len=16),
+                  checkpoint=checkpoint, every=4, progress=False)
+    with pytest.raises(InvalidParameterError, match=r"checkpoint in .* is at step 4, past --steps 1; pass --steps 4"):
+        distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=1, batch_size=2, seq_len=16),
+                      checkpoint=checkpoint, resume=True, progress=False)
+    state = distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=4, batch_size=2, seq_len=16),
+                          checkpoint=checkpoint, resume=True, progress=False)
+    assert state.step == 4
