@@ -171,15 +171,22 @@ def prune(ctx: Context, step: Prune) -> None:
 
 def _prune_structured(ctx: Context, step: Prune) -> None:
     model = ctx.model
-    walker = ctx.walker()
+    spec = model.spec
     n = len(model.layers)
+    # the counts are checked before the calibration passes, not after them
+    if step.method == "layers":
+        count = structured.layers_to_remove(n, step.sparsity)
+    elif step.method == "heads":
+        remove = structured.heads_to_remove(spec.num_heads, spec.num_kv_heads, step.sparsity)
+    else:
+        keep = structured.channels_to_keep(spec.intermediate_size, step.sparsity)
+    walker = ctx.walker()
     if step.method == "layers":
         influence = []
         for i in ctx.blocks("layer influence"):
             before = walker.hidden
             walker.advance(i)
             influence.append(structured.block_influence(before, walker.hidden))
-        count = min(n - 1, round(step.sparsity * n))
         drop = set(sorted(range(n), key=lambda i: influence[i])[:count])
         structured.remove_layers(model, drop)
         ctx.history["pruned_layers"] = sorted(drop)
@@ -189,14 +196,11 @@ def _prune_structured(ctx: Context, step: Prune) -> None:
         if step.method == "heads":
             stats = walker.collect(i, ("attn.o_proj",), hessian=True)["attn.o_proj"]
             importance = structured.head_importance(block, stats)
-            per_group = block.attn.num_heads // block.attn.num_kv_heads
-            remove = min(per_group - 1, round(step.sparsity * per_group))
             walker.advance(i)
             structured.prune_heads(block, importance, remove)
         else:
             stats = walker.collect(i, ("mlp.down_proj",))["mlp.down_proj"]
             importance = structured.channel_importance(block, stats)
-            keep = max(1, round((1 - step.sparsity) * importance.numel()))
             walker.advance(i)
             structured.prune_channels(block, importance, keep)
     structured.update_spec(model)

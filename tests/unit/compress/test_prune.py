@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
+from kiln.compress import pipeline
 from kiln.compress.blocks import BlockWalker
 from kiln.compress.prune import structured, unstructured
+from kiln.compress.recipe import Prune
+from kiln.errors import InvalidParameterError
 from kiln.model.llama import Block, LlamaModel
 
 
@@ -66,3 +72,28 @@ def test_channels_and_layers_shrink(tiny: LlamaModel, tokens: torch.Tensor) -> N
 def test_block_influence_of_identity_is_zero() -> None:
     x = [torch.randn(2, 5, 8)]
     assert structured.block_influence(x, x) == 0.0
+
+
+@pytest.mark.parametrize("method,sparsity,message", [
+    ("heads", 0.1, r"sparsity 0.1 removes 0 of the 4 query heads in each KV group; .* removes 1 to 3 of them"),
+    ("heads", 0.95, r"sparsity 0.95 removes 4 of the 4 query heads"),
+    ("layers", 0.1, r"sparsity 0.1 removes 0 of the 4 layers"),
+    ("layers", 0.95, r"sparsity 0.95 removes 4 of the 4 layers; pass a fraction that removes 1 to 3"),
+    ("channels", 0.0, r"sparsity 0.0 keeps 128 of the 128 MLP channels"),
+])
+def test_structured_pruning_of_none_or_all_is_refused_before_calibration(
+        tiny: LlamaModel, method: str, sparsity: float, message: str) -> None:
+    # every head of a group or every layer was capped at one kept, and a fraction rounding to none wrote the
+    # model unchanged; the artifact's recipe named a sparsity it did not have
+    def no_calibration() -> None:
+        raise AssertionError("calibration ran")
+
+    ctx = SimpleNamespace(model=tiny, walker=no_calibration, history={})
+    with pytest.raises(InvalidParameterError, match=message):
+        pipeline._prune_structured(ctx, Prune(sparsity=sparsity, method=method))  # type: ignore[arg-type]
+
+
+def test_heads_are_not_pruned_without_grouped_query_heads() -> None:
+    with pytest.raises(InvalidParameterError, match="each of the 4 KV heads serves one query head"):
+        structured.heads_to_remove(4, 4, 0.5)
+    assert structured.heads_to_remove(9, 3, 0.5) == 2 and structured.layers_to_remove(30, 0.5) == 15

@@ -14,7 +14,44 @@ import torch
 from torch import Tensor, nn
 
 from kiln.compress.blocks import InputStats
+from kiln.errors import InvalidParameterError
 from kiln.model.llama import Block, LlamaModel
+
+
+def heads_to_remove(num_heads: int, num_kv_heads: int, sparsity: float) -> int:
+    """Query heads removed from every KV group for `sparsity`, refused when that is none or all of them: the count
+    was capped at one head kept, and rounded to none, without a word, so the artifact was not what was asked."""
+    per_group = num_heads // num_kv_heads
+    remove = round(sparsity * per_group)
+    if per_group < 2:
+        raise InvalidParameterError(
+            f"prune heads: each of the {num_kv_heads} KV heads serves one query head, and kiln removes query heads "
+            "within a KV group; prune channels or layers instead")
+    if not 0 < remove < per_group:
+        raise InvalidParameterError(
+            f"prune heads: sparsity {sparsity} removes {remove} of the {per_group} query heads in each KV group; "
+            f"pass a fraction that removes 1 to {per_group - 1} of them, e.g. {1 / per_group:.2f}")
+    return remove
+
+
+def layers_to_remove(num_layers: int, sparsity: float) -> int:
+    """Decoder layers removed for `sparsity`, refused when none or all (the count was capped at one layer kept)."""
+    count = round(sparsity * num_layers)
+    if not 0 < count < num_layers:
+        raise InvalidParameterError(
+            f"prune layers: sparsity {sparsity} removes {count} of the {num_layers} layers; pass a fraction that "
+            f"removes 1 to {num_layers - 1} of them, e.g. {1 / num_layers:.2f}")
+    return count
+
+
+def channels_to_keep(intermediate: int, sparsity: float) -> int:
+    """MLP channels kept for `sparsity`, refused when that keeps all or none (it was raised to one kept)."""
+    keep = round((1 - sparsity) * intermediate)
+    if not 0 < keep < intermediate:
+        raise InvalidParameterError(
+            f"prune channels: sparsity {sparsity} keeps {keep} of the {intermediate} MLP channels; pass a fraction "
+            f"that removes 1 to {intermediate - 1} of them")
+    return keep
 
 
 def head_importance(block: Block, o_stats: InputStats) -> Tensor:
