@@ -170,10 +170,9 @@ def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Op
     saved, weights, raw = _read_checkpoint(folder)
     wanted = json.loads(json.dumps(identity or {}))  # as JSON stores it: tuples are lists
     if saved != wanted:
-        differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
         raise InvalidParameterError(
-            f"the checkpoint {folder} is of another distillation ({', '.join(differ)} differ); pass the settings "
-            "it was started with, or drop --resume to start afresh"
+            f"the checkpoint {folder} is of another distillation ({'; '.join(_differences(saved, wanted))}); pass "
+            "the settings it was started with, or drop --resume to start afresh"
         )
     try:
         student.load_state_dict(weights["student"])
@@ -182,6 +181,24 @@ def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Op
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise _unreadable(folder, exc) from exc
     return state
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's run and this command's, a setting with both values: "settings differ"
+    alone left the user to guess which of ten flags to change back."""
+    out = []
+    for key in sorted(saved.keys() | wanted.keys()):
+        old, new = saved.get(key), wanted.get(key)
+        if old == new:
+            continue
+        if key == "settings" and isinstance(old, dict) and isinstance(new, dict):
+            out += [f"{name} {old.get(name)!r} in the checkpoint, {new.get(name)!r} now"
+                    for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+        elif key == "teacher_layers":
+            out.append(f"teacher layers {old} in the checkpoint, {new} now")
+        else:
+            out.append(f"{key} differs")
+    return out
 
 
 def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -405,3 +405,19 @@ def test_resume_with_fewer_steps_than_the_checkpoints_is_refused(tiny: LlamaMode
     state = distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=4, batch_size=2, seq_len=16),
                           checkpoint=checkpoint, resume=True, progress=False)
     assert state.step == 4
+
+
+def test_resume_with_other_settings_names_each_and_both_values(tiny: LlamaModel, tmp_path: Path) -> None:
+    # "settings differ" alone left the user to guess which flag to change back
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    checkpoint = tmp_path / "ckpt"
+    distill.train(tiny, distill.make_student(tiny, [0, 3]), text, Distill(steps=2, batch_size=2, seq_len=16),
+                  checkpoint=checkpoint, every=2, progress=False, identity={"teacher_layers": [0, 3]})
+    other = Distill(steps=4, lr=1e-3, batch_size=2, seq_len=16, temperature=4.0)
+    with pytest.raises(InvalidParameterError) as err:
+        distill.train(tiny, distill.make_student(tiny, [0, 3]), text, other, checkpoint=checkpoint, resume=True,
+                      progress=False, identity={"teacher_layers": [0, 3]})
+    assert "lr 0.0001 in the checkpoint, 0.001 now; temperature 2.0 in the checkpoint, 4.0 now" in str(err.value)
+    with pytest.raises(InvalidParameterError, match=r"teacher layers \[0, 3\] in the checkpoint, \[0, 2\] now"):
+        distill.train(tiny, distill.make_student(tiny, [0, 2]), text, Distill(steps=4, batch_size=2, seq_len=16),
+                      checkpoint=checkpoint, resume=True, progress=False, identity={"teacher_layers": [0, 2]})
