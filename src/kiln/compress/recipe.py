@@ -22,6 +22,7 @@ Validation happens before any work: an error names the field, the value and the 
 
 from __future__ import annotations
 
+import math
 import tomllib
 import types
 from collections.abc import Callable
@@ -144,7 +145,8 @@ class Distill:
         if self.student_layers is not None:
             _range(where, "student_layers", self.student_layers, 1, 1024, int)
         _range(where, "steps", self.steps, 1, 10_000_000, int)
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
+        # finite too: inf ran as no budget and went into the manifest as Infinity, which strict JSON readers refuse
+        if self.time_budget_s is not None and not 0 < self.time_budget_s < math.inf:
             raise RecipeError(f"{where}: time_budget_s = {self.time_budget_s!r} is not allowed; use a number of "
                               "seconds above 0 (or leave it out: steps ends the run)")
         _range(where, "lr", self.lr, 1e-8, 1.0)

@@ -99,9 +99,10 @@ def test_values_of_the_wrong_type_are_named(tmp_path: Path, text: str, message: 
         Recipe.from_toml(write(tmp_path, text))
 
 
-@pytest.mark.parametrize("budget", [0, -5.0])
+@pytest.mark.parametrize("budget", [0, -5.0, float("inf")])
 def test_a_time_budget_must_leave_time_to_train(budget: float) -> None:
-    # a budget of 0 or less wrote an untrained student as a finished distillation, exit 0
+    # a budget of 0 or less wrote an untrained student as a finished distillation, exit 0; inf went into the
+    # manifest as Infinity, which is not JSON
     with pytest.raises(RecipeError, match=rf"time_budget_s = {budget} is not allowed; use a number of seconds above 0"):
         Recipe((Distill(time_budget_s=budget),))
 
