@@ -36,7 +36,12 @@ class CalibrationSet:
 
 
 def locate(file: str, data_dir: Path | None = None) -> Path:
+    """The calibration file's path; a test split is refused here, for every step that reads it: distillation
+    (which streams the whole file) trained on WikiText-2's test text, the text `kiln eval` scores, without a word."""
     path = Path(file).expanduser()
+    if "wiki.test" in path.name:
+        raise InvalidParameterError(f"calibration file {path.name} is a test split; calibrate on wiki.valid.raw "
+                                    "or other text the evaluation does not use")
     if path.is_absolute() or path.exists():
         if not path.is_file():
             raise DataNotFoundError(f"calibration file {path} does not exist; pass an existing text file")
@@ -54,9 +59,6 @@ def stream(settings: Calibration, tokenizer: Tokenizer, data_dir: Path | None = 
 
 def load(settings: Calibration, tokenizer: Tokenizer, data_dir: Path | None = None) -> CalibrationSet:
     path = locate(settings.file, data_dir)
-    if "wiki.test" in path.name:
-        raise InvalidParameterError(f"calibration file {path.name} is a test split; calibrate on wiki.valid.raw "
-                                    "or other text the evaluation does not use")
     text = read_text(path)
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < settings.tokens + 1:

@@ -421,3 +421,23 @@ def test_resume_with_other_settings_names_each_and_both_values(tiny: LlamaModel,
     with pytest.raises(InvalidParameterError, match=r"teacher layers \[0, 3\] in the checkpoint, \[0, 2\] now"):
         distill.train(tiny, distill.make_student(tiny, [0, 2]), text, Distill(steps=4, batch_size=2, seq_len=16),
                       checkpoint=checkpoint, resume=True, progress=False, identity={"teacher_layers": [0, 2]})
+
+
+def test_distillation_on_the_test_split_is_refused_before_the_load(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # the test-split check sat in the calibration samples' reader only: distillation streamed WikiText-2's test
+    # text, the text `kiln eval --task wikitext2` scores, and wrote the student without a word
+    from kiln.compress import pipeline
+    from kiln.compress.recipe import Calibration, Recipe
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_teacher)
+    monkeypatch.setattr(pipeline, "check_uncompressed", lambda *a: None)
+    text = tmp_path / "wikitext-2-raw" / "wiki.test.raw"
+    text.parent.mkdir()
+    text.write_text("hello world " * 100)
+    recipe = Recipe((Distill(student_layers=1, steps=1),), Calibration(file="wikitext-2-raw/wiki.test.raw"))
+    with pytest.raises(InvalidParameterError, match="wiki.test.raw is a test split"):
+        pipeline.compress("teacher", recipe, tmp_path / "student", data_dir=tmp_path, progress=False)
