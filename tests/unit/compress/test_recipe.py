@@ -88,6 +88,9 @@ def test_embedding_flags_make_the_recipe(flags: list[str], keep: bool, head_bits
     ('[[step]]\nkind = "quantize"\nsymmetric = "yes"', r"step 1: symmetric = 'yes' is not allowed; use true or false"),
     ('[[step]]\nkind = "quantize"\nkeep_embeddings = 1', r"keep_embeddings = 1 .* true or false"),
     ('[[step]]\nkind = "distill"\ntime_budget_s = "x"', r"time_budget_s = 'x' .* a number"),
+    # nothing generates text for a student yet: the run trained on the calibration file under a manifest saying
+    # generated
+    ('[[step]]\nkind = "distill"\ndata = "generated"', r"data = 'generated' is not allowed; use one of 'calibration'"),
     ('[[step]]\nkind = "lowrank"\nrank = 8\ntargets = "mlp"', r"targets = 'mlp' .* a list of strings"),
     ('[calibration]\nseed = "x"\n[[step]]\nkind = "quantize"', r"\[calibration\]: seed = 'x' .* an integer"),
     ('[calibration]\nfile = 3\n[[step]]\nkind = "quantize"', r"\[calibration\]: file = 3 .* a string"),
