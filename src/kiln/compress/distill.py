@@ -9,6 +9,7 @@ supplies autograd and AdamW.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -72,6 +73,7 @@ def make_student(teacher: LlamaModel, layers: list[int]) -> LlamaModel:
         student = LlamaModel(student_spec)
     state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
     for new, old in enumerate(layers):
+        _take_replaced_layers(teacher.layers[old], student.layers[new])
         for k, v in teacher.layers[old].state_dict().items():
             state[f"layers.{new}.{k}"] = v
     # Row-major copies: the teacher keeps kiln's inference layout (each matrix the transpose of a contiguous
@@ -87,6 +89,16 @@ def make_student(teacher: LlamaModel, layers: list[int]) -> LlamaModel:
         block.attn.layer = i
     student._rope_table(teacher.dtype)
     return student
+
+
+def _take_replaced_layers(source: nn.Module, target: nn.Module) -> None:
+    """Give `target` (a fresh block) a copy of each layer an earlier step replaced in `source`, a factorised one
+    (low rank): the fresh block's plain nn.Linear there ignored the factors, kept its meta weights and ended the
+    first backward pass in a device-mismatch traceback. The copies' tensors are then assigned from the state."""
+    for name, module in list(source.named_modules()):
+        if name and type(module) is not type(target.get_submodule(name)):
+            parent, _, attr = name.rpartition(".")
+            setattr(target.get_submodule(parent) if parent else target, attr, copy.deepcopy(module))
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,

@@ -441,3 +441,20 @@ def test_distillation_on_the_test_split_is_refused_before_the_load(tmp_path: Pat
     recipe = Recipe((Distill(student_layers=1, steps=1),), Calibration(file="wikitext-2-raw/wiki.test.raw"))
     with pytest.raises(InvalidParameterError, match="wiki.test.raw is a test split"):
         pipeline.compress("teacher", recipe, tmp_path / "student", data_dir=tmp_path, progress=False)
+
+
+def test_a_student_of_a_factorised_teacher_keeps_the_factors_and_trains(tiny: LlamaModel,
+                                                                        tokens: torch.Tensor) -> None:
+    # a recipe of lowrank then distill: the student's plain layers ignored the factors, kept meta weights, and
+    # the first backward pass ended in a device-mismatch traceback
+    lowrank.apply(tiny, ("mlp",), rank=8, energy=None)
+    whole = distill.make_student(tiny, [0, 1, 2, 3])
+    assert isinstance(whole.layers[2].mlp.down_proj, LowRankLinear)
+    assert not any(p.is_meta for p in whole.parameters())
+    assert torch.allclose(whole(tokens, logits="all"), tiny(tokens, logits="all"), atol=1e-6)
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    student = distill.make_student(tiny, [0, 3])
+    before = student.layers[1].mlp.down_proj.a.clone()
+    distill.train(tiny, student, text, Distill(steps=2, batch_size=2, seq_len=16), progress=False)
+    assert not torch.equal(student.layers[1].mlp.down_proj.a, before)
+    assert torch.equal(tiny.layers[3].mlp.down_proj.a, distill.make_student(tiny, [3]).layers[0].mlp.down_proj.a)
