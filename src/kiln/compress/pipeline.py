@@ -320,6 +320,11 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
         raise InvalidParameterError(
             f"--resume: there is no checkpoint for {out} to resume (none in {checkpoint}); drop --resume to "
             "start afresh")
+    if not resume and distill.has_checkpoint(checkpoint):
+        # the first checkpoint of the new run replaced it: a forgotten --resume lost the interrupted run's training
+        raise InvalidParameterError(
+            f"{checkpoint} holds the checkpoint of an interrupted run of {out}; pass --resume to continue it, or "
+            "delete that folder to start afresh")
     check_uncompressed(teacher)
     check_calibration(Recipe((cfg,)), data_dir)
     ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)

@@ -458,3 +458,24 @@ def test_a_student_of_a_factorised_teacher_keeps_the_factors_and_trains(tiny: Ll
     distill.train(tiny, student, text, Distill(steps=2, batch_size=2, seq_len=16), progress=False)
     assert not torch.equal(student.layers[1].mlp.down_proj.a, before)
     assert torch.equal(tiny.layers[3].mlp.down_proj.a, distill.make_student(tiny, [3]).layers[0].mlp.down_proj.a)
+
+
+def test_a_checkpoint_left_by_an_interrupted_run_is_not_overwritten_without_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # rerun without --resume, the new run's first checkpoint replaced the interrupted run's, and its training
+    # was lost without a word
+    from kiln.cli import main
+    from kiln.compress import pipeline
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_teacher)
+    out = tmp_path / "student"
+    checkpoint = tmp_path / "student.checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text('{"step": 50}')
+    assert main(["distill", "--steps", "100", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds the checkpoint of an interrupted run" in err and "--resume" in err
+    assert (checkpoint / "state.json").read_text() == '{"step": 50}'
