@@ -166,11 +166,16 @@ def save_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Op
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict()}, tmp / "weights.pt")
-    (tmp / "state.json").write_text(json.dumps(state.__dict__))
-    (tmp / "spec.json").write_text(json.dumps(student.spec.to_hf_config()))
-    (tmp / "run.json").write_text(json.dumps(identity or {}))
-    replace_folder(tmp, folder)
+    try:
+        torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict()}, tmp / "weights.pt")
+        (tmp / "state.json").write_text(json.dumps(state.__dict__))
+        (tmp / "spec.json").write_text(json.dumps(student.spec.to_hf_config()))
+        (tmp / "run.json").write_text(json.dumps(identity or {}))
+        replace_folder(tmp, folder)
+    except BaseException:
+        # a Ctrl-C or a full disk mid-write left the half-written copy (hundreds of MB) beside the output for good
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_checkpoint(folder: Path, student: LlamaModel, optimizer: torch.optim.Optimizer,

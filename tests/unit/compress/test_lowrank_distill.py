@@ -479,3 +479,25 @@ def test_a_checkpoint_left_by_an_interrupted_run_is_not_overwritten_without_resu
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds the checkpoint of an interrupted run" in err and "--resume" in err
     assert (checkpoint / "state.json").read_text() == '{"step": 50}'
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_leaves_no_half_written_copy(tiny: LlamaModel, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # the half-written folder (weights and optimizer state) stayed beside the output for good
+    text = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
+    checkpoint = tmp_path / "ckpt"
+    cfg = Distill(steps=4, batch_size=2, seq_len=16)
+    distill.train(tiny, distill.make_student(tiny, [0, 3]), text, cfg, checkpoint=checkpoint, every=2, progress=False)
+    saved = (checkpoint / "weights.pt").read_bytes()
+    real_save = torch.save
+
+    def ctrl_c_after_the_weights(obj: object, path: Path) -> None:
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", ctrl_c_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        distill.train(tiny, distill.make_student(tiny, [0, 3]), text, cfg, checkpoint=checkpoint, every=2,
+                      progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (checkpoint / "weights.pt").read_bytes() == saved
