@@ -160,6 +160,7 @@ class Distill:
         _choice(where, "precision", self.precision, ("bf16", "fp32"))
 
 
+UNSTRUCTURED = ("magnitude", "wanda", "2:4")  # prune methods that zero weights and leave the shapes as they are
 STEP_TYPES: dict[str, type] = {"quantize": Quantize, "prune": Prune, "lowrank": LowRank, "distill": Distill}
 Step = Quantize | Prune | LowRank | Distill
 
@@ -175,9 +176,22 @@ class Recipe:
         self.calibration.check()
         for i, step in enumerate(self.steps, start=1):
             step.check(f"step {i} ({kind_of(step)})")
+        self._check_sparsity_survives()
         quantized = [i for i, s in enumerate(self.steps) if isinstance(s, Quantize)]
         if len(quantized) > 1 or (quantized and quantized[0] != len(self.steps) - 1):
             raise RecipeError("quantize must be the one last step: prune, lowrank and distill come before it")
+
+    def _check_sparsity_survives(self) -> None:
+        """Unstructured pruning zeroes weights in place; a later step that trains (distill, or lowrank with
+        recover_steps) updates every weight and filled the zeros back in, while the manifest kept the sparsity."""
+        for i, step in enumerate(self.steps, start=1):
+            if not (isinstance(step, Prune) and step.method in UNSTRUCTURED):
+                continue
+            for j, later in enumerate(self.steps[i:], start=i + 1):
+                if isinstance(later, Distill) or (isinstance(later, LowRank) and later.recover_steps):
+                    raise RecipeError(
+                        f"step {i} (prune {step.method}) comes before step {j} ({kind_of(later)}), whose training "
+                        "fills the pruned weights back in; put the prune step after it")
 
     def to_dict(self) -> dict[str, Any]:
         return {"calibration": asdict(self.calibration),

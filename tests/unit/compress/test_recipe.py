@@ -213,3 +213,13 @@ def test_a_missing_calibration_file_is_refused_before_the_load(tmp_path: Path, m
     assert all(pipeline.reads_calibration(s) for s in (Quantize(bits=4, method="awq"),
                                                        Prune(sparsity=0.5, method="wanda"),
                                                        LowRank(rank=8, recover_steps=2), Distill(steps=1)))
+
+
+@pytest.mark.parametrize("later", [Distill(steps=1), LowRank(rank=8, recover_steps=5)])
+def test_unstructured_pruning_before_a_training_step_is_refused(later: Distill | LowRank) -> None:
+    # the training updated every weight and filled the zeros back in; the manifest still said sparse
+    with pytest.raises(RecipeError, match=r"step 1 \(prune wanda\) comes before step 2 .* put the prune step after"):
+        Recipe((Prune(sparsity=0.5, method="wanda"), later))
+    Recipe((later, Prune(sparsity=0.5, method="wanda")))
+    Recipe((Prune(sparsity=0.5, method="heads"), later))  # structured pruning shrinks shapes; training keeps them
+    Recipe((Prune(sparsity=0.5), LowRank(rank=8)))  # no training
