@@ -123,6 +123,8 @@ class LowRank:
             _range(where, "rank", self.rank, 1, 65_536, int)
         if self.energy is not None:
             _range(where, "energy", self.energy, 0.01, 1.0)
+        if not self.targets:  # no layer was chosen, and the run ended in "no layer gets smaller ...; lower it"
+            raise RecipeError(f"{where}: targets = [] chooses no layer; list one or more of 'mlp', 'attn', 'all'")
         for t in self.targets:
             _choice(where, "targets", t, ("mlp", "attn", "all"))
         _range(where, "recover_steps", self.recover_steps, 0, 10_000_000, int)

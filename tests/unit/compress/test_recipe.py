@@ -88,6 +88,8 @@ def test_embedding_flags_make_the_recipe(flags: list[str], keep: bool, head_bits
     ('[[step]]\nkind = "quantize"\nsymmetric = "yes"', r"step 1: symmetric = 'yes' is not allowed; use true or false"),
     ('[[step]]\nkind = "quantize"\nkeep_embeddings = 1', r"keep_embeddings = 1 .* true or false"),
     ('[[step]]\nkind = "distill"\ntime_budget_s = "x"', r"time_budget_s = 'x' .* a number"),
+    # an empty list ended, after the load, in "no layer gets smaller at that rank or energy; lower it"
+    ('[[step]]\nkind = "lowrank"\nrank = 8\ntargets = []', r"targets = \[\] chooses no layer"),
     # nothing generates text for a student yet: the run trained on the calibration file under a manifest saying
     # generated
     ('[[step]]\nkind = "distill"\ndata = "generated"', r"data = 'generated' is not allowed; use one of 'calibration'"),
