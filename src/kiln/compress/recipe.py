@@ -181,7 +181,20 @@ class Recipe:
         self._check_sparsity_survives()
         quantized = [i for i, s in enumerate(self.steps) if isinstance(s, Quantize)]
         if len(quantized) > 1 or (quantized and quantized[0] != len(self.steps) - 1):
-            raise RecipeError("quantize must be the one last step: prune, lowrank and distill come before it")
+            raise RecipeError("quantize must be the one last step: prune and distill come before it")
+        self._check_after_lowrank()
+
+    def _check_after_lowrank(self) -> None:
+        """Quantize and prune read full-precision matrices and a distilled student copies plain ones, so after
+        a factorisation they ended in an AssertionError or a failed backward pass, after the SVDs had run."""
+        kinds = [kind_of(s) for s in self.steps]
+        if "lowrank" not in kinds:
+            return
+        first = kinds.index("lowrank")
+        later = next((k for k in kinds[first + 1:] if k != "lowrank"), None)
+        if later is not None:
+            raise RecipeError(f"step {first + 1} (lowrank) is followed by {later}, which cannot read factorised "
+                              "layers; put lowrank last (its recover_steps distil it afterwards), or drop it")
 
     def _check_sparsity_survives(self) -> None:
         """Unstructured pruning zeroes weights in place; a later step that trains (distill, or lowrank with

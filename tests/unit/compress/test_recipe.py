@@ -67,8 +67,24 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 
 def test_steps_in_code() -> None:
-    recipe = Recipe((LowRank(energy=0.9), Distill(steps=10), Quantize(bits=8)))
-    assert [type(s).__name__ for s in recipe.steps] == ["LowRank", "Distill", "Quantize"]
+    recipe = Recipe((Prune(sparsity=0.5), Distill(steps=10), LowRank(energy=0.9)))
+    assert [type(s).__name__ for s in recipe.steps] == ["Prune", "Distill", "LowRank"]
+
+
+@pytest.mark.parametrize("later", [Quantize(bits=8), Prune(sparsity=0.5), Distill(steps=1)])
+def test_nothing_but_lowrank_follows_a_factorisation(later: Quantize | Prune | Distill) -> None:
+    # each of these reached the factorised layers after the SVDs and ended in a traceback
+    with pytest.raises(RecipeError, match=r"step 1 \(lowrank\) is followed by \w+, which cannot read factorised"):
+        Recipe((LowRank(rank=8), later))
+    assert Recipe((LowRank(rank=8), LowRank(rank=8, targets=("attn",)))).steps[1].targets == ("attn",)
+
+
+def test_lowrank_and_quantize_flags_are_refused_before_the_load() -> None:
+    from kiln.cli import _recipe_from_flags, build_parser
+
+    args = build_parser().parse_args(["compress", "--lowrank-rank", "8", "--quantize", "int8", "-o", "out"])
+    with pytest.raises(RecipeError, match="followed by quantize"):
+        _recipe_from_flags(args)
 
 
 @pytest.mark.parametrize("flags,keep,head_bits", [
