@@ -229,10 +229,14 @@ class Recipe:
 
     @classmethod
     def from_toml(cls, path: Path) -> Recipe:
+        if path.is_dir():
+            raise RecipeError(f"recipe {path} is a folder; pass a TOML file with [[step]] tables")
         if not path.is_file():
             raise RecipeError(f"recipe {path} does not exist; pass a TOML file with [[step]] tables")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:  # TOML is UTF-8; another encoding was a traceback
+            raise RecipeError(f"recipe {path} cannot be read as UTF-8 text ({exc}); save it as UTF-8 TOML") from exc
         except tomllib.TOMLDecodeError as exc:
             raise RecipeError(f"{path}: not valid TOML ({exc})") from exc
         return cls.from_dict(data, str(path))

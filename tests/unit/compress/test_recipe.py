@@ -64,6 +64,17 @@ def test_bad_recipes_are_named(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_recipe_file(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="does not exist"):
         Recipe.from_toml(tmp_path / "nope.toml")
+    with pytest.raises(RecipeError, match="is a folder; pass a TOML file"):
+        Recipe.from_toml(tmp_path)
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    # a UTF-16 or Latin-1 file was a UnicodeDecodeError traceback
+    path = tmp_path / "recipe.toml"
+    path.write_bytes('[[step]]\nkind = "quantize"  # café\n'.encode("utf-16"))
+    with pytest.raises(RecipeError, match=r"cannot be read as UTF-8 text .*; save it as UTF-8 TOML"):
+        Recipe.from_toml(path)
+
 
 
 def test_steps_in_code() -> None:
