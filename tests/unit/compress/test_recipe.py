@@ -78,8 +78,8 @@ def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
 
 
 def test_steps_in_code() -> None:
-    recipe = Recipe((Prune(sparsity=0.5), Distill(steps=10), LowRank(energy=0.9)))
-    assert [type(s).__name__ for s in recipe.steps] == ["Prune", "Distill", "LowRank"]
+    recipe = Recipe((Distill(steps=10), Prune(sparsity=0.5), LowRank(energy=0.9)))
+    assert [type(s).__name__ for s in recipe.steps] == ["Distill", "Prune", "LowRank"]
 
 
 @pytest.mark.parametrize("later", [Quantize(bits=8), Prune(sparsity=0.5), Distill(steps=1)])
@@ -249,6 +249,26 @@ def test_unstructured_pruning_before_a_training_step_is_refused(later: Distill |
     # the training updated every weight and filled the zeros back in; the manifest still said sparse
     with pytest.raises(RecipeError, match=r"step 1 \(prune wanda\) comes before step 2 .* put the prune step after"):
         Recipe((Prune(sparsity=0.5, method="wanda"), later))
-    Recipe((later, Prune(sparsity=0.5, method="wanda")))
+    if isinstance(later, Distill):  # nothing follows a factorisation (test_nothing_but_lowrank_follows_a_factorisation)
+        Recipe((later, Prune(sparsity=0.5, method="wanda")))
     Recipe((Prune(sparsity=0.5, method="heads"), later))  # structured pruning shrinks shapes; training keeps them
     Recipe((Prune(sparsity=0.5), LowRank(rank=8)))  # no training
+
+
+@pytest.mark.parametrize("step", [Distill(steps=1), LowRank(rank=8, recover_steps=1), Quantize(bits=4, method="gptq")])
+def test_the_test_split_is_refused_before_the_load_for_every_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    step: Distill | LowRank | Quantize) -> None:
+    # distillation trained on wiki.test.raw without a word, and GPTQ refused it only after the load
+    from kiln.compress import pipeline
+    from kiln.compress.recipe import Calibration
+    from kiln.errors import InvalidParameterError
+
+    def no_load(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded before the calibration file was checked")
+
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text("some text " * 100)
+    monkeypatch.setattr(pipeline, "load", no_load)
+    recipe = Recipe((step,), Calibration(file="wikitext-2-raw/wiki.test.raw"))
+    with pytest.raises(InvalidParameterError, match="wiki.test.raw is a test split; calibrate on wiki.valid.raw"):
+        pipeline.compress("default", recipe, tmp_path / "out", data_dir=tmp_path)
