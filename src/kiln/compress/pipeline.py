@@ -45,6 +45,7 @@ class Context:
     data_dir: Path | None
     progress: bool
     calibration: CalibrationSet | None = None
+    text: torch.Tensor | None = None  # the whole calibration file's tokens (distillation), read once
     history: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -221,13 +222,28 @@ def factorise(ctx: Context, step: LowRank) -> None:
 
 
 def _stream(ctx: Context, seq_len: int) -> torch.Tensor:
-    tokens, path, sha = calibration.stream(ctx.recipe.calibration, ctx.loaded.tokenizer, ctx.data_dir)
+    if ctx.text is None:
+        ctx.text, path, sha = calibration.stream(ctx.recipe.calibration, ctx.loaded.tokenizer, ctx.data_dir)
+        ctx.history.setdefault("distill_data", {"file": str(path), "sha256": sha})
+    tokens = ctx.text
     if tokens.numel() < seq_len + 2:  # distill.batches draws windows of seq_len + 1 (randrange failed on fewer)
         raise InvalidParameterError(
             f"calibration file {path} has {tokens.numel()} tokens, too few for one training window of seq_len "
             f"{seq_len} (+1); pass a longer text or a smaller seq_len (--seq-len)")
-    ctx.history.setdefault("distill_data", {"file": str(path), "sha256": sha})
     return tokens
+
+
+def _check_calibration_text(ctx: Context) -> None:
+    """Tokenize the calibration text before the first step: a file too short for the samples or a training
+    window was refused only when the step that reads it ran, after the steps before it (a distillation of
+    minutes) had done their work, which was lost."""
+    steps = ctx.recipe.steps
+    if any(isinstance(s, Quantize | Prune) and reads_calibration(s) for s in steps):
+        ctx.calib()
+    windows = [s.seq_len for s in steps if isinstance(s, Distill)]
+    windows += [Distill().seq_len for s in steps if isinstance(s, LowRank) and s.recover_steps]
+    if windows:
+        _stream(ctx, max(windows))
 
 
 def _train(ctx: Context, teacher: LlamaModel, student: LlamaModel, cfg: Distill, key: str,
@@ -300,6 +316,7 @@ def compress(model: str, recipe: Recipe, out: Path, data_dir: Path | None = None
     check_calibration(recipe, data_dir)
     loaded = load(model, precision="fp32", progress=progress)
     ctx = Context(loaded, recipe, data_dir, progress)
+    _check_calibration_text(ctx)
     runners = {"quantize": quantize, "prune": prune, "lowrank": factorise, "distill": distil}
     for step in recipe.steps:
         runners[kind_of(step)](ctx, step)  # type: ignore[operator]

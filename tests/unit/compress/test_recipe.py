@@ -272,3 +272,25 @@ def test_the_test_split_is_refused_before_the_load_for_every_reader(tmp_path: Pa
     recipe = Recipe((step,), Calibration(file="wikitext-2-raw/wiki.test.raw"))
     with pytest.raises(InvalidParameterError, match="wiki.test.raw is a test split; calibrate on wiki.valid.raw"):
         pipeline.compress("default", recipe, tmp_path / "out", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("steps,tokens", [
+    ((Prune(sparsity=0.5, method="magnitude"), Quantize(bits=4, method="gptq")), 32),
+    ((Prune(sparsity=0.5, method="magnitude"), Distill(steps=1, seq_len=32)), 8),
+])
+def test_a_calibration_text_too_short_is_refused_before_the_first_step(
+        tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: tuple, tokens: int) -> None:
+    # the pruning (or a distillation of minutes) ran in full before the step that reads the text refused it
+    from kiln.compress import pipeline
+    from kiln.compress.recipe import Calibration
+    from kiln.errors import InvalidParameterError
+
+    def ran(*_: object) -> None:
+        raise AssertionError("a step ran before the calibration text was checked")
+
+    monkeypatch.setattr(pipeline, "prune", ran)
+    text = tmp_path / "short.txt"
+    text.write_text("a few words only")
+    recipe = Recipe(steps, Calibration(file=str(text), samples=2, tokens=tokens))
+    with pytest.raises(InvalidParameterError, match=r"short.txt has \d+ tokens"):
+        pipeline.compress(str(tiny_folder), recipe, tmp_path / "out", progress=False)
