@@ -216,8 +216,8 @@ def factorise(ctx: Context, step: LowRank) -> None:
     if not ranks:
         raise InvalidParameterError("lowrank: no layer gets smaller at that rank or energy; lower it")
     ctx.history["lowrank_ranks"] = ranks
-    if teacher is not None:
-        cfg = Distill(steps=step.recover_steps)
+    if teacher is not None:  # windows no longer than the model reads (a short-context model's positions end)
+        cfg = Distill(steps=step.recover_steps, seq_len=min(Distill.seq_len, ctx.model.spec.max_position))
         _train(ctx, teacher, ctx.model, cfg, "lowrank_recovery")
 
 
@@ -238,12 +238,29 @@ def _check_calibration_text(ctx: Context) -> None:
     window was refused only when the step that reads it ran, after the steps before it (a distillation of
     minutes) had done their work, which was lost."""
     steps = ctx.recipe.steps
+    _check_lengths(ctx.recipe, ctx.model.spec.max_position)
     if any(isinstance(s, Quantize | Prune) and reads_calibration(s) for s in steps):
         ctx.calib()
     windows = [s.seq_len for s in steps if isinstance(s, Distill)]
-    windows += [Distill().seq_len for s in steps if isinstance(s, LowRank) and s.recover_steps]
+    windows += [min(Distill.seq_len, ctx.model.spec.max_position) for s in steps
+                if isinstance(s, LowRank) and s.recover_steps]
     if windows:
         _stream(ctx, max(windows))
+
+
+def _check_lengths(recipe: Recipe, context: int) -> None:
+    """Calibration samples and training windows past the model's context ended in an IndexError from the
+    rotary table, after the load."""
+    if any(isinstance(s, Quantize | Prune) and reads_calibration(s) for s in recipe.steps) and (
+            recipe.calibration.tokens > context):
+        raise InvalidParameterError(
+            f"calibration: tokens = {recipe.calibration.tokens} is longer than the model's context of {context} "
+            f"tokens; set tokens to at most {context} in the recipe's [calibration]")
+    for step in recipe.steps:
+        if isinstance(step, Distill) and step.seq_len > context:
+            raise InvalidParameterError(
+                f"distill: seq_len = {step.seq_len} is longer than the model's context of {context} tokens; set "
+                f"seq_len (--seq-len) to at most {context}")
 
 
 def _train(ctx: Context, teacher: LlamaModel, student: LlamaModel, cfg: Distill, key: str,
@@ -345,6 +362,7 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
     check_uncompressed(teacher)
     check_calibration(Recipe((cfg,)), data_dir)
     ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
+    _check_lengths(ctx.recipe, ctx.model.spec.max_position)
     try:
         distil(ctx, cfg, layers, checkpoint, resume, every)
     except KeyboardInterrupt:

@@ -294,3 +294,33 @@ def test_a_calibration_text_too_short_is_refused_before_the_first_step(
     recipe = Recipe(steps, Calibration(file=str(text), samples=2, tokens=tokens))
     with pytest.raises(InvalidParameterError, match=r"short.txt has \d+ tokens"):
         pipeline.compress(str(tiny_folder), recipe, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("step,message", [
+    (Quantize(bits=8, method="gptq"), r"calibration: tokens = 128 is longer than the model's context of 64 tokens"),
+    (Distill(steps=1, seq_len=128), r"distill: seq_len = 128 is longer than the model's context of 64 tokens"),
+])
+def test_windows_past_the_models_context_are_refused(tiny_folder: Path, tmp_path: Path, step: Quantize | Distill,
+                                                      message: str) -> None:
+    # both ended in an IndexError from the rotary table once the model ran
+    from kiln.compress import pipeline
+    from kiln.compress.recipe import Calibration
+    from kiln.errors import InvalidParameterError
+
+    text = tmp_path / "calib.txt"
+    text.write_text("plenty of words to sample from. " * 400)
+    recipe = Recipe((step,), Calibration(file=str(text), samples=2, tokens=128))
+    with pytest.raises(InvalidParameterError, match=message):
+        pipeline.compress(str(tiny_folder), recipe, tmp_path / "out", progress=False)
+
+
+def test_lowrank_recovery_trains_within_a_short_context(tiny_folder: Path, tmp_path: Path) -> None:
+    # its fixed 256-token windows ran past a 64-token context: an IndexError after the SVDs
+    from kiln.compress import pipeline
+    from kiln.compress.recipe import Calibration
+
+    text = tmp_path / "calib.txt"
+    text.write_text("plenty of words to sample from. " * 400)
+    recipe = Recipe((LowRank(rank=2, recover_steps=1),), Calibration(file=str(text)))
+    manifest = pipeline.compress(str(tiny_folder), recipe, tmp_path / "out", progress=False)
+    assert manifest.history["lowrank_recovery"]["steps"] == 1
