@@ -464,6 +464,9 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
 
     steps: list = []
     if args.prune is not None:
+        if args.prune_method == "2:4" and args.prune != 0.5:  # it pruned half, whatever --prune said
+            raise RecipeError(f"--prune {args.prune} does not apply with --prune-method 2:4, which removes 2 of "
+                              "every 4 weights; pass --prune 0.5")
         steps.append(Prune(sparsity=args.prune, **({"method": args.prune_method} if args.prune_method else {})))
     if args.lowrank_rank is not None or args.lowrank_energy is not None:
         steps.append(LowRank(rank=args.lowrank_rank, energy=args.lowrank_energy))

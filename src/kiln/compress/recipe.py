@@ -42,6 +42,16 @@ def _choice(where: str, name: str, value: Any, allowed: tuple[Any, ...]) -> None
         raise RecipeError(f"{where}: {name} = {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}")
 
 
+def _unread(where: str, step: Any) -> None:
+    """Refuse a field written away from its default that the step, as configured, does not read: 2:4 at
+    sparsity 0.7 pruned half, and group_size = 32 at 8 bits made a per-channel grid, without a word. A
+    default value passes, so a recipe copied from an artifact's manifest reads back."""
+    for name, why in (step.ignored() if isinstance(step, Quantize | Prune) else {}).items():
+        value = getattr(step, name)
+        if value != next(f.default for f in fields(step) if f.name == name):
+            raise RecipeError(f"{where}: {name} = {value!r} is not read {why}; leave {name} out")
+
+
 def _range(where: str, name: str, value: Any, low: float, high: float, kind: type = float) -> None:
     ok = isinstance(value, kind | int) and not isinstance(value, bool) if kind is float else (
         isinstance(value, int) and not isinstance(value, bool))
@@ -96,6 +106,19 @@ class Quantize:
         _range(where, "refit", self.refit, 0, 10, int)
         _choice(where, "target", self.target, ("layer", "model"))
 
+    def ignored(self) -> dict[str, str]:
+        """The fields these settings do not read, each with why."""
+        ignored: dict[str, str] = {}
+        if self.bits == 8:
+            ignored.update(group_size="at bits = 8 (one scale per output channel)",
+                           symmetric="at bits = 8 (its grid is always symmetric)")
+        if self.method != "smoothquant":
+            ignored["alpha"] = f"by method = {self.method!r} (it is SmoothQuant's)"
+        if self.method != "gptq":
+            gptq_only = ("damp", "refit", "target")
+            ignored.update({name: f"by method = {self.method!r} (it is GPTQ's)" for name in gptq_only})
+        return ignored
+
 
 @dataclass(frozen=True)
 class Prune:
@@ -107,6 +130,12 @@ class Prune:
         _choice(where, "method", self.method, ("magnitude", "wanda", "2:4", "heads", "channels", "layers"))
         _choice(where, "score", self.score, ("magnitude", "wanda"))
         _range(where, "sparsity", self.sparsity, 0.0, 0.95)
+
+    def ignored(self) -> dict[str, str]:
+        """The fields these settings do not read, each with why."""
+        if self.method == "2:4":
+            return {"sparsity": "by method = '2:4' (it removes 2 of every 4 weights: 0.5)"}
+        return {"score": f"by method = {self.method!r} (it picks 2:4's kept weights)"}
 
 
 @dataclass(frozen=True)
@@ -225,7 +254,10 @@ class Recipe:
         if not isinstance(calibration, dict):
             raise RecipeError(f"{where}: [calibration] must be a table of file, samples, tokens and seed")
         calibration = _build(Calibration, calibration, f"{where} [calibration]")
-        return cls(tuple(steps), calibration)
+        recipe = cls(tuple(steps), calibration)
+        for i, step in enumerate(recipe.steps, start=1):  # a file's values; code passes what it means
+            _unread(f"{where} step {i} ({kind_of(step)})", step)
+        return recipe
 
     @classmethod
     def from_toml(cls, path: Path) -> Recipe:

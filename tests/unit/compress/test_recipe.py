@@ -324,3 +324,31 @@ def test_lowrank_recovery_trains_within_a_short_context(tiny_folder: Path, tmp_p
     recipe = Recipe((LowRank(rank=2, recover_steps=1),), Calibration(file=str(text)))
     manifest = pipeline.compress(str(tiny_folder), recipe, tmp_path / "out", progress=False)
     assert manifest.history["lowrank_recovery"]["steps"] == 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ('kind = "prune"\nmethod = "2:4"\nsparsity = 0.7', r"\(prune\): sparsity = 0.7 is not read by method = '2:4'"),
+    ('kind = "prune"\nmethod = "wanda"\nscore = "magnitude"', r"score = 'magnitude' is not read by method = 'wanda'"),
+    ('kind = "quantize"\nbits = 8\ngroup_size = 32', r"group_size = 32 is not read at bits = 8"),
+    ('kind = "quantize"\nbits = 8\nsymmetric = true', r"symmetric = True is not read at bits = 8"),
+    ('kind = "quantize"\nbits = 4\nalpha = 0.8', r"alpha = 0.8 is not read by method = 'rtn' \(it is SmoothQuant's\)"),
+    ('kind = "quantize"\nbits=4\nmethod="awq"\ntarget="layer"', r"target = 'layer' is not read by method = 'awq'"),
+])
+def test_a_field_the_step_does_not_read_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    # each was ignored without a word: 2:4 pruned half, int8 stayed per channel, AWQ ran as it always does
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_toml(write(tmp_path, f"[[step]]\n{text}\n"))
+
+
+def test_a_recipe_copied_from_a_manifest_reads_back() -> None:
+    # every field is written out, at its default where the step does not read it
+    recipe = Recipe((Prune(method="2:4", score="magnitude"), Quantize(bits=8, method="smoothquant", alpha=0.7)))
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_prune_flag_with_two_four_must_be_half() -> None:
+    from kiln.cli import _recipe_from_flags, build_parser
+
+    args = build_parser().parse_args(["compress", "--prune", "0.7", "--prune-method", "2:4", "-o", "out"])
+    with pytest.raises(RecipeError, match=r"--prune 0.7 does not apply with --prune-method 2:4, .*; pass --prune 0.5"):
+        _recipe_from_flags(args)
