@@ -124,7 +124,9 @@ def load_graph(folder: Path, dtype: torch.dtype, progress: bool = True) -> tuple
     manifest = Manifest.read(folder)
     verify(folder, manifest)
     spec = ModelSpec.from_hf_config(read_config(folder))
-    reader = SafetensorsReader(folder, progress)
+    # the one weights file the manifest vouches for: another *.safetensors beside it (a stray copy, a user's
+    # file) was read too, unverified, and its tensors replaced the artifact's own
+    reader = SafetensorsReader(folder, progress, files=[folder / "model.safetensors"])
     with torch.device("meta"):
         model = LlamaModel(spec)
     try:

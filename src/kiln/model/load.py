@@ -117,8 +117,8 @@ class SafetensorsReader(MutableMapping[str, torch.Tensor]):
     checkpoint twice. Reading tensor by tensor keeps peak memory near one copy of the weights.
     """
 
-    def __init__(self, folder: Path, progress: bool = True) -> None:
-        files = sorted(folder.glob("*.safetensors"))
+    def __init__(self, folder: Path, progress: bool = True, files: list[Path] | None = None) -> None:
+        files = sorted(folder.glob("*.safetensors")) if files is None else files
         if not files:
             raise ModelFormatError(f"folder {folder} has no *.safetensors weights")
         self._entries: dict[str, TensorEntry] = {}

@@ -36,6 +36,8 @@ class ModelSource:
     def weight_files(self) -> list[Path]:
         if self.kind == "gguf":
             return [self.path]
+        if self.kind == "artifact":  # its manifest lists one weights file; others beside it are not the model's
+            return [self.path / "model.safetensors"]
         return sorted(self.path.glob("*.safetensors"))
 
     @property

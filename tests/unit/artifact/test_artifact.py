@@ -80,6 +80,19 @@ def test_flipped_byte_is_refused(saved: tuple[LlamaModel, Path]) -> None:
         io.load_graph(folder, torch.float32, progress=False)
 
 
+def test_a_weights_file_beside_the_artifacts_own_is_not_read(saved: tuple[LlamaModel, Path]) -> None:
+    # a stray *.safetensors was read after model.safetensors, unverified, and its tensors replaced the artifact's
+    from safetensors.torch import save_file
+
+    from kiln.model.source import resolve
+
+    model, folder = saved
+    save_file({"norm.weight": torch.zeros_like(model.norm.weight)}, str(folder / "notes.safetensors"))
+    _, loaded, _ = io.load_graph(folder, torch.float32, progress=False)
+    assert torch.equal(loaded.norm.weight, model.norm.weight)
+    assert resolve(str(folder)).weight_files() == [folder / "model.safetensors"]
+
+
 def test_truncated_and_missing_files_are_refused(saved: tuple[LlamaModel, Path], tmp_path: Path) -> None:
     _, folder = saved
     cut = tmp_path / "cut"
