@@ -532,7 +532,7 @@ def _check_step_options(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from kiln.artifact.io import check_output
-    from kiln.compress.pipeline import compress
+    from kiln.compress.pipeline import check_calibration, compress
     from kiln.compress.recipe import Recipe, read_sweep
 
     _check_one_recipe_source(args)
@@ -542,8 +542,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     else:
         recipe = Recipe.from_toml(args.recipe) if args.recipe else _recipe_from_flags(args)
         outputs = [(args.output, recipe)]
-    for out, _ in outputs:  # a file or a folder of other things would be lost (or refused) only after the work
+    for out, recipe in outputs:  # a file or a folder of other things would be lost (or refused) only after the work
         check_output(out)
+        try:  # a missing calibration file or the test split in entry 3 was found after entries 1 and 2 were made
+            check_calibration(recipe, args.data)
+        except KilnError as exc:
+            if args.sweep:
+                exc.args = (f"sweep entry {out.name!r}: {exc}; no artifact written",)
+            raise
     written: list[Path] = []
     for out, recipe in outputs:  # every recipe is validated above, before any work
         try:

@@ -147,6 +147,24 @@ def test_a_failed_sweep_entry_is_named_and_the_written_ones_kept(tiny_folder, tm
     assert capsys.readouterr().err.strip() == "kiln: interrupted in sweep entry 'int8'; no artifact written before it"
 
 
+def test_a_sweep_entry_calibrating_on_the_test_split_is_refused_before_the_first_artifact(
+        tiny_folder, tmp_path, capsys) -> None:  # noqa: ANN001
+    # the first entry was compressed and written before the second's calibration file was looked at
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('[[artifact]]\nname = "int8"\n[[artifact.step]]\nkind = "quantize"\nbits = 8\n'
+                     '[[artifact]]\nname = "gptq"\n[artifact.calibration]\nfile = "wikitext-2-raw/wiki.test.raw"\n'
+                     '[[artifact.step]]\nkind = "quantize"\nmethod = "gptq"\n')
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text("text " * 100)
+    out = tmp_path / "out"
+    argv = ["compress", "-m", str(tiny_folder), "--sweep", str(sweep), "-o", str(out), "--data", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kiln: error: sweep entry 'gptq': calibration file wiki.test.raw is a test split")
+    assert err.endswith("; no artifact written") and "\n" not in err
+    assert not out.exists()
+
+
 def test_a_system_message_with_raw_is_refused_before_the_load(monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     # --raw skips the chat template, so --system was dropped without a word
