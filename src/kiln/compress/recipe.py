@@ -56,7 +56,8 @@ def _range(where: str, name: str, value: Any, low: float, high: float, kind: typ
     ok = isinstance(value, kind | int) and not isinstance(value, bool) if kind is float else (
         isinstance(value, int) and not isinstance(value, bool))
     if not ok or not low <= value <= high:
-        raise RecipeError(f"{where}: {name} = {value!r} is not allowed; use a {kind.__name__} in [{low}, {high}]")
+        noun = "a number" if kind is float else "an integer"  # not "a int"
+        raise RecipeError(f"{where}: {name} = {value!r} is not allowed; use {noun} in [{low}, {high}]")
 
 
 @dataclass(frozen=True)
