@@ -483,6 +483,11 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
     if not steps:
         raise RecipeError("nothing to do: pass --recipe FILE, --sweep FILE, or --quantize / --prune / --lowrank-*")
     if args.calibration_samples is not None:
+        from kiln.compress.pipeline import reads_calibration
+
+        if not any(reads_calibration(step) for step in steps):  # RTN or magnitude pruning: taken, recorded, unused
+            raise RecipeError("--calibration-samples applies with a step that reads calibration text (--method gptq "
+                              "or awq, --quantize w8a8, --prune-method other than magnitude); drop it")
         return Recipe(tuple(steps), Calibration(samples=args.calibration_samples))
     return Recipe(tuple(steps))
 

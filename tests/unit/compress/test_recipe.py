@@ -353,3 +353,15 @@ def test_prune_flag_with_two_four_must_be_half() -> None:
     args = build_parser().parse_args(["compress", "--prune", "0.7", "--prune-method", "2:4", "-o", "out"])
     with pytest.raises(RecipeError, match=r"--prune 0.7 does not apply with --prune-method 2:4, .*; pass --prune 0.5"):
         _recipe_from_flags(args)
+
+
+@pytest.mark.parametrize("flags", [["--quantize", "int8"], ["--prune", "0.5"], ["--lowrank-rank", "8"]])
+def test_calibration_samples_without_a_step_that_reads_them_is_refused(flags: list[str]) -> None:
+    # RTN, magnitude pruning and plain low rank read no text: the flag was taken and recorded, and changed nothing
+    from kiln.cli import _recipe_from_flags, build_parser
+
+    args = build_parser().parse_args(["compress", *flags, "--calibration-samples", "4", "-o", "out"])
+    with pytest.raises(RecipeError, match=r"--calibration-samples applies with a step that reads calibration text"):
+        _recipe_from_flags(args)
+    args = build_parser().parse_args(["compress", "--quantize", "w8a8", "--calibration-samples", "4", "-o", "out"])
+    assert _recipe_from_flags(args).calibration.samples == 4
