@@ -537,7 +537,7 @@ def _check_step_options(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from kiln.artifact.io import check_output
-    from kiln.compress.pipeline import check_calibration, compress
+    from kiln.compress.pipeline import check_calibration, check_not_source, compress
     from kiln.compress.recipe import Recipe, read_sweep
 
     _check_one_recipe_source(args)
@@ -549,6 +549,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         outputs = [(args.output, recipe)]
     for out, recipe in outputs:  # a file or a folder of other things would be lost (or refused) only after the work
         check_output(out)
+        check_not_source(args.model, out)
         try:  # a missing calibration file or the test split in entry 3 was found after entries 1 and 2 were made
             check_calibration(recipe, args.data)
         except KilnError as exc:

@@ -292,6 +292,15 @@ def distil(ctx: Context, step: Distill, layers: list[int] | None = None, checkpo
 # --- the pipeline ---------------------------------------------------------------------------------------
 
 
+def check_not_source(model: str, out: Path) -> None:
+    """Refuse -o naming the artifact being compressed: writing replaced it, so the manifest's source named the
+    new artifact itself and the model it was made from was gone."""
+    source = resolve(model)
+    if source.kind == "artifact" and out.resolve() == source.path:
+        raise InvalidParameterError(f"output {out} is the artifact being compressed ({model}); writing would replace "
+                                    "it, so pass another folder to -o")
+
+
 def check_uncompressed(model: str) -> None:
     """Refuse an artifact whose layers are already quantized or factorised: every step reads full-precision
     matrices, so one ended in an AssertionError (quantize, prune), a failed backward pass (distill) or
@@ -329,6 +338,7 @@ def check_calibration(recipe: Recipe, data_dir: Path | None) -> None:
 def compress(model: str, recipe: Recipe, out: Path, data_dir: Path | None = None, progress: bool = True) -> Manifest:
     """Run `recipe` on `model` and write the artifact folder `out`; returns its manifest."""
     start = time.perf_counter()
+    check_not_source(model, out)
     check_uncompressed(model)
     check_calibration(recipe, data_dir)
     loaded = load(model, precision="fp32", progress=progress)

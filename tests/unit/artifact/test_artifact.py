@@ -249,3 +249,28 @@ def test_compressing_a_compressed_artifact_is_refused_before_the_load(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is already compressed (int4, int8, lowrank, w8a8 layers)" in err
     assert "pass the model it was made from (tiny)" in err and not (tmp_path / "again").exists()
+
+
+def test_compressing_an_artifact_into_itself_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a pruned artifact compressed with -o naming it was replaced, and the new manifest's source named itself
+    from kiln.cli import main
+    from kiln.compress import pipeline
+    from kiln.compress.recipe import Quantize, Recipe
+
+    model = tiny_model()
+    for block in model.layers:
+        assert isinstance(block, Block)
+        layer = block.mlp.gate_up_proj
+        unstructured.apply(layer, unstructured.magnitude_mask(layer.weight.detach(), 0.5))
+    (tmp_path / "tok").mkdir()
+    folder = io.save(model, tmp_path / "tok", tmp_path / "pruned", Manifest(source={"name": "tiny"}, recipe={}))
+    before = (folder / "manifest.json").read_text()
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    other_spelling = f"{tmp_path}/../{tmp_path.name}/pruned"
+    assert main(["compress", "--quantize", "int8", "-m", str(folder), "-o", other_spelling]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kiln: error: output {other_spelling} is the artifact being compressed") and "\n" not in err
+    with pytest.raises(InvalidParameterError, match="writing would replace it, so pass another folder to -o"):
+        pipeline.compress(str(folder), Recipe((Quantize(bits=8),)), folder)
+    assert (folder / "manifest.json").read_text() == before
