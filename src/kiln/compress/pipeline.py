@@ -395,8 +395,12 @@ def _resume_hint(checkpoint: Path, every: int) -> str:
 def _write(ctx: Context, model: str, out: Path, start: float) -> Manifest:
     loaded = ctx.loaded
     ctx.history["seconds"] = round(time.perf_counter() - start, 1)
+    source: dict[str, Any] = {"name": model, "sha256": loaded.sha256, "kind": loaded.source.kind}
+    if loaded.source.kind == "artifact":  # a pruned artifact: without its steps the manifest told of the new ones only
+        made = Manifest.read(loaded.source.path)
+        source["made_from"] = {"source": made.source, "recipe": made.recipe, "calibration": made.calibration}
     manifest = Manifest(
-        source={"name": model, "sha256": loaded.sha256, "kind": loaded.source.kind},
+        source=source,
         recipe=ctx.recipe.to_dict(),
         calibration=ctx.calibration.describe() if ctx.calibration else None,
         history=ctx.history,

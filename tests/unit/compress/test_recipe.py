@@ -365,3 +365,17 @@ def test_calibration_samples_without_a_step_that_reads_them_is_refused(flags: li
         _recipe_from_flags(args)
     args = build_parser().parse_args(["compress", "--quantize", "w8a8", "--calibration-samples", "4", "-o", "out"])
     assert _recipe_from_flags(args).calibration.samples == 4
+
+
+def test_an_artifact_made_from_an_artifact_records_how_that_one_was_made(tiny_folder: Path, tmp_path: Path) -> None:
+    # the int8 manifest of a pruned artifact told of the int8 step alone: the pruning was in no manifest it carried
+    from kiln.compress import pipeline
+
+    pruned = pipeline.compress(str(tiny_folder), Recipe((Prune(sparsity=0.5),)), tmp_path / "pruned", progress=False)
+    manifest = pipeline.compress(str(tmp_path / "pruned"), Recipe((Quantize(bits=8),)), tmp_path / "int8",
+                                 progress=False)
+    assert manifest.source["kind"] == "artifact"
+    assert manifest.source["made_from"] == {"source": pruned.source, "recipe": pruned.recipe,
+                                            "calibration": pruned.calibration}
+    assert manifest.source["made_from"]["recipe"]["steps"][0]["kind"] == "prune"
+    assert "made_from" not in pruned.source
