@@ -247,6 +247,8 @@ class Recipe:
         unknown = set(data) - {"step", "steps", "calibration"}
         if unknown:
             raise RecipeError(f"{where}: unknown table {sorted(unknown)[0]!r}; use [calibration] and [[step]]")
+        if "step" in data and "steps" in data:  # one was read and the other's steps dropped without a word
+            raise RecipeError(f"{where}: both [[step]] and [[steps]] tables; put every step in [[step]] tables")
         raw_steps = data.get("step", data.get("steps", []))
         if not isinstance(raw_steps, list):
             raise RecipeError(f"{where}: steps must be an array of tables ([[step]])")

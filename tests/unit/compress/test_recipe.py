@@ -55,6 +55,7 @@ symmetric = true
      r"head_bits = 4 is not allowed; use one of 0, 8"),
     ('[[step]]\nkind = "quantize"\nbits = 4\nhead_bits = 8', r"head_bits = 8 .* set keep_embeddings = false"),
     ("", r"no steps"),
+    ('[[step]]\nkind = "prune"\n[[steps]]\nkind = "quantize"', r"both \[\[step\]\] and \[\[steps\]\] tables"),
     ("[[step]\n", r"not valid TOML"),
 ])
 def test_bad_recipes_are_named(tmp_path: Path, text: str, message: str) -> None:
