@@ -139,9 +139,13 @@ def load_graph(folder: Path, dtype: torch.dtype, progress: bool = True) -> tuple
             elif kind == "sparse":
                 dense = _dense(reader.pop(f"{path}.values"), reader.pop(f"{path}.mask"), fmt["shape"])
                 _assign(model, path, dense, dtype)
+            elif kind != "tied_head":
+                raise ModelFormatError(f"artifact {folder}: manifest.json gives {path} the format {kind!r}, which this "
+                                       "kiln does not read; upgrade kiln or re-create the artifact")
         for name in list(reader):
             _assign(model, name, reader.pop(name), dtype)
-    except (KeyError, RuntimeError, ValueError) as exc:
+    # AttributeError: a packed tensor (qweight, scales) left for a plain layer when its manifest entry was removed
+    except (KeyError, RuntimeError, ValueError, AttributeError) as exc:
         raise ModelFormatError(f"artifact {folder} does not match its manifest ({exc}); re-create it") from exc
     if manifest.tensors.get("embed", {}).get("format") == "tied_head":
         assert isinstance(model.lm_head, Int8Linear | Int4Linear)

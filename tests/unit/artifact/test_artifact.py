@@ -274,3 +274,19 @@ def test_compressing_an_artifact_into_itself_is_refused(tmp_path: Path, capsys: 
     with pytest.raises(InvalidParameterError, match="writing would replace it, so pass another folder to -o"):
         pipeline.compress(str(folder), Recipe((Quantize(bits=8),)), folder)
     assert (folder / "manifest.json").read_text() == before
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: {**t, "layers.0.attn.qkv_proj": {**t["layers.0.attn.qkv_proj"], "format": "int9"}},
+     r"gives layers.0.attn.qkv_proj the format 'int9', which this kiln does not read; upgrade kiln"),
+    (lambda t: {k: v for k, v in t.items() if k != "layers.0.attn.qkv_proj"}, r"does not match its manifest"),
+])
+def test_a_tensor_entry_of_another_format_or_removed_is_one_line(saved: tuple[LlamaModel, Path], edit: Callable,
+                                                                 message: str) -> None:
+    # the packed tensors went to a plain layer: an AttributeError traceback ('Linear' has no attribute 'scales')
+    _, folder = saved
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tensors"] = edit(manifest["tensors"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match=message):
+        io.load_graph(folder, torch.float32, progress=False)
