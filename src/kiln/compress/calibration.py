@@ -43,6 +43,8 @@ def locate(file: str, data_dir: Path | None = None) -> Path:
         raise InvalidParameterError(f"calibration file {path.name} is a test split; calibrate on wiki.valid.raw "
                                     "or other text the evaluation does not use")
     if path.is_absolute() or path.exists():
+        if path.is_dir():  # "does not exist" sent the user looking for a typo (file = "" is the current folder)
+            raise DataNotFoundError(f"calibration file {path} is a folder; pass a text file inside it")
         if not path.is_file():
             raise DataNotFoundError(f"calibration file {path} does not exist; pass an existing text file")
         return path

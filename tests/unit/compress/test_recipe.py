@@ -380,3 +380,18 @@ def test_an_artifact_made_from_an_artifact_records_how_that_one_was_made(tiny_fo
                                             "calibration": pruned.calibration}
     assert manifest.source["made_from"]["recipe"]["steps"][0]["kind"] == "prune"
     assert "made_from" not in pruned.source
+
+
+@pytest.mark.parametrize("name", ["", "folder"])
+def test_a_calibration_file_that_is_a_folder_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     name: str) -> None:
+    # it was said not to exist; file = "" named the current folder
+    from kiln.compress import calibration
+    from kiln.errors import DataNotFoundError
+
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataNotFoundError, match=r"calibration file \S+ is a folder; pass a text file inside it"):
+        calibration.locate(name)
+    with pytest.raises(DataNotFoundError, match="is a folder"):
+        calibration.locate(str(tmp_path / "folder"))
