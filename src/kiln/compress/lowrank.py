@@ -26,6 +26,8 @@ def choose_rank(singular: torch.Tensor, rank: int | None, energy: float | None) 
 @torch.no_grad()
 def factorise(layer: nn.Linear, rank: int | None, energy: float | None) -> LowRankLinear | None:
     w = layer.weight.detach().float()
+    if rank is not None and min(rank, *w.shape) * (w.shape[0] + w.shape[1]) >= w.numel():
+        return None  # the shapes alone say no saving: a rank too large for every layer ran all the SVDs to say so
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r = choose_rank(s, rank, energy)
     if r * (w.shape[0] + w.shape[1]) >= w.numel():

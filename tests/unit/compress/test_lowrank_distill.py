@@ -29,6 +29,16 @@ def test_exact_low_rank_matrix_is_recovered() -> None:
     assert lowrank.factorise(layer, rank=40, energy=None) is None  # no saving at that rank
 
 
+def test_a_rank_too_large_for_a_layer_runs_no_svd(tiny: LlamaModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    # every layer's SVD ran before "no layer gets smaller" was said, though the shapes alone said so
+    def no_svd(*_: object, **__: object) -> None:
+        raise AssertionError("an SVD ran for a rank that cannot save anything")
+
+    monkeypatch.setattr(lowrank.torch.linalg, "svd", no_svd)
+    assert lowrank.factorise(nn.Linear(32, 48, bias=False), rank=20, energy=None) is None
+    assert lowrank.apply(tiny, ("all",), rank=60000, energy=None) == {}
+
+
 def test_apply_replaces_mlp_layers(tiny: LlamaModel, tokens: torch.Tensor) -> None:
     ranks = lowrank.apply(tiny, ("mlp",), rank=8, energy=None)
     assert len(ranks) == 8 and set(ranks.values()) == {8}
