@@ -280,6 +280,7 @@ def _train(ctx: Context, teacher: LlamaModel, student: LlamaModel, cfg: Distill,
 def distil(ctx: Context, step: Distill, layers: list[int] | None = None, checkpoint: Path | None = None,
            resume: bool = False, every: int = 50) -> None:
     teacher = ctx.model
+    _check_lengths(Recipe((step,)), teacher.spec.max_position)  # `kiln distill` comes here first
     chosen = distill.student_layers(teacher.spec.num_layers, step.student_layers, layers)
     student = distill.make_student(teacher, chosen)
     # a checkpoint of another teacher or layer choice is not resumed
@@ -372,7 +373,6 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
     check_uncompressed(teacher)
     check_calibration(Recipe((cfg,)), data_dir)
     ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
-    _check_lengths(ctx.recipe, ctx.model.spec.max_position)
     try:
         distil(ctx, cfg, layers, checkpoint, resume, every)
     except KeyboardInterrupt:
