@@ -1,7 +1,8 @@
 """`kiln chat`: an interactive conversation that streams tokens and keeps its history.
 
 Commands: /reset forgets the conversation, /exit (or end of input) leaves. When the history no longer
-fits the context, the oldest exchanges are dropped.
+fits the context, the oldest exchanges are dropped. Ctrl-C while a reply streams stops that reply only: what
+was shown of it stays in the history and the conversation goes on.
 """
 
 from __future__ import annotations
@@ -48,16 +49,30 @@ class ChatSession:
     def reply(self, text: str, on_text: Callable[[str], None]) -> str:
         """Add the user's message, stream the assistant's answer, and keep both in the history.
 
-        A message the model cannot take (KilnError) leaves the history as it was."""
+        A message the model cannot take (KilnError) leaves the history as it was. Ctrl-C (KeyboardInterrupt)
+        mid-reply keeps the part of the answer that was shown, as the answer, and is raised again for the caller;
+        with nothing shown yet, the history is left as it was."""
         before = self.history
         self.history = [*before, {"role": "user", "content": text}]
+        shown: list[str] = []
+
+        def show(delta: str) -> None:
+            on_text(delta)
+            shown.append(delta)  # after on_text returned: the user saw it
+
         try:
             prompt, dropped = self._fit_prompt()
             if dropped:
                 on_text(f"[dropped the {dropped} oldest messages to fit the context]\n")
-            out = self.generator.generate([prompt], self.params, on_text=lambda _row, delta: on_text(delta))[0]
+            out = self.generator.generate([prompt], self.params, on_text=lambda _row, delta: show(delta))[0]
         except KilnError:
             self.history = before
+            raise
+        except KeyboardInterrupt:  # the generator has already cancelled the request and freed its cache
+            if shown:
+                self.history.append({"role": "assistant", "content": "".join(shown)})
+            else:
+                self.history = before
             raise
         self.history.append({"role": "assistant", "content": out.text})
         return out.text
@@ -104,6 +119,10 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
         except KilnError as exc:  # one message too long for the context must not end the conversation
             print(f"kiln: error: {exc}", file=sys.stderr)
             exit_code = exc.exit_code
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (at the prompt it still leaves)
+            stdout.write("\n[reply stopped]\n")
+            stdout.flush()
             continue
         stdout.write("\n")
         stdout.flush()

@@ -68,3 +68,31 @@ def test_a_system_message_over_the_context_is_refused_before_the_conversation(de
     with pytest.raises(ContextLengthError, match=r"^--system takes \d+ tokens .* context is \d+; shorten it$"):
         ChatSession(default_model, SamplingParams(max_tokens=4), system=system)
     ChatSession(default_model, SamplingParams(max_tokens=4), system="Be brief.")  # one that fits is kept
+
+
+class _CtrlCOnSecondDelta(io.StringIO):
+    """A terminal where Ctrl-C is pressed while the first reply's second piece of text is being shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deltas = 0
+
+    def write(self, text: str) -> int:
+        if text.strip() and not text.startswith("["):
+            self.deltas += 1
+            if self.deltas == 2:
+                raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_conversation_goes_on(default_model: LoadedModel) -> None:
+    # KeyboardInterrupt left run_repl: Ctrl-C on a long answer ended the whole chat
+    session = ChatSession(default_model, SamplingParams(temperature=0.0, max_tokens=12))
+    out = _CtrlCOnSecondDelta()
+    code = run_repl(session, io.StringIO("Tell me a story.\nHi\n"), out)
+    assert code == 0 and "[reply stopped]" in out.getvalue()
+    assert [m["content"] for m in session.history[::2]] == ["Tell me a story.", "Hi"]
+    first_shown = out.getvalue().split("\n[reply stopped]")[0]
+    assert session.history[1]["content"] == first_shown and first_shown  # what was shown is the answer kept
+    engine = session.generator.engine
+    assert engine is not None and not engine.has_work and engine.cache.used_blocks == 0
