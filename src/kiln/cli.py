@@ -167,14 +167,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = tok.encode_chat([*messages, {"role": "user", "content": prompt_text}])
     _check_room(len(prompt), args.max_tokens, loaded.spec.max_position)
 
+    line_open = [False]  # streamed text whose line is not ended yet
+
     def stream(_row: int, delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
+        line_open[0] = not delta.endswith("\n")
 
     model = _runtime_model(loaded, args.runtime, args.kv_cache)
     drafter = _load_drafter(args, loaded, model) if args.draft is not None else None
     generator = Generator(model, tok, kv_cache=args.kv_cache, drafter=drafter)
-    out = generator.generate([prompt], params, on_text=None if args.json else stream)[0]
+    try:
+        out = generator.generate([prompt], params, on_text=None if args.json else stream)[0]
+    except KeyboardInterrupt:
+        if line_open[0]:  # end the streamed text's line: "kiln: interrupted" was glued to its last word
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     if args.json:
         result = {
             "text": out.text,

@@ -267,3 +267,20 @@ def test_inline_json_that_is_not_an_object_is_refused_as_such(value: str) -> Non
 
     with pytest.raises(InvalidParameterError, match=r"^--json-schema must be a JSON object \(a schema\)"):
         cli._json_schema_grammar(value)
+
+
+def test_ctrl_c_while_generate_streams_ends_the_text_s_line(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # the streamed words had no line end, so the terminal showed "Once upon akiln: interrupted"
+    from kiln.engine.generate import Generator
+
+    def streams_then_ctrl_c(self: Generator, prompts: object, params: object, on_text: object = None) -> None:
+        assert callable(on_text)
+        on_text(0, "Once upon a")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_end_on_next_ctrl_c", lambda: None)  # leaves pytest's SIGINT handler alone
+    monkeypatch.setattr(Generator, "generate", streams_then_ctrl_c)
+    assert cli.main(["generate", "hi", "--runtime", "torch"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "Once upon a\n" and captured.err == "kiln: interrupted\n"
