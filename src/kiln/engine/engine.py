@@ -164,15 +164,20 @@ class Engine:
         return Constraint(params.grammar, ll_tokenizer(self.tokenizer, self.model.spec.vocab_size))
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a queued or running request and free its cache now; False if it is unknown or done."""
-        request = self.requests.get(request_id)
-        if request is None or request.status.finished:
+        """Cancel a queued or running request and free its cache now; False if it is unknown or done.
+
+        A request still listed here is taken out of the queues and its blocks freed even if it is marked finished:
+        an interruption (Ctrl-C) between _finish marking it and removing it would otherwise leave it running, its
+        blocks held, in an engine that is kept for later requests."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
             return False
         self.scheduler.remove(request)
-        request.finish(RequestStatus.FINISHED_ABORTED, time.perf_counter())
-        del self.requests[request_id]
         if self.drafter is not None:
             self.drafter.forget(request.seq_id)
+        if request.status.finished:
+            return False
+        request.finish(RequestStatus.FINISHED_ABORTED, time.perf_counter())
         return True
 
     @property

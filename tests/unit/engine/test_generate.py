@@ -86,3 +86,28 @@ def test_budget_is_clipped_to_the_context(tiny_folder: Path) -> None:
     out = Generator(tiny.model, tiny.tokenizer).generate(
         [[42] * 62], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))[0]
     assert out.finish_reason == "length" and out.completion_tokens == 2
+
+
+def test_ctrl_c_between_a_request_finishing_and_its_blocks_going_back_leaves_nothing_behind(
+        tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # abort() skipped a request already marked finished, so one caught there stayed running with its blocks
+    # in the generator's engine (kiln chat keeps it for the next message)
+    from kiln.engine.scheduler import Scheduler
+
+    tiny = load(str(tiny_folder), progress=False)
+    gen = Generator(tiny.model, tiny.tokenizer)
+    remove = Scheduler.remove
+    pressed = []
+
+    def ctrl_c_once(self: Scheduler, request: object) -> None:
+        if not pressed:
+            pressed.append(True)
+            raise KeyboardInterrupt
+        remove(self, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scheduler, "remove", ctrl_c_once)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate([[42] * 20], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    engine = gen.engine
+    assert engine is not None and pressed
+    assert not engine.has_work and not engine.requests and engine.cache.used_blocks == 0
