@@ -89,9 +89,13 @@ class Generator:
             raise InvalidParameterError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
         engine = self._engine_for(prompts, plist)
         start = time.perf_counter()
-        requests = [engine.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
-        row_of = {r.request_id: i for i, r in enumerate(requests)}
+        requests: list[Request] = []
         try:
+            # added inside the try: a prompt refused after others were queued takes them out again (the engine is
+            # kept, and they would run with the next call)
+            for p, sp in zip(prompts, plist, strict=True):
+                requests.append(engine.add_request(p, sp))
+            row_of = {r.request_id: i for i, r in enumerate(requests)}
             while any(not r.status.finished for r in requests):
                 for out in engine.step():
                     if on_text is not None and out.text and out.request.request_id in row_of:

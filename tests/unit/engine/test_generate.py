@@ -111,3 +111,13 @@ def test_ctrl_c_between_a_request_finishing_and_its_blocks_going_back_leaves_not
     engine = gen.engine
     assert engine is not None and pressed
     assert not engine.has_work and not engine.requests and engine.cache.used_blocks == 0
+
+
+def test_a_refused_prompt_in_a_batch_leaves_none_of_the_others_queued(tiny_folder: Path) -> None:
+    # the prompts added before the refused one stayed queued in the kept engine and ran with the next call
+    tiny = load(str(tiny_folder), progress=False)
+    gen = Generator(tiny.model, tiny.tokenizer)
+    with pytest.raises(InvalidParameterError, match="the prompt is empty"):
+        gen.generate([[42] * 10, []], SamplingParams(temperature=0.0, max_tokens=3))
+    engine = gen.engine
+    assert engine is not None and not engine.has_work and not engine.requests
