@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -683,7 +684,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tokens_per_min=args.rate_limit_tokens, max_queue=args.max_queue,
         request_timeout_s=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout, log_requests=args.log_requests, guardrails=tuple(args.guardrails),
-        precision=args.dtype, kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_running=args.max_running,
+        precision=args.dtype, kv_budget_bytes=_kv_budget_bytes(args.kv_budget_mb), max_running=args.max_running,
         max_batch_tokens=args.max_batch_tokens, kv_cache=args.kv_cache, runtime=args.runtime, draft=args.draft,
         speculate=args.speculate,
     )
@@ -696,6 +697,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         load_digests(args.api_key_file)
     return serve(config)
+
+
+def _kv_budget_bytes(mib: float) -> int:
+    """--kv-budget-mb in bytes. argparse's float() takes "nan" and "inf" (int() of them was a traceback) and a
+    negative budget was refused naming kv_budget_bytes, which no flag is called."""
+    if not (math.isfinite(mib) and mib > 0):
+        raise InvalidParameterError(f"--kv-budget-mb {mib} must be a positive number of MiB, such as 1024")
+    return int(mib * 2**20)
 
 
 def cmd_registry(args: argparse.Namespace) -> int:

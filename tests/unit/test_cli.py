@@ -284,3 +284,17 @@ def test_ctrl_c_while_generate_streams_ends_the_text_s_line(monkeypatch: pytest.
     assert cli.main(["generate", "hi", "--runtime", "torch"]) == 130
     captured = capsys.readouterr()
     assert captured.out == "Once upon a\n" and captured.err == "kiln: interrupted\n"
+
+
+@pytest.mark.parametrize("flag, value", [("--kv-budget-mb", "nan"), ("--kv-budget-mb", "inf"), ("--kv-budget-mb", "-1"),
+                                         ("--max-running", "0"), ("--max-batch-tokens", "0")])
+def test_a_serve_sizing_flag_out_of_range_is_one_line_naming_it(flag: str, value: str, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # nan was a ValueError traceback; -1 and 0 were refused naming kv_budget_bytes / max_running, not the flag
+    def no_serve(*args: object, **kw: object) -> None:
+        raise AssertionError("the flags are checked before the server starts")
+
+    monkeypatch.setattr("kiln.serve.app.serve", no_serve)
+    assert cli.main(["serve", flag, value]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"kiln: error: {flag} ")

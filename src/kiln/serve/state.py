@@ -53,6 +53,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.speculate < 1:
             raise InvalidParameterError(f"--speculate {self.speculate} must be at least 1")
+        for flag, count in (("--max-running", self.max_running), ("--max-batch-tokens", self.max_batch_tokens)):
+            if count < 1:  # refused by the scheduler too, but naming its fields, not these flags
+                raise InvalidParameterError(f"{flag} {count} must be at least 1")
         if self.max_queue < 1 or self.max_body_bytes < 1:
             raise InvalidParameterError("--max-queue and --max-body-bytes must be positive")
         # argparse's float() takes "nan" and "inf": a NaN limit compared False everywhere (no limit at all), 0 divided
