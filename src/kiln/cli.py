@@ -686,7 +686,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout, log_requests=args.log_requests, guardrails=tuple(args.guardrails),
         precision=args.dtype, kv_budget_bytes=_kv_budget_bytes(args.kv_budget_mb), max_running=args.max_running,
         max_batch_tokens=args.max_batch_tokens, kv_cache=args.kv_cache, runtime=args.runtime, draft=args.draft,
-        speculate=args.speculate,
+        speculate=_serve_speculate(args),
     )
     if args.draft is not None and args.kv_cache == "int8":  # refused before the models load (the engine would)
         from kiln.engine.engine import DRAFT_WITH_INT8_KV
@@ -697,6 +697,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         load_digests(args.api_key_file)
     return serve(config)
+
+
+def _serve_speculate(args: argparse.Namespace) -> int:
+    """--speculate, refused without --draft as `kiln generate` refuses it: alone it was ignored without a word."""
+    if args.speculate is not None and args.draft is None:
+        raise InvalidParameterError(f"--speculate {args.speculate} only applies with --draft MODEL; add --draft or "
+                                    "drop --speculate")
+    return DEFAULT_SPECULATE if args.speculate is None else args.speculate
 
 
 def _kv_budget_bytes(mib: float) -> int:
@@ -927,8 +935,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None,
                    help="speculative decoding while one greedy request decodes alone: a draft model with the same "
                         "tokenizer (an int4 artifact, a kiln distill student)")
-    p.add_argument("--speculate", type=int, default=DEFAULT_SPECULATE,
-                   help="--draft: tokens the draft proposes per step")
+    p.add_argument("--speculate", type=int, default=None,
+                   help=f"--draft: tokens the draft proposes per step (default {DEFAULT_SPECULATE})")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_serve)
 

@@ -287,10 +287,11 @@ def test_ctrl_c_while_generate_streams_ends_the_text_s_line(monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("flag, value", [("--kv-budget-mb", "nan"), ("--kv-budget-mb", "inf"), ("--kv-budget-mb", "-1"),
-                                         ("--max-running", "0"), ("--max-batch-tokens", "0")])
+                                         ("--max-running", "0"), ("--max-batch-tokens", "0"), ("--speculate", "3")])
 def test_a_serve_sizing_flag_out_of_range_is_one_line_naming_it(flag: str, value: str, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    # nan was a ValueError traceback; -1 and 0 were refused naming kv_budget_bytes / max_running, not the flag
+    # nan was a ValueError traceback; -1 and 0 were refused naming kv_budget_bytes / max_running, not the flag;
+    # --speculate without --draft was ignored without a word
     def no_serve(*args: object, **kw: object) -> None:
         raise AssertionError("the flags are checked before the server starts")
 
