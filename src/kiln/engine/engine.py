@@ -219,9 +219,15 @@ class Engine:
         caching, before a request that finishes at once frees its blocks, and sample where a prompt is done."""
         for r, _ in items:
             if r.num_computed >= len(r.prompt) and self.shares_prefixes:
+                published = len(self.cache.seqs[r.seq_id].hashes)
                 self.cache.register_prefix(r.seq_id, r.prompt)
                 if not isinstance(self.model, LlamaModel):
-                    self.model.publish(r.seq_id, self.cache)
+                    try:
+                        self.model.publish(r.seq_id, self.cache)
+                    except BaseException:  # Ctrl-C or a failure mid-copy: blocks that are not in the store go
+                        # unfindable again; found, they failed every later prompt with the same start
+                        self.cache.withdraw_prefix(r.seq_id, published)
+                        raise
         done = [i for i, (r, _) in enumerate(items) if r.pending == 0]
         return self._update([items[i][0] for i in done], logits[done]) if done else []
 

@@ -195,6 +195,15 @@ class PagedKVCache:
                 self.cached[h] = block
                 self.block_hash[block] = h
 
+    def withdraw_prefix(self, seq_id: int, keep: int) -> None:
+        """Make the blocks that register_prefix published for seq_id past its first `keep` findable no more (a runtime
+        with its own keys and values failed to copy them into its store: a later sequence would restore nothing)."""
+        seq = self.seqs[seq_id]
+        for block, h in zip(seq.blocks[keep:], seq.hashes[keep:], strict=False):
+            if self.cached.get(h) == block:
+                del self.cached[h], self.block_hash[block]
+        del seq.hashes[keep:]
+
     # --- the graph's cache protocol -----------------------------------------------------------------
 
     def begin(self, num_tokens: Sequence[int], seq_len: int, rows: Sequence[int] | None = None) -> PagedAttentionBatch:

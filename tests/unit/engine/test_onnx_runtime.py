@@ -937,3 +937,29 @@ def test_an_edited_config_beside_the_same_weights_gets_its_own_cached_export(
     (folder / "config.json").write_text(json.dumps(config))
     edited = load(str(folder), progress=False)
     assert edited.spec.rms_norm_eps == 1e-3 and onnx_runtime.export_path(edited) != before
+
+
+def test_a_prompt_whose_publishing_was_interrupted_is_not_served_from_the_prefix_cache(
+        tiny: LoadedModel, tmp_path: Path) -> None:
+    # its blocks stayed findable with nothing in the store: every later prompt with the same start (each turn of a
+    # kiln chat after a Ctrl-C) failed with "the ONNX runtime lost a sequence's keys and values"
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    onnx = OnnxModel(folder, tiny.spec, 1)
+    prompt = [1, *range(400, 439)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    reference = greedy(onnx, tiny, [prompt])[0][:4]
+    engine = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20))  # type: ignore[arg-type]
+    publish = onnx.publish
+
+    def ctrl_c(*args: Any) -> None:
+        onnx.publish = publish  # type: ignore[method-assign]
+        raise KeyboardInterrupt
+
+    onnx.publish = ctrl_c  # type: ignore[method-assign]
+    first = engine.add_request(prompt, params)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert engine.abort(first.request_id) and engine.cache.used_blocks == 0
+    again = engine.add_request(prompt, params)
+    engine.run()
+    assert again.output == reference and again.cached_tokens == 0
