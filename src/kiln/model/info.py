@@ -93,8 +93,11 @@ def artifact_layout(name: str) -> Layout | None:
     plan = plan_for_folder(path, spec, "auto")
     bits = head_bits(plan)
     head: PlanPrecision = "int8" if bits == 8 else "int4" if bits == 4 else "fp32"
-    sizes = {tensor: entry.end - entry.start for file in sorted(path.glob("*.safetensors"))
-             for tensor, entry in read_safetensors_header(file).items()}
+    # the one weights file an artifact loads from (artifact/io.load_graph); without it (a config and manifest
+    # copied alone) the layers' format prices every weight, as for a config
+    weights = path / "model.safetensors"
+    sizes = {tensor: entry.end - entry.start
+             for tensor, entry in (read_safetensors_header(weights).items() if weights.is_file() else ())}
     for key, meta in tensors.items():  # a sparse matrix is stored as values and a mask, and loaded dense (fp32)
         if meta.get("format") == "sparse":
             sizes = {t: n for t, n in sizes.items() if not t.startswith(f"{key}.")}
@@ -113,7 +116,7 @@ def _describe_folder(folder: Path, artifact: bool) -> tuple[ModelSpec, dict[str,
     spec = ModelSpec.from_hf_config(read_config(folder))
     dtypes: Counter[str] = Counter()
     shapes: dict[str, tuple[int, ...]] = {}
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in [folder / "model.safetensors"] if artifact else sorted(folder.glob("*.safetensors")):
         for name, entry in read_safetensors_header(path).items():
             dtypes[entry.dtype] += 1
             shapes[name] = tuple(entry.shape)
