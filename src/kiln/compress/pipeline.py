@@ -266,11 +266,6 @@ def _check_lengths(recipe: Recipe, context: int) -> None:
 def _train(ctx: Context, teacher: LlamaModel, student: LlamaModel, cfg: Distill, key: str,
            checkpoint: Path | None = None, resume: bool = False, every: int = 50,
            identity: dict[str, Any] | None = None) -> None:
-    context = teacher.spec.max_position
-    if cfg.seq_len > context:  # the rope table ends there: the first step died in an IndexError traceback
-        raise InvalidParameterError(
-            f"seq_len {cfg.seq_len} is longer than the teacher's context of {context} tokens; pass --seq-len "
-            f"(seq_len in a recipe) of at most {context}")
     state = distill.train(teacher, student, _stream(ctx, cfg.seq_len), cfg, checkpoint=checkpoint, resume=resume,
                           every=every, progress=ctx.progress, identity=identity)
     ctx.history[key] = {"steps": state.step, "tokens": state.tokens, "seconds": round(state.seconds, 1),

@@ -278,7 +278,7 @@ def test_the_test_split_is_refused_before_the_load_for_every_reader(tmp_path: Pa
 
 @pytest.mark.parametrize("steps,tokens", [
     ((Prune(sparsity=0.5, method="magnitude"), Quantize(bits=4, method="gptq")), 32),
-    ((Prune(sparsity=0.5, method="magnitude"), Distill(steps=1, seq_len=32)), 8),
+    ((Prune(sparsity=0.5, method="layers"), Distill(steps=1, seq_len=32)), 8),
 ])
 def test_a_calibration_text_too_short_is_refused_before_the_first_step(
         tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: tuple, tokens: int) -> None:
