@@ -100,8 +100,9 @@ def artifact_layout(name: str) -> Layout | None:
              for tensor, entry in (read_safetensors_header(weights).items() if weights.is_file() else ())}
     for key, meta in tensors.items():  # a sparse matrix is stored as values and a mask, and loaded dense (fp32)
         if meta.get("format") == "sparse":
-            sizes = {t: n for t, n in sizes.items() if not t.startswith(f"{key}.")}
-            sizes[key] = 4 * math.prod(meta["shape"])
+            sizes.pop(f"{key}.values", None)
+            sizes.pop(f"{key}.mask", None)
+            sizes[f"{key}.weight"] = 4 * math.prod(meta["shape"])  # under its own prefix, as embed. / lm_head. count
     embedding = sum(size for tensor, size in sizes.items() if tensor.startswith("embed."))
     head_bytes = sum(size for tensor, size in sizes.items() if tensor.startswith("lm_head."))
     group = plan.block_size if layers == "int4" else 128
