@@ -17,6 +17,13 @@ from kiln.errors import ContextLengthError, KilnError
 from kiln.model.load import LoadedModel
 from kiln.model.tokenizer import Message
 
+
+def system_messages(system: str | None) -> list[Message]:
+    """The system turn for --system. An empty one is kept, not dropped: a template that adds its own system
+    prompt when none is given (SmolLM2's does) renders an empty one instead, so "" is how a user turns it off."""
+    return [] if system is None else [{"role": "system", "content": system}]
+
+
 HELP = "Type a message. /reset forgets the conversation, /exit leaves."
 
 
@@ -29,7 +36,7 @@ class ChatSession:
         self.generator = Generator(model or loaded.model, loaded.tokenizer)  # type: ignore[arg-type]
         self.tokenizer = loaded.tokenizer
         self.params = params
-        self.system: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.system: list[Message] = system_messages(system)
         self.history: list[Message] = []
         self._check_system()
 

@@ -164,8 +164,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         prompt = tok.encode(prompt_text)
     else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        prompt = tok.encode_chat([*messages, {"role": "user", "content": prompt_text}])
+        from kiln.chat import system_messages
+
+        prompt = tok.encode_chat([*system_messages(args.system), {"role": "user", "content": prompt_text}])
     _check_room(len(prompt), args.max_tokens, loaded.spec.max_position)
 
     line_open = [False]  # streamed text whose line is not ended yet

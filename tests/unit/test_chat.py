@@ -96,3 +96,14 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_conversation_goes_on(default_mod
     assert session.history[1]["content"] == first_shown and first_shown  # what was shown is the answer kept
     engine = session.generator.engine
     assert engine is not None and not engine.has_work and engine.cache.used_blocks == 0
+
+
+def test_an_empty_system_message_turns_off_the_templates_own(default_model: LoadedModel) -> None:
+    # "" was taken as no --system, so SmolLM2's template put its default system prompt back in
+    session = ChatSession(default_model, PARAMS, system="")
+    session.history = [{"role": "user", "content": "hi"}]
+    prompt = default_model.tokenizer.decode(session._fit_prompt()[0], skip_special_tokens=False)
+    assert prompt.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi") and "SmolLM" not in prompt
+    session = ChatSession(default_model, PARAMS)  # no --system at all: the template's default stays
+    session.history = [{"role": "user", "content": "hi"}]
+    assert "SmolLM" in default_model.tokenizer.decode(session._fit_prompt()[0], skip_special_tokens=False)

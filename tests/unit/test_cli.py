@@ -286,6 +286,26 @@ def test_ctrl_c_while_generate_streams_ends_the_text_s_line(monkeypatch: pytest.
     assert captured.out == "Once upon a\n" and captured.err == "kiln: interrupted\n"
 
 
+def test_generate_sends_an_empty_system_message(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # --system "" was dropped, and the template's default system prompt was sent in its place
+    from kiln.engine.generate import Generator
+
+    prompts: list[list[int]] = []
+
+    def records_the_prompt(self: Generator, batch: list[list[int]], params: object, on_text: object = None) -> None:
+        prompts.extend(batch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_end_on_next_ctrl_c", lambda: None)  # leaves pytest's SIGINT handler alone
+    monkeypatch.setattr(Generator, "generate", records_the_prompt)
+    assert cli.main(["generate", "hi", "--system", "", "--runtime", "torch"]) == 130
+    from kiln.model.load import load_tokenizer
+
+    text = load_tokenizer()[1].decode(prompts[0], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi") and "SmolLM" not in text
+
+
 @pytest.mark.parametrize("flag, value", [("--kv-budget-mb", "nan"), ("--kv-budget-mb", "inf"), ("--kv-budget-mb", "-1"),
                                          ("--max-running", "0"), ("--max-batch-tokens", "0"), ("--speculate", "3")])
 def test_a_serve_sizing_flag_out_of_range_is_one_line_naming_it(flag: str, value: str, monkeypatch: pytest.MonkeyPatch,
