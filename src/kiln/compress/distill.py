@@ -56,12 +56,28 @@ def student_layers(teacher_layers: int, wanted: int | None, layers: list[int] | 
             raise InvalidParameterError(
                 f"student layers {layers!r} are not allowed; list distinct teacher layer indices from 0 to "
                 f"{teacher_layers - 1}, e.g. {{\"layers\": [0, {teacher_layers - 1}]}}")
+        _check_smaller(teacher_layers, len(layers))
         return layers
     if wanted is not None and wanted > teacher_layers:
         raise InvalidParameterError(
             f"a student of {wanted} layers cannot be taken from a teacher of {teacher_layers}; pass --student-layers "
-            f"(student_layers in a recipe) of at most {teacher_layers}")
+            f"(student_layers in a recipe) below {teacher_layers}")
+    _check_smaller(teacher_layers, teacher_layers // 2 if wanted is None else wanted)
     return layer_choice(teacher_layers, wanted or teacher_layers // 2)
+
+
+def _check_smaller(teacher_layers: int, count: int) -> None:
+    """A student with every teacher layer was a full copy of the teacher, trained and written as if smaller;
+    one with none (half of a one-layer teacher, by default) was an empty model that failed later."""
+    if count < 1:
+        raise InvalidParameterError(
+            f"a teacher of {teacher_layers} layer has no smaller student (a student keeps at least one layer); "
+            "distill from a deeper model")
+    if count >= teacher_layers:
+        raise InvalidParameterError(
+            f"a student of {count} layers keeps all of the teacher's {teacher_layers} and is no smaller; pass "
+            f"--student-layers (student_layers in a recipe) below {teacher_layers}, or a --student-config with "
+            "fewer layers")
 
 
 def make_student(teacher: LlamaModel, layers: list[int]) -> LlamaModel:

@@ -30,8 +30,9 @@ from kiln.compress.quantize.qlinear import LAYER_KINDS, Int4Linear, Int8Linear, 
 from kiln.compress.recipe import Distill, LowRank, Prune, Quantize, Recipe, Step, kind_of
 from kiln.errors import Interrupted, InvalidParameterError, ModelFormatError
 from kiln.model.llama import Block, LlamaModel
-from kiln.model.load import LoadedModel, load
+from kiln.model.load import LoadedModel, load, read_config
 from kiln.model.source import resolve
+from kiln.model.spec import ModelSpec
 
 AWQ_SAMPLE_ROWS = 2048  # calibration input rows kept per layer for AWQ's searches
 
@@ -312,6 +313,28 @@ def check_uncompressed(model: str) -> None:
             f"weights; pass the model it was made from ({manifest.source.get('name')}) with the whole recipe")
 
 
+def config_depth(model: str) -> int | None:
+    """The model's decoder layers from its config.json, read without loading any weights; None for a GGUF,
+    whose config only exists once it is converted."""
+    source = resolve(model)
+    if source.kind == "gguf":
+        return None
+    return ModelSpec.from_hf_config(read_config(source.path)).num_layers
+
+
+def check_student_layers(model: str, recipe: Recipe) -> None:
+    """Refuse a distill step's student before the load, following the depth through the steps before it: one
+    as deep as the model it learns from was refused only after the load and every earlier step had run."""
+    depth = config_depth(model)
+    if depth is None:  # distil() checks it against the loaded model
+        return
+    for step in recipe.steps:
+        if isinstance(step, Distill):
+            depth = len(distill.student_layers(depth, step.student_layers, None))
+        elif isinstance(step, Prune) and step.method == "layers":
+            depth -= structured.layers_to_remove(depth, step.sparsity)
+
+
 def reads_calibration(step: Step) -> bool:
     """Whether a step runs calibration text through the model (the runners above: GPTQ, AWQ, SmoothQuant, Wanda
     scores, structured importance, distillation and low-rank recovery)."""
@@ -337,6 +360,7 @@ def compress(model: str, recipe: Recipe, out: Path, data_dir: Path | None = None
     check_not_source(model, out)
     check_uncompressed(model)
     check_calibration(recipe, data_dir)
+    check_student_layers(model, recipe)
     loaded = load(model, precision="fp32", progress=progress)
     ctx = Context(loaded, recipe, data_dir, progress)
     _check_calibration_text(ctx)
@@ -366,6 +390,9 @@ def distill_to_artifact(teacher: str, cfg: Distill, out: Path, layers: list[int]
             f"{checkpoint} holds the checkpoint of an interrupted run of {out}; pass --resume to continue it, or "
             "delete that folder to start afresh")
     check_uncompressed(teacher)
+    depth = config_depth(teacher)
+    if depth is not None:  # the student's layers are checked again against the loaded teacher in distil()
+        distill.student_layers(depth, cfg.student_layers, layers)
     check_calibration(Recipe((cfg,)), data_dir)
     ctx = Context(load(teacher, precision="fp32", progress=progress), Recipe((cfg,)), data_dir, progress)
     try:

@@ -131,6 +131,10 @@ class Prune:
         _choice(where, "method", self.method, ("magnitude", "wanda", "2:4", "heads", "channels", "layers"))
         _choice(where, "score", self.score, ("magnitude", "wanda"))
         _range(where, "sparsity", self.sparsity, 0.0, 0.95)
+        # every method but 2:4 reads sparsity, and at 0.0 it removed nothing while the manifest said pruned
+        if self.method != "2:4" and self.sparsity == 0:
+            raise RecipeError(f"{where}: sparsity = {self.sparsity!r} removes nothing by method = {self.method!r}; "
+                              "use a number in (0.0, 0.95]")
 
     def ignored(self) -> dict[str, str]:
         """The fields these settings do not read, each with why."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from kiln.compress import distill, lowrank
 from kiln.compress.quantize.qlinear import LowRankLinear
-from kiln.compress.recipe import Distill
+from kiln.compress.recipe import Distill, Prune, Recipe
 from kiln.errors import InvalidParameterError
 from kiln.model.llama import LlamaModel
 
@@ -221,6 +221,7 @@ def test_ctrl_c_in_kiln_distill_says_how_to_resume(tiny: LlamaModel, tmp_path: P
                           checkpoint=checkpoint, every=3, progress=False, on_step=ctrl_c)
 
         monkeypatch.setattr(pipeline, "check_uncompressed", lambda *a: None)
+        monkeypatch.setattr(pipeline, "config_depth", lambda *a: None)
         monkeypatch.setattr(pipeline, "load", lambda *a, **k: None)
         monkeypatch.setattr(pipeline, "distil", distil)
         with pytest.raises(Interrupted) as caught:
@@ -250,8 +251,40 @@ def test_impossible_students_are_refused(wanted: int | None, layers: object, mes
 
 def test_student_layers_default_to_half_the_teacher() -> None:
     assert distill.student_layers(30, None, None) == distill.layer_choice(30, 15)
-    assert distill.student_layers(4, 4, None) == [0, 1, 2, 3]
+    assert distill.student_layers(4, 3, None) == [0, 2, 3]
     assert distill.student_layers(4, None, [3, 0]) == [3, 0]
+
+
+@pytest.mark.parametrize("wanted,layers", [(4, None), (None, [0, 1, 2, 3]), (None, [3, 2, 1, 0])])
+def test_a_student_with_all_the_teachers_layers_is_refused(wanted: int | None, layers: list[int] | None) -> None:
+    # it copied the whole teacher, trained it, and wrote a "student" as large as the teacher
+    with pytest.raises(InvalidParameterError, match=r"a student of 4 layers keeps all of the teacher's 4 and is no "
+                                                    r"smaller; pass --student-layers .* below 4"):
+        distill.student_layers(4, wanted, layers)
+
+
+def test_a_one_layer_teacher_has_no_default_student() -> None:
+    # half of one layer is none: the student had no layers at all
+    with pytest.raises(InvalidParameterError, match="a teacher of 1 layer has no smaller student"):
+        distill.student_layers(1, None, None)
+
+
+def test_a_student_as_deep_as_the_teacher_is_refused_before_the_load(
+        tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.cli import main
+    from kiln.compress import pipeline
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_teacher)
+    out = tmp_path / "student"
+    # the tiny teacher has 2 layers, read from its config.json
+    assert main(["distill", "--teacher", str(tiny_folder), "--student-layers", "2", "--steps", "1",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "keeps all of the teacher's 2 and is no smaller" in err
+    assert not out.exists()
 
 
 def test_student_config_that_is_not_a_list_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -491,3 +524,19 @@ def test_ctrl_c_while_a_checkpoint_is_written_leaves_no_half_written_copy(tiny: 
                       progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert (checkpoint / "weights.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize("steps", [
+    (Distill(student_layers=2, steps=1),),
+    (Prune(sparsity=0.5, method="layers"), Distill(student_layers=1, steps=1)),  # 2 layers, then 1 left
+])
+def test_a_recipe_student_as_deep_as_its_teacher_is_refused_before_the_load(
+        tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: tuple[Prune | Distill, ...]) -> None:
+    from kiln.compress import pipeline
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_model)
+    with pytest.raises(InvalidParameterError, match=r"a student of \d layers keeps all of the teacher's \d"):
+        pipeline.compress(str(tiny_folder), Recipe(steps), tmp_path / "out", progress=False)

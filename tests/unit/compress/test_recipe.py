@@ -278,7 +278,7 @@ def test_the_test_split_is_refused_before_the_load_for_every_reader(tmp_path: Pa
 
 @pytest.mark.parametrize("steps,tokens", [
     ((Prune(sparsity=0.5, method="magnitude"), Quantize(bits=4, method="gptq")), 32),
-    ((Prune(sparsity=0.5, method="layers"), Distill(steps=1, seq_len=32)), 8),
+    ((Prune(sparsity=0.5, method="heads"), Distill(steps=1, seq_len=32)), 8),
 ])
 def test_a_calibration_text_too_short_is_refused_before_the_first_step(
         tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: tuple, tokens: int) -> None:
@@ -346,6 +346,23 @@ def test_a_recipe_copied_from_a_manifest_reads_back() -> None:
     # every field is written out, at its default where the step does not read it
     recipe = Recipe((Prune(method="2:4", score="magnitude"), Quantize(bits=8, method="smoothquant", alpha=0.7)))
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "heads", "channels", "layers"])
+def test_a_sparsity_that_removes_nothing_is_refused(tmp_path: Path, method: str) -> None:
+    text = f'[[step]]\nkind = "prune"\nmethod = "{method}"\nsparsity = 0.0'
+    with pytest.raises(RecipeError, match=rf"step 1 \(prune\): sparsity = 0.0 removes nothing by method = "
+                                          rf"'{method}'; use a number in \(0.0, 0.95\]"):
+        Recipe.from_toml(write(tmp_path, text))
+    Recipe((Prune(sparsity=0.0, method="2:4"),))  # 2:4 removes half whatever sparsity says
+
+
+def test_the_prune_flag_at_zero_is_refused_before_the_load() -> None:
+    from kiln.cli import _recipe_from_flags, build_parser
+
+    args = build_parser().parse_args(["compress", "--prune", "0.0", "-o", "out"])
+    with pytest.raises(RecipeError, match=r"sparsity = 0.0 removes nothing by method = 'magnitude'"):
+        _recipe_from_flags(args)
 
 
 def test_prune_flag_with_two_four_must_be_half() -> None:
