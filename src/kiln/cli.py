@@ -486,7 +486,8 @@ def _recipe_from_flags(args: argparse.Namespace):  # noqa: ANN202 (keeps the imp
         method = "smoothquant" if args.quantize == "w8a8" else args.method or "rtn"
         # the step options left out take the step's defaults (_check_step_options refused those it does not read)
         given = {name: value for name, value in (("group_size", args.group_size), ("alpha", args.alpha),
-                                                  ("target", args.gptq_target), ("refit", args.gptq_refit))
+                                                  ("target", args.gptq_target), ("refit", args.gptq_refit),
+                                                  ("zero_point", args.zero_point))
                  if value is not None}
         steps.append(Quantize(bits=bits, method=method, symmetric=bool(args.symmetric),
                               keep_embeddings=args.quantize_embeddings is None,
@@ -528,6 +529,9 @@ def _step_options(args: argparse.Namespace) -> list[tuple[str, Any, bool, str]]:
         ("--method", args.method, quantize, "--quantize int8 or int4 (w8a8 is SmoothQuant)"),
         ("--group-size", args.group_size, args.quantize == "int4", "--quantize int4"),
         ("--symmetric", args.symmetric, args.quantize == "int4", "--quantize int4"),
+        # a symmetric grid's zero point is always 8: --zero-point beside --symmetric would be dropped
+        ("--zero-point", args.zero_point, args.quantize == "int4" and not args.symmetric,
+         "--quantize int4, asymmetric (no --symmetric)"),
         ("--alpha", args.alpha, args.quantize == "w8a8", "--quantize w8a8"),
         ("--gptq-target", args.gptq_target, quantize and args.method == "gptq", "--method gptq"),
         ("--gptq-refit", args.gptq_refit, quantize and args.method == "gptq", "--method gptq"),
@@ -856,6 +860,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["rtn", "gptq", "awq"], default=None, help="quantization method (default rtn)")
     p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (32, 64, 128; default 128)")
     p.add_argument("--symmetric", action="store_true", default=None, help="int4: symmetric grid")
+    p.add_argument("--zero-point", choices=["float", "integer"], default=None,
+                   help="int4 asymmetric: each group's offset is its minimum (float, llama.cpp's Q4_1; the default) "
+                        "or an integer zero point (integer, as GPTQ / AWQ checkpoints; ONNX Runtime runs it as fast "
+                        "as symmetric)")
     p.add_argument("--quantize-embeddings", nargs="?", const="same", choices=["same", "int8"], default=None,
                    help="also quantize the embedding / lm_head: at the layers' bits, or int8 (int4 layers with an "
                         "int8 head, as llama.cpp keeps its output matrix at 6-8 bits)")

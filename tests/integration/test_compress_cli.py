@@ -100,3 +100,23 @@ def test_sweep_makes_several_artifacts(env: dict[str, str], tmp_path: Path) -> N
     proc = run(env, "compress", "--sweep", str(sweep), "-o", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "a" / "manifest.json").is_file() and (tmp_path / "out" / "b" / "manifest.json").is_file()
+
+
+def test_int4_with_integer_zero_points(env: dict[str, str], tmp_path: Path) -> None:
+    # offsets -z x scale, which the ONNX export hands MatMulNBits as its zero points (its fast kernels)
+    import torch
+
+    from kiln.compress.quantize.qlinear import Int4Linear
+    from kiln.model.load import load
+
+    out = tmp_path / "int4-zero"
+    proc = run(env, "compress", "--quantize", "int4", "--zero-point", "integer", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    step = json.loads((out / "manifest.json").read_text())["recipe"]["steps"][0]
+    assert step["bits"] == 4 and step["zero_point"] == "integer" and not step["symmetric"]
+    layers = [m for m in load(str(out)).model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 4 * 30  # SmolLM2-135M's 30 blocks, four int4 matrices each
+    for layer in layers:
+        z = -layer.offsets.double() / layer.scales.double()
+        assert (z - z.round()).abs().max() <= 1e-4 and z.min() > -0.5 and z.max() < 15.5
+    assert bool(torch.cat([layer.offsets.flatten() for layer in layers]).ne(0).any())

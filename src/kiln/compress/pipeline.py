@@ -88,7 +88,7 @@ def _set(block: Block, name: str, module: nn.Module) -> None:
 def _quantized(layer: nn.Linear, step: Quantize) -> nn.Module:
     if step.bits == 8:
         return Int8Linear.from_float(layer)
-    return Int4Linear.from_float(layer, step.group_size, step.symmetric)
+    return Int4Linear.from_float(layer, step.group_size, step.symmetric, integer_zero=step.integer_zero)
 
 
 def _quantize_head(ctx: Context, step: Quantize) -> None:
@@ -122,13 +122,13 @@ def quantize(ctx: Context, step: Quantize) -> None:
                         weight = seen.drift_corrected(weight, step.damp)
                     _, packed = gptq.gptq(weight, seen.hessian_matrix(), step.bits, step.group_size,
                                           step.symmetric, step.damp,
-                                          refit_rounds=step.refit)
+                                          refit_rounds=step.refit, integer_zero=step.integer_zero)
                     bias = None if layer.bias is None else layer.bias.detach().float()
                     _set(block, name, Int8Linear(*packed, bias) if isinstance(packed, tuple) else
                          Int4Linear(packed, bias))
             elif step.method == "awq":
                 stats = walker.collect(i, LINEARS, keep_rows=AWQ_SAMPLE_ROWS)
-                awq.apply_to_block(block, stats, step.group_size, step.symmetric)
+                awq.apply_to_block(block, stats, step.group_size, step.symmetric, integer_zero=step.integer_zero)
                 for name in LINEARS:
                     _set(block, name, _quantized(_linear(block, name), step))
             else:  # smoothquant: W8A8

@@ -12,6 +12,7 @@
     method = "gptq"          # rtn | gptq | awq | smoothquant (W8A8)
     group_size = 128
     symmetric = false
+    zero_point = "float"     # int4 asymmetric: "float" offset (Q4_1's) or "integer" zero point (GPTQ's, AWQ's)
     keep_embeddings = true   # embeddings and lm_head stay in full precision
     head_bits = 0            # with keep_embeddings = false: 0 = the step's bits, 8 = int8 (for int4 steps)
     target = "model"         # gptq: aim at the uncompressed model's outputs (or "layer": each layer's own)
@@ -80,6 +81,10 @@ class Quantize:
     method: str = "rtn"  # rtn | gptq | awq | smoothquant (W8A8: int8 weights and dynamic int8 activations)
     group_size: int = 128  # int4 only: inputs per scale
     symmetric: bool = False  # int4 only: symmetric grid (no zero point)
+    # int4 asymmetric only: each group's offset is its minimum ("float", llama.cpp's Q4_1) or -z * scale with z
+    # an integer in 0..15 ("integer", as GPTQ / AWQ checkpoints store it), which ONNX Runtime's MatMulNBits
+    # runs on its fast kernels while float offsets take extra nodes
+    zero_point: str = "float"
     keep_embeddings: bool = True  # keep the embedding and lm_head unquantized
     # bits of a quantized embedding / lm_head: 0 = the step's own; 8 under an int4 step is what llama.cpp
     # does with its output matrix (8 or 6 bits): a quarter of fp32's bytes, which a decode step reads in full
@@ -94,6 +99,7 @@ class Quantize:
         _choice(where, "method", self.method, ("rtn", "gptq", "awq", "smoothquant"))
         if self.bits == 4:
             _choice(where, "group_size", self.group_size, (32, 64, 128))
+        _choice(where, "zero_point", self.zero_point, ("float", "integer"))
         if self.method == "smoothquant" and self.bits != 8:
             raise RecipeError(f"{where}: method = 'smoothquant' is W8A8; set bits = 8")
         if self.method == "awq" and self.bits != 4:
@@ -107,12 +113,20 @@ class Quantize:
         _range(where, "refit", self.refit, 0, 10, int)
         _choice(where, "target", self.target, ("layer", "model"))
 
+    @property
+    def integer_zero(self) -> bool:
+        """Whether the int4 groups' offsets are integer zero points (-z * scale) rather than float minima."""
+        return self.bits == 4 and not self.symmetric and self.zero_point == "integer"
+
     def ignored(self) -> dict[str, str]:
         """The fields these settings do not read, each with why."""
         ignored: dict[str, str] = {}
         if self.bits == 8:
             ignored.update(group_size="at bits = 8 (one scale per output channel)",
-                           symmetric="at bits = 8 (its grid is always symmetric)")
+                           symmetric="at bits = 8 (its grid is always symmetric)",
+                           zero_point="at bits = 8 (its grid is always symmetric)")
+        elif self.symmetric:
+            ignored["zero_point"] = "with symmetric = true (its zero point is always 8)"
         if self.method != "smoothquant":
             ignored["alpha"] = f"by method = {self.method!r} (it is SmoothQuant's)"
         if self.method != "gptq":

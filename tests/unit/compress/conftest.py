@@ -27,3 +27,10 @@ def tiny() -> LlamaModel:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(1))
+
+
+def integral_zero_points(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """-offset / scale per group, checked to be an integer in 0..15 as a reader recovers it (MatMulNBits' z)."""
+    z = -offsets.double() / scales.double()
+    assert (z - z.round()).abs().max() <= 1e-4 and z.round().min() >= 0 and z.round().max() <= 15
+    return z.round()

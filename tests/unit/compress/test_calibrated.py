@@ -46,3 +46,16 @@ def test_gptq_targets_beat_round_to_nearest(tiny: LlamaModel, calib_tokens: torc
         errors[name] = _logit_error(model, tiny, calib_tokens)
     assert errors["layer"] < errors["rtn"]
     assert errors["model"] < errors["layer"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_integer_zero_points_reach_every_int4_layer_and_the_head(tiny: LlamaModel, calib_tokens: torch.Tensor,
+                                                                method: str) -> None:
+    from .conftest import integral_zero_points
+
+    step = Quantize(bits=4, method=method, group_size=32, zero_point="integer", keep_embeddings=False)
+    model = _quantized(tiny, calib_tokens, step)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert model.lm_head in layers and len(layers) == 4 * len(model.layers) + 1
+    for layer in layers:
+        integral_zero_points(layer.scales, layer.offsets)

@@ -37,3 +37,23 @@ def test_smoothquant_and_awq_keep_the_float_block(tiny: LlamaModel, tokens: torc
     layer = tiny.layers[2].mlp.down_proj
     s = awq.search_scale(layer, stats["mlp.down_proj"], 32, False)
     assert s.shape == (layer.in_features,) and torch.isfinite(s).all() and (s > 0).all()
+
+
+def test_awq_searches_on_the_integer_zero_point_grid(tiny: LlamaModel, tokens: torch.Tensor,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # the scales and clipping ratios were chosen for float offsets, then the layers got integer zero points
+    from kiln.compress.quantize import grid
+
+    seen: list[bool] = []
+    real = grid.fake_quantize
+
+    def spy(*args: object, integer_zero: bool = False) -> torch.Tensor:
+        seen.append(integer_zero)
+        return real(*args, integer_zero=integer_zero)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(grid, "fake_quantize", spy)
+    block = tiny.layers[0]
+    assert isinstance(block, Block)
+    awq.apply_to_block(block, BlockWalker(tiny, tokens).collect(0, LINEARS, keep_rows=64), 32, False,
+                       integer_zero=True)
+    assert seen and all(seen)

@@ -9,6 +9,8 @@ from torch import nn
 from kiln.compress.quantize import grid, qlinear
 from kiln.compress.quantize.qlinear import Int4Linear, Int8Linear, LowRankLinear, QuantEmbedding, W8A8Linear, widened
 
+from .conftest import integral_zero_points
+
 
 @pytest.fixture
 def layer() -> nn.Linear:
@@ -29,13 +31,18 @@ def test_int8(layer: nn.Linear) -> None:
     assert torch.allclose(roundtrip(q)(x), q(x))
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_int4(layer: nn.Linear, symmetric: bool) -> None:
-    q = Int4Linear.from_float(layer, 32, symmetric)
+@pytest.mark.parametrize("symmetric,integer_zero", [(False, False), (True, False), (False, True)])
+def test_int4(layer: nn.Linear, symmetric: bool, integer_zero: bool) -> None:
+    q = Int4Linear.from_float(layer, 32, symmetric, integer_zero=integer_zero)
     x = torch.randn(2, 96)
-    expected = torch.nn.functional.linear(x, grid.fake_quantize(layer.weight.detach(), 4, 32, symmetric), layer.bias)
+    deq = grid.fake_quantize(layer.weight.detach(), 4, 32, symmetric, integer_zero=integer_zero)
+    expected = torch.nn.functional.linear(x, deq, layer.bias)
     assert torch.allclose(q(x), expected, atol=1e-5)
     assert torch.allclose(roundtrip(q)(x), q(x))
+    if integer_zero:  # stored as offsets -z * scale, which read back as integers
+        restored = roundtrip(q)
+        assert isinstance(restored, Int4Linear)
+        integral_zero_points(restored.scales, restored.offsets)
     assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (40, 48)
 
 

@@ -51,6 +51,8 @@ symmetric = true
     ('[[step]]\nkind = "quantize"\nbits = 4\nmethod = "smoothquant"', r"set bits = 8"),
     ('[[step]]\nkind = "quantize"\nmethod = "gptq"\ntarget = "block"', r"target = 'block' .* 'layer', 'model'"),
     ('[[step]]\nkind = "quantize"\nmethod = "gptq"\nrefit = 11', r"refit = 11 .* \[0, 10\]"),
+    ('[[step]]\nkind = "quantize"\nbits = 4\nzero_point = "int"',
+     r"step 1 \(quantize\): zero_point = 'int' is not allowed; use one of 'float', 'integer'"),
     ('[[step]]\nkind = "quantize"\nbits = 4\nkeep_embeddings = false\nhead_bits = 4',
      r"head_bits = 4 is not allowed; use one of 0, 8"),
     ('[[step]]\nkind = "quantize"\nbits = 4\nhead_bits = 8', r"head_bits = 8 .* set keep_embeddings = false"),
@@ -193,6 +195,9 @@ def test_a_recipe_file_takes_no_step_flags(tmp_path: Path, capsys: pytest.Captur
     (["--quantize", "w8a8", "--method", "gptq"], "--method applies with --quantize int8 or int4"),  # made SmoothQuant
     (["--quantize", "int8", "--group-size", "32"], "--group-size applies with --quantize int4"),  # per channel
     (["--quantize", "int8", "--symmetric"], "--symmetric applies with --quantize int4"),
+    (["--quantize", "int8", "--zero-point", "integer"], "--zero-point applies with --quantize int4, asymmetric"),
+    (["--quantize", "int4", "--symmetric", "--zero-point", "integer"], "--zero-point applies with --quantize int4, "
+     "asymmetric (no --symmetric)"),  # a symmetric grid's zero point is 8
     (["--quantize", "int4", "--alpha", "0.8"], "--alpha applies with --quantize w8a8"),
     (["--quantize", "int4", "--gptq-refit", "0"], "--gptq-refit applies with --method gptq"),
     (["--quantize", "int4", "--method", "awq", "--gptq-target", "layer"], "--gptq-target applies with --method gptq"),
@@ -221,6 +226,19 @@ def test_step_options_left_out_take_the_steps_defaults() -> None:
     gptq = recipe("--quantize", "int4", "--method", "gptq", "--group-size", "32", "--symmetric", "--gptq-refit", "0",
                   "--gptq-target", "layer").steps[0]
     assert gptq == Quantize(bits=4, method="gptq", group_size=32, symmetric=True, refit=0, target="layer")
+    integer = recipe("--quantize", "int4", "--zero-point", "integer").steps[0]
+    assert integer == Quantize(bits=4, zero_point="integer") and integer.integer_zero
+
+
+def test_integer_zero_points_are_read_at_four_bits_asymmetric(tmp_path: Path) -> None:
+    recipe = Recipe.from_toml(write(tmp_path, '[[step]]\nkind = "quantize"\nbits = 4\nmethod = "gptq"\n'
+                                              'zero_point = "integer"\n'))
+    step = recipe.steps[0]
+    assert isinstance(step, Quantize) and step.zero_point == "integer" and step.integer_zero
+    assert Recipe.from_dict(recipe.to_dict()) == recipe and recipe.to_dict()["steps"][0]["zero_point"] == "integer"
+    # the default reads back from a manifest at any bits, as the other grid fields do
+    assert Recipe.from_dict(Recipe((Quantize(bits=8),)).to_dict()).steps[0] == Quantize(bits=8)
+    assert not Quantize(bits=4, symmetric=True, zero_point="integer").integer_zero
 
 
 def test_a_missing_calibration_file_is_refused_before_the_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -333,6 +351,9 @@ def test_lowrank_recovery_trains_within_a_short_context(tiny_folder: Path, tmp_p
     ('kind = "prune"\nmethod = "wanda"\nscore = "magnitude"', r"score = 'magnitude' is not read by method = 'wanda'"),
     ('kind = "quantize"\nbits = 8\ngroup_size = 32', r"group_size = 32 is not read at bits = 8"),
     ('kind = "quantize"\nbits = 8\nsymmetric = true', r"symmetric = True is not read at bits = 8"),
+    ('kind = "quantize"\nbits = 8\nzero_point = "integer"', r"zero_point = 'integer' is not read at bits = 8"),
+    ('kind = "quantize"\nbits = 4\nsymmetric = true\nzero_point = "integer"',
+     r"zero_point = 'integer' is not read with symmetric = true .*; leave zero_point out"),
     ('kind = "quantize"\nbits = 4\nalpha = 0.8', r"alpha = 0.8 is not read by method = 'rtn' \(it is SmoothQuant's\)"),
     ('kind = "quantize"\nbits=4\nmethod="awq"\ntarget="layer"', r"target = 'layer' is not read by method = 'awq'"),
 ])

@@ -25,24 +25,26 @@ def _error(x: Tensor, w: Tensor, w_q: Tensor) -> float:
 
 
 def search_scale(layer: nn.Linear, stats: InputStats, group_size: int, symmetric: bool,
-                 shared: tuple[int, int, int] | None = None) -> Tensor:
+                 shared: tuple[int, int, int] | None = None, *, integer_zero: bool = False) -> Tensor:
     """The input scale s that minimises the quantized output error (s = 1 when nothing helps)."""
     w = layer.weight.detach().float()
     x = stats.sample()
     base = stats.mean_abs.clamp(min=1e-6)
-    best_s, best_err = torch.ones_like(base), _error(x, w, grid.fake_quantize(w, 4, group_size, symmetric))
+    best_s = torch.ones_like(base)
+    best_err = _error(x, w, grid.fake_quantize(w, 4, group_size, symmetric, integer_zero=integer_zero))
     for step in range(1, GRID):
         s = base.pow(step / GRID)
         s = s / (s.max() * s.min()).sqrt()
         if shared is not None:
             s = group_shared(s, *shared)
-        err = _error(x / s, w * s, grid.fake_quantize(w * s, 4, group_size, symmetric))
+        err = _error(x / s, w * s, grid.fake_quantize(w * s, 4, group_size, symmetric, integer_zero=integer_zero))
         if err < best_err:
             best_s, best_err = s, err
     return best_s
 
 
-def clip_weights(layer: nn.Linear, stats: InputStats, group_size: int, symmetric: bool) -> None:
+def clip_weights(layer: nn.Linear, stats: InputStats, group_size: int, symmetric: bool, *,
+                 integer_zero: bool = False) -> None:
     """Clip each group's weights to the ratio of its range that minimises the output error (per group)."""
     w = layer.weight.detach().float()
     x = stats.sample()
@@ -56,7 +58,7 @@ def clip_weights(layer: nn.Linear, stats: InputStats, group_size: int, symmetric
     for ratio in CLIP_GRID:
         limit = wg.abs().amax(dim=-1, keepdim=True) * ratio
         clipped = wg.clamp(-limit, limit).reshape(w.shape[0], -1)
-        deq = grid.fake_quantize(clipped[:, : w.shape[1]], 4, group_size, symmetric)
+        deq = grid.fake_quantize(clipped[:, : w.shape[1]], 4, group_size, symmetric, integer_zero=integer_zero)
         dq = grid.pad_inputs(deq, group_size).view(w.shape[0], groups, group_size)
         err = (torch.einsum("tgi,ogi->tog", xp, dq) - ref).pow(2).mean(dim=0)  # [out, groups]
         better = err < best_err
@@ -65,15 +67,18 @@ def clip_weights(layer: nn.Linear, stats: InputStats, group_size: int, symmetric
     layer.weight.data = best.reshape(w.shape[0], -1)[:, : w.shape[1]].to(layer.weight.dtype)
 
 
-def apply_to_block(block: Block, stats: dict[str, InputStats], group_size: int, symmetric: bool) -> None:
-    """Search and fold the scales of the block's four linear layers, then clip their weights."""
+def apply_to_block(block: Block, stats: dict[str, InputStats], group_size: int, symmetric: bool, *,
+                   integer_zero: bool = False) -> None:
+    """Search and fold the scales of the block's four linear layers, then clip their weights, each search
+    on the grid the layers will be quantized to (`integer_zero`: integer zero points)."""
     attn = block.attn
     heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
     for name in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         layer = block.get_submodule(name)
         assert isinstance(layer, nn.Linear)
-        s = search_scale(layer, stats[name], group_size, symmetric, heads if name == "attn.o_proj" else None)
+        s = search_scale(layer, stats[name], group_size, symmetric, heads if name == "attn.o_proj" else None,
+                         integer_zero=integer_zero)
         fold(block, name, s)
         stats[name].rows = [r / s for r in stats[name].rows]  # the inputs the layer now receives
         if name != "attn.qkv_proj":  # as in the paper's code, q/k are not clipped (softmax is sensitive)
-            clip_weights(layer, stats[name], group_size, symmetric)
+            clip_weights(layer, stats[name], group_size, symmetric, integer_zero=integer_zero)

@@ -40,12 +40,13 @@ def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
 
 
 def gptq(weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool,
-         damp: float = 0.01, act_order: bool = True,
-         refit_rounds: int = 0) -> tuple[Tensor, tuple[Tensor, Tensor] | grid.Int4Weight]:
+         damp: float = 0.01, act_order: bool = True, refit_rounds: int = 0, *,
+         integer_zero: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor] | grid.Int4Weight]:
     """Returns (dequantized weight, packed form): (q int8, scales) for 8 bits, an Int4Weight for 4.
 
     `refit_rounds` (int4): after a pass, refit every group's scale and offset to the chosen integers
-    (`refit_int4`), then run the pass again on the refitted grids, this many times."""
+    (`refit_int4`), then run the pass again on the refitted grids, this many times. `integer_zero`
+    (int4, asymmetric): offsets -z * scale with z an integer per group, kept through the refits."""
     w = weight.float().clone()
     in_features = w.shape[1]
     h = hessian.clone()
@@ -54,12 +55,13 @@ def gptq(weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric:
     w[:, dead] = 0
 
     int8_scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-    scales, offsets = grid.int4_params_mse(w, group_size, symmetric)  # static groups, from the original weights
+    # static groups, from the original weights
+    scales, offsets = grid.int4_params_mse(w, group_size, symmetric, integer_zero=integer_zero)
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features)
     hinv = _inverse_hessian_factor(h[order][:, order], damp)
     deq, q_all = _pass(w, hinv, order, bits, int8_scales, scales, offsets, group_size)
     for round_ in range(refit_rounds if bits == 4 else 0):
-        scales, offsets = refit_int4(w, h, q_all, scales, offsets, group_size, symmetric)
+        scales, offsets = refit_int4(w, h, q_all, scales, offsets, group_size, symmetric, integer_zero=integer_zero)
         if round_ + 1 < refit_rounds:  # the integers again, on the refitted grids
             deq, q_all = _pass(w, hinv, order, bits, int8_scales, scales, offsets, group_size)
         else:
@@ -111,21 +113,37 @@ def _pass(weight: Tensor, hinv: Tensor, order: Tensor, bits: int, int8_scales: T
     return deq[:, inverse], q_all[:, inverse]
 
 
+def fixed_zero_points(scales: Tensor, offsets: Tensor, symmetric: bool, integer_zero: bool) -> Tensor | None:
+    """The groups' integer zero points z [out, G] (offset = -z * scale) that a refit keeps, or None where the
+    offsets are free floats to solve for: 8 throughout when symmetric, each group's own with integer_zero."""
+    if symmetric:
+        return torch.full_like(scales, 8.0)
+    if integer_zero:
+        return torch.round(-offsets / scales)
+    return None
+
+
 def refit_int4(weight: Tensor, hessian: Tensor, q: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
-               symmetric: bool) -> tuple[Tensor, Tensor]:
+               symmetric: bool, *, integer_zero: bool = False) -> tuple[Tensor, Tensor]:
     """Per row, the group scales and offsets that minimise the layer's output error for fixed integers q.
 
     With q fixed, a row's dequantized weights are linear in its groups' (scale, offset) pairs, so the
     error GPTQ minimises, (w - A θ)ᵀ H (w - A θ), has a closed-form minimum: (Aᵀ H A) θ = Aᵀ H w, a
-    2G x 2G system per row (G x G when symmetric, where the offset is -8 x scale). The min-max grids
-    GPTQ starts from are fitted to the weights alone; this fits them to what the layer's inputs see.
+    2G x 2G system per row. With integer zero points (z = 8 when symmetric; each group's own z with
+    `integer_zero`) the offset is -z x scale, so z stays fixed and only the scales are solved for, a
+    G x G system in q - z. The min-max grids GPTQ starts from are fitted to the weights alone; this
+    fits them to what the layer's inputs see.
     A row keeps its old grid where the solve does not lower its error (an ill-conditioned system).
     """
     w = weight.double()
     h = hessian.double()
     in_features = w.shape[1]
     groups = scales.shape[1]
-    qd = q[:, :in_features].double() - (8 if symmetric else 0)  # symmetric: w = (q - 8) * scale
+    zeros = fixed_zero_points(scales, offsets, symmetric, integer_zero)
+    free_offsets = zeros is None
+    qd = q[:, :in_features].double()
+    if zeros is not None:  # w = (q - z) * scale
+        qd = qd - zeros.double().repeat_interleave(group_size, 1)[:, :in_features]
     cols = [slice(g * group_size, min((g + 1) * group_size, in_features)) for g in range(groups)]
     # H A, column by column: a group's integers touch only its own inputs
     hq = torch.stack([qd[:, c] @ h[c, :] for c in cols])  # [G, out, in]: H times group g's integers
@@ -133,7 +151,7 @@ def refit_int4(weight: Tensor, hessian: Tensor, q: Tensor, scales: Tensor, offse
     qq = torch.stack([(hq[:, :, c] * qd[None, :, c]).sum(-1) for c in cols], -1)  # [G, out, G]
     blocks = [[qq.permute(1, 0, 2)]]  # [out, G, G]
     rhs = [(hq * w).sum(-1).T]  # Aᵀ H w, the scales' part [out, G]
-    if not symmetric:
+    if free_offsets:
         q1 = torch.stack([hq[:, :, c].sum(-1) for c in cols], -1).permute(1, 0, 2)  # [out, G(q), G(ones)]
         ones = torch.stack([h1[:, c].sum(-1) for c in cols], -1).expand(w.shape[0], groups, groups)
         blocks = [[blocks[0][0], q1], [q1.transpose(1, 2), ones]]
@@ -143,11 +161,11 @@ def refit_int4(weight: Tensor, hessian: Tensor, q: Tensor, scales: Tensor, offse
     size = lhs.shape[1]
     lhs = lhs + 1e-9 * lhs.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None] * torch.eye(size)
     theta, info = torch.linalg.solve_ex(lhs, rhs_all)
-    old = torch.cat([scales.double(), offsets.double()], 1) if not symmetric else scales.double()
+    old = torch.cat([scales.double(), offsets.double()], 1) if free_offsets else scales.double()
 
     def error(t: Tensor) -> Tensor:
         deq = qd * t[:, :groups].repeat_interleave(group_size, 1)[:, :in_features]
-        if not symmetric:
+        if free_offsets:
             deq = deq + t[:, groups:].repeat_interleave(group_size, 1)[:, :in_features]
         d = w - deq
         return ((d @ h) * d).sum(1)
@@ -155,5 +173,5 @@ def refit_int4(weight: Tensor, hessian: Tensor, q: Tensor, scales: Tensor, offse
     better = (info == 0) & torch.isfinite(theta).all(1) & (error(theta) < error(old))
     theta = torch.where(better[:, None], theta, old)
     new_scales = theta[:, :groups].float()
-    new_offsets = theta[:, groups:].float() if not symmetric else -8 * new_scales
+    new_offsets = theta[:, groups:].float() if zeros is None else -zeros * new_scales
     return new_scales, new_offsets

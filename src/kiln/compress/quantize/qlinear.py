@@ -85,8 +85,8 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_float(cls, layer: nn.Linear, group_size: int, symmetric: bool,
-                   weight: grid.Int4Weight | None = None) -> Int4Linear:
-        w = weight or grid.quantize_int4(layer.weight.detach(), group_size, symmetric)
+                   weight: grid.Int4Weight | None = None, *, integer_zero: bool = False) -> Int4Linear:
+        w = weight or grid.quantize_int4(layer.weight.detach(), group_size, symmetric, integer_zero=integer_zero)
         return cls(w, None if layer.bias is None else layer.bias.detach().float())
 
     def unpacked(self) -> grid.Int4Weight:
