@@ -8,8 +8,10 @@ or different dense model) and asks for MatMulNBits at the artifact's bits and gr
 own RTN would quantize a second time (on this model that alone costs a mean KL of about 0.27), so kiln
 then writes its artifact's exact integers into each MatMulNBits node: int4 codes with their scales
 (symmetric groups need no zero point and take ORT's fast int4 kernels, which round activations to int8),
-int8 rows as 8-bit blocks with the row's scale. Asymmetric groups with a float offset, such as Q4_1's,
-have no fast form in MatMulNBits (float zero points run on its fp32 kernels), so they are split:
+int8 rows as 8-bit blocks with the row's scale. Asymmetric groups with integer zero points (offset
+-z * s, z in 0..15: `zero_point = "integer"`) give MatMulNBits their z, which the same fast kernels take.
+Asymmetric groups with a float offset, such as Q4_1's, have no fast form in MatMulNBits (float zero
+points run on its fp32 kernels), so they are split:
 q * s + offset = (q - 8) * s + (offset + 8 s), the first term on the fast symmetric kernel and the
 second, one number per group, as a small fp32 MatMul of the input's group sums, added after (the
 default model's int4 g32 asymmetric artifact, batch-1 decode: 5.7 tok/s with float zero points, 66.7
@@ -51,8 +53,9 @@ OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
 ONNX_FILE = "model.onnx"
 # 2: the logits_to_keep input; 3: int8 artifacts in larger blocks; 4: tied int4 heads shared with the
 # embedding lookup; 5: asymmetric int4 as symmetric kernels plus group-offset terms; 6: int4 exports
-# carry a prefill graph (runtimes cache exports by version)
-EXPORT_VERSION = 6
+# carry a prefill graph; 7: integer zero points on MatMulNBits, group sums by ReduceSum (runtimes cache
+# exports by version)
+EXPORT_VERSION = 7
 # max |logit difference| / logit range on a real prompt, per precision: fp32 is the same arithmetic in
 # another order; int4 / int8 add MatMulNBits' int8 activation rounding (accuracy level 4)
 TOLERANCE = {"fp32": 1e-3, "int8": 0.05, "int4": 0.08}
@@ -102,12 +105,24 @@ def plan_for(loaded: LoadedModel, precision: OnnxPrecision) -> BuildPlan:
     return plan_for_folder(loaded.folder, loaded.spec, precision)
 
 
+def quantize_step(folder: Path) -> dict[str, Any]:
+    """The artifact's last quantize step as its manifest records it; {} for anything else."""
+    if not is_artifact(folder):
+        return {}
+    quant = [s for s in Manifest.read(folder).recipe.get("steps", []) if s.get("kind") == "quantize"]
+    return quant[-1] if quant else {}
+
+
+def float_offsets(step: dict[str, Any]) -> bool:
+    """Whether a quantize step's int4 groups carry float offsets (Q4_1's grid: the group minimum), which the
+    export splits off each MatMulNBits; integer zero points and symmetric groups run on MatMulNBits alone."""
+    return (step.get("bits") == 4 and not step.get("symmetric", False)
+            and step.get("zero_point", "float") == "float")
+
+
 def plan_for_folder(folder: Path, spec: ModelSpec, precision: OnnxPrecision) -> BuildPlan:
     """plan_for from the files alone, for `kiln plan`, which prices an artifact's export without loading it."""
-    step: dict[str, Any] = {}
-    if is_artifact(folder):
-        quant = [s for s in Manifest.read(folder).recipe.get("steps", []) if s.get("kind") == "quantize"]
-        step = quant[-1] if quant else {}
+    step = quantize_step(folder)
     head = not step.get("keep_embeddings", True)
     tied = spec.tie_embeddings
     head8 = 8 if head and step.get("bits") == 4 and step.get("head_bits") == 8 else 0  # int8 head, int4 layers
@@ -352,8 +367,12 @@ def transplant(folder: Path, model: LlamaModel) -> int:
             put(node.input[1], grid.pack_int4(codes).reshape(n, blocks, block // 2).numpy())
             put(node.input[2], scales.numpy().astype(np.float32))
             del node.input[3:]  # no zero point: MatMulNBits takes 8, (q - 8) * scale, on its fast kernels
-            extra = module.offsets[rows] + 8 * scales  # [n, blocks]: what each group adds to that; 0 if symmetric
-            if bool(extra.abs().max() > 1e-6 * scales.abs().max()):
+            zeros = integer_zero_points(module.offsets[rows], scales)
+            if zeros is not None and bool((zeros != 8).any()):  # offsets -z * s: the same fast kernels take z
+                node.input.append(f"{node.input[1]}_kiln_zero_points")
+                graph_model.graph.initializer.append(numpy_helper.from_array(pack_zero_points(zeros), node.input[3]))
+            elif zeros is None:  # float offsets (Q4_1's group minimum): split them off
+                extra = module.offsets[rows] + 8 * scales  # [n, blocks]: what each group adds to (q - 8) * s
                 added.append(_group_offsets(graph_model.graph, node, extra, block, group_sums))
             done += 1
         elif isinstance(module, Int8Linear):
@@ -426,34 +445,79 @@ def _set_attributes(node: Any, **values: int) -> None:
             attribute.i = values[attribute.name]
 
 
+def integer_zero_points(offsets: Tensor, scales: Tensor) -> Tensor | None:
+    """The groups' zero points z (uint8, 0..15) where every offset is -z x scale, else None.
+
+    An artifact quantized with integer zero points (`zero_point = "integer"`, as GPTQ and AWQ checkpoints
+    are) stores them as offsets -z * s in fp32, from which -offset / s rounds back to z; a symmetric one
+    has z = 8 throughout. Float offsets (the group minimum, Q4_1's grid) land between the integers.
+    """
+    z = -offsets.double() / scales.double()
+    rounded = z.round()
+    if bool((z - rounded).abs().max() > 1e-3) or bool(rounded.min() < 0) or bool(rounded.max() > 15):
+        return None
+    return rounded.to(torch.uint8)
+
+
+def pack_zero_points(zeros: Tensor) -> np.ndarray:
+    """MatMulNBits' 4-bit zero points: [N, ceil(blocks / 2)] bytes, a row's first block in the low nibble."""
+    from kiln.compress.quantize import grid
+
+    padded = torch.nn.functional.pad(zeros, (0, zeros.shape[1] % 2), value=8)
+    return grid.pack_int4(padded).numpy()
+
+
+def group_offset_nodes(x: str, main: str, out: str, name: str, k: int, block: int, groups: int,
+                       sums: str | None = None) -> tuple[list[Any], dict[str, np.ndarray]]:
+    """The nodes that add x's group sums times the [groups, N] initializer f"{name}/kiln_offsets" to
+    `main` (a symmetric MatMulNBits' output) as `out`, and the small initializers they need.
+
+    The group sums of x come from `sums` when another node already computed them for the same input (q/k/v;
+    gate and up), else from here: a Reshape to [..., groups, block] and a ReduceSum, where block divides K;
+    else a MatMul with a 0/1 matrix [K, groups] that stops the last, shorter group at the real inputs. A
+    0/1 matrix is as many bytes as the offsets themselves, which every decode step would read: on the
+    default model's int4 g32 artifact the ReduceSum form decodes about 3% faster (BENCHMARKS.md).
+    Also the timing graph `kiln plan --calibrate` prices this form with (plan/onnx_profile.py).
+    """
+    from onnx import helper
+
+    nodes, inits = [], {}
+    if sums is None:
+        sums = f"{name}/kiln_group_sums"
+        if k % block == 0:
+            shape, axes = f"{name}/kiln_group_shape", f"{name}/kiln_group_axes"
+            inits[shape], inits[axes] = np.array([0, 0, groups, block], np.int64), np.array([-1], np.int64)
+            nodes += [helper.make_node("Reshape", [x, shape], [f"{sums}/groups"], name=f"{sums}/groups"),
+                      helper.make_node("ReduceSum", [f"{sums}/groups", axes], [sums], name=sums, keepdims=0)]
+        else:
+            ones = f"{name}/kiln_group_ones"
+            inits[ones] = (np.arange(k)[:, None] // block == np.arange(groups)[None, :]).astype(np.float32)
+            nodes.append(helper.make_node("MatMul", [x, ones], [sums], name=sums))
+    nodes += [helper.make_node("MatMul", [sums, f"{name}/kiln_offsets"], [f"{name}/kiln_offset_terms"],
+                               name=f"{name}/kiln_offset_terms"),
+              helper.make_node("Add", [main, f"{name}/kiln_offset_terms"], [out], name=f"{name}/kiln_add_offsets")]
+    return nodes, inits
+
+
 def _group_offsets(graph: Any, node: Any, extra: Tensor, block: int,
                    group_sums: dict[str, str]) -> tuple[int, list[Any]]:
     """Make `node` (a symmetric MatMulNBits now) also add x's group sums times `extra` [N, groups].
 
     Returns (index of node, the nodes to insert after it): the caller inserts them once its walk over the
-    graph is done. The group sums are one MatMul with a 0/1 matrix [K, groups] (a last, shorter group
-    included), computed once for every node that reads the same input (q/k/v; gate and up); then one
+    graph is done. The group sums are computed once for every node that reads the same input; then one
     MatMul and one Add per node. Few nodes matter more than their arithmetic here: each node costs ORT
-    some microseconds per call, while the sums cost K x groups and the terms groups x N multiply-adds.
+    some microseconds per call, while the sums cost K and the terms groups x N multiply-adds.
     """
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     index = list(graph.node).index(node)
-    x, name = node.input[0], node.name
-    k = next(a.i for a in node.attribute if a.name == "K")
-    nodes = []
-    if x not in group_sums:
-        ones, sums = f"{name}/kiln_group_ones", f"{name}/kiln_group_sums"
-        indicator = (np.arange(k)[:, None] // block == np.arange(extra.shape[1])[None, :]).astype(np.float32)
-        graph.initializer.append(numpy_helper.from_array(indicator, ones))
-        nodes.append(helper.make_node("MatMul", [x, ones], [sums], name=sums))
-        group_sums[x] = sums
-    weight, main, out = f"{name}/kiln_offsets", f"{name}/kiln_symmetric", node.output[0]
-    graph.initializer.append(numpy_helper.from_array(extra.t().contiguous().numpy().astype(np.float32), weight))
+    x, name, main = node.input[0], node.name, f"{node.name}/kiln_symmetric"
+    nodes, inits = group_offset_nodes(x, main, node.output[0], name, node_k(node), block, extra.shape[1],
+                                      group_sums.get(x))
+    group_sums.setdefault(x, f"{name}/kiln_group_sums")
+    inits[f"{name}/kiln_offsets"] = extra.t().contiguous().numpy().astype(np.float32)
+    graph.initializer.extend(numpy_helper.from_array(array, init) for init, array in inits.items())
     node.output[0] = main
-    nodes += [helper.make_node("MatMul", [group_sums[x], weight], [f"{name}/kiln_offset_terms"],
-                               name=f"{name}/kiln_offset_terms"),
-              helper.make_node("Add", [main, f"{name}/kiln_offset_terms"], [out], name=f"{name}/kiln_add_offsets")]
     return index, nodes
 
 

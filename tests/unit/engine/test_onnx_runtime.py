@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from kiln.artifact import onnx_export
 from kiln.compress.pipeline import compress
 from kiln.compress.recipe import Quantize, Recipe
 from kiln.engine.engine import Engine, EngineConfig
-from kiln.engine.onnx_runtime import OnnxModel
+from kiln.engine.onnx_runtime import PREFILL_ROWS, OnnxModel
 from kiln.engine.sampler import SamplingParams
 from kiln.errors import InvalidParameterError
 from kiln.model.load import LoadedModel, load
@@ -279,6 +280,69 @@ def test_asymmetric_offsets_are_the_artifacts_own(onnx_tiny_folder: Path, tmp_pa
     assert onnx_export.max_logit_error(loaded, changed) > 5 * kept
 
 
+def test_integer_zero_points_run_on_matmulnbits_own_zero_points(onnx_tiny_folder: Path, tmp_path: Path) -> None:
+    """Offsets -z * s with integer z need no offset terms: MatMulNBits takes z as its 4-bit zero points and
+    runs its fast kernels; the export still computes the artifact's own weights (its check, and a changed z
+    moves the logits)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from kiln.compress.quantize.qlinear import Int4Linear
+
+    artifact = tmp_path / "int4"
+    compress(str(onnx_tiny_folder), Recipe((Quantize(bits=4, group_size=32, keep_embeddings=False,
+                                                     zero_point="integer"),)), artifact, progress=False)
+    loaded = load(str(artifact), progress=False)
+    layers = [m for m in loaded.model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 4 * loaded.spec.num_layers + 1  # gate and up are one matrix; and the head
+    assert all(onnx_export.integer_zero_points(m.offsets, m.scales) is not None for m in layers)
+    folder = onnx_export.export(loaded, tmp_path / "onnx")  # its check: within the int4 tolerance of `loaded`
+    graph_model = onnx.load(str(folder / onnx_export.RUNTIME_FILE))
+    graph = graph_model.graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert all(len(n.input) == 4 for n in nodes) and len(nodes) == 5 * loaded.spec.num_layers + 1
+    assert not [n for n in graph.node if "kiln_" in n.name and n.name != "/kiln/last_positions"]
+    kept = onnx_export.max_logit_error(loaded, folder)
+    assert 0 < kept < onnx_export.TOLERANCE["int4"]
+    # a prompt of PREFILL_ROWS tokens or more runs on the prefill graph, whose matmuls carry the same zero points
+    prompt = loaded.tokenizer.encode("The sea is calm tonight, and the tide is full; the moon lies fair upon "
+                                     "the straits, where the light gleams and is gone, and the cliffs stand")
+    assert len(prompt) >= PREFILL_ROWS
+    model = OnnxModel(folder, loaded.spec)
+    assert model.prefill_session is not None
+    with torch.inference_mode():
+        want = loaded.model(torch.tensor([prompt]))[0]
+    got = model.extend(0, prompt, 0)[0]
+    assert float((got - want).abs().max() / (want.max() - want.min())) < onnx_export.TOLERANCE["int4"]
+    # the zero points are the layers' own: each row's first block in the low nibble
+    down = loaded.model.layers[0].mlp.down_proj
+    node = next(n for n in nodes if n.name.startswith("/model/layers.0/mlp/down_proj/"))
+    packed = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[3]))
+    zeros = (-down.offsets / down.scales).round().to(torch.uint8)
+    assert (torch.from_numpy(packed[:, 0] & 0x0F) == zeros[:, 0]).all()
+    assert (torch.from_numpy(packed[:, 0] >> 4) == zeros[:, 1]).all()
+    assert bool((zeros != 8).any())
+    import shutil
+
+    for init in graph.initializer:  # every zero point 8: the symmetric reading of the same codes
+        if init.name in {n.input[3] for n in nodes}:
+            init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), 0x88), init.name))
+    changed = tmp_path / "zeros-8"
+    shutil.copytree(folder, changed)
+    onnx.save_model(graph_model, str(changed / onnx_export.RUNTIME_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="zeros-8.data")
+    assert onnx_export.max_logit_error(loaded, changed) > 5 * kept
+
+
+def test_float_offsets_are_not_taken_for_zero_points() -> None:
+    scales = torch.tensor([[0.5, 0.25]])
+    assert onnx_export.integer_zero_points(-torch.tensor([[3.0, 15.0]]) * scales, scales).tolist() == [[3, 15]]
+    assert onnx_export.integer_zero_points(torch.tensor([[-1.3, 0.1]]), scales) is None  # Q4_1's group minimum
+    assert onnx_export.integer_zero_points(-torch.tensor([[3.0, 16.0]]) * scales, scales) is None  # past 4 bits
+    packed = onnx_export.pack_zero_points(torch.tensor([[1, 2, 3]], dtype=torch.uint8))
+    assert packed.tolist() == [[0x21, 0x83]]  # an odd count of blocks: the last byte's high nibble is padding
+
+
 def test_int8_artifact_stays_within_tolerance(onnx_tiny_folder: Path, tmp_path: Path) -> None:
     artifact = tmp_path / "int8"
     compress(str(onnx_tiny_folder), Recipe((Quantize(bits=8),)), artifact, progress=False)
@@ -527,8 +591,8 @@ def test_an_asymmetric_int4_head_keeps_its_offsets_and_its_last_position_slice(o
     graph = onnx.load(str(folder / onnx_export.RUNTIME_FILE), load_external_data=False).graph
     sliced = next(n for n in graph.node if n.name == "/kiln/last_positions").output[0]
     head = [n for n in graph.node if sliced in n.input]
-    # the head's MatMulNBits and its group sums both read the last positions only
-    assert sorted(n.op_type for n in head) == ["MatMul", "MatMulNBits"]
+    # the head's MatMulNBits and its group sums (a Reshape into groups, summed) both read the last positions only
+    assert sorted(n.op_type for n in head) == ["MatMulNBits", "Reshape"]
     assert any(n.name.startswith("/lm_head/") and n.name.endswith("/kiln_add_offsets") for n in graph.node)
     model = OnnxModel(folder, loaded.spec)
     prompt = loaded.tokenizer.encode("The sea is")
