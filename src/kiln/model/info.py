@@ -81,7 +81,7 @@ def artifact_layout(name: str) -> Layout | None:
     if name == "default" or not path.is_dir():
         return None
     from kiln.artifact.manifest import Manifest, is_artifact
-    from kiln.artifact.onnx_export import head_bits, plan_for_folder
+    from kiln.artifact.onnx_export import float_offsets, head_bits, plan_for_folder, quantize_step
     from kiln.model.load import read_safetensors_header
 
     if not is_artifact(path):
@@ -106,9 +106,11 @@ def artifact_layout(name: str) -> Layout | None:
     embedding = sum(size for tensor, size in sizes.items() if tensor.startswith("embed."))
     head_bytes = sum(size for tensor, size in sizes.items() if tensor.startswith("lm_head."))
     group = plan.block_size if layers == "int4" else 128
+    split = layers == "int4" and float_offsets(quantize_step(path))
     if spec.tie_embeddings:  # the head is stored once: as lm_head's codes where quantized, else as the embedding
-        return Layout(layers, head, group, plan.shared_embedding, sum(sizes.values()), 0, head_bytes or embedding)
-    return Layout(layers, head, group, plan.shared_embedding, sum(sizes.values()), embedding, head_bytes)
+        return Layout(layers, head, group, plan.shared_embedding, sum(sizes.values()), 0, head_bytes or embedding,
+                      split)
+    return Layout(layers, head, group, plan.shared_embedding, sum(sizes.values()), embedding, head_bytes, split)
 
 
 def _describe_folder(folder: Path, artifact: bool) -> tuple[ModelSpec, dict[str, int], int]:

@@ -117,18 +117,27 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
     # decode speed at a full context (the slowest step a sequence of this length takes)
     kv_per_token = spec.kv_bytes_per_token(memory.kv_bytes_per_element(precision))
     kv_read = concurrency * context * attended_bytes_per_token(spec, memory.kv_bytes_per_element(precision), runtime)
-    weight_s = weights * profile.per_byte(key, concurrency)
+    per_byte = profile.per_byte(key, concurrency)
+    by_group = profile.int4_per_byte(layout.group, concurrency) if runtime == "onnxruntime" else None
+    if precision == "int4" and by_group is not None:  # MatMulNBits' rate depends on the group size
+        per_byte = by_group
+    weight_s = weights * per_byte
     head_key = engine_key(runtime, layout.head)
     if layout.mixed and layout.head_bytes and profile.has(head_key):  # an fp32 or int8 head beside int4 / int8 layers
-        weight_s += layout.head_bytes * (profile.per_byte(head_key, concurrency) - profile.per_byte(key, concurrency))
+        weight_s += layout.head_bytes * (profile.per_byte(head_key, concurrency) - per_byte)
+    split_s, (matrices, offsets) = 0.0, memory.split_offsets(spec, layout)
+    if runtime == "onnxruntime" and matrices and profile.offset_matrix_s:  # Q4_1-style float offsets
+        per_matrix, per_offset_byte = profile.split_offsets(concurrency)
+        split_s = matrices * per_matrix + offsets * per_offset_byte
     kv_s = kv_read * profile.kv_per_byte(key, concurrency)
     layers_s = spec.num_layers * profile.overhead(key, concurrency)
     fixed_s = profile.step_overhead(key, concurrency)
-    step_s = weight_s + kv_s + layers_s + fixed_s
+    step_s = weight_s + split_s + kv_s + layers_s + fixed_s
     effective = weights / weight_s / 1e9
     kernel = {"fp32": "fp32 matmul", "bf16": "bf16 matmul",
               "int8": "int8 weights widened to fp32 in every call" if runtime == "torch" else "MatMulNBits, 8 bits",
-              "int4": "int4 weights widened to fp32 in every call" if runtime == "torch" else "MatMulNBits, 4 bits"}
+              "int4": "int4 weights widened to fp32 in every call" if runtime == "torch"
+              else f"MatMulNBits, 4 bits in groups of {layout.group}"}
     explanation = [
         f"runtime: {runtime} ({'what --runtime auto runs' if runtime == _auto(spec, precision, profile) else 'asked'}"
         f" for {precision} weights here); speeds and costs below are measured on its engine",
@@ -149,7 +158,9 @@ def estimate(spec: ModelSpec, precision: PlanPrecision, context: int, concurrenc
         + (f"; the {layout.head} head's {layout.head_bytes / 1e6:.0f} MB at its own kernel's rate"
            if layout.mixed and layout.head_bytes and profile.has(head_key) else "")
         + f") = {1000 * weight_s:.1f} ms, "
-        f"+ attention reading {kv_read / 1e6:.0f} MB of cached keys and values"
+        + (f"+ float int4 offsets split off {matrices} matrices ({offsets / 1e6:.0f} MB, a small matmul and an add "
+           f"each, measured) {1000 * split_s:.1f} ms, " if split_s else "")
+        + f"+ attention reading {kv_read / 1e6:.0f} MB of cached keys and values"
         + (" (once per query head on onnxruntime)" if runtime == "onnxruntime" else "") + f" {1000 * kv_s:.1f} ms, "
         f"+ {spec.num_layers} layers x {1e3 * profile.overhead(key, concurrency):.3f} ms and "
         f"{1e3 * fixed_s:.1f} ms per step of engine work (measured on probe models) = {1000 * step_s:.1f} ms",

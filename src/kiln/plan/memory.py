@@ -56,6 +56,7 @@ class Layout:
     stored_bytes: int = 0  # an artifact's tensors as the torch runtime holds them (sparse ones dense); 0: none
     lookup_bytes: int = 0  # of those, an untied embedding table: a lookup reads a row, a decode step not all
     head_bytes: int = 0  # of those, lm_head's (or the tied embedding's), which a decode step reads at its own rate
+    float_offsets: bool = False  # int4 groups with Q4_1's float offsets, which onnxruntime runs split off
 
     @classmethod
     def uniform(cls, precision: PlanPrecision) -> Layout:
@@ -78,6 +79,18 @@ def resident_bytes(spec: ModelSpec, layout: Layout) -> int:
     if layout.stored_bytes:
         return layout.stored_bytes
     return weights_bytes(spec, layout.layers) + packed_head_bytes(spec, layout.layers)
+
+
+def split_offsets(spec: ModelSpec, layout: Layout) -> tuple[int, int]:
+    """(int4 matrices, bytes of their fp32 offsets) that the onnxruntime export splits float offsets off
+    (artifact/onnx_export.py): five a layer (q/k/v, o, gate, up, down) and an int4 head, one offset per
+    group of each row."""
+    if not layout.float_offsets:
+        return 0, 0
+    table = spec.vocab_size * spec.hidden_size
+    params = spec.num_parameters - table * (1 if spec.tie_embeddings else 2)
+    head = layout.head == "int4"
+    return 5 * spec.num_layers + head, int(4 * (params + (table if head else 0)) / layout.group)
 
 
 def _onnx_matrix_bytes(spec: ModelSpec, precision: PlanPrecision, params: int, group: int) -> float:
@@ -112,6 +125,7 @@ def onnx_session_bytes(spec: ModelSpec, layout: Layout | PlanPrecision) -> int:
         lookup = table * (0.5 if layout.head == "int4" else 1.0)
     else:
         lookup = table * 4.0
+    matrices += split_offsets(spec, layout)[1]  # float offsets, split off as an fp32 matrix per int4 matrix
     if layout.layers == "int4" and settings.ort_prefill_graph():
         # the prefill graph's session holds the int4 blocks again, repacked for fp32 activations
         # (artifact/onnx_export.write_prefill_graph; 82 MB resident for the default model's 86 MB export)

@@ -13,6 +13,7 @@ the runtime's own resident bytes. The onnxruntime costs are in src/kiln/plan/onn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -31,9 +32,10 @@ from kiln.model.spec import ModelSpec
 from kiln.plan.memory import INT4_GROUP
 
 BATCHES = (1, 4, 16)
+# 6: the cost of float offsets split off onnxruntime's int4 matrices, and its int4 rate per group size;
 # 5: onnxruntime int4 prompts at fp32 activations (the prefill graph); 4: costs per runtime and weight
 # format, prefill efficiency; 3: KV cost per cached byte (2: per query-head byte)
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # torch int8 / int4 layers widen their integers to fp32 inside every call (kiln.compress.quantize.qlinear)
 TORCH_FORMATS = ("int8", "int4")
@@ -62,6 +64,12 @@ class MachineProfile:
     step_overhead_s: dict[str, dict[str, float]]  # -> batch -> engine seconds per step, any depth
     kv_seconds_per_byte: dict[str, dict[str, float]]  # -> batch -> engine s per attended KV byte
     runtime_bytes: int  # resident memory of kiln's CLI, torch and a loaded tokenizer, before any model
+    # onnxruntime only (empty without it), by batch: what float int4 offsets split off a matrix add to a
+    # decode step (artifact/onnx_export.py), per matrix and per byte of offsets (plan/onnx_profile.py)
+    offset_matrix_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    offset_seconds_per_byte: dict[str, float] = dataclasses.field(default_factory=dict)
+    # onnxruntime only: int4 group size -> batch -> s/B of its MatMulNBits (the engine key's is at INT4_GROUP)
+    int4_group_seconds_per_byte: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     version: int = PROFILE_VERSION
 
     def has(self, key: str) -> bool:
@@ -75,6 +83,16 @@ class MachineProfile:
 
     def step_overhead(self, key: str, batch: int) -> float:
         return _interpolate(_keyed(self.step_overhead_s[key]), batch)
+
+    def split_offsets(self, batch: int) -> tuple[float, float]:
+        """(seconds per int4 matrix, seconds per byte of offsets) that float offsets add on onnxruntime."""
+        return (_interpolate(_keyed(self.offset_matrix_s), batch),
+                _interpolate(_keyed(self.offset_seconds_per_byte), batch))
+
+    def int4_per_byte(self, group: int, batch: int) -> float | None:
+        """Seconds per weight byte of onnxruntime's int4 matmuls in groups of `group`; None if not measured."""
+        points = self.int4_group_seconds_per_byte.get(str(group))
+        return _interpolate(_keyed(points), batch) if points else None
 
     def kv_per_byte(self, key: str, batch: int) -> float:
         # time per byte attended stays flat beyond the largest batch (the bytes already grow with it)
@@ -156,6 +174,12 @@ def _well_formed(profile: MachineProfile) -> bool:
         if not isinstance(field, dict) or any(key not in field for key in keys):
             return False
     batches = {str(b) for b in BATCHES}
+    groups = profile.int4_group_seconds_per_byte
+    onnx = (profile.offset_matrix_s, profile.offset_seconds_per_byte,
+            *(groups.get(str(g)) for g in (32, 64, 128) if isinstance(groups, dict)))
+    if any(key.startswith("onnxruntime:") for key in keys) and not (isinstance(groups, dict) and all(
+            isinstance(f, dict) and set(f) == batches and all(map(_is_cost, f.values())) for f in onnx)):
+        return False
     return (all(isinstance(f[k], dict) and set(f[k]) == batches and all(map(_is_cost, f[k].values()))
                 for f in per_batch for k in keys)
             and all(_is_cost(f[k], positive=True) for f in per_key for k in keys)
@@ -374,6 +398,7 @@ def calibrate() -> MachineProfile:
     runtime, threads = _rss_bytes(), torch.get_num_threads()  # before an ONNX session narrows torch's count
     precisions = (*DTYPES, *TORCH_FORMATS)
     onnx_too = onnx_profile.available()
+    split: dict[str, Any] = {}  # onnxruntime's costs of float int4 offsets and of int4 by group size
     with tqdm(total=4 if onnx_too else 3, desc="calibrating", unit="stage", disable=None) as bar:
         bar.set_postfix_str("torch kernels")
         per_byte = {engine_key("torch", p): _streamed_matmul(p) for p in precisions}
@@ -387,6 +412,8 @@ def calibrate() -> MachineProfile:
             onnx = onnx_profile.measure(tokenizer)
             per_byte.update(onnx.pop("seconds_per_weight_byte"))
             gflops.update(onnx.pop("prefill_gflops"))
+            split.update({name: onnx.pop(name) for name in ("offset_matrix_s", "offset_seconds_per_byte",
+                                                             "int4_group_seconds_per_byte")})
             for field, values in onnx.items():
                 costs[field].update(values)
             bar.update()
@@ -404,6 +431,9 @@ def calibrate() -> MachineProfile:
         layer_overhead_s=costs["layer_overhead_s"],
         step_overhead_s=costs["step_overhead_s"],
         kv_seconds_per_byte=costs["kv_seconds_per_byte"],
+        offset_matrix_s=split.get("offset_matrix_s", {}),
+        offset_seconds_per_byte=split.get("offset_seconds_per_byte", {}),
+        int4_group_seconds_per_byte=split.get("int4_group_seconds_per_byte", {}),
     )
     path = profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)
