@@ -239,7 +239,7 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
         (staging / ONNX_EXPORT_MARKER).write_text(json.dumps({
             "source": loaded.source.name, "source_sha256": loaded.sha256, "precision": plan.precision,
             "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head,
-            "head_bits": head_bits(plan), FILES_KEY: files}))
+            "head_bits": head_bits(plan), RUNTIME_KEY: runtime_versions(), FILES_KEY: files}))
         if check:
             begin("check")
             error = max_logit_error(loaded, staging)
@@ -268,6 +268,20 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
 
 
 FILES_KEY = "files"  # the marker's record of every file of the export: {name: {"bytes": n, "sha256": hex}}
+RUNTIME_KEY = "runtime"  # the marker's versions of the packages that built the export and will run it
+
+
+def runtime_versions() -> dict[str, str]:
+    """The versions of ONNX Runtime and of its GenAI builder installed here, as the marker records them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("onnxruntime", "onnxruntime-genai"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "none"
+    return found
 
 
 def file_records(folder: Path) -> dict[str, dict[str, Any]]:
@@ -277,8 +291,8 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def export_problem(folder: Path) -> str | None:
-    """Why `folder` is not an export as `export` wrote it, or None when every file its marker lists is there
-    with that size and sha256.
+    """Why `folder` is not an export as `export` wrote it, or None when it was built with the ONNX Runtime
+    installed here and every file its marker lists is there with that size and sha256.
 
     ONNX Runtime loads whatever the files hold: a truncated weights file stopped it with a traceback,
     and bytes changed in place ran silently. The hashes are remembered per (path, size, mtime), so an
@@ -290,6 +304,13 @@ def export_problem(folder: Path) -> str | None:
     files = marker.get(FILES_KEY) if isinstance(marker, dict) else None
     if not isinstance(files, dict) or not files:
         return f"its {ONNX_EXPORT_MARKER} lists no files (an earlier kiln wrote it)"
+    # a graph the builder wrote for one ONNX Runtime need not load in another: after an upgrade or a downgrade
+    # the cached export stopped the load with ONNX Runtime's own traceback
+    built, installed = marker.get(RUNTIME_KEY), runtime_versions()
+    if built != installed:
+        were = ", ".join(f"{k} {v}" for k, v in built.items()) if isinstance(built, dict) else "unrecorded versions"
+        now = ", ".join(f"{k} {v}" for k, v in installed.items())
+        return f"it was built with {were}, and this is {now}"
     for name, record in files.items():
         path = folder / name
         if not path.is_file():

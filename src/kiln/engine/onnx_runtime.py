@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ from kiln.engine import RUNTIMES
 from kiln.engine.hugepages import with_huge_pages
 from kiln.engine.kv_cache import PagedKVCache
 from kiln.engine.threads import PROCESS_THREADS, use_threads_for
-from kiln.errors import InvalidParameterError, KilnError
+from kiln.errors import InvalidParameterError, KilnError, ModelFormatError
 from kiln.model.load import LoadedModel
 from kiln.model.spec import ModelSpec
 
@@ -126,6 +127,13 @@ def session_options(threads: int | None = None) -> Any:
     return options
 
 
+def ort_reason(exc: Exception) -> str:
+    """ONNX Runtime's message without its error code and the C++ source location and signature it carries."""
+    said = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    said = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", said)
+    return re.sub(r"/\S+\.(?:cc|cpp|h):\d+ \S.*?\) ", " ", said)
+
+
 class OnnxModel:
     """Callable like LlamaModel for the engine: (tokens, cache, num_tokens, rows, logits) -> logits."""
 
@@ -141,7 +149,12 @@ class OnnxModel:
 
         def load(graph: Path) -> Any:
             def build() -> Any:
-                return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+                try:
+                    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+                except Exception as exc:  # ONNX Runtime's errors (Fail, InvalidGraph, ...) derive from Exception only
+                    raise ModelFormatError(f"ONNX Runtime {ort.__version__} cannot load {graph} ({ort_reason(exc)}); "
+                                           f"delete {folder} to build the export again, or pass --runtime "
+                                           "torch") from exc
 
             # 2 MiB pages pay off when a step streams far more weights than the TLB covers (a few MB of small pages)
             return with_huge_pages(build)[0] if weights >= HUGE_PAGES_FROM else build()
@@ -640,6 +653,8 @@ def pick_runtime(loaded: LoadedModel, runtime: str, kv_cache: str = "model",
         try:
             return runtime_model(loaded, "onnxruntime", keep_weights=keep_weights), "onnxruntime"
         except KilnError as exc:  # an export that fails its check: kiln's own graph still runs the artifact
+            if loaded.weights_released:  # unless they went before a session that then failed to load
+                raise
             print(f"kiln: the onnxruntime runtime is not available for this model ({exc}); running it on torch",
                   file=sys.stderr)
     return runtime_model(loaded, "torch"), "torch"

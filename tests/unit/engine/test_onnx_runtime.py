@@ -903,7 +903,8 @@ def test_a_model_folder_holding_another_tools_model_onnx_runs_kilns_own_export(
     assert greedy(model, loaded, [[1, 2, 3]]) == greedy(loaded.model, loaded, [[1, 2, 3]])
 
 
-@pytest.mark.parametrize("damage", ["truncated", "changed in place", "marker lists no files"])
+@pytest.mark.parametrize("damage", ["truncated", "changed in place", "marker lists no files",
+                                    "built with another onnxruntime"])
 def test_a_cached_export_that_is_not_whole_is_built_again(tiny: LoadedModel, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
     # a truncated weights file stopped ONNX Runtime with a traceback; bytes changed in place ran silently
@@ -923,8 +924,16 @@ def test_a_cached_export_that_is_not_whole_is_built_again(tiny: LoadedModel, tmp
             f.write(bytes(4096))
     else:
         marker = json.loads((folder / ONNX_EXPORT_MARKER).read_text())
-        del marker[onnx_export.FILES_KEY]
+        if damage == "marker lists no files":
+            del marker[onnx_export.FILES_KEY]
+        else:  # a graph built for one ONNX Runtime need not load in another
+            assert marker[onnx_export.RUNTIME_KEY] == onnx_export.runtime_versions()
+            marker[onnx_export.RUNTIME_KEY]["onnxruntime"] = "1.0.0"
         (folder / ONNX_EXPORT_MARKER).write_text(json.dumps(marker))
+        if damage != "marker lists no files":
+            genai = marker[onnx_export.RUNTIME_KEY]["onnxruntime-genai"]
+            assert f"it was built with onnxruntime 1.0.0, onnxruntime-genai {genai}" in str(
+                onnx_export.export_problem(folder))
     assert not onnx_runtime.has_export(tiny)
     builds: list[Path] = []
     build = onnx_export.export
@@ -1027,3 +1036,36 @@ def test_a_prompt_whose_publishing_was_interrupted_is_not_served_from_the_prefix
     again = engine.add_request(prompt, params)
     engine.run()
     assert again.output == reference and again.cached_tokens == 0
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_refused_in_one_line(tiny: LoadedModel, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # a graph written for a newer ONNX Runtime stopped the load with ONNX Runtime's own traceback
+    import onnx
+
+    from kiln.engine import onnx_runtime
+    from kiln.errors import ModelFormatError
+
+    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    graph = onnx.load(str(folder / onnx_export.RUNTIME_FILE), load_external_data=False)
+    graph.ir_version = 99  # an IR version no ONNX Runtime reads yet
+    onnx.save_model(graph, str(folder / onnx_export.RUNTIME_FILE))
+    with pytest.raises(ModelFormatError, match=rf"ONNX Runtime \S+ cannot load {folder / 'kiln.onnx'} \(.+\); "
+                                               rf"delete {folder} to build the export again, or pass --runtime torch"
+                       ) as caught:
+        OnnxModel(folder, tiny.spec)
+    # ONNX Runtime's reason, without its error code and the C++ location and signature it carries
+    assert "failed: Unsupported model IR version: 99" in str(caught.value)
+    said = str(caught.value)
+    assert "\n" not in said and "ONNXRuntimeError" not in said and ".cc:" not in said
+
+    # `--runtime auto` falls back to kiln's graph while it still holds the weights, not once they are gone
+    artifact = tmp_path / "int8"
+    compress(str(tiny.folder), Recipe((Quantize(bits=8),)), artifact, progress=False)
+    monkeypatch.setattr(onnx_runtime, "onnx_folder", lambda *_: folder)
+    kept = load(str(artifact), progress=False)
+    assert onnx_runtime.pick_runtime(kept, "auto") == (kept.model, "torch")
+    released = load(str(artifact), progress=False)
+    with pytest.raises(ModelFormatError, match="cannot load"):
+        onnx_runtime.pick_runtime(released, "auto", keep_weights=False)
+    assert released.weights_released and not kept.weights_released
