@@ -25,7 +25,7 @@ from kiln import settings
 from kiln.errors import DataNotFoundError, InvalidParameterError, KilnError
 
 TORCH_PIN = "torch==2.13.0"  # any other torch requirement pulls a multi-GB CUDA build on these machines
-TASKS = ("kiln_hellaswag", "kiln_arc_easy", "kiln_arc_challenge", "kiln_piqa")
+TASKS = ("kiln_hellaswag", "kiln_arc_easy", "kiln_arc_challenge", "kiln_piqa", "kiln_lambada_openai")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
 METRICS_YAML = """metric_list:
@@ -159,6 +159,17 @@ def task_yaml(name: str, data_file: Path, split: str, body: str) -> str:
             f"output_type: multiple_choice\n{split}_split: {split}\n{body}target_delimiter: \" \"\n{METRICS_YAML}")
 
 
+def lambada_yaml(name: str, data_file: Path) -> str:
+    """lm-eval's lambada_openai (output_type loglikelihood, perplexity and acc) on the llm-foundry file, whose
+    context and continuation are the official task's text without its last word and that word."""
+    return (f"task: {name}\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file))}\n"
+            "output_type: loglikelihood\ntest_split: test\ndoc_to_text: \"{{context}}\"\n"
+            "doc_to_target: \"{{' ' + continuation}}\"\nmetric_list:\n  - metric: perplexity\n"
+            "    aggregation: perplexity\n    higher_is_better: false\n  - metric: acc\n    aggregation: mean\n"
+            "    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+
+
 ARC_BODY = ('doc_to_text: "Question: {{question}}\\nAnswer:"\n'
             'doc_to_target: "{{choices.label.index(answerKey)}}"\ndoc_to_choice: "{{choices.text}}"\n')
 PIQA_BODY = 'doc_to_text: "Question: {{goal}}\\nAnswer:"\ndoc_to_target: label\ndoc_to_choice: "{{[sol1, sol2]}}"\n'
@@ -190,6 +201,9 @@ def write_tasks(out: Path | None = None, data: Path | None = None) -> Path:
         write_if_changed(data_file, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
         write_if_changed(out / f"{name}.yaml", task_yaml(name, data_file, split, body))
     write_if_changed(out / "utils.py", HELLASWAG_UTILS)
+    lambada = data / "extras" / "lambada_openai_llmfoundry.jsonl"
+    if lambada.is_file():  # the file as it is: its rows are already the docs
+        write_if_changed(out / "kiln_lambada_openai.yaml", lambada_yaml("kiln_lambada_openai", lambada))
     return out
 
 
@@ -246,8 +260,9 @@ def parse_results(out: Path, task: str) -> dict[str, Any]:
     raw = json.loads(results_path.read_text())
     metrics = raw["results"][task]
     samples = sorted(out.rglob(f"samples_{task}_*.jsonl"))
+    keys = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity", "perplexity_stderr")
     return {
-        **{k: metrics[f"{k},none"] for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
+        **{k: metrics[f"{k},none"] for k in keys if f"{k},none" in metrics},
         "n": raw["n-samples"][task]["effective"],
         "eval_s": round(float(raw.get("total_evaluation_time_seconds", "nan")), 1),
         "results_json": str(results_path),
@@ -256,10 +271,14 @@ def parse_results(out: Path, task: str) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = ["| task | n | acc | acc_norm | wall s |", "|---|---|---|---|---|"]
+    lines = ["| task | n | acc | acc_norm | perplexity | wall s |", "|---|---|---|---|---|---|"]
+
+    def shown(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:.4f} ± {r[key + '_stderr']:.4f}" if key in r else ""
+
     for task, r in report["tasks"].items():
-        lines.append(f"| {task} | {r['n']} | {r['acc']:.4f} ± {r['acc_stderr']:.4f} | "
-                     f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f} | {r['wall_s']:.0f} |")
+        lines.append(f"| {task} | {r['n']} | {shown(r, 'acc')} | {shown(r, 'acc_norm')} | {shown(r, 'perplexity')} "
+                     f"| {r['wall_s']:.0f} |")
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     return "\n".join(lines) + (
         f"\n\nlm-eval hf backend, {report['dtype']}, batch size {report['batch_size']}, {report['threads']} threads, "

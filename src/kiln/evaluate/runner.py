@@ -22,13 +22,14 @@ from kiln.compress.quantize.qlinear import widened
 from kiln.engine import RUNTIMES
 from kiln.engine.generate import Generator
 from kiln.errors import ContextLengthError, DataFormatError, Interrupted, InvalidParameterError
-from kiln.evaluate import generation, loglikelihood, multiple_choice, perplexity
+from kiln.evaluate import completion, generation, loglikelihood, multiple_choice, perplexity
 from kiln.evaluate.checkpoint import Checkpoint
 from kiln.evaluate.data import data_file, read_text
 from kiln.evaluate.generation import EngineGenerator, TextGenerator
 from kiln.evaluate.scorer import ModelScorer, Scorer
 from kiln.evaluate.served import ApiGenerator, ApiScorer, ServedModel
 from kiln.evaluate.tasks import TaskKind, TaskRef, resolve
+from kiln.evaluate.tasks import completion as completion_tasks
 from kiln.evaluate.tasks import generation as gen_tasks
 from kiln.evaluate.tasks import multiple_choice as mc_tasks
 from kiln.model.load import LoadedModel
@@ -179,7 +180,8 @@ def run(loaded: LoadedModel | ServedModel, options: EvalOptions, baseline: Loade
                          else EngineGenerator(Generator(runtime_model, loaded.tokenizer)))  # type: ignore[arg-type]
             records, metrics = _run_generation(loaded, generator, options, ref, checkpoint, done, progress)
         else:
-            runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice}
+            runners = {"perplexity": _run_perplexity, "multiple_choice": _run_multiple_choice,
+                       "completion": _run_completion}
             records, metrics = runners[ref.kind](loaded, _scorer(loaded, options, baseline), options, ref, baseline,
                                                  checkpoint, done, progress)
     settings = {**options.settings(), **(source if isinstance(loaded, ServedModel) else {})}
@@ -292,6 +294,24 @@ def _run_multiple_choice(loaded: LoadedModel | ServedModel, scorer: Scorer, opti
     by_length = sorted(items, key=lambda it: (max(map(len, it.choices)), len(it.context)))
     records = _process(by_length, done, lambda it: it.index, 64, work, checkpoint, ref.name, "item", progress)
     return records, multiple_choice.metrics(records)
+
+
+def _run_completion(loaded: LoadedModel | ServedModel, scorer: Scorer, options: EvalOptions, ref: TaskRef,
+                    baseline: LoadedModel | None, checkpoint: Checkpoint, done: dict[int, dict[str, Any]],
+                    progress: bool) -> TaskResult:
+    items = _some(list(itertools.islice(completion_tasks.load(ref.name, options.data_dir), options.limit)), ref)
+    context = loaded.spec.max_position
+    for item in items:  # refused before any scoring, as multiple choice does (a token is at least one byte)
+        if len((item.context + item.continuation).encode()) + 4 > context:
+            completion.request_for(loaded.tokenizer, item, context)
+
+    def work(batch: list[completion_tasks.CompletionItem]) -> list[dict[str, Any]]:
+        return completion.evaluate_items(scorer, loaded.tokenizer, batch, max_tokens=context)
+
+    # similar lengths share a checkpoint batch, as for multiple choice: the scorer's rows then need little padding
+    by_length = sorted(items, key=lambda it: len(it.context))
+    records = _process(by_length, done, lambda it: it.index, 128, work, checkpoint, ref.name, "item", progress)
+    return records, completion.metrics(records)
 
 
 def _check_choices_fit(loaded: LoadedModel | ServedModel, items: list[mc_tasks.MCItem]) -> None:

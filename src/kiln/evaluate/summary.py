@@ -39,6 +39,9 @@ def text(outcome: EvalOutcome) -> str:
     elif outcome.kind == "multiple_choice":
         head = (f"{outcome.task}: acc {_pm(m, 'acc', 100)}  acc_norm {_pm(m, 'acc_norm', 100)}  "
                 f"({len(outcome.records)} items)")
+    elif outcome.kind == "completion":
+        head = (f"{outcome.task}: ppl {_pm(m, 'ppl', digits=4)}  acc {_pm(m, 'acc', 100)}  "
+                f"({len(outcome.records)} items)")
     else:
         parts = [f"{k} {m[k]:.2f}" for k in ("exact_match", "f1", "bleu", "rouge_l") if k in m]
         head = f"{outcome.task}: " + "  ".join(parts) + f"  ({len(outcome.records)} items)"

@@ -8,7 +8,7 @@ from typing import Literal
 
 from kiln.errors import InvalidParameterError
 
-TaskKind = Literal["perplexity", "multiple_choice", "generation"]
+TaskKind = Literal["perplexity", "multiple_choice", "completion", "generation"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ BUILTIN: dict[str, TaskKind] = {
     "arc_easy": "multiple_choice",
     "arc_challenge": "multiple_choice",
     "piqa": "multiple_choice",
+    "lambada_openai": "completion",
     "squad": "generation",
 }
 PREFIXES: dict[str, TaskKind] = {"mc": "multiple_choice", "gen": "generation"}
