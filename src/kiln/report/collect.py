@@ -15,6 +15,7 @@ from kiln.artifact.manifest import Manifest, is_artifact
 from kiln.errors import InvalidParameterError
 
 TASK_COLUMNS = ("hellaswag", "arc_easy", "arc_challenge", "piqa")
+COMPLETION_COLUMNS = ("lambada_openai",)  # shown where a model was evaluated on them
 
 
 @dataclass

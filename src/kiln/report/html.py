@@ -14,7 +14,7 @@ import jinja2
 from kiln import __version__
 from kiln.errors import InvalidParameterError
 from kiln.files import write_text
-from kiln.report.collect import TASK_COLUMNS, ModelSummary, collect, reference_of
+from kiln.report.collect import COMPLETION_COLUMNS, TASK_COLUMNS, ModelSummary, collect, reference_of
 from kiln.report.plots import line_svg, scatter_svg
 from kiln.report.select import Choice
 
@@ -36,6 +36,7 @@ pre { white-space: pre-wrap; background: #f8f9fa; padding: 0.5rem; }
 <table id="summary"><thead><tr>
 <th>model</th><th>size MB</th><th>ppl ± se</th><th>Δppl</th><th>KLD</th>
 {% for t in tasks %}<th>{{ t }}<br>acc / acc_norm</th>{% endfor %}
+{% for t in completions %}<th>{{ t }}<br>acc / ppl</th>{% endfor %}
 <th>decode tok/s (b1)</th><th>TTFT ms (b1)</th><th>RSS MB serving / with loading</th></tr></thead><tbody>
 {% for row in rows %}<tr>{% for cell in row %}
 <td{% if loop.first %} class="name"{% endif %}>{{ cell }}</td>{% endfor %}</tr>
@@ -74,8 +75,14 @@ def _fmt(value: float | None, digits: int = 1, scale: float = 1.0) -> str:
     return "–" if value is None else f"{value * scale:,.{digits}f}"
 
 
+def _completions(models: Sequence[ModelSummary]) -> list[str]:
+    """The completion tasks (LAMBADA) that any of the models was evaluated on: a column each, none otherwise."""
+    return [t for t in COMPLETION_COLUMNS if any(m.metric(t, "acc") is not None for m in models)]
+
+
 def _rows(models: Sequence[ModelSummary], reference: ModelSummary | None) -> list[list[str]]:
     rows = []
+    completions = _completions(models)
     ref_ppl = reference.metric("wikitext2", "ppl") if reference else None
     for m in models:
         ppl, se = m.metric("wikitext2", "ppl"), m.metric("wikitext2", "ppl_stderr")
@@ -89,6 +96,9 @@ def _rows(models: Sequence[ModelSummary], reference: ModelSummary | None) -> lis
         for task in TASK_COLUMNS:
             acc, norm = m.metric(task, "acc"), m.metric(task, "acc_norm")
             row.append("–" if acc is None else f"{100 * acc:.1f} / {100 * (norm or 0):.1f}")
+        for task in completions:
+            acc, ppl = m.metric(task, "acc"), m.metric(task, "ppl")
+            row.append("–" if acc is None else f"{100 * acc:.1f} / {_fmt(ppl, 2)}")
         decode = _fmt(m.bench_at(1, "decode_tokens_per_s"))
         if decode != "–" and m.bench_runtime:  # an int4 artifact's speed depends on it (onnxruntime vs torch)
             decode += f" ({m.bench_runtime})"
@@ -168,7 +178,8 @@ def render(models: list[str] | None = None, reference: str | None = None, choice
     curves = [line_svg({m.name: m.extra["loss_curve"]}, "step", "loss", f"{m.name}: distillation loss")
               for m in found if m.extra.get("loss_curve")]
     return TEMPLATE.render(
-        models=found, rows=_rows(found, ref), tasks=TASK_COLUMNS, plots=_plots(found), curves=curves,
+        models=found, rows=_rows(found, ref), tasks=TASK_COLUMNS, completions=_completions(found),
+        plots=_plots(found), curves=curves,
         worst=_worst(found), served=_served(found), reference=ref.name if len(found) > 1 else None, choice=choice,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), version=__version__,
     )

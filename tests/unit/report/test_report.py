@@ -268,3 +268,14 @@ def test_a_nan_perplexity_does_not_meet_the_budget(home: Path) -> None:
     assert choice.chosen == "int8" and "wikitext2 perplexity is NaN" in choice.rejected["broken"]
     against_it = choose(reference="broken")
     assert against_it.chosen is None and "pass another model as --reference" in against_it.reason
+
+
+def test_a_lambada_column_appears_where_a_model_was_evaluated_on_it(home: Path) -> None:
+    assert "lambada_openai" not in html.render()  # no model has it: no empty column
+    runs.add(runs.Run(kind="eval", task="lambada_openai", settings={}, metrics={"acc": 0.292, "ppl": 56.078},
+                      model="int8", model_sha256="b" * 64, model_size_bytes=140_000_000, versions={}, duration_s=1.0))
+    page = html.render()
+    assert "lambada_openai<br>acc / ppl" in page and "<td>29.2 / 56.08</td>" in page
+    summary = page.split('<table id="summary">')[1].split("</table>")[0]
+    rows = summary.split("<tbody>")[1].split("</tr>")[:-1]  # the models without it show "–" in that column
+    assert len(rows) == 3 and all(row.count("<td") == summary.count("<th>") for row in rows)
