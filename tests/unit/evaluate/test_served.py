@@ -301,3 +301,24 @@ def test_generation_sent_as_token_ids_checks_the_servers_vocabulary(
     assert generator.answers(items, params) == [" an answer"] * 3
     assert generator.answers(items, params) == [" an answer"] * 3
     assert sum(1 for body in seen if body.get("echo")) == 1  # checked once, not per batch
+
+
+def test_lambada_is_scored_through_a_server_as_in_process(served: Callable[..., ServedModel], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import math
+
+    from kiln.evaluate.multiple_choice import encode_choice
+    from kiln.evaluate.tasks.completion import LAMBADA_FILE
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    path = tmp_path / "data" / LAMBADA_FILE
+    path.parent.mkdir(parents=True)
+    pairs = [("The capital of France is", "Paris"), ("Monday, Tuesday, Wednesday,", "Thursday")]
+    path.write_text("".join(json.dumps({"context": c, "continuation": w}) + "\n" for c, w in pairs))
+    server = served(fake_server())
+    outcome = run(server, EvalOptions("lambada_openai", data_dir=tmp_path / "data"), progress=False)
+    tok = server.tokenizer
+    lls = [sum(map(token_logprob, encode_choice(tok, c, " " + w)[1])) for c, w in pairs]
+    assert [r["loglikelihood"] for r in outcome.records] == pytest.approx(lls)
+    assert outcome.metrics["ppl"] == pytest.approx(math.exp(-sum(lls) / 2))
+    assert outcome.metrics["acc"] == 1.0  # each echoed token is the only one in its top_logprobs
