@@ -193,18 +193,25 @@ def _prune_structured(ctx: Context, step: Prune) -> None:
         structured.remove_layers(model, drop)
         ctx.history["pruned_layers"] = sorted(drop)
         return
+    dropped_heads = []
     for i in ctx.blocks(f"prune {step.method}"):
         block = _block(model, i)
         if step.method == "heads":
             stats = walker.collect(i, ("attn.o_proj",), hessian=True)["attn.o_proj"]
             importance = structured.head_importance(block, stats)
             walker.advance(i)
-            structured.prune_heads(block, importance, remove)
+            dropped_heads.append(structured.prune_heads(block, importance, remove))
         else:
             stats = walker.collect(i, ("mlp.down_proj",))["mlp.down_proj"]
             importance = structured.channel_importance(block, stats)
             walker.advance(i)
             structured.prune_channels(block, importance, keep)
+    # what went, as `layers` records its dropped layers: per layer the query heads (numbered as before),
+    # or the MLP channels kept of how many
+    if step.method == "heads":
+        ctx.history["pruned_heads"] = dropped_heads
+    else:
+        ctx.history["pruned_channels"] = {"kept": keep, "of": spec.intermediate_size}
     structured.update_spec(model)
 
 

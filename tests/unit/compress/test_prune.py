@@ -48,7 +48,7 @@ def test_useless_heads_are_removed_without_changing_the_output(tiny: LlamaModel,
         importance = structured.head_importance(block, walker.collect(i, ("attn.o_proj",), hessian=True)["attn.o_proj"])
         assert set(importance.argsort()[:4].tolist()) == {1, 2, 5, 6}
         walker.advance(i)
-        structured.prune_heads(block, importance, remove_per_group=2)
+        assert structured.prune_heads(block, importance, remove_per_group=2) == [1, 2, 5, 6]
     structured.update_spec(tiny)
     assert tiny.spec.num_heads == 4 and tiny.layers[0].attn.qkv_proj.weight.shape[0] == (4 + 2 * 2) * 8
     assert torch.allclose(tiny(tokens, logits="all"), before, atol=1e-4)

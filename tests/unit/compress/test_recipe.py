@@ -346,6 +346,26 @@ def test_lowrank_recovery_trains_within_a_short_context(tiny_folder: Path, tmp_p
     assert manifest.history["lowrank_recovery"]["steps"] == 1
 
 
+def test_structured_pruning_records_what_went(tiny_folder: Path, tmp_path: Path) -> None:
+    # only `layers` recorded its dropped layers: an artifact pruned by heads or channels did not say which
+    from kiln.compress import pipeline
+    from kiln.compress.recipe import Calibration
+    from kiln.model.load import load
+
+    text = tmp_path / "calib.txt"
+    text.write_text("plenty of words to sample from. " * 400)
+    calibration = Calibration(file=str(text), samples=2, tokens=32)
+    heads = pipeline.compress(str(tiny_folder), Recipe((Prune(sparsity=0.5, method="heads"),), calibration),
+                              tmp_path / "heads", progress=False)
+    dropped = heads.history["pruned_heads"]  # 4 query heads over 2 KV heads: one of each pair, per layer
+    assert len(dropped) == 2 and all(len(layer) == 2 and layer[0] in (0, 1) and layer[1] in (2, 3)
+                                     for layer in dropped)
+    assert load(str(tmp_path / "heads"), progress=False).spec.num_heads == 2
+    channels = pipeline.compress(str(tiny_folder), Recipe((Prune(sparsity=0.25, method="channels"),),
+                                                          calibration), tmp_path / "channels", progress=False)
+    assert channels.history["pruned_channels"] == {"kept": 48, "of": 64}
+
+
 @pytest.mark.parametrize("text,message", [
     ('kind = "prune"\nmethod = "2:4"\nsparsity = 0.7', r"\(prune\): sparsity = 0.7 is not read by method = '2:4'"),
     ('kind = "prune"\nmethod = "wanda"\nscore = "magnitude"', r"score = 'magnitude' is not read by method = 'wanda'"),

@@ -84,8 +84,9 @@ def _keep_columns(linear: nn.Linear, cols: Tensor) -> None:
     linear.in_features = int(cols.numel())
 
 
-def prune_heads(block: Block, importance: Tensor, remove_per_group: int) -> None:
-    """Drop the `remove_per_group` least important query heads of every KV group."""
+def prune_heads(block: Block, importance: Tensor, remove_per_group: int) -> list[int]:
+    """Drop the `remove_per_group` least important query heads of every KV group; returns the dropped
+    heads' indices (as they were numbered before)."""
     attn = block.attn
     h, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     per_group = h // hkv
@@ -99,6 +100,7 @@ def prune_heads(block: Block, importance: Tensor, remove_per_group: int) -> None
     _keep_rows(attn.qkv_proj, torch.cat([q_rows, kv_rows]))
     _keep_columns(attn.o_proj, q_rows)
     attn.num_heads = len(keep_heads)
+    return sorted(set(range(h)) - set(keep_heads))
 
 
 def prune_channels(block: Block, importance: Tensor, keep: int) -> None:
