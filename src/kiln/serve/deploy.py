@@ -8,6 +8,7 @@ reference, so no request sees a gap; the old deployment stops once its in-flight
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 from collections.abc import Callable
@@ -94,11 +95,28 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
         return loaded, Engine(model, loaded.tokenizer, engine, drafter), picked  # type: ignore[arg-type]
 
     loaded, built, picked = in_passing_thread(build)
+    _note_short_budget(name, built, loaded.spec.max_position, engine.kv_budget_bytes)
     worker = EngineWorker(built, name=f"engine-{name}-{version}")
     worker.start()
     deployment = Deployment(name, version, loaded, worker, picked)
     asyncio.run(_warm_up(deployment))
     return deployment
+
+
+def _note_short_budget(name: str, engine: Engine, context: int, budget_bytes: int) -> None:
+    """Say once, at the load, when the KV cache budget holds fewer tokens than the model's context.
+
+    A sequence that grows past the whole cache then stops with finish_reason "length" before its max_tokens
+    or the context, which the response cannot tell apart from max_tokens; vLLM refuses to start in that
+    case, kiln serves (shorter requests are fine) and names the flag that lifts the limit."""
+    capacity = engine.cache.capacity_tokens
+    if capacity >= context:
+        return
+    needed_mib = -(-budget_bytes * (context + engine.cache.block_size) // capacity) >> 20
+    logging.getLogger("kiln.serve").warning(
+        "%s: the KV cache budget holds %d tokens, fewer than the model's context of %d: a sequence that grows "
+        "past it stops with finish_reason \"length\"; --kv-budget-mb %d or more holds a whole context",
+        name, capacity, context, needed_mib + 1)
 
 
 async def _warm_up(deployment: Deployment) -> None:

@@ -110,3 +110,28 @@ def test_the_gauges_read_zero_once_the_last_request_is_done(worker: EngineWorker
             break
         time.sleep(0.1)
     assert (worker.stats.running, worker.stats.waiting, worker.stats.kv_used_fraction) == (0, 0, 0.0)
+
+
+def test_a_budget_shorter_than_the_context_is_named_at_the_load(tiny_folder: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, ready_client: Any,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    # a sequence past the whole cache stops with finish_reason "length", which the response cannot tell apart
+    # from max_tokens: nothing said that the budget, not the request, was the limit
+    import re
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    loaded = load(str(tiny_folder), progress=False)
+    notes = {}
+    for budget in (16 << 10, 4 << 20):  # 48 tokens of the tiny model's context of 64; thousands
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kiln.serve"), \
+                ready_client(create_app(ServeConfig(models=(str(tiny_folder),), kv_budget_bytes=budget))) as client:
+            assert client.get("/ready").status_code == 200
+        notes[budget] = [r.getMessage() for r in caplog.records if "KV cache budget holds" in r.getMessage()]
+    assert not notes[4 << 20] and len(notes[16 << 10]) == 1
+    found = re.search(rf"holds (\d+) tokens, fewer than the model's context of {loaded.spec.max_position}: .* "
+                      r"--kv-budget-mb (\d+) or more holds a whole context", notes[16 << 10][0])
+    assert found is not None, notes[16 << 10][0]
+    capacity, mib = int(found[1]), int(found[2])
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_budget_bytes=mib << 20))
+    assert capacity < loaded.spec.max_position <= engine.cache.capacity_tokens
