@@ -75,6 +75,7 @@ class BuildPlan:
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast, like llama.cpp), 1 = fp32 activations
     tied: bool = False  # the model's embedding is its lm_head's matrix
     head_bits: int = 0  # 8: an int4 plan whose lm_head is int8 (the builder makes it 4-bit; transplant widens it)
+    zero_points: bool = False  # an asymmetric int4 artifact whose offsets are integer zero points (-z x scale)
 
     @property
     def shared_embedding(self) -> bool:
@@ -82,9 +83,11 @@ class BuildPlan:
 
         That is what kiln's own model does with a quantized tied head, and it drops the fp32 table
         (113 MB of the default model's 195 MB int4 export, and as much resident memory). An int4 head
-        is shared only in the symmetric layout (the builder's lookup has no zero points); an int8 head
-        (one scale per row, no offsets) always is, its lookup rewired by transplant."""
-        return self.precision == "int4" and self.quantize_head and self.tied and (self.symmetric or self.head_bits == 8)
+        is shared when its groups are symmetric or carry integer zero points (GatherBlockQuantized takes the
+        head's packed zero points, as MatMulNBits does; float offsets it cannot express); an int8 head (one
+        scale per row, no offsets) always is. transplant rewires the lookup to the head's own tensors."""
+        return self.precision == "int4" and self.quantize_head and self.tied and (
+            self.symmetric or self.zero_points or self.head_bits == 8)
 
     def builder_args(self) -> list[str]:
         if self.precision == "fp32":
@@ -127,14 +130,15 @@ def plan_for_folder(folder: Path, spec: ModelSpec, precision: OnnxPrecision) -> 
     head = not step.get("keep_embeddings", True)
     tied = spec.tie_embeddings
     head8 = 8 if head and step.get("bits") == 4 and step.get("head_bits") == 8 else 0  # int8 head, int4 layers
+    zero_points = step.get("bits") == 4 and not step.get("symmetric", False) and step.get("zero_point") == "integer"
     if precision == "auto":
         if step.get("bits") == 4:
             return BuildPlan("int4", int(step.get("group_size", 128)), bool(step.get("symmetric", False)), head,
-                             tied=tied, head_bits=head8)
+                             tied=tied, head_bits=head8, zero_points=zero_points)
         return BuildPlan("int8", int8_block(spec), True, head) if step.get("bits") == 8 else BuildPlan("fp32")
     if precision == "int4":
         return BuildPlan("int4", int(step.get("group_size", 32)), bool(step.get("symmetric", False)), head, tied=tied,
-                         head_bits=head8)
+                         head_bits=head8, zero_points=zero_points)
     return BuildPlan(precision, 32, True, head) if precision == "int8" else BuildPlan("fp32")
 
 
@@ -396,6 +400,8 @@ def transplant(folder: Path, model: LlamaModel) -> int:
             elif zeros is None:  # float offsets (Q4_1's group minimum): split them off
                 extra = module.offsets[rows] + 8 * scales  # [n, blocks]: what each group adds to (q - 8) * s
                 added.append(_group_offsets(graph_model.graph, node, extra, block, group_sums))
+            if node.name.startswith("/lm_head/") and zeros is not None:  # a lookup that shares the head reads it
+                _point_lookup_at_head(graph_model.graph, node, 4, block, inits)
             done += 1
         elif isinstance(module, Int8Linear):
             if bits != 8:  # an int8 head in an int4 graph: the builder made it 4-bit like the layers
@@ -403,7 +409,7 @@ def transplant(folder: Path, model: LlamaModel) -> int:
                 blocks = node_k(node) // block
                 _set_attributes(node, bits=8, block_size=block)
                 del node.input[3:]  # an asymmetric plan's zero points; 8-bit codes are offset by 128 instead
-                _widen_lookup(graph_model.graph, node, block, inits)
+                _point_lookup_at_head(graph_model.graph, node, 8, block, inits)
             codes8 = (module.qweight[rows].to(torch.int16) + 128).to(torch.uint8)  # MatMulNBits 8-bit is unsigned
             put(node.input[1], codes8.reshape(n, blocks, block).numpy())
             put(node.input[2], module.scales[rows].unsqueeze(1).expand(n, blocks).contiguous().numpy())
@@ -421,18 +427,21 @@ def transplant(folder: Path, model: LlamaModel) -> int:
     return done
 
 
-def _widen_lookup(graph: Any, head: Any, block: int, inits: dict[str, Any]) -> None:
+def _point_lookup_at_head(graph: Any, head: Any, bits: int, block: int, inits: dict[str, Any]) -> None:
     """Point the tied embedding lookup (GatherBlockQuantized, when the plan shares the head) at the head's
-    8-bit codes and scales.
+    codes, scales and zero points as transplant left them.
 
-    The builder feeds the lookup the head's codes reshaped to [N, K / 2] as 4-bit data; with an
-    asymmetric plan it even feeds it the dense weight with no scales. Either way the lookup is rewired
-    here to Reshape(8-bit codes -> [N, K]) and the head's scales.
+    The builder feeds the lookup the head's codes reshaped to [N, K / 2] as 4-bit data, but with an
+    asymmetric plan it feeds it the dense weight with no scales, and an int8 head is 4-bit to the builder.
+    The lookup is rewired here to Reshape(codes -> [N, padded K x bits / 8]), the head's scales and its
+    zero points where it has them (packed as MatMulNBits packs them; GatherBlockQuantized reads the same
+    layout), so it dequantizes what the head multiplies with.
     """
     from onnx import numpy_helper
 
-    weight, scales = head.input[1], head.input[2]
-    n, k = next(a.i for a in head.attribute if a.name == "N"), node_k(head)
+    weight, scales, zero_points = head.input[1], head.input[2], list(head.input[3:4])
+    n = next(a.i for a in head.attribute if a.name == "N")
+    width = -(-node_k(head) // block) * block * bits // 8  # the blocks' bytes per row, the last one padded
     for node in graph.node:
         if node.op_type != "GatherBlockQuantized" or not node.name.startswith("/model/embed_tokens/"):
             continue
@@ -440,12 +449,12 @@ def _widen_lookup(graph: Any, head: Any, block: int, inits: dict[str, Any]) -> N
         assert reshape.op_type == "Reshape"
         shape = f"{weight}/kiln_rows"
         if shape not in inits:
-            inits[shape] = numpy_helper.from_array(np.array([n, k], dtype=np.int64), shape)
+            inits[shape] = numpy_helper.from_array(np.array([n, width], dtype=np.int64), shape)
             graph.initializer.append(inits[shape])
         old_shape = reshape.input[1]
         reshape.input[:] = [weight, shape]
-        node.input[:] = [reshape.output[0], node.input[1], scales]
-        _set_attributes(node, bits=8, block_size=block)
+        node.input[:] = [reshape.output[0], node.input[1], scales, *zero_points]
+        _set_attributes(node, bits=bits, block_size=block)
         # the builder's shapes for the lookup's data and rows (its padded width for groups that do not
         # divide K), and the Constant that made the first, no longer hold: ONNX Runtime infers them again
         stale = [v for v in graph.value_info if v.name in (reshape.output[0], node.output[0])]

@@ -302,6 +302,12 @@ def test_integer_zero_points_run_on_matmulnbits_own_zero_points(onnx_tiny_folder
     nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert all(len(n.input) == 4 for n in nodes) and len(nodes) == 5 * loaded.spec.num_layers + 1
     assert not [n for n in graph.node if "kiln_" in n.name and n.name != "/kiln/last_positions"]
+    # the tied lookup reads the head's int4 rows with their zero points: no fp32 copy of the table (the
+    # builder's asymmetric lookup read the dense weight, so such exports kept one)
+    head = next(n for n in nodes if n.name.startswith("/lm_head/"))
+    lookup = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookup) == 1 and list(lookup[0].input[2:]) == list(head.input[2:4])
+    assert not [i for i in graph.initializer if "embed_tokens" in i.name or i.name == "lm_head.MatMul.weight"]
     kept = onnx_export.logit_error(loaded, folder)
     assert 0 < kept < onnx_export.TOLERANCE["int4"]
     # a prompt of PREFILL_ROWS tokens or more runs on the prefill graph, whose matmuls carry the same zero points
