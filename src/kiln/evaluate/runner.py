@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from kiln import settings
 from kiln.compress.quantize.qlinear import widened
 from kiln.engine import RUNTIMES
 from kiln.engine.generate import Generator
@@ -271,10 +272,11 @@ def _run_perplexity(loaded: LoadedModel | ServedModel, scorer: Scorer, options: 
     return records, metrics
 
 
-def _some(items: list[T], ref: TaskRef) -> list[T]:
+def _some(items: list[T], ref: TaskRef, data_dir: Path | None = None) -> list[T]:
     """The items, or a one-line error: no items once gave NaN metrics (invalid JSON) or a ZeroDivisionError."""
     if not items:
-        fix = "write one JSON object a line" if ref.path else "check its data files in KILN_DATA_DIR"
+        where = data_dir or settings.data_dir()  # the folder read (--data), not always KILN_DATA_DIR's
+        fix = "write one JSON object a line" if ref.path else f"check its data files under {where}"
         raise DataFormatError(f"{ref.path or ref.name} has no items to evaluate; {fix}")
     return items
 
@@ -282,7 +284,8 @@ def _some(items: list[T], ref: TaskRef) -> list[T]:
 def _run_multiple_choice(loaded: LoadedModel | ServedModel, scorer: Scorer, options: EvalOptions, ref: TaskRef,
                          baseline: LoadedModel | None, checkpoint: Checkpoint, done: dict[int, dict[str, Any]],
                          progress: bool) -> TaskResult:
-    items = _some(list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit)), ref)
+    items = _some(list(itertools.islice(mc_tasks.load(ref.name, options.data_dir, ref.path), options.limit)), ref,
+                  options.data_dir)
     _check_choices_fit(loaded, items)
 
     def work(batch: list[mc_tasks.MCItem]) -> list[dict[str, Any]]:
@@ -299,7 +302,8 @@ def _run_multiple_choice(loaded: LoadedModel | ServedModel, scorer: Scorer, opti
 def _run_completion(loaded: LoadedModel | ServedModel, scorer: Scorer, options: EvalOptions, ref: TaskRef,
                     baseline: LoadedModel | None, checkpoint: Checkpoint, done: dict[int, dict[str, Any]],
                     progress: bool) -> TaskResult:
-    items = _some(list(itertools.islice(completion_tasks.load(ref.name, options.data_dir), options.limit)), ref)
+    items = _some(list(itertools.islice(completion_tasks.load(ref.name, options.data_dir), options.limit)), ref,
+                  options.data_dir)
     context = loaded.spec.max_position
     for item in items:  # refused before any scoring, as multiple choice does (a token is at least one byte)
         if len((item.context + item.continuation).encode()) + 4 > context:
@@ -339,7 +343,7 @@ def _check_prompts_fit(loaded: LoadedModel | ServedModel, items: list[gen_tasks.
 def _run_generation(loaded: LoadedModel | ServedModel, generator: TextGenerator, options: EvalOptions, ref: TaskRef,
                     checkpoint: Checkpoint, done: dict[int, dict[str, Any]], progress: bool) -> TaskResult:
     source = gen_tasks.squad(options.data_dir) if ref.name == "squad" else gen_tasks.custom(ref.path or Path())
-    items = _some(list(itertools.islice(source, options.limit)), ref)
+    items = _some(list(itertools.islice(source, options.limit)), ref, options.data_dir)
     _check_prompts_fit(loaded, items)
     stop = ("\n",) if ref.name == "squad" else ()
 

@@ -130,6 +130,16 @@ def test_a_file_without_items_is_refused(kind: str, default_model: LoadedModel, 
         run(default_model, EvalOptions(task=f"{kind}:{path}"), progress=False)
 
 
+def test_a_built_in_task_without_items_names_the_folder_it_read(default_model: LoadedModel, tmp_path: Path,
+                                                                 home: Path) -> None:
+    # it said to check KILN_DATA_DIR where --data had named another folder
+    (tmp_path / "extras").mkdir()
+    (tmp_path / "extras" / "lambada_openai_llmfoundry.jsonl").write_text("\n")
+    with pytest.raises(DataFormatError, match=f"lambada_openai has no items to evaluate; check its data files under "
+                                              f"{tmp_path}$"):
+        run(default_model, EvalOptions(task="lambada_openai", data_dir=tmp_path), progress=False)
+
+
 def test_a_result_is_stored_once_whenever_ctrl_c_comes_at_the_end(default_model: LoadedModel, items_file: Path,
                                                                    home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The checkpoint was removed before the result was stored: a Ctrl-C in between lost the finished run.
