@@ -783,7 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True,
                    help="wikitext2, hellaswag, arc_easy, arc_challenge, piqa, lambada_openai, squad, mc:FILE.jsonl "
                         "or gen:FILE.jsonl")
-    p.add_argument("--limit", type=int, default=None, help="first N items (multiple choice, generation)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N items (multiple choice, lambada_openai, generation)")
     p.add_argument("--ctx", type=int, default=512, help="perplexity: tokens per chunk (llama.cpp's -c)")
     p.add_argument("--limit-tokens", type=int, default=None, help="perplexity: only chunks in the first N tokens")
     p.add_argument("--baseline", default=None, help="perplexity: KL divergence and Δppl against this model")
