@@ -245,6 +245,12 @@ def export(loaded: LoadedModel, out: Path, precision: OnnxPrecision = "auto", ch
             "source": loaded.source.name, "source_sha256": loaded.sha256, "precision": plan.precision,
             "block_size": plan.block_size, "symmetric": plan.symmetric, "quantized_head": plan.quantize_head,
             "head_bits": head_bits(plan), RUNTIME_KEY: runtime_versions(), FILES_KEY: files}))
+        # onnx writes the weights file private (0600) where every other file gets the umask's mode: another
+        # user's process could then not read a shared cache's export
+        mode = (staging / ONNX_EXPORT_MARKER).stat().st_mode & 0o777
+        for path in staging.iterdir():
+            if path.is_file():
+                path.chmod(mode)
         if check:
             begin("check")
             error = logit_error(loaded, staging)

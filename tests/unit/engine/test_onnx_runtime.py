@@ -246,6 +246,9 @@ def test_int4_artifact_integers_are_carried_exactly(onnx_tiny_folder: Path, tmp_
     assert all(len(n.input) == 3 for n in nodes)
     added = [n for n in graph.node if n.name.endswith("/kiln_add_offsets")]
     assert len(added) == (0 if symmetric else len(nodes))
+    # every file as readable as the marker kiln wrote (onnx wrote the weights file 0600)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
+    assert set(modes.values()) == {modes["kiln-export.json"]}, modes
     # the fast kernels round activations to int8 (accuracy level 4); the weights are the artifact's. With
     # groups of 128 the 64-wide inputs are one padded group, whose sums must stop at the real inputs
     error = onnx_export.logit_error(loaded, folder)
