@@ -23,6 +23,7 @@ from kiln.engine.sampler import SamplingParams
 from kiln.engine.threads import use_threads_for
 from kiln.errors import KilnError, ModelFormatError
 from kiln.model.load import LoadedModel, load
+from kiln.model.spec import ModelSpec
 from kiln.serve.registry import Registry, Version
 from kiln.serve.worker import EngineWorker
 from kiln.types import Precision
@@ -95,7 +96,7 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
         return loaded, Engine(model, loaded.tokenizer, engine, drafter), picked  # type: ignore[arg-type]
 
     loaded, built, picked = in_passing_thread(build)
-    _note_short_budget(name, built, loaded.spec.max_position, engine.kv_budget_bytes)
+    _note_short_budget(name, built, loaded.spec)
     worker = EngineWorker(built, name=f"engine-{name}-{version}")
     worker.start()
     deployment = Deployment(name, version, loaded, worker, picked)
@@ -103,20 +104,21 @@ def start(name: str, version: str, source: str, engine: EngineConfig, precision:
     return deployment
 
 
-def _note_short_budget(name: str, engine: Engine, context: int, budget_bytes: int) -> None:
+def _note_short_budget(name: str, engine: Engine, spec: ModelSpec) -> None:
     """Say once, at the load, when the KV cache budget holds fewer tokens than the model's context.
 
     A sequence that grows past the whole cache then stops with finish_reason "length" before its max_tokens
     or the context, which the response cannot tell apart from max_tokens; vLLM refuses to start in that
     case, kiln serves (shorter requests are fine) and names the flag that lifts the limit."""
-    capacity = engine.cache.capacity_tokens
-    if capacity >= context:
+    cache, context = engine.cache, spec.max_position
+    if cache.capacity_tokens >= context:
         return
-    needed_mib = -(-budget_bytes * (context + engine.cache.block_size) // capacity) >> 20
+    blocks = -(-context // cache.block_size) + 1  # the cache keeps one block back (its scratch block)
+    needed = blocks * cache.block_size * cache.bytes_per_token(spec, cache.dtype, cache.int8)
     logging.getLogger("kiln.serve").warning(
         "%s: the KV cache budget holds %d tokens, fewer than the model's context of %d: a sequence that grows "
         "past it stops with finish_reason \"length\"; --kv-budget-mb %d or more holds a whole context",
-        name, capacity, context, needed_mib + 1)
+        name, cache.capacity_tokens, context, -(-needed // (1 << 20)))
 
 
 async def _warm_up(deployment: Deployment) -> None:
