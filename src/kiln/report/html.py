@@ -59,11 +59,11 @@ does in-process gives the same figures.</p>
 {% if curves %}<h2>Training curves</h2>
 <div class="plots">{% for svg in curves %}<div>{{ svg|safe }}</div>{% endfor %}</div>{% endif %}
 <h2>Worst items</h2>
-{% for model, task, items in worst %}<h3>{{ model }} · {{ task }}</h3><table><thead><tr>
-<th>#</th><th>score</th><th>input</th><th>expected</th><th>got</th></tr></thead><tbody>
+{% for model, task, items, has_got in worst %}<h3>{{ model }} · {{ task }}</h3><table><thead><tr>
+<th>#</th><th>score</th><th>input</th><th>expected</th>{% if has_got %}<th>got</th>{% endif %}</tr></thead><tbody>
 {% for it in items %}<tr><td>{{ it.index }}</td><td>{{ '%.3f'|format(it.score) }}</td>
 <td class="name">{{ it.input|truncate(160) }}</td><td class="name">{{ it.target|truncate(60) }}</td>
-<td class="name">{{ it.got|truncate(60) }}</td></tr>{% endfor %}</tbody></table>
+{% if has_got %}<td class="name">{{ it.got|truncate(60) }}</td>{% endif %}</tr>{% endfor %}</tbody></table>
 {% endfor %}
 </body></html>
 """,
@@ -148,7 +148,10 @@ def _plots(models: Sequence[ModelSummary]) -> list[str]:
     return plots
 
 
-def _worst(models: Sequence[ModelSummary], per_task: int = 5) -> list[tuple[str, str, list[dict[str, object]]]]:
+def _worst(models: Sequence[ModelSummary], per_task: int = 5
+           ) -> list[tuple[str, str, list[dict[str, object]], bool]]:
+    """Per model and task, its worst items, and whether they record what the model gave: tasks scored by
+    likelihood alone (perplexity, LAMBADA) have no answer to show, so their tables leave the column out."""
     out = []
     for m in models:
         for task, run in m.evals.items():
@@ -161,7 +164,7 @@ def _worst(models: Sequence[ModelSummary], per_task: int = 5) -> list[tuple[str,
                               "input": str(r.get("input", "")), "target": str(r.get("target", "")),
                               "got": str(got if got is not None else "")})
             if items:
-                out.append((m.name, task, items))
+                out.append((m.name, task, items, any(it["got"] for it in items)))
     return out
 
 

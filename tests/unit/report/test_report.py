@@ -279,3 +279,19 @@ def test_a_lambada_column_appears_where_a_model_was_evaluated_on_it(home: Path) 
     summary = page.split('<table id="summary">')[1].split("</table>")[0]
     rows = summary.split("<tbody>")[1].split("</tr>")[:-1]  # the models without it show "–" in that column
     assert len(rows) == 3 and all(row.count("<td") == summary.count("<th>") for row in rows)
+
+
+def test_worst_items_show_what_the_model_gave_only_where_it_was_recorded(home: Path) -> None:
+    common = dict(model="int8", model_sha256="b" * 64, model_size_bytes=140_000_000, versions={}, duration_s=1.0)
+    runs.add(runs.Run(kind="eval", task="lambada_openai", settings={}, metrics={"acc": 0.292, "ppl": 56.078},
+                      worst=[{"index": 3, "score": -9.1, "input": "he opened the", "target": " door"}], **common))
+    runs.add(runs.Run(kind="eval", task="arc_easy", settings={}, metrics={"acc": 0.5, "acc_norm": 0.5},
+                      worst=[{"index": 4, "score": -1.2, "input": "Q?", "target": "yes", "choices": ["yes", "no"],
+                              "prediction_norm": 1}], **common))
+    page = html.render(models=["int8"])
+    tables = {title: table for title, table in re.findall(r"<h3>int8 · (\w+)</h3><table>(.*?)</table>", page, re.S)}
+    assert set(tables) == {"wikitext2", "lambada_openai", "arc_easy"}
+    # scored by likelihood alone: no answer to show, so no empty column
+    for task in ("wikitext2", "lambada_openai"):
+        assert "<th>got</th>" not in tables[task] and tables[task].count("<td") == 4
+    assert "<th>got</th>" in tables["arc_easy"] and '<td class="name">no</td>' in tables["arc_easy"]
