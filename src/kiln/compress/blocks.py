@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from kiln.model.kv_cache import uncached_batch
+from kiln.model.kv_cache import AttentionBatch, uncached_batch
 from kiln.model.llama import Block, LlamaModel
 
 # The linear layers of a block and where their input comes from.
@@ -114,7 +114,6 @@ class BlockWalker:
             self.hidden = [model.embed(b).float().clone() for b in self.batches]  # block 0's inputs
         # with `reference`, the uncompressed model's hidden states go along too (twice the memory)
         self.reference = [h.clone() for h in self.hidden] if reference else None
-        self._originals: dict[int, Block] = {}  # blocks as they were before their first change
         seq = tokens.shape[1]
         self.meta = {b.shape[0]: uncached_batch([seq] * b.shape[0], seq, model.spec.sliding_window)
                      for b in self.batches}
@@ -144,49 +143,88 @@ class BlockWalker:
         return stats
 
     @torch.inference_mode()
-    def inputs_of(self, index: int, name: str, hessian: bool = True) -> InputStats:
-        """Statistics of one linear layer's inputs, running the block only as far as that layer.
+    def sequential(self, index: int) -> Iterator[tuple[str, InputStats]]:
+        """True-sequential inputs (GPTQ): yields (name, statistics of its inputs) for each layer of block
+        `index` in forward order (LINEARS); the caller replaces that layer before asking for the next, so each
+        layer sees the already-changed ones before it. After the last, the walker moves past the block, as
+        `advance` does.
 
-        With a reference stream, call this before changing any layer of the block: its first call keeps
-        the block as it was, and the stats also hold the drift from the uncompressed model's inputs."""
+        Each batch carries its activations from one layer to the next (attention output, residual stream
+        after attention, gated activation), so a stream runs through the block once in all, not once up to
+        every layer: about half the work on a Llama block. With a reference stream, the stats also hold the drift
+        from the uncompressed model's inputs, which run through a copy of the block as it was."""
         block = self.block(index)
-        stats = InputStats(_in_features(block.get_submodule(name)), hessian)
-        if self.reference is None:
-            for h in self.hidden:
-                stats.update(self._input_to(block, h, name)[0])
-            return stats
-        original = self._originals.setdefault(index, copy.deepcopy(block))
-        for h, ref in zip(self.hidden, self.reference, strict=True):
-            x, stream = self._input_to(block, h, name)
-            x_ref, stream_ref = self._input_to(original, ref, name)
-            drift = stream_ref - stream if name in ("attn.o_proj", "mlp.down_proj") else None
-            stats.update_pair(x, x_ref, drift)
-        return stats
-
-    def _input_to(self, block: Block, h: Tensor, name: str) -> tuple[Tensor, Tensor]:
-        """The input of layer `name` for block input h, and the residual stream at that point."""
-        meta = self.meta[h.shape[0]]
-        x = block.input_norm(h)
-        if name == "attn.qkv_proj":
-            return x, h
-        mixed = block.attn.mix(x, self.cos, self.sin, meta, None)
-        if name == "attn.o_proj":
-            return mixed, h
-        mid = h + block.attn.o_proj(mixed)
-        x = block.post_attn_norm(mid)
-        return (block.mlp.act(x) if name == "mlp.down_proj" else x), mid
+        streams = [_Stages(block, h, self.cos, self.sin, self.meta[h.shape[0]]) for h in self.hidden]
+        references = None
+        if self.reference is not None:
+            original = copy.deepcopy(block)
+            references = [_Stages(original, h, self.cos, self.sin, self.meta[h.shape[0]], fixed=True)
+                          for h in self.reference]
+        for name in LINEARS:
+            stats = InputStats(_in_features(block.get_submodule(name)), hessian=True)
+            for i, stream in enumerate(streams):
+                x, at = stream.input_to(name)
+                if references is None:
+                    stats.update(x)
+                    continue
+                x_ref, at_ref = references[i].input_to(name)
+                drift = at_ref - at if name in ("attn.o_proj", "mlp.down_proj") else None
+                stats.update_pair(x, x_ref, drift)
+            yield name, stats
+        self.hidden = [stream.output() for stream in streams]
+        if references is not None:
+            self.reference = [stream.output() for stream in references]
 
     def advance(self, index: int) -> None:
         """Replace the held hidden states by block `index`'s outputs (call after changing the block)."""
+        assert self.reference is None, "a reference stream moves on through `sequential`, which keeps the original"
         self.hidden = self.run(index)
-        if self.reference is not None:
-            original = self._originals.pop(index, None) or self.block(index)
-            with torch.inference_mode():
-                self.reference = [original(h, self.cos, self.sin, self.meta[h.shape[0]], None)
-                                  for h in self.reference]
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(len(self.model.layers)))
+
+
+class _Stages:
+    """One batch's way through a block a layer at a time, for `BlockWalker.sequential`: each layer's input
+    is computed from the stage before it with the layers as they are now (the earlier ones already changed).
+    A `fixed` block (the reference's copy) never changes, so its output is computed with down_proj's input
+    and that input ([tokens, intermediate], the largest activation) is not kept."""
+
+    def __init__(self, block: Block, h: Tensor, cos: Tensor, sin: Tensor, meta: AttentionBatch,
+                 fixed: bool = False) -> None:
+        self.block, self.h, self.cos, self.sin, self.meta, self.fixed = block, h, cos, sin, meta, fixed
+        self.mixed: Tensor | None = None  # attention heads' output, o_proj's input
+        self.mid: Tensor | None = None  # residual stream after attention
+        self.act: Tensor | None = None  # gated activation, down_proj's input
+        self.out: Tensor | None = None  # the block's output, once known
+
+    def input_to(self, name: str) -> tuple[Tensor, Tensor]:
+        """Layer `name`'s input and the residual stream at that point; names come in LINEARS order."""
+        block = self.block
+        if name == "attn.qkv_proj":
+            return block.input_norm(self.h), self.h
+        if name == "attn.o_proj":
+            self.mixed = block.attn.mix(block.input_norm(self.h), self.cos, self.sin, self.meta, None)
+            return self.mixed, self.h
+        assert self.mixed is not None or self.mid is not None, "layers in LINEARS order"
+        if name == "mlp.gate_up_proj":
+            assert self.mixed is not None
+            self.mid, self.mixed = self.h + block.attn.o_proj(self.mixed), None
+            return block.post_attn_norm(self.mid), self.mid
+        assert name == "mlp.down_proj" and self.mid is not None
+        act = block.mlp.act(block.post_attn_norm(self.mid))
+        if self.fixed:
+            self.out = self.mid + block.mlp.down_proj(act)
+        else:
+            self.act = act
+        return act, self.mid
+
+    def output(self) -> Tensor:
+        """The block's output (Block.forward's arithmetic), once every layer has been seen."""
+        if self.out is None:
+            assert self.mid is not None and self.act is not None, "every layer of the block first"
+            self.out = self.mid + self.block.mlp.down_proj(self.act)
+        return self.out
 
 
 def _in_features(module: nn.Module) -> int:

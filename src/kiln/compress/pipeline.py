@@ -114,8 +114,8 @@ def quantize(ctx: Context, step: Quantize) -> None:
         for i in ctx.blocks(f"quantize {step.method}"):
             block = _block(model, i)
             if step.method == "gptq":
-                for name in LINEARS:  # true-sequential: each layer sees the already-quantized ones before it
-                    seen = walker.inputs_of(i, name)
+                # true-sequential: each layer sees the already-quantized ones before it; moves past the block
+                for name, seen in walker.sequential(i):
                     layer = _linear(block, name)
                     weight = layer.weight.detach()
                     if seen.drift is not None:
@@ -136,7 +136,8 @@ def quantize(ctx: Context, step: Quantize) -> None:
                 smoothquant.smooth_block(block, stats, step.alpha)
                 for name in LINEARS:
                     _set(block, name, W8A8Linear.from_float(_linear(block, name)))
-            walker.advance(i)
+            if step.method != "gptq":
+                walker.advance(i)
     if not step.keep_embeddings:
         _quantize_head(ctx, step)
 

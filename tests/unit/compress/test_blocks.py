@@ -42,18 +42,38 @@ def test_reference_stream_follows_the_uncompressed_model(tiny: LlamaModel, token
     expected = BlockWalker(untouched, tokens, batch_size=4)
     for i in walker:
         block = walker.block(i)
-        first = walker.inputs_of(i, LINEARS[0])
-        assert first.drift is not None
-        if i == 0:  # nothing changed before block 0's first layer
-            assert float(first.drift.abs().max()) == 0.0
-        else:  # the blocks before were quantized: the inputs drifted from the reference
-            assert float(first.drift.abs().max()) > 0.0
-        for name in LINEARS:  # change the block the way quantization does, after its first inputs_of
-            layer = block.get_submodule(name)
+        for name, seen in walker.sequential(i):
+            assert seen.drift is not None
+            if name == LINEARS[0]:
+                if i == 0:  # nothing changed before block 0's first layer
+                    assert float(seen.drift.abs().max()) == 0.0
+                else:  # the blocks before were quantized: the inputs drifted from the reference
+                    assert float(seen.drift.abs().max()) > 0.0
+            layer = block.get_submodule(name)  # change it the way quantization does
             layer.weight.data = grid.fake_quantize(layer.weight.data, 4, 32, True)
-        walker.advance(i)
         expected.advance(i)
         assert walker.reference is not None
         for ref, exp in zip(walker.reference, expected.hidden, strict=True):
             assert torch.allclose(ref, exp, atol=1e-5)
         assert not torch.allclose(walker.hidden[0], expected.hidden[0], atol=1e-3)
+
+
+def test_sequential_inputs_see_the_layers_changed_before_them(tiny: LlamaModel, tokens: torch.Tensor) -> None:
+    walker = BlockWalker(tiny, tokens, batch_size=4)
+    for i in walker:
+        block = walker.block(i)
+        inputs = walker.hidden
+        names = []
+        for name, seen in walker.sequential(i):
+            # a whole run of the block as it is now hands the layer the same inputs
+            whole = walker.collect(i, (name,), hessian=True)[name]
+            assert seen.xtx is not None and whole.xtx is not None
+            assert torch.allclose(seen.xtx, whole.xtx, rtol=1e-5, atol=1e-6)
+            layer = block.get_submodule(name)
+            layer.weight.data = grid.fake_quantize(layer.weight.data, 4, 32, True)
+            names.append(name)
+        assert names == list(LINEARS)
+        with torch.inference_mode():  # the walker moved on by the changed block
+            outputs = [block(h, walker.cos, walker.sin, walker.meta[h.shape[0]], None) for h in inputs]
+        for got, want in zip(walker.hidden, outputs, strict=True):
+            assert torch.equal(got, want)

@@ -80,37 +80,43 @@ def _packed(q: Tensor, scales: Tensor, offsets: Tensor, group_size: int) -> grid
 def _pass(weight: Tensor, hinv: Tensor, order: Tensor, bits: int, int8_scales: Tensor, scales: Tensor,
           offsets: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """One GPTQ pass over the columns in `order` on fixed grids: (dequantized weight, integers), both in
-    the original column order."""
-    out_features, in_features = weight.shape
-    group_of = order // group_size  # group of each column, in processing order
-    w = weight[:, order].clone()
-    q_all = torch.zeros(out_features, in_features)
-    deq = torch.zeros_like(w)
+    the original column order.
 
+    Works on the transpose, a row per input column, so each step touches contiguous memory, and looks up
+    every column's grid before the loop: the loop runs once per input column in Python, and its few
+    small tensor operations are most of the pass's time."""
+    w = weight[:, order].T.contiguous()  # [in, out], in processing order
+    if bits == 8:
+        step = int8_scales.expand(w.shape)
+        zero = torch.zeros_like(w)
+        low, high = -127.0, 127.0
+    else:
+        group_of = order // group_size  # group of each column, in processing order
+        step = scales.T[group_of].contiguous()
+        zero = offsets.T[group_of].contiguous()
+        low, high = 0.0, 15.0
+    q_all = torch.empty_like(w)
+    deq = torch.empty_like(w)
+    in_features = w.shape[0]
     for b0 in range(0, in_features, BLOCK):
         b1 = min(b0 + BLOCK, in_features)
-        w_block = w[:, b0:b1].clone()
-        err_block = torch.zeros_like(w_block)
+        w_block = w[b0:b1]  # a view: the block's rows are updated in place
+        err_block = torch.empty_like(w_block)
         hinv_block = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            column = w_block[:, i]
-            if bits == 8:
-                q = torch.round(column / int8_scales).clamp(-127, 127)
-                d = q * int8_scales
-            else:
-                g = int(group_of[col])
-                q = torch.round((column - offsets[:, g]) / scales[:, g]).clamp(0, 15)
-                d = q * scales[:, g] + offsets[:, g]
-            q_all[:, col] = q
-            deq[:, col] = d
-            err = (column - d) / hinv_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            err_block[:, i] = err
-        w[:, b1:] -= err_block @ hinv[b0:b1, b1:]
+            row = w_block[i]
+            q = torch.round((row - zero[col]) / step[col]).clamp_(low, high)
+            d = q * step[col] + zero[col]
+            q_all[col] = q
+            deq[col] = d
+            err = (row - d) / hinv_block[i, i]
+            w_block[i:] -= torch.outer(hinv_block[i, i:], err)
+            err_block[i] = err
+        w[b1:] -= hinv[b0:b1, b1:].T @ err_block
 
     inverse = torch.argsort(order)
-    return deq[:, inverse], q_all[:, inverse]
+    return deq[inverse].T.contiguous(), q_all[inverse].T.contiguous()
 
 
 def fixed_zero_points(scales: Tensor, offsets: Tensor, symmetric: bool, integer_zero: bool) -> Tensor | None:
