@@ -29,6 +29,7 @@ class InputStats:
     in_features: int
     hessian: bool = False  # accumulate X^T X (GPTQ)
     keep_rows: int = 0  # keep a random sample of input rows (AWQ's search)
+    rng: torch.Generator | None = None  # draws that sample (the walker's, seeded from the calibration's seed)
     count: int = 0
     abs_sum: Tensor = field(init=False)
     sq_sum: Tensor = field(init=False)
@@ -54,7 +55,7 @@ class InputStats:
         if self.xtx is not None:
             self.xtx += (x.T @ x).double()
         if self.keep_rows and sum(r.shape[0] for r in self.rows) < self.keep_rows:
-            self.rows.append(x[torch.randperm(x.shape[0])[: max(1, self.keep_rows // 16)]].clone())
+            self.rows.append(x[torch.randperm(x.shape[0], generator=self.rng)[: max(1, self.keep_rows // 16)]].clone())
 
     def update_pair(self, x: Tensor, reference: Tensor, residual_drift: Tensor | None = None) -> None:
         """Also record how these inputs differ from the uncompressed model's inputs `reference` and, for a
@@ -107,8 +108,12 @@ class InputStats:
 class BlockWalker:
     """Feeds calibration tokens through the blocks; `collect` gathers inputs, `advance` moves on."""
 
-    def __init__(self, model: LlamaModel, tokens: Tensor, batch_size: int = 8, reference: bool = False) -> None:
+    def __init__(self, model: LlamaModel, tokens: Tensor, batch_size: int = 8, reference: bool = False,
+                 seed: int = 0) -> None:
         self.model = model
+        # AWQ's row samples come from here, not torch's global generator, whose state depends on whatever
+        # drew from it before (model construction, other steps): the same seed gives the same artifact
+        self.rng = torch.Generator().manual_seed(seed)
         self.batches = list(tokens.split(batch_size))
         with torch.inference_mode():
             self.hidden = [model.embed(b).float().clone() for b in self.batches]  # block 0's inputs
@@ -137,7 +142,7 @@ class BlockWalker:
                 keep_rows: int = 0) -> dict[str, InputStats]:
         """Run block `index` and return the input statistics of its linear layers `names`."""
         block = self.block(index)
-        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian, keep_rows) for n in names}
+        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian, keep_rows, self.rng) for n in names}
         with _hooks(block, {n: s.update for n, s in stats.items()}):
             self.run(index)
         return stats

@@ -59,7 +59,8 @@ class Context:
         return self.calibration
 
     def walker(self, reference: bool = False) -> BlockWalker:
-        return BlockWalker(self.model, self.calib().tokens, reference=reference)
+        calib = self.calib()
+        return BlockWalker(self.model, calib.tokens, reference=reference, seed=calib.settings.seed)
 
     def blocks(self, desc: str) -> tqdm:
         return tqdm(range(len(self.model.layers)), desc=desc, unit="block", disable=None if self.progress else True)

@@ -77,3 +77,13 @@ def test_sequential_inputs_see_the_layers_changed_before_them(tiny: LlamaModel, 
             outputs = [block(h, walker.cos, walker.sin, walker.meta[h.shape[0]], None) for h in inputs]
         for got, want in zip(walker.hidden, outputs, strict=True):
             assert torch.equal(got, want)
+
+
+def test_row_samples_follow_the_seed_not_the_global_generator(tiny: LlamaModel, tokens: torch.Tensor) -> None:
+    def sample(seed: int) -> torch.Tensor:
+        torch.rand(seed + 1)  # whatever drew from torch's global generator before
+        stats = BlockWalker(tiny, tokens, batch_size=4, seed=seed).collect(0, LINEARS[:1], keep_rows=32)
+        return stats[LINEARS[0]].sample()
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
