@@ -8,6 +8,7 @@ the current block's input are kept in memory ([samples, tokens, hidden]); blocks
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ class InputStats:
 
     in_features: int
     hessian: bool = False  # accumulate X^T X (GPTQ)
-    keep_rows: int = 0  # keep a random sample of input rows (AWQ's search)
-    rng: torch.Generator | None = None  # draws that sample (the walker's, seeded from the calibration's seed)
+    keep_rows: int = 0  # keep up to this many input rows for AWQ's search: every row_stride-th position
+    row_stride: int = 1  # of every sequence, starting at its first
     count: int = 0
     abs_sum: Tensor = field(init=False)
     sq_sum: Tensor = field(init=False)
@@ -55,7 +56,11 @@ class InputStats:
         if self.xtx is not None:
             self.xtx += (x.T @ x).double()
         if self.keep_rows and sum(r.shape[0] for r in self.rows) < self.keep_rows:
-            self.rows.append(x[torch.randperm(x.shape[0], generator=self.rng)[: max(1, self.keep_rows // 16)]].clone())
+            # evenly spaced positions, not a random draw: the search's error is dominated by the few rows
+            # with very large activations (a sequence's first positions), and whether a random sample
+            # caught them moved int4 g128 AWQ's Δppl between +21% and +35% (BENCHMARKS.md)
+            positions = x.reshape(-1, x.shape[-2], self.in_features)[:, :: self.row_stride]
+            self.rows.append(positions.reshape(-1, self.in_features).clone())
 
     def update_pair(self, x: Tensor, reference: Tensor, residual_drift: Tensor | None = None) -> None:
         """Also record how these inputs differ from the uncompressed model's inputs `reference` and, for a
@@ -108,12 +113,8 @@ class InputStats:
 class BlockWalker:
     """Feeds calibration tokens through the blocks; `collect` gathers inputs, `advance` moves on."""
 
-    def __init__(self, model: LlamaModel, tokens: Tensor, batch_size: int = 8, reference: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(self, model: LlamaModel, tokens: Tensor, batch_size: int = 8, reference: bool = False) -> None:
         self.model = model
-        # AWQ's row samples come from here, not torch's global generator, whose state depends on whatever
-        # drew from it before (model construction, other steps): the same seed gives the same artifact
-        self.rng = torch.Generator().manual_seed(seed)
         self.batches = list(tokens.split(batch_size))
         with torch.inference_mode():
             self.hidden = [model.embed(b).float().clone() for b in self.batches]  # block 0's inputs
@@ -142,7 +143,8 @@ class BlockWalker:
                 keep_rows: int = 0) -> dict[str, InputStats]:
         """Run block `index` and return the input statistics of its linear layers `names`."""
         block = self.block(index)
-        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian, keep_rows, self.rng) for n in names}
+        stride = math.ceil(sum(b.numel() for b in self.batches) / keep_rows) if keep_rows else 1
+        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian, keep_rows, stride) for n in names}
         with _hooks(block, {n: s.update for n, s in stats.items()}):
             self.run(index)
         return stats

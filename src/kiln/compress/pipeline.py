@@ -59,8 +59,7 @@ class Context:
         return self.calibration
 
     def walker(self, reference: bool = False) -> BlockWalker:
-        calib = self.calib()
-        return BlockWalker(self.model, calib.tokens, reference=reference, seed=calib.settings.seed)
+        return BlockWalker(self.model, self.calib().tokens, reference=reference)
 
     def blocks(self, desc: str) -> tqdm:
         return tqdm(range(len(self.model.layers)), desc=desc, unit="block", disable=None if self.progress else True)
