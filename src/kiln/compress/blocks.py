@@ -56,9 +56,9 @@ class InputStats:
         if self.xtx is not None:
             self.xtx += (x.T @ x).double()
         if self.keep_rows and sum(r.shape[0] for r in self.rows) < self.keep_rows:
-            # evenly spaced positions, not a random draw: the search's error is dominated by the few rows
-            # with very large activations (a sequence's first positions), and whether a random sample
-            # caught them moved int4 g128 AWQ's Δppl between +21% and +35% (BENCHMARKS.md)
+            # evenly spaced positions, every sequence's first among them, not a random draw: three random
+            # draws gave int4 g128 AWQ a Δppl from +21% to +35% (BENCHMARKS.md), likely as they caught more
+            # or fewer of the rows with very large activations (first positions) that a squared error weighs most
             positions = x.reshape(-1, x.shape[-2], self.in_features)[:, :: self.row_stride]
             self.rows.append(positions.reshape(-1, self.in_features).clone())
 
