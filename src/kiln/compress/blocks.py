@@ -213,12 +213,11 @@ class _Stages:
         if name == "attn.o_proj":
             self.mixed = block.attn.mix(block.input_norm(self.h), self.cos, self.sin, self.meta, None)
             return self.mixed, self.h
-        assert self.mixed is not None or self.mid is not None, "layers in LINEARS order"
         if name == "mlp.gate_up_proj":
-            assert self.mixed is not None
+            assert self.mixed is not None, "layers in LINEARS order"
             self.mid, self.mixed = self.h + block.attn.o_proj(self.mixed), None
             return block.post_attn_norm(self.mid), self.mid
-        assert name == "mlp.down_proj" and self.mid is not None
+        assert name == "mlp.down_proj" and self.mid is not None, "layers in LINEARS order"
         act = block.mlp.act(block.post_attn_norm(self.mid))
         if self.fixed:
             self.out = self.mid + block.mlp.down_proj(act)

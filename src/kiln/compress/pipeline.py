@@ -131,12 +131,12 @@ def quantize(ctx: Context, step: Quantize) -> None:
                 awq.apply_to_block(block, stats, step.group_size, step.symmetric, integer_zero=step.integer_zero)
                 for name in LINEARS:
                     _set(block, name, _quantized(_linear(block, name), step))
+                walker.advance(i)
             else:  # smoothquant: W8A8
                 stats = walker.collect(i, LINEARS)
                 smoothquant.smooth_block(block, stats, step.alpha)
                 for name in LINEARS:
                     _set(block, name, W8A8Linear.from_float(_linear(block, name)))
-            if step.method != "gptq":
                 walker.advance(i)
     if not step.keep_embeddings:
         _quantize_head(ctx, step)
