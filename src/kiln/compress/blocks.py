@@ -8,7 +8,6 @@ the current block's input are kept in memory ([samples, tokens, hidden]); blocks
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,9 +27,7 @@ class InputStats:
     """Statistics of the inputs [tokens, in] one linear layer received."""
 
     in_features: int
-    hessian: bool = False  # accumulate X^T X (GPTQ)
-    keep_rows: int = 0  # keep up to this many input rows for AWQ's search: every row_stride-th position
-    row_stride: int = 1  # of every sequence, starting at its first
+    hessian: bool = False  # accumulate X^T X (GPTQ, AWQ)
     count: int = 0
     abs_sum: Tensor = field(init=False)
     sq_sum: Tensor = field(init=False)
@@ -38,7 +35,6 @@ class InputStats:
     xtx: Tensor | None = field(init=False, default=None)
     drift: Tensor | None = field(init=False, default=None)  # sum of (x_reference - x)^T x, see `update_pair`
     residual: Tensor | None = field(init=False, default=None)  # sum of (r_reference - r)^T x [out, in]
-    rows: list[Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
@@ -55,12 +51,6 @@ class InputStats:
         self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
         if self.xtx is not None:
             self.xtx += (x.T @ x).double()
-        if self.keep_rows and sum(r.shape[0] for r in self.rows) < self.keep_rows:
-            # evenly spaced positions, every sequence's first among them, not a random draw: three random
-            # draws gave int4 g128 AWQ a Δppl from +21% to +35% (BENCHMARKS.md), likely as they caught more
-            # or fewer of the rows with very large activations (first positions) that a squared error weighs most
-            positions = x.reshape(-1, x.shape[-2], self.in_features)[:, :: self.row_stride]
-            self.rows.append(positions.reshape(-1, self.in_features).clone())
 
     def update_pair(self, x: Tensor, reference: Tensor, residual_drift: Tensor | None = None) -> None:
         """Also record how these inputs differ from the uncompressed model's inputs `reference` and, for a
@@ -106,8 +96,19 @@ class InputStats:
         assert self.xtx is not None, "collect with hessian=True"
         return (2 * self.xtx / max(1, self.count)).float()
 
-    def sample(self) -> Tensor:
-        return torch.cat(self.rows)[: self.keep_rows]
+    def gram(self) -> Tensor:
+        """XᵀX / tokens: the mean squared output error of weights off by D is tr(D G Dᵀ) / out."""
+        assert self.xtx is not None, "collect with hessian=True"
+        return (self.xtx / max(1, self.count)).float()
+
+    def divide_inputs(self, s: Tensor) -> None:
+        """The statistics of x / s (per input channel), after s was folded into what produces x."""
+        s64 = s.double()  # not in place: the sums may be inference tensors from `collect`
+        self.abs_sum = self.abs_sum / s64
+        self.sq_sum = self.sq_sum / (s64 * s64)
+        self.abs_max = self.abs_max / s.float()
+        if self.xtx is not None:
+            self.xtx = self.xtx / (s64.unsqueeze(1) * s64.unsqueeze(0))
 
 
 class BlockWalker:
@@ -139,12 +140,10 @@ class BlockWalker:
         return [block(h, self.cos, self.sin, self.meta[h.shape[0]], None) for h in self.hidden]
 
     @torch.inference_mode()
-    def collect(self, index: int, names: tuple[str, ...], hessian: bool = False,
-                keep_rows: int = 0) -> dict[str, InputStats]:
+    def collect(self, index: int, names: tuple[str, ...], hessian: bool = False) -> dict[str, InputStats]:
         """Run block `index` and return the input statistics of its linear layers `names`."""
         block = self.block(index)
-        stride = math.ceil(sum(b.numel() for b in self.batches) / keep_rows) if keep_rows else 1
-        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian, keep_rows, stride) for n in names}
+        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian) for n in names}
         with _hooks(block, {n: s.update for n, s in stats.items()}):
             self.run(index)
         return stats

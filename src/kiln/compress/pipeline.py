@@ -34,8 +34,6 @@ from kiln.model.load import LoadedModel, load, read_config
 from kiln.model.source import resolve
 from kiln.model.spec import ModelSpec
 
-AWQ_SAMPLE_ROWS = 2048  # calibration input rows kept per layer for AWQ's searches
-
 
 @dataclass
 class Context:
@@ -127,7 +125,7 @@ def quantize(ctx: Context, step: Quantize) -> None:
                     _set(block, name, Int8Linear(*packed, bias) if isinstance(packed, tuple) else
                          Int4Linear(packed, bias))
             elif step.method == "awq":
-                stats = walker.collect(i, LINEARS, keep_rows=AWQ_SAMPLE_ROWS)
+                stats = walker.collect(i, LINEARS, hessian=True)
                 awq.apply_to_block(block, stats, step.group_size, step.symmetric, integer_zero=step.integer_zero)
                 for name in LINEARS:
                     _set(block, name, _quantized(_linear(block, name), step))

@@ -79,12 +79,17 @@ def test_sequential_inputs_see_the_layers_changed_before_them(tiny: LlamaModel, 
             assert torch.equal(got, want)
 
 
-def test_row_samples_are_evenly_spaced_positions_of_every_sequence(tiny: LlamaModel, tokens: torch.Tensor) -> None:
-    walker = BlockWalker(tiny, tokens, batch_size=4)
-    count, length = tokens.shape
-    stride = 4
-    stats = walker.collect(0, LINEARS[:1], keep_rows=count * length // stride)
-    with torch.inference_mode():
-        inputs = torch.cat([walker.block(0).input_norm(h) for h in walker.hidden])  # [sequences, tokens, hidden]
-    expected = inputs[:, ::stride].reshape(-1, inputs.shape[-1])
-    assert torch.equal(stats[LINEARS[0]].sample(), expected)  # every sequence's first position among them
+def test_divided_inputs_have_the_statistics_of_the_scaled_inputs() -> None:
+    # AWQ folds s into what produces x and keeps searching on the statistics of x / s
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 48) * (torch.rand(48) * 4)
+    s = torch.rand(48) + 0.5
+    divided, direct = InputStats(48, hessian=True), InputStats(48, hessian=True)
+    divided.update(x)
+    divided.divide_inputs(s)
+    direct.update(x / s)
+    assert divided.xtx is not None and direct.xtx is not None
+    assert torch.allclose(divided.xtx, direct.xtx, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(divided.mean_abs, direct.mean_abs, rtol=1e-5)
+    assert torch.allclose(divided.norm, direct.norm, rtol=1e-5)
+    assert torch.allclose(divided.abs_max, direct.abs_max, rtol=1e-5)

@@ -33,7 +33,7 @@ def test_smoothquant_and_awq_keep_the_float_block(tiny: LlamaModel, tokens: torc
     smoothquant.smooth_block(block, walker.collect(1, LINEARS), alpha=0.5)
     after = walker.run(1)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(before, after, strict=True))
-    stats = walker.collect(2, LINEARS, keep_rows=256)
+    stats = walker.collect(2, LINEARS, hessian=True)
     layer = tiny.layers[2].mlp.down_proj
     s = awq.search_scale(layer, stats["mlp.down_proj"], 32, False)
     assert s.shape == (layer.in_features,) and torch.isfinite(s).all() and (s > 0).all()
@@ -54,6 +54,6 @@ def test_awq_searches_on_the_integer_zero_point_grid(tiny: LlamaModel, tokens: t
     monkeypatch.setattr(grid, "fake_quantize", spy)
     block = tiny.layers[0]
     assert isinstance(block, Block)
-    awq.apply_to_block(block, BlockWalker(tiny, tokens).collect(0, LINEARS, keep_rows=64), 32, False,
+    awq.apply_to_block(block, BlockWalker(tiny, tokens).collect(0, LINEARS, hessian=True), 32, False,
                        integer_zero=True)
     assert seen and all(seen)
