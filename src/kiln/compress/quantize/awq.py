@@ -6,9 +6,9 @@ quantized layer's output on the calibration inputs; then a per-group clipping ra
 searched the same way. Hand-written as one of kiln's compression algorithms.
 
 The error is scored on every calibration token through their Gram matrix G = XᵀX / tokens: weights off
-by D give a mean squared output error of tr(D G Dᵀ) / out. The papers' code runs the candidates on a
-sample of input rows instead; the quadratic form is exact for all tokens and costs out x in² per candidate,
-less than a matmul over 2048 rows (BENCHMARKS.md: AWQ).
+by D give a mean squared output error of tr(D G Dᵀ) / out. The reference code runs each candidate
+through the layer instead, its clipping search on a sample of 512 tokens; the quadratic form is exact
+for all tokens at out x in² multiply-adds per candidate, whatever their number (BENCHMARKS.md: AWQ).
 """
 
 from __future__ import annotations
