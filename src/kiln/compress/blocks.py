@@ -92,14 +92,14 @@ class InputStats:
         """Per-input-channel L2 norm over all tokens (Wanda's ||X_j||)."""
         return self.sq_sum.sqrt().float()
 
-    def hessian_matrix(self) -> Tensor:
-        assert self.xtx is not None, "collect with hessian=True"
-        return (2 * self.xtx / max(1, self.count)).float()
-
     def gram(self) -> Tensor:
         """XᵀX / tokens: the mean squared output error of weights off by D is tr(D G Dᵀ) / out."""
         assert self.xtx is not None, "collect with hessian=True"
         return (self.xtx / max(1, self.count)).float()
+
+    def hessian_matrix(self) -> Tensor:
+        """GPTQ's H = 2 XᵀX / tokens (doubling is exact, so this equals the former float64 2·XᵀX / tokens)."""
+        return 2 * self.gram()
 
     def divide_inputs(self, s: Tensor) -> None:
         """The statistics of x / s (per input channel), after s was folded into what produces x."""
