@@ -238,5 +238,5 @@ def format_table(report: dict[str, Any]) -> str:
         cells += [f"{r['peak_rss_bytes'] / 1e6:.0f}", "-" if serving is None else f"{serving / 1e6:.0f}"]
         lines.append(f"| {r['batch_size']} | " + " | ".join(cells) + " |")
     m = report["machine"]
-    lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} threads; torch {m['torch']}")
+    lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}")
     return "\n".join(lines)

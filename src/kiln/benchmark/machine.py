@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from kiln import __version__
+from kiln.engine.threads import PROCESS_THREADS
 
 
 def cpu_name() -> str:
@@ -54,7 +55,9 @@ def machine_info(*packages: str) -> dict[str, Any]:
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        # the count kiln computes with: a torch model's threads, or an ONNX session's intra-op pool; not this
+        # thread's torch count, which stepping an ONNX session narrows to one (engine/threads.py)
+        "threads": PROCESS_THREADS,
         "memory_gib": round(memory_bytes() / 2**30, 1),
         "python": platform.python_version(),
         "kiln": __version__,
@@ -64,10 +67,10 @@ def machine_info(*packages: str) -> dict[str, Any]:
 
 
 def describe(info: dict[str, Any]) -> str:
-    """One line for a report: 'AMD EPYC ..., 2 cores (2 torch threads), 23.4 GiB; Python 3.11.7, ...'."""
-    fixed = ("cpu", "cores", "torch_threads", "memory_gib")
+    """One line for a report: 'AMD EPYC ..., 2 cores (2 threads), 23.4 GiB; Python 3.11.7, ...'."""
+    fixed = ("cpu", "cores", "threads", "memory_gib")
     versions = ", ".join(f"{k} {v}" for k, v in info.items() if k not in fixed)
-    return (f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+    return (f"{info['cpu']}, {info['cores']} cores ({info['threads']} threads), "
             f"{info['memory_gib']} GiB; {versions}")
 
 
