@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kiln.engine.engine import Engine, EngineConfig, padded_width
-from kiln.engine.generate import Generator
+from kiln.engine.generate import MIN_BUDGET_BYTES, Generator
 from kiln.engine.kv_cache import PagedKVCache
 from kiln.engine.request import Request
 from kiln.engine.sampler import SamplingParams
@@ -157,10 +157,11 @@ def test_generator_reports_timings(default_model: LoadedModel, prompts) -> None:
 
 def test_generator_keeps_its_engine_for_a_batch_of_the_same_size(default_model: LoadedModel, prompts) -> None:
     generator = Generator(default_model.model, default_model.tokenizer)
-    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
-    batch = [p * 4 for p in prompts[:4]]  # long enough that the pool is sized by the batch, not the minimum
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    batch = [p * 6 for p in prompts[:4]]  # long enough that the pool is sized by the batch, not the minimum
     generator.generate(batch, params)
     engine = generator.engine
+    assert engine is not None and engine.config.kv_budget_bytes > MIN_BUDGET_BYTES
     again = generator.generate(batch, params)
     assert generator.engine is engine  # no second pool, and the prefix cache survives
     assert all(o.cached_tokens > 0 for o in again)

@@ -56,13 +56,32 @@ def tiny(onnx_tiny_folder: Path) -> LoadedModel:
     return load(str(onnx_tiny_folder), progress=False)
 
 
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One checked fp32 export of `tiny` for the tests that only run it: each export spends about 6 s, most
+    of it starting the builder's process. A test that changes an export copies this one first."""
+    return onnx_export.export(tiny, tmp_path_factory.mktemp("tiny-onnx") / "onnx", "fp32")
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A KILN_CACHE holding the cached export `onnx_folder` builds for `tiny`, for tests to copy and damage."""
+    from kiln.engine import onnx_runtime
+
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KILN_CACHE", str(cache))
+        onnx_runtime.onnx_folder(tiny)
+    return cache
+
+
 def test_head_sizes_onnx_runtime_cannot_run_are_refused(tiny_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidParameterError, match="multiple of 16"):
         onnx_export.export(load(str(tiny_folder), progress=False), tmp_path / "onnx", "fp32")
 
 
-def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, tmp_path: Path) -> None:
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+def test_fp32_export_runs_in_the_engine_with_the_same_tokens(tiny: LoadedModel, tiny_onnx: Path) -> None:
+    folder = tiny_onnx
     assert onnx_export.logit_error(tiny, folder) < 1e-4
     # the first two run as one batch (same position); the last is prefilled in two chunks
     prompts = [[1, 5, 9, 200], [1, 6, 10, 201], [1, 7], [1, *range(300, 330)]]
@@ -78,12 +97,12 @@ def test_export_shows_its_stages(tiny: LoadedModel, tmp_path: Path, recorded_bar
     assert bar.disable is None and bar.total == 3 and bar.done == 3  # build, check, write
 
 
-def test_decode_rows_at_different_positions_run_as_one_batch(tiny: LoadedModel, tmp_path: Path,
+def test_decode_rows_at_different_positions_run_as_one_batch(tiny: LoadedModel, tiny_onnx: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequences of different lengths decode in one session run, with the log-probabilities each gets alone;
     one of them stops early, so the batch changes members midway, and the last decodes alone. While they
     decode together their keys and values are held once: in the batch buffer, not in their own too."""
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    folder = tiny_onnx
     prompts = [[1, *range(500, 504)], [1, *range(600, 616)], [1, *range(700, 729)]]
     lengths = {len(p): n for p, n in zip(prompts, (8, 3, 40), strict=True)}  # 40: past the first capacity
     onnx = OnnxModel(folder, tiny.spec, 1)
@@ -118,8 +137,8 @@ def test_decode_rows_at_different_positions_run_as_one_batch(tiny: LoadedModel, 
         assert len(got) == len(want) and torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
 
 
-def test_cancelling_frees_the_onnx_runtimes_buffers_at_once(tiny: LoadedModel, tmp_path: Path) -> None:
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+def test_cancelling_frees_the_onnx_runtimes_buffers_at_once(tiny: LoadedModel, tiny_onnx: Path) -> None:
+    folder = tiny_onnx
     onnx = OnnxModel(folder, tiny.spec, 1)
     engine = Engine(onnx, tiny.tokenizer, EngineConfig(kv_budget_bytes=8 << 20))  # type: ignore[arg-type]
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
@@ -137,7 +156,7 @@ def test_cancelling_frees_the_onnx_runtimes_buffers_at_once(tiny: LoadedModel, t
 
 
 def test_requests_arriving_and_preempted_keep_their_logprobs_on_the_onnx_runtime(
-        tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny: LoadedModel, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The decode batch gains and loses rows as requests arrive, finish, attach a cached prefix and are
     preempted by a small budget, and its buffers grow (a first capacity of 16 tokens here); each request
     keeps the log-probabilities it gets alone, and no buffer outlives its sequence."""
@@ -146,7 +165,7 @@ def test_requests_arriving_and_preempted_keep_their_logprobs_on_the_onnx_runtime
     from kiln.engine import onnx_runtime
 
     monkeypatch.setattr(onnx_runtime, "FIRST_CAPACITY", 16)
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    folder = tiny_onnx
     onnx = OnnxModel(folder, tiny.spec, 1)
     rng = random.Random(0)
     prefix = [1, *range(900, 931)]  # two full blocks that every third prompt shares
@@ -180,8 +199,8 @@ def test_requests_arriving_and_preempted_keep_their_logprobs_on_the_onnx_runtime
         assert torch.allclose(torch.tensor(got), torch.tensor([p.logprob for p in want.logprobs]), atol=1e-4)
 
 
-def test_prefix_caching_on_the_onnx_runtime_gives_the_same_tokens(tiny: LoadedModel, tmp_path: Path) -> None:
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+def test_prefix_caching_on_the_onnx_runtime_gives_the_same_tokens(tiny: LoadedModel, tiny_onnx: Path) -> None:
+    folder = tiny_onnx
     prefix = [1, *range(400, 439)]  # 40 tokens: two full blocks of 16 can be shared
     # the two later prompts are equally long: their uncached parts start at the same position with the same
     # width (ONNX Runtime's attention runs such prompt chunks over a past one sequence at a time)
@@ -207,10 +226,11 @@ def test_prefix_caching_on_the_onnx_runtime_gives_the_same_tokens(tiny: LoadedMo
         assert torch.allclose(torch.tensor(shared), torch.tensor(reference), atol=1e-4)
 
 
-def test_sampling_penalties_and_logprobs_run_on_the_onnx_runtime_as_on_torch(tiny: LoadedModel, tmp_path: Path) -> None:
+def test_sampling_penalties_and_logprobs_run_on_the_onnx_runtime_as_on_torch(tiny: LoadedModel,
+                                                                             tiny_onnx: Path) -> None:
     """The onnxruntime runtime's logits are numpy arrays; seeded sampling, penalties and logprobs take the same
     paths from them as from the torch model's."""
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    folder = tiny_onnx
     params = [SamplingParams(temperature=0.9, seed=3, max_tokens=10, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=0.0, repetition_penalty=1.5, max_tokens=10, ignore_eos=True, logprobs=0),
               SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)]
@@ -372,8 +392,8 @@ def test_int8_block_is_the_largest_that_divides_every_input_size(tiny: LoadedMod
     assert block(576, 1536) == 64 and block(4096, 11008) == 64 and block(96, 160) == 32 and block(48, 80) == 16
 
 
-def test_logits_all_matches_the_graph(tiny: LoadedModel, tmp_path: Path) -> None:
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+def test_logits_all_matches_the_graph(tiny: LoadedModel, tiny_onnx: Path) -> None:
+    folder = tiny_onnx
     ids = [1, 4, 8, 15, 16, 23, 42]
     with torch.inference_mode():
         want = tiny.model(torch.tensor([ids]), logits="all")[0]
@@ -381,10 +401,10 @@ def test_logits_all_matches_the_graph(tiny: LoadedModel, tmp_path: Path) -> None
     assert torch.allclose(got, want, atol=1e-4)
 
 
-def test_export_adds_a_last_logits_graph_and_keeps_the_builders(tiny: LoadedModel, tmp_path: Path) -> None:
+def test_export_adds_a_last_logits_graph_and_keeps_the_builders(tiny: LoadedModel, tiny_onnx: Path) -> None:
     import onnx
 
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    folder = tiny_onnx
 
     def inputs(name: str) -> set[str]:
         return {i.name for i in onnx.load(str(folder / name), load_external_data=False).graph.input}
@@ -394,8 +414,8 @@ def test_export_adds_a_last_logits_graph_and_keeps_the_builders(tiny: LoadedMode
     assert OnnxModel(folder, tiny.spec, 1).keeps_last
 
 
-def test_extend_returns_the_last_logits_and_rolls_back(tiny: LoadedModel, tmp_path: Path) -> None:
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+def test_extend_returns_the_last_logits_and_rolls_back(tiny: LoadedModel, tiny_onnx: Path) -> None:
+    folder = tiny_onnx
     model = OnnxModel(folder, tiny.spec, 1)
     ids = [1, 4, 8, 15, 16, 23, 42, 7]
     every = model.logits_all(ids)
@@ -408,12 +428,12 @@ def test_extend_returns_the_last_logits_and_rolls_back(tiny: LoadedModel, tmp_pa
     assert 3 not in model.states
 
 
-def test_one_onnx_session_can_be_its_own_draft(tiny: LoadedModel, tmp_path: Path) -> None:
+def test_one_onnx_session_can_be_its_own_draft(tiny: LoadedModel, tiny_onnx: Path) -> None:
     """The same OnnxModel as the engine's model and its draft: the draft's sequences keep ids of their own."""
     from kiln.engine.drafting import Drafter
     from kiln.engine.generate import Generator
 
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    folder = tiny_onnx
     target = OnnxModel(folder, tiny.spec, 1)
     prompt = [1, *range(300, 320)]
     want = greedy(target, tiny, [prompt])[0]
@@ -808,13 +828,13 @@ def test_int8_exports_have_no_prefill_graph(onnx_tiny_folder: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
-def test_prompt_logprobs_come_from_the_prefill_chunk_by_chunk(tiny: LoadedModel, tmp_path: Path,
+def test_prompt_logprobs_come_from_the_prefill_chunk_by_chunk(tiny: LoadedModel, tiny_onnx: Path,
                                                                runtime: str) -> None:
     """echo with logprobs: each prompt token's log-probability given those before it, read from the prefill's
     own logits over chunks of 16 while another request decodes, and equal to one pass over the whole prompt;
     the prompt is computed whole, even when an earlier request left it in the prefix cache."""
     model: Any = tiny.model if runtime == "torch" else OnnxModel(
-        onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False), tiny.spec, 1)
+        tiny_onnx, tiny.spec, 1)
     prompt = [1, *range(500, 539)]  # 40 tokens: three chunks
     with torch.inference_mode():
         reference = torch.log_softmax(tiny.model(torch.tensor([prompt]), logits="all")[0].float(), dim=-1)
@@ -836,13 +856,13 @@ def test_prompt_logprobs_come_from_the_prefill_chunk_by_chunk(tiny: LoadedModel,
 
 
 def test_the_engine_drafts_on_the_onnx_runtime_with_the_same_tokens(tiny: LoadedModel, default_model: LoadedModel,
-                                                                    tmp_path: Path) -> None:
+                                                                    tiny_onnx: Path) -> None:
     """An ONNX Runtime target checks k drafts in one run over its own buffers and drops the rejected keys;
     the draft is a second session over the same export (every proposal kept) or kiln's graph of another model
     with the same vocabulary (the default one: most proposals rejected)."""
     from kiln.engine.drafting import Drafter
 
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    folder = tiny_onnx
     onnx = OnnxModel(folder, tiny.spec, 1)
     other = default_model.model
     prompts = [[1, *range(300, 320)], [1, 5, 6, 7]]
@@ -914,16 +934,19 @@ def test_a_model_folder_holding_another_tools_model_onnx_runs_kilns_own_export(
 
 @pytest.mark.parametrize("damage", ["truncated", "changed in place", "marker lists no files",
                                     "built with another onnxruntime"])
-def test_a_cached_export_that_is_not_whole_is_built_again(tiny: LoadedModel, tmp_path: Path,
+def test_a_cached_export_that_is_not_whole_is_built_again(tiny: LoadedModel, tiny_cache: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
     # a truncated weights file stopped ONNX Runtime with a traceback; bytes changed in place ran silently
     import os
+    import shutil
 
     from kiln.engine import onnx_runtime
     from kiln.model.source import ONNX_EXPORT_MARKER
 
+    shutil.copytree(tiny_cache, tmp_path / "cache")  # the export as onnx_folder built it, whole
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
-    folder = onnx_runtime.onnx_folder(tiny)
+    folder = onnx_runtime.export_path(tiny)
+    assert onnx_runtime.has_export(tiny)
     data = folder / "model.onnx.data"
     if damage == "truncated":
         os.truncate(data, data.stat().st_size // 2)
@@ -1022,10 +1045,10 @@ def test_an_edited_config_beside_the_same_weights_gets_its_own_cached_export(
 
 
 def test_a_prompt_whose_publishing_was_interrupted_is_not_served_from_the_prefix_cache(
-        tiny: LoadedModel, tmp_path: Path) -> None:
+        tiny: LoadedModel, tiny_onnx: Path) -> None:
     # its blocks stayed findable with nothing in the store: every later prompt with the same start (each turn of a
     # kiln chat after a Ctrl-C) failed with "the ONNX runtime lost a sequence's keys and values"
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32")
+    folder = tiny_onnx
     onnx = OnnxModel(folder, tiny.spec, 1)
     prompt = [1, *range(400, 439)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -1047,15 +1070,17 @@ def test_a_prompt_whose_publishing_was_interrupted_is_not_served_from_the_prefix
     assert again.output == reference and again.cached_tokens == 0
 
 
-def test_a_graph_onnx_runtime_cannot_load_is_refused_in_one_line(tiny: LoadedModel, tmp_path: Path,
+def test_a_graph_onnx_runtime_cannot_load_is_refused_in_one_line(tiny: LoadedModel, tiny_onnx: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # a graph written for a newer ONNX Runtime stopped the load with ONNX Runtime's own traceback
+    import shutil
+
     import onnx
 
     from kiln.engine import onnx_runtime
     from kiln.errors import ModelFormatError
 
-    folder = onnx_export.export(tiny, tmp_path / "onnx", "fp32", check=False)
+    folder = Path(shutil.copytree(tiny_onnx, tmp_path / "onnx"))
     graph = onnx.load(str(folder / onnx_export.RUNTIME_FILE), load_external_data=False)
     graph.ir_version = 99  # an IR version no ONNX Runtime reads yet
     onnx.save_model(graph, str(folder / onnx_export.RUNTIME_FILE))
