@@ -11,6 +11,7 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -140,12 +141,34 @@ class BlockWalker:
         return [block(h, self.cos, self.sin, self.meta[h.shape[0]], None) for h in self.hidden]
 
     @torch.inference_mode()
-    def collect(self, index: int, names: tuple[str, ...], hessian: bool = False) -> dict[str, InputStats]:
-        """Run block `index` and return the input statistics of its linear layers `names`."""
+    def collect(self, index: int, names: tuple[str, ...], hessian: bool = False,
+                drift: tuple[str, ...] = ()) -> dict[str, InputStats]:
+        """Run block `index` and return the input statistics of its linear layers `names`. For the layers in
+        `drift` the stats also hold how their inputs differ from the uncompressed model's: the reference
+        stream runs through the block as it is now, so collect before changing it."""
         block = self.block(index)
-        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian) for n in names}
-        with _hooks(block, {n: s.update for n, s in stats.items()}):
-            self.run(index)
+        stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian or n in drift) for n in names}
+        if not drift:
+            with _hooks(block, {n: s.update for n, s in stats.items()}):
+                self.run(index)
+            return stats
+        assert self.reference is not None, "drift needs a walker with reference=True"
+        reference: dict[str, Tensor] = {}  # this batch's inputs to the `drift` layers on the reference stream
+
+        def keep(name: str, x: Tensor) -> None:
+            reference[name] = x.clone()
+
+        def update(name: str, x: Tensor) -> None:
+            if name in drift:
+                stats[name].update_pair(x, reference[name])
+            else:
+                stats[name].update(x)
+
+        for h, h_ref in zip(self.hidden, self.reference, strict=True):
+            with _hooks(block, {n: partial(keep, n) for n in drift}):
+                block(h_ref, self.cos, self.sin, self.meta[h_ref.shape[0]], None)
+            with _hooks(block, {n: partial(update, n) for n in names}):
+                block(h, self.cos, self.sin, self.meta[h.shape[0]], None)
         return stats
 
     @torch.inference_mode()
@@ -181,9 +204,14 @@ class BlockWalker:
         if references is not None:
             self.reference = [stream.output() for stream in references]
 
-    def advance(self, index: int) -> None:
-        """Replace the held hidden states by block `index`'s outputs (call after changing the block)."""
-        assert self.reference is None, "a reference stream moves on through `sequential`, which keeps the original"
+    @torch.inference_mode()
+    def advance(self, index: int, original: Block | None = None) -> None:
+        """Replace the held hidden states by block `index`'s outputs (call after changing the block). A
+        reference stream moves on through `original`, a copy of the block from before the change (`sequential`
+        keeps its own)."""
+        if self.reference is not None:
+            assert original is not None, "a reference stream needs the block as it was"
+            self.reference = [original(h, self.cos, self.sin, self.meta[h.shape[0]], None) for h in self.reference]
         self.hidden = self.run(index)
 
     def __iter__(self) -> Iterator[int]:

@@ -90,7 +90,7 @@ class Quantize:
     # does with its output matrix (8 or 6 bits): a quarter of fp32's bytes, which a decode step reads in full
     head_bits: int = 0
     alpha: float = 0.5  # smoothquant: migration strength
-    damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added for stability
+    damp: float = 0.01  # gptq, awq: fraction of the mean Hessian diagonal added for stability
     refit: int = 2  # gptq, int4: refit the group grids to the chosen integers this many times
     target: str = "model"  # gptq: match the uncompressed model's outputs (model) or each layer's own (layer)
 
@@ -130,7 +130,8 @@ class Quantize:
         if self.method != "smoothquant":
             ignored["alpha"] = f"by method = {self.method!r} (it is SmoothQuant's)"
         if self.method != "gptq":
-            gptq_only = ("damp", "refit", "target")
+            # AWQ reads damp: its first layer's least-squares aim at the uncompressed model (pipeline.quantize)
+            gptq_only = ("refit", "target") if self.method == "awq" else ("damp", "refit", "target")
             ignored.update({name: f"by method = {self.method!r} (it is GPTQ's)" for name in gptq_only})
         return ignored
 

@@ -93,3 +93,34 @@ def test_divided_inputs_have_the_statistics_of_the_scaled_inputs() -> None:
     assert torch.allclose(divided.mean_abs, direct.mean_abs, rtol=1e-5)
     assert torch.allclose(divided.norm, direct.norm, rtol=1e-5)
     assert torch.allclose(divided.abs_max, direct.abs_max, rtol=1e-5)
+
+
+def test_collected_drift_is_what_the_sequential_walk_sees(tiny: LlamaModel, tokens: torch.Tensor) -> None:
+    # AWQ collects a whole block at once and aims its first layer at the uncompressed model; that layer's drift
+    # and the reference stream must be the ones GPTQ's layer-by-layer walk computes
+    twin = copy.deepcopy(tiny)
+    whole = BlockWalker(tiny, tokens, batch_size=4, reference=True)
+    sequential = BlockWalker(twin, tokens, batch_size=4, reference=True)
+    first = LINEARS[0]
+    for i in whole:
+        block = whole.block(i)
+        original = copy.deepcopy(block)
+        stats = whole.collect(i, LINEARS, hessian=True, drift=(first,))
+        assert stats[first].drift is not None and all(stats[n].drift is None for n in LINEARS[1:])
+        for name, seen in sequential.sequential(i):
+            if name == first:
+                assert seen.drift is not None and seen.xtx is not None and stats[first].xtx is not None
+                assert torch.allclose(stats[first].drift, seen.drift, rtol=1e-5, atol=1e-6)
+                assert torch.allclose(stats[first].xtx, seen.xtx, rtol=1e-5, atol=1e-6)
+                # nothing changed before block 0; the blocks before the others were quantized
+                assert (float(seen.drift.abs().max()) == 0.0) == (i == 0)
+            layer = sequential.block(i).get_submodule(name)
+            layer.weight.data = grid.fake_quantize(layer.weight.data, 4, 32, True)
+        for name in LINEARS:
+            layer = block.get_submodule(name)
+            layer.weight.data = grid.fake_quantize(layer.weight.data, 4, 32, True)
+        whole.advance(i, original)
+        assert whole.reference is not None and sequential.reference is not None
+        for got, want in zip([*whole.reference, *whole.hidden], [*sequential.reference, *sequential.hidden],
+                             strict=True):
+            assert torch.allclose(got, want, atol=1e-5)

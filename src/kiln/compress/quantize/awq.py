@@ -9,6 +9,9 @@ The error is scored on every calibration token through their Gram matrix G = X�
 by D give a mean squared output error of tr(D G Dᵀ) / out. The reference code runs each candidate
 through the layer instead, its clipping search on a sample of 512 tokens; the quadratic form is exact
 for all tokens at out x in² multiply-adds per candidate, whatever their number (BENCHMARKS.md: AWQ).
+
+Before the searches, kiln's pipeline aims each block's first layer at the uncompressed model's outputs
+(the drift correction of GPTQ's target = "model"; compress/pipeline.py says why only the first).
 """
 
 from __future__ import annotations
