@@ -383,6 +383,13 @@ def test_a_field_the_step_does_not_read_is_refused(tmp_path: Path, text: str, me
         Recipe.from_toml(write(tmp_path, f"[[step]]\n{text}\n"))
 
 
+def test_awq_reads_damp(tmp_path: Path) -> None:
+    # its first layers' least-squares aim at the uncompressed model is damped as GPTQ's is
+    recipe = Recipe.from_toml(write(tmp_path, '[[step]]\nkind = "quantize"\nbits = 4\nmethod = "awq"\ndamp = 0.05\n'))
+    assert recipe.steps[0] == Quantize(bits=4, method="awq", damp=0.05)
+    assert "damp" in Quantize(bits=4, method="rtn").ignored()
+
+
 def test_a_recipe_copied_from_a_manifest_reads_back() -> None:
     # every field is written out, at its default where the step does not read it
     recipe = Recipe((Prune(method="2:4", score="magnitude"), Quantize(bits=8, method="smoothquant", alpha=0.7)))
