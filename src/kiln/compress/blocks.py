@@ -122,6 +122,8 @@ class BlockWalker:
             self.hidden = [model.embed(b).float().clone() for b in self.batches]  # block 0's inputs
         # with `reference`, the uncompressed model's hidden states go along too (twice the memory)
         self.reference = [h.clone() for h in self.hidden] if reference else None
+        # the reference stream's outputs of the block `collect(drift=...)` last ran, for `advance` to move on to
+        self._reference_out: tuple[int, list[Tensor]] | None = None
         seq = tokens.shape[1]
         self.meta = {b.shape[0]: uncached_batch([seq] * b.shape[0], seq, model.spec.sliding_window)
                      for b in self.batches}
@@ -145,7 +147,8 @@ class BlockWalker:
                 drift: tuple[str, ...] = ()) -> dict[str, InputStats]:
         """Run block `index` and return the input statistics of its linear layers `names`. For the layers in
         `drift` the stats also hold how their inputs differ from the uncompressed model's: the reference
-        stream runs through the block as it is now, so collect before changing it."""
+        stream runs through the block as it is now, so collect before changing it; its outputs are kept for
+        `advance`."""
         block = self.block(index)
         stats = {n: InputStats(_in_features(block.get_submodule(n)), hessian or n in drift) for n in names}
         if not drift:
@@ -164,11 +167,13 @@ class BlockWalker:
             else:
                 stats[name].update(x)
 
+        outputs = []
         for h, h_ref in zip(self.hidden, self.reference, strict=True):
             with _hooks(block, {n: partial(keep, n) for n in drift}):
-                block(h_ref, self.cos, self.sin, self.meta[h_ref.shape[0]], None)
+                outputs.append(block(h_ref, self.cos, self.sin, self.meta[h_ref.shape[0]], None))
             with _hooks(block, {n: partial(update, n) for n in names}):
                 block(h, self.cos, self.sin, self.meta[h.shape[0]], None)
+        self._reference_out = (index, outputs)
         return stats
 
     @torch.inference_mode()
@@ -204,14 +209,15 @@ class BlockWalker:
         if references is not None:
             self.reference = [stream.output() for stream in references]
 
-    @torch.inference_mode()
-    def advance(self, index: int, original: Block | None = None) -> None:
+    def advance(self, index: int) -> None:
         """Replace the held hidden states by block `index`'s outputs (call after changing the block). A
-        reference stream moves on through `original`, a copy of the block from before the change (`sequential`
-        keeps its own)."""
+        reference stream moves on to the outputs `collect(index, drift=...)` computed before the change
+        (`sequential` moves its own)."""
         if self.reference is not None:
-            assert original is not None, "a reference stream needs the block as it was"
-            self.reference = [original(h, self.cos, self.sin, self.meta[h.shape[0]], None) for h in self.reference]
+            assert self._reference_out is not None and self._reference_out[0] == index, \
+                "a reference stream moves on from collect(index, drift=...), which ran the block as it was"
+            self.reference = self._reference_out[1]
+            self._reference_out = None
         self.hidden = self.run(index)
 
     def __iter__(self) -> Iterator[int]:

@@ -125,7 +125,6 @@ def quantize(ctx: Context, step: Quantize) -> None:
                     _set(block, name, Int8Linear(*packed, bias) if isinstance(packed, tuple) else
                          Int4Linear(packed, bias))
             elif step.method == "awq":
-                original = copy.deepcopy(block)  # the reference stream's way on
                 first = LINEARS[0]
                 stats = walker.collect(i, LINEARS, hessian=True, drift=(first,))
                 # The first layer's inputs are the block's own, which nothing in this block changes: it aims at
@@ -138,7 +137,7 @@ def quantize(ctx: Context, step: Quantize) -> None:
                 awq.apply_to_block(block, stats, step.group_size, step.symmetric, integer_zero=step.integer_zero)
                 for name in LINEARS:
                     _set(block, name, _quantized(_linear(block, name), step))
-                walker.advance(i, original)
+                walker.advance(i)
             else:  # smoothquant: W8A8
                 stats = walker.collect(i, LINEARS)
                 smoothquant.smooth_block(block, stats, step.alpha)
