@@ -533,7 +533,7 @@ def _step_options(args: argparse.Namespace) -> list[tuple[str, Any, bool, str]]:
         ("--zero-point", args.zero_point, args.quantize == "int4" and not args.symmetric,
          "--quantize int4, asymmetric (no --symmetric)"),
         ("--alpha", args.alpha, args.quantize == "w8a8", "--quantize w8a8"),
-        ("--gptq-target", args.gptq_target, quantize and args.method == "gptq", "--method gptq"),
+        ("--target", args.gptq_target, quantize and args.method in ("gptq", "awq"), "--method gptq or awq"),
         ("--gptq-refit", args.gptq_refit, quantize and args.method == "gptq", "--method gptq"),
         ("--quantize-embeddings", args.quantize_embeddings, args.quantize is not None, "--quantize"),
         ("--prune-method", args.prune_method, args.prune is not None, "--prune"),
@@ -870,9 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize the embedding / lm_head: at the layers' bits, or int8 (int4 layers with an "
                         "int8 head, as llama.cpp keeps its output matrix at 6-8 bits)")
     p.add_argument("--alpha", type=float, default=None, help="w8a8: SmoothQuant migration strength (default 0.5)")
-    p.add_argument("--gptq-target", choices=["model", "layer"], default=None,
-                   help="gptq: match the uncompressed model's layer outputs (model, the default) or each layer's "
-                        "own (layer)")
+    p.add_argument("--target", "--gptq-target", dest="gptq_target", choices=["model", "layer"], default=None,
+                   help="gptq, awq: aim at the uncompressed model's layer outputs (model, the default) or at each "
+                        "layer's own (layer: the papers' algorithms)")
     p.add_argument("--gptq-refit", type=int, default=None,
                    help="gptq int4: rounds of refitting the group grids (default 2)")
     p.add_argument("--calibration-samples", type=int, default=None,

@@ -108,7 +108,7 @@ def quantize(ctx: Context, step: Quantize) -> None:
             for name in LINEARS:
                 _set(block, name, _quantized(_linear(block, name), step))
     else:
-        walker = ctx.walker(reference=(step.method == "gptq" and step.target == "model") or step.method == "awq")
+        walker = ctx.walker(reference=step.method in ("gptq", "awq") and step.target == "model")
         for i in ctx.blocks(f"quantize {step.method}"):
             block = _block(model, i)
             if step.method == "gptq":
@@ -126,14 +126,16 @@ def quantize(ctx: Context, step: Quantize) -> None:
                          Int4Linear(packed, bias))
             elif step.method == "awq":
                 first = LINEARS[0]
-                stats = walker.collect(i, LINEARS, hessian=True, drift=(first,))
+                aim = (first,) if step.target == "model" else ()
+                stats = walker.collect(i, LINEARS, hessian=True, drift=aim)
                 # The first layer's inputs are the block's own, which nothing in this block changes: it aims at
                 # the uncompressed model's outputs, as GPTQ's target = "model" does. The later layers' stats
                 # would go stale as the layers before them change; correcting them too made Δppl far worse,
                 # where this alone lowered it (BENCHMARKS.md: AWQ).
-                layer = _linear(block, first)
-                layer.weight.data = stats[first].drift_corrected(layer.weight.detach().float(), step.damp).to(
-                    layer.weight.dtype)
+                if aim:
+                    layer = _linear(block, first)
+                    layer.weight.data = stats[first].drift_corrected(layer.weight.detach().float(), step.damp).to(
+                        layer.weight.dtype)
                 awq.apply_to_block(block, stats, step.group_size, step.symmetric, integer_zero=step.integer_zero)
                 for name in LINEARS:
                     _set(block, name, _quantized(_linear(block, name), step))

@@ -15,7 +15,7 @@
     zero_point = "float"     # int4 asymmetric: "float" offset (Q4_1's) or "integer" zero point (GPTQ's, AWQ's)
     keep_embeddings = true   # embeddings and lm_head stay in full precision
     head_bits = 0            # with keep_embeddings = false: 0 = the step's bits, 8 = int8 (for int4 steps)
-    target = "model"         # gptq: aim at the uncompressed model's outputs (or "layer": each layer's own)
+    target = "model"         # gptq, awq: aim at the uncompressed model's outputs (or "layer": each layer's own)
     refit = 2                # gptq int4: refit the group scales and offsets to the chosen integers
 
 Validation happens before any work: an error names the field, the value and the allowed values.
@@ -90,9 +90,11 @@ class Quantize:
     # does with its output matrix (8 or 6 bits): a quarter of fp32's bytes, which a decode step reads in full
     head_bits: int = 0
     alpha: float = 0.5  # smoothquant: migration strength
-    damp: float = 0.01  # gptq, awq: fraction of the mean Hessian diagonal added for stability
+    damp: float = 0.01  # gptq; awq with target = "model": fraction of the mean Hessian diagonal added for stability
     refit: int = 2  # gptq, int4: refit the group grids to the chosen integers this many times
-    target: str = "model"  # gptq: match the uncompressed model's outputs (model) or each layer's own (layer)
+    # gptq, awq: match the uncompressed model's outputs (model) or each layer's own (layer; the papers' algorithms).
+    # GPTQ corrects every layer for its inputs' drift; AWQ only each block's first (compress/pipeline.py says why)
+    target: str = "model"
 
     def check(self, where: str) -> None:
         _choice(where, "bits", self.bits, (8, 4))
@@ -129,10 +131,13 @@ class Quantize:
             ignored["zero_point"] = "with symmetric = true (its zero point is always 8)"
         if self.method != "smoothquant":
             ignored["alpha"] = f"by method = {self.method!r} (it is SmoothQuant's)"
-        if self.method != "gptq":
-            # AWQ reads damp: its first layer's least-squares aim at the uncompressed model (pipeline.quantize)
-            gptq_only = ("refit", "target") if self.method == "awq" else ("damp", "refit", "target")
-            ignored.update({name: f"by method = {self.method!r} (it is GPTQ's)" for name in gptq_only})
+        if self.method == "awq":
+            ignored["refit"] = "by method = 'awq' (it is GPTQ's)"
+            if self.target == "layer":  # AWQ damps only its first layers' least-squares aim at the model
+                ignored["damp"] = "by method = 'awq' with target = 'layer' (nothing is aimed at the model)"
+        elif self.method != "gptq":
+            ignored.update({name: f"by method = {self.method!r} (it is GPTQ's and AWQ's)"
+                            for name in ("damp", "refit", "target")})
         return ignored
 
 

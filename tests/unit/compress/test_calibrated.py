@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from kiln.compress import pipeline
+from kiln.compress.blocks import LINEARS, BlockWalker
 from kiln.compress.calibration import CalibrationSet
+from kiln.compress.quantize import awq
 from kiln.compress.quantize.qlinear import Int4Linear
 from kiln.compress.recipe import Calibration, Quantize, Recipe
 from kiln.model.llama import LlamaModel
@@ -46,6 +48,27 @@ def test_gptq_targets_beat_round_to_nearest(tiny: LlamaModel, calib_tokens: torc
         errors[name] = _logit_error(model, tiny, calib_tokens)
     assert errors["layer"] < errors["rtn"]
     assert errors["model"] < errors["layer"]
+
+
+def test_awq_with_the_layer_target_is_the_papers_algorithm(tiny: LlamaModel, calib_tokens: torch.Tensor) -> None:
+    # target = "layer": no reference stream and no first layer aimed at the uncompressed model; each block is
+    # scaled, clipped and rounded on the stream the blocks before it, already quantized, hand on
+    step = Quantize(bits=4, method="awq", group_size=32, target="layer")
+    model = _quantized(tiny, calib_tokens, step)
+    expected = copy.deepcopy(tiny)
+    walker = BlockWalker(expected, calib_tokens)
+    for i in walker:
+        block = walker.block(i)
+        awq.apply_to_block(block, walker.collect(i, LINEARS, hessian=True), 32, False)
+        for name in LINEARS:
+            pipeline._set(block, name, pipeline._quantized(pipeline._linear(block, name), step))
+        walker.advance(i)
+    with torch.inference_mode():
+        got = model(calib_tokens, logits="all")
+        assert torch.equal(got, expected(calib_tokens, logits="all"))
+        # the default target changes what comes out (its first layers aim at the uncompressed model)
+        aimed = _quantized(tiny, calib_tokens, Quantize(bits=4, method="awq", group_size=32))
+        assert not torch.equal(got, aimed(calib_tokens, logits="all"))
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])

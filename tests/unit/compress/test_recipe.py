@@ -200,7 +200,7 @@ def test_a_recipe_file_takes_no_step_flags(tmp_path: Path, capsys: pytest.Captur
      "asymmetric (no --symmetric)"),  # a symmetric grid's zero point is 8
     (["--quantize", "int4", "--alpha", "0.8"], "--alpha applies with --quantize w8a8"),
     (["--quantize", "int4", "--gptq-refit", "0"], "--gptq-refit applies with --method gptq"),
-    (["--quantize", "int4", "--method", "awq", "--gptq-target", "layer"], "--gptq-target applies with --method gptq"),
+    (["--quantize", "int4", "--target", "layer"], "--target applies with --method gptq or awq"),  # RTN aims at nothing
     (["--prune", "0.5", "--quantize-embeddings"], "--quantize-embeddings applies with --quantize"),
     (["--quantize", "int8", "--prune-method", "wanda"], "--prune-method applies with --prune"),  # no pruning at all
 ])
@@ -226,6 +226,8 @@ def test_step_options_left_out_take_the_steps_defaults() -> None:
     gptq = recipe("--quantize", "int4", "--method", "gptq", "--group-size", "32", "--symmetric", "--gptq-refit", "0",
                   "--gptq-target", "layer").steps[0]
     assert gptq == Quantize(bits=4, method="gptq", group_size=32, symmetric=True, refit=0, target="layer")
+    assert recipe("--quantize", "int4", "--method", "awq", "--target", "layer").steps == (
+        Quantize(bits=4, method="awq", target="layer"),)
     integer = recipe("--quantize", "int4", "--zero-point", "integer").steps[0]
     assert integer == Quantize(bits=4, zero_point="integer") and integer.integer_zero
 
@@ -375,7 +377,11 @@ def test_structured_pruning_records_what_went(tiny_folder: Path, tmp_path: Path)
     ('kind = "quantize"\nbits = 4\nsymmetric = true\nzero_point = "integer"',
      r"zero_point = 'integer' is not read with symmetric = true .*; leave zero_point out"),
     ('kind = "quantize"\nbits = 4\nalpha = 0.8', r"alpha = 0.8 is not read by method = 'rtn' \(it is SmoothQuant's\)"),
-    ('kind = "quantize"\nbits=4\nmethod="awq"\ntarget="layer"', r"target = 'layer' is not read by method = 'awq'"),
+    ('kind = "quantize"\nbits=4\nmethod="awq"\nrefit=1', r"refit = 1 is not read by method = 'awq' \(it is GPTQ's\)"),
+    ('kind = "quantize"\nbits=4\nmethod="awq"\ntarget="layer"\ndamp=0.05',
+     r"damp = 0.05 is not read by method = 'awq' with target = 'layer'"),
+    ('kind = "quantize"\nbits=4\ntarget="layer"',
+     r"target = 'layer' is not read by method = 'rtn' \(it is GPTQ's and AWQ's\)"),
 ])
 def test_a_field_the_step_does_not_read_is_refused(tmp_path: Path, text: str, message: str) -> None:
     # each was ignored without a word: 2:4 pruned half, int8 stayed per channel, AWQ ran as it always does

@@ -11,7 +11,8 @@ through the layer instead, its clipping search on a sample of 512 tokens; the qu
 for all tokens at out x in² multiply-adds per candidate, whatever their number (BENCHMARKS.md: AWQ).
 
 Before the searches, kiln's pipeline aims each block's first layer at the uncompressed model's outputs
-(the drift correction of GPTQ's target = "model"; compress/pipeline.py says why only the first).
+(the drift correction of GPTQ's target = "model"; compress/pipeline.py says why only the first); the
+recipe's target = "layer" leaves that out, which is the paper's algorithm.
 """
 
 from __future__ import annotations
