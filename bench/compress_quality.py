@@ -31,9 +31,11 @@ RECIPES: dict[str, list[str]] = {
     "int4-g128 rtn +emb int8": ["--quantize", "int4", "--group-size", "128", "--quantize-embeddings", "int8"],
     "int4-g128 gptq": ["--quantize", "int4", "--group-size", "128", "--method", "gptq"],
     "int4-g128 gptq (layer target; no refit; 64 samples)": [
-        "--quantize", "int4", "--group-size", "128", "--method", "gptq", "--gptq-target", "layer",
+        "--quantize", "int4", "--group-size", "128", "--method", "gptq", "--target", "layer",
         "--gptq-refit", "0", *OLD_CALIBRATION],
     "int4-g128 awq": ["--quantize", "int4", "--group-size", "128", "--method", "awq", *OLD_CALIBRATION],
+    "int4-g128 awq (layer target; 64 samples)": ["--quantize", "int4", "--group-size", "128", "--method", "awq",
+                                                 "--target", "layer", *OLD_CALIBRATION],
     "int4-g128 sym rtn": ["--quantize", "int4", "--group-size", "128", "--symmetric"],
     "int4-g128 sym gptq": ["--quantize", "int4", "--group-size", "128", "--symmetric", "--method", "gptq"],
     "int4-g32 +emb rtn": ["--quantize", "int4", "--group-size", "32", "--quantize-embeddings"],
