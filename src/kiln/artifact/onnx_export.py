@@ -53,9 +53,9 @@ OnnxPrecision = Literal["auto", "fp32", "int8", "int4"]
 ONNX_FILE = "model.onnx"
 # 2: the logits_to_keep input; 3: int8 artifacts in larger blocks; 4: tied int4 heads shared with the
 # embedding lookup; 5: asymmetric int4 as symmetric kernels plus group-offset terms; 6: int4 exports
-# carry a prefill graph; 7: integer zero points on MatMulNBits, group sums by ReduceSum (runtimes cache
-# exports by version)
-EXPORT_VERSION = 7
+# carry a prefill graph; 7: integer zero points on MatMulNBits, group sums by ReduceSum; 8: the prefill
+# graph's int4 layers widened to 8-bit blocks in a data file of their own (runtimes cache exports by version)
+EXPORT_VERSION = 8
 # logit_error's bound per precision (|logit difference| / logit range at the median position of real
 # prompts): fp32 is the same arithmetic in another order; int4 / int8 add MatMulNBits' int8 activation
 # rounding (accuracy level 4)
@@ -597,34 +597,71 @@ def keep_last_logits(folder: Path) -> None:
     onnx.save_model(graph_model, str(folder / RUNTIME_FILE))  # its weights stay in model.onnx.data
 
 
-PREFILL_FILE = "kiln-prefill.onnx"  # kiln.onnx with fp32-activation int4 matmuls, for prompt chunks
-PREFILL_ACCURACY = 1  # MatMulNBits' accuracy level in the prefill graph: fp32 activations
+PREFILL_FILE = "kiln-prefill.onnx"  # kiln.onnx with the int4 layers widened to int8 blocks, for prompt chunks
+PREFILL_DATA = "kiln-prefill.onnx.data"  # those int8 blocks; the graph reads everything else from model.onnx.data
+WIDEN = 120  # int4 codes and zero points + 120 are the int8 ones: (q + 120) - (z + 120) = q - z, 8 + 120 = 128
 
 
 def write_prefill_graph(folder: Path) -> bool:
-    """Write kiln-prefill.onnx beside kiln.onnx when the export has int4 MatMulNBits; True if written.
+    """Write kiln-prefill.onnx beside kiln.onnx when the export has int4 layers; True if written.
 
-    The same graph and weights file, with the int4 matmuls at accuracy level 1 (fp32 activations, each
-    block widened) instead of 4 (activations rounded to int8). Level 4 is what makes batch-1 decode fast
-    (3x level 1 on a 1536x576 layer in groups of 32 here), but ONNX Runtime's int8-activation kernel runs
-    a many-row prompt at about 55 GFLOP/s on this CPU where level 1 reaches 110-120 at 256-512 rows; the
-    two cross near 32 rows (a throwaway sweep, 2 threads). The onnxruntime runtime runs prompt chunks on
-    this graph (engine/onnx_runtime.py, PREFILL_ROWS); int8 blocks keep level 4, which level 1 runs slower
-    at every row count. The prefill session holds a second copy of the int4 weights (about 82 MB for the
-    default model in groups of 32).
+    The same graph, with every int4 MatMulNBits of the layers widened to an 8-bit one over the same
+    weights: each code and zero point + 120, the same scales (int8's default zero point, 128, is int4's
+    8 + 120). Both run at accuracy level 4 (activations rounded to int8 per block, as llama.cpp's kernels
+    do), where ONNX Runtime's 8-bit kernel runs a many-row prompt faster than its 4-bit one: on the AMD
+    EPYC a 512-token prompt of the default model took 917.9 tok/s widened, 844.0 in int4 at level 4, 762.4
+    in int4 at level 1 (fp32 activations, the prefill graph before this) and 655.6 widened at level 1;
+    widened beat the int4 decode graph from 16 rows up (BENCHMARKS.md: Engine). The onnxruntime runtime
+    runs prompt chunks of PREFILL_ROWS tokens or more on this graph (engine/onnx_runtime.py). Its session
+    holds about 140 MB for the default model in groups of 32 (the prefill graph before this: 87 MB). A
+    head whose blocks the embedding lookup shares stays int4: it runs on a prompt's last position only.
     """
     import onnx
+    from onnx import external_data_helper, numpy_helper
 
     graph_model = onnx.load(str(folder / RUNTIME_FILE), load_external_data=False)
-    changed = 0
-    for node in graph_model.graph.node:
-        attrs = {a.name: a for a in node.attribute}
-        if node.op_type == "MatMulNBits" and attrs["bits"].i == 4 and "accuracy_level" in attrs:
-            attrs["accuracy_level"].i = PREFILL_ACCURACY
-            changed += 1
-    if changed:
-        onnx.save_model(graph_model, str(folder / PREFILL_FILE))  # its weights stay in model.onnx.data
-    return bool(changed)
+    graph = graph_model.graph
+    inits = {t.name: t for t in graph.initializer}
+    lookups = {i for n in graph.node if n.op_type != "MatMulNBits" for i in n.input}  # blocks another node reads
+    widened: list[Any] = []
+    with open(folder / PREFILL_DATA, "wb") as data:
+        def put(name: str, array: np.ndarray) -> str:
+            tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            offset = data.seek(0, os.SEEK_END)
+            offset += -offset % 4096  # each tensor page-aligned, as onnx's own writer places them
+            data.seek(offset)
+            data.write(tensor.raw_data)
+            external_data_helper.set_external_data(tensor, PREFILL_DATA, offset, len(tensor.raw_data))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            widened.append(tensor)
+            return name
+
+        for node in graph.node:
+            attrs = {a.name: a for a in node.attribute}
+            if node.op_type != "MatMulNBits" or attrs["bits"].i != 4 or node.input[1] in lookups:
+                continue
+            codes = numpy_helper.to_array(inits[node.input[1]], str(folder))  # [N, blocks, block / 2]
+            low, high = codes & 0x0F, codes >> 4  # a byte's first code in its low nibble
+            wide = np.stack([low, high], axis=-1).reshape(codes.shape[0], codes.shape[1], -1) + WIDEN
+            node.input[1] = put(f"{node.input[1]}_kiln_int8", wide.astype(np.uint8))
+            if len(node.input) > 3 and node.input[3]:  # 4-bit zero points [N, ceil(blocks / 2)] -> one byte each
+                zeros = numpy_helper.to_array(inits[node.input[3]], str(folder))
+                unpacked = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(zeros.shape[0], -1)
+                node.input[3] = put(f"{node.input[3]}_kiln_int8", unpacked[:, : codes.shape[1]] + WIDEN)
+            attrs["bits"].i = 8
+            attrs["accuracy_level"].i = 4
+    if not widened:
+        (folder / PREFILL_DATA).unlink()
+        return False
+    graph.initializer.extend(widened)
+    # the int4 blocks only the decode graph reads are dropped from this graph, so its session never loads them
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.save_model(graph_model, str(folder / PREFILL_FILE))  # the rest stays in model.onnx.data
+    return True
 
 
 # The prompts the export's check runs, by the graph that runs them. Short ones (under the runtime's

@@ -44,6 +44,7 @@ from kiln.artifact.onnx_export import (
     EXPORT_VERSION,
     LOGITS_TO_KEEP,
     ONNX_FILE,
+    PREFILL_DATA,
     PREFILL_FILE,
     RUNTIME_FILE,
     export_problem,
@@ -59,7 +60,7 @@ from kiln.model.spec import ModelSpec
 
 FIRST_CAPACITY = 256  # tokens a sequence's own key/value buffers hold at least
 HUGE_PAGES_FROM = 64 << 20  # bytes of exported weights from which a session's memory moves to huge pages
-PREFILL_ROWS = 32  # tokens per row from which a step runs on an int4 export's prefill graph (where the two cross)
+PREFILL_ROWS = 32  # tokens per row from which a step runs on an int4 export's prefill graph (at or past the crossing)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         options = session_options(threads)
-        weights = sum(f.stat().st_size for f in folder.glob("*.onnx*") if f.name != PREFILL_FILE)
+        weights = sum(f.stat().st_size for f in folder.glob("*.onnx*") if f.name not in (PREFILL_FILE, PREFILL_DATA))
 
         def load(graph: Path) -> Any:
             def build() -> Any:
@@ -160,12 +161,15 @@ class OnnxModel:
             return with_huge_pages(build)[0] if weights >= HUGE_PAGES_FROM else build()
 
         self.session = load(folder / RUNTIME_FILE if (folder / RUNTIME_FILE).is_file() else folder / ONNX_FILE)
-        # int4 exports: prompt chunks of PREFILL_ROWS or more run on a graph whose int4 matmuls take fp32
-        # activations (artifact/onnx_export.write_prefill_graph says why); KILN_ORT_PREFILL=0 saves its copy
+        # int4 exports: prompt chunks of PREFILL_ROWS or more run on a graph whose int4 layers are widened to
+        # 8-bit blocks (artifact/onnx_export.write_prefill_graph says why); KILN_ORT_PREFILL=0 saves its copy
         # of the weights
         use_prefill = (folder / PREFILL_FILE).is_file() and settings.ort_prefill_graph()
         self.prefill_session = load(folder / PREFILL_FILE) if use_prefill else None
-        self.prefill_bytes = weights if use_prefill else 0  # what that session's copy of the weights holds
+        # what that session's copy of the weights holds: the export's, with the int4 blocks it widened (half
+        # the bytes of their 8-bit form in PREFILL_DATA) in 8 bits
+        widened = (folder / PREFILL_DATA).stat().st_size if use_prefill and (folder / PREFILL_DATA).is_file() else 0
+        self.prefill_bytes = weights + widened // 2 if use_prefill else 0
         self.spec = spec
         self.folder = folder
         names = [i.name for i in self.session.get_inputs()]
@@ -615,8 +619,9 @@ def no_room_for_onnx(loaded: LoadedModel, share: float = 0.5, keep_weights: bool
     mine, free = model_bytes(loaded), available_bytes()
     if not free:
         return None
-    # an int4 export's prefill graph is a second session over the same blocks (write_prefill_graph)
-    copy = mine * (2 if plan_for(loaded, "auto").precision == "int4" and settings.ort_prefill_graph() else 1)
+    # an int4 export's prefill graph is a second session over the same weights with the layers in 8-bit blocks
+    # (write_prefill_graph): about twice the int4 copy again
+    copy = mine * (3 if plan_for(loaded, "auto").precision == "int4" and settings.ort_prefill_graph() else 1)
     if not keep_weights and has_export(loaded):
         room = free + mine  # kiln's weights (model_bytes again) are released before the session loads
         if copy > share * room:

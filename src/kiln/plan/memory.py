@@ -127,9 +127,10 @@ def onnx_session_bytes(spec: ModelSpec, layout: Layout | PlanPrecision) -> int:
         lookup = table * 4.0
     matrices += split_offsets(spec, layout)[1]  # float offsets, split off as an fp32 matrix per int4 matrix
     if layout.layers == "int4" and settings.ort_prefill_graph():
-        # the prefill graph's session holds the int4 blocks again, repacked for fp32 activations
-        # (artifact/onnx_export.write_prefill_graph; 82 MB resident for the default model's 86 MB export)
-        matrices *= 2
+        # the prefill graph's session holds the weights again, its layers widened to 8-bit blocks of the same
+        # group size (artifact/onnx_export.write_prefill_graph), its head and offsets as they are
+        layers = _onnx_matrix_bytes(spec, layout.layers, layer_params, layout.group)
+        matrices += matrices - layers + layer_params * (1.0 + 8.0 / layout.group)
     return int(matrices + lookup)
 
 

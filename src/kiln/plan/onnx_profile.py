@@ -3,8 +3,8 @@
 Streamed weights: one ONNX graph per weight format, holding the same small-model matrices as the torch
 measurement, timed at each batch size and at prefill shape. The formats are the nodes kiln's exports
 use: MatMul over fp32 weights, MatMulNBits over int8 codes in blocks of 64 and int4 codes in groups
-of 128, both at accuracy level 4 (activations rounded to int8, as the exports run decode steps), int4 at
-prefill shape at level 1 (fp32 activations: the prefill graph int4 exports run prompts on). Their codes
+of 128, all at accuracy level 4 (activations rounded to int8, as the exports run them); at prefill shape int4 is
+timed as int8 blocks, the form the prefill graph of an int4 export widens its layers to. Their codes
 are random bytes: a kernel's speed does not depend on the values.
 
 The engine's costs on top of that come from the two probe models (kiln.plan.profile.PROBE) exported as
@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.artifact.onnx_export import PREFILL_ACCURACY
 from kiln.plan.memory import INT4_GROUP
 from kiln.plan.profile import (
     BATCHES,
@@ -104,8 +103,8 @@ def _stream_graph(precision: str, shapes: list[tuple[int, int]], accuracy_level:
 def _streamed(precision: str, group: int = INT4_GROUP, prefill: bool = True) -> tuple[dict[str, float], float]:
     """(seconds per weight byte by batch, GFLOP/s at prefill shape, or 0 without `prefill`) of `precision`
     matmuls on ONNX Runtime, int4 in groups of `group`."""
-    def session(shapes: list[tuple[int, int]], accuracy_level: int = 4) -> tuple[Any, int]:
-        graph, total = _stream_graph(precision, shapes, accuracy_level, group)
+    def session(shapes: list[tuple[int, int]], precision: str = precision) -> tuple[Any, int]:
+        graph, total = _stream_graph(precision, shapes, 4, group)
         return _session(graph), total
 
     # half the torch measurement's matrices: 0.5 GB at fp32 is already far beyond any cache
@@ -118,7 +117,8 @@ def _streamed(precision: str, group: int = INT4_GROUP, prefill: bool = True) -> 
     # a prompt is compute-bound: two layers' matrices, without the head (the engine runs it on one row)
     shapes = stream_shapes(2)[:-1]
     flops = 2 * PREFILL_ROWS * sum(rows * cols for rows, cols in shapes)
-    prompt = session(shapes, PREFILL_ACCURACY if precision == "int4" else 4)[0]
+    # int4 prompts run on the prefill graph's 8-bit blocks (artifact/onnx_export.write_prefill_graph)
+    prompt = session(shapes, "int8" if precision == "int4" else precision)[0]
     return per_byte, flops / _timed(prompt, shapes, PREFILL_ROWS) / 1e9
 
 

@@ -32,10 +32,11 @@ from kiln.model.spec import ModelSpec
 from kiln.plan.memory import INT4_GROUP
 
 BATCHES = (1, 4, 16)
+# 7: onnxruntime int4 prompts on 8-bit blocks (the prefill graph widens them);
 # 6: the cost of float offsets split off onnxruntime's int4 matrices, and its int4 rate per group size;
 # 5: onnxruntime int4 prompts at fp32 activations (the prefill graph); 4: costs per runtime and weight
 # format, prefill efficiency; 3: KV cost per cached byte (2: per query-head byte)
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # torch int8 / int4 layers widen their integers to fp32 inside every call (kiln.compress.quantize.qlinear)
 TORCH_FORMATS = ("int8", "int4")

@@ -175,10 +175,12 @@ def test_an_onnxruntime_plan_uses_its_costs_and_counts_the_sessions_copy(spec: M
     four = estimate.estimate(spec, "int8", 640, 4, PROFILE, "onnxruntime")
     assert four.kv_cache_bytes == 4 * onnx_plan.kv_cache_bytes
     # int4: the lookup reads the head's blocks, through a reshape the session folds into a copy of them,
-    # and the prefill graph's session holds the blocks again; fp32: through a transpose, folded into a
-    # second table
+    # and the prefill graph's session holds the weights again, its layers widened to 8-bit blocks (a byte per
+    # weight, a scale and a sum per group of 128); fp32: through a transpose, folded into a second table
     int4 = memory.weights_bytes(spec, "int4")
-    assert memory.onnx_session_bytes(spec, "int4") == 2 * int4 + 49152 * 576 // 2
+    layers = spec.num_parameters - 49152 * 576
+    widened = int4 - layers * (0.5 + 8 / 128) + layers * (1 + 8 / 128)
+    assert memory.onnx_session_bytes(spec, "int4") == int(int4 + widened + 49152 * 576 // 2)
     monkeypatch.setenv("KILN_ORT_PREFILL", "0")
     assert memory.onnx_session_bytes(spec, "int4") == int4 + 49152 * 576 // 2
     assert memory.onnx_session_bytes(spec, "fp32") == memory.weights_bytes(spec, "fp32") + 49152 * 576 * 4
