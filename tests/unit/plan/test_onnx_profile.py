@@ -60,3 +60,22 @@ def test_the_split_offsets_graph_adds_each_groups_offset_times_its_sum() -> None
     expected = x @ int4_dense(weights, 32) + x.reshape(3, -1, 32).sum(-1) @ offsets
     assert np.abs(y - expected).max() <= 0.02 * np.abs(expected).max()
     assert np.abs(y - x @ int4_dense(weights, 32)).max() > 0.1 * np.abs(expected).max()  # the offsets count
+
+
+def test_int4_prompts_are_timed_on_the_8_bit_blocks_the_prefill_graph_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # an int4 export's prompts run on its prefill graph, whose layers are widened to 8-bit blocks
+    # (artifact/onnx_export.write_prefill_graph); the profile's int4 prefill rate must be that graph's
+    built: list[tuple[str, int]] = []
+
+    def graph(precision: str, shapes: list[tuple[int, int]], accuracy_level: int = 4, group: int = 128,
+              split_offsets: bool = False) -> tuple[bytes, int]:
+        built.append((precision, accuracy_level))
+        return b"", 1
+
+    monkeypatch.setattr(onnx_profile, "_stream_graph", graph)
+    monkeypatch.setattr(onnx_profile, "_session", lambda graph: None)
+    monkeypatch.setattr(onnx_profile, "_timed", lambda run, shapes, rows: 1.0)
+    for precision, prompts in (("int4", "int8"), ("int8", "int8"), ("fp32", "fp32")):
+        built.clear()
+        onnx_profile._streamed(precision)
+        assert built == [(precision, 4), (prompts, 4)]  # streamed at batch sizes, then the prompt shape
