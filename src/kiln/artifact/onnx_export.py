@@ -619,6 +619,12 @@ def write_prefill_graph(folder: Path) -> bool:
     import onnx
     from onnx import external_data_helper, numpy_helper
 
+    from kiln.compress.quantize import grid
+
+    def unpacked(name: str) -> np.ndarray:  # a 4-bit initializer's values, one byte each, along its rows
+        packed = numpy_helper.to_array(inits[name], str(folder))
+        return grid.unpack_int4(torch.from_numpy(packed.reshape(packed.shape[0], -1))).numpy()
+
     graph_model = onnx.load(str(folder / RUNTIME_FILE), load_external_data=False)
     graph = graph_model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -641,14 +647,12 @@ def write_prefill_graph(folder: Path) -> bool:
             attrs = {a.name: a for a in node.attribute}
             if node.op_type != "MatMulNBits" or attrs["bits"].i != 4 or node.input[1] in lookups:
                 continue
-            codes = numpy_helper.to_array(inits[node.input[1]], str(folder))  # [N, blocks, block / 2]
-            low, high = codes & 0x0F, codes >> 4  # a byte's first code in its low nibble
-            wide = np.stack([low, high], axis=-1).reshape(codes.shape[0], codes.shape[1], -1) + WIDEN
-            node.input[1] = put(f"{node.input[1]}_kiln_int8", wide.astype(np.uint8))
+            blocks = list(inits[node.input[1]].dims)[:2]  # [N, blocks, block / 2]
+            codes = unpacked(node.input[1]).reshape(*blocks, -1)
+            node.input[1] = put(f"{node.input[1]}_kiln_int8", codes + WIDEN)
             if len(node.input) > 3 and node.input[3]:  # 4-bit zero points [N, ceil(blocks / 2)] -> one byte each
-                zeros = numpy_helper.to_array(inits[node.input[3]], str(folder))
-                unpacked = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(zeros.shape[0], -1)
-                node.input[3] = put(f"{node.input[3]}_kiln_int8", unpacked[:, : codes.shape[1]] + WIDEN)
+                zeros = unpacked(node.input[3])[:, : blocks[1]]
+                node.input[3] = put(f"{node.input[3]}_kiln_int8", zeros + WIDEN)
             attrs["bits"].i = 8
             attrs["accuracy_level"].i = 4
     if not widened:

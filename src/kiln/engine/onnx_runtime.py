@@ -168,7 +168,7 @@ class OnnxModel:
         self.prefill_session = load(folder / PREFILL_FILE) if use_prefill else None
         # what that session's copy of the weights holds: the export's, with the int4 blocks it widened (half
         # the bytes of their 8-bit form in PREFILL_DATA) in 8 bits
-        widened = (folder / PREFILL_DATA).stat().st_size if use_prefill and (folder / PREFILL_DATA).is_file() else 0
+        widened = (folder / PREFILL_DATA).stat().st_size if (folder / PREFILL_DATA).is_file() else 0
         self.prefill_bytes = weights + widened // 2 if use_prefill else 0
         self.spec = spec
         self.folder = folder
