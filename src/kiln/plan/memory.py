@@ -119,8 +119,8 @@ def onnx_session_bytes(spec: ModelSpec, layout: Layout | PlanPrecision) -> int:
         layout = Layout.uniform(layout)
     table = spec.vocab_size * spec.hidden_size
     layer_params = spec.num_parameters - table * (1 if spec.tie_embeddings else 2)
-    matrices = (_onnx_matrix_bytes(spec, layout.layers, layer_params, layout.group)
-                + _onnx_matrix_bytes(spec, layout.head, table, layout.group))
+    layers = _onnx_matrix_bytes(spec, layout.layers, layer_params, layout.group)
+    matrices = layers + _onnx_matrix_bytes(spec, layout.head, table, layout.group)
     if spec.tie_embeddings and layout.shared_lookup and layout.head in ("int4", "int8"):
         lookup = table * (0.5 if layout.head == "int4" else 1.0)
     else:
@@ -129,7 +129,6 @@ def onnx_session_bytes(spec: ModelSpec, layout: Layout | PlanPrecision) -> int:
     if layout.layers == "int4" and settings.ort_prefill_graph():
         # the prefill graph's session holds the weights again, its layers widened to 8-bit blocks of the same
         # group size (artifact/onnx_export.write_prefill_graph), its head and offsets as they are
-        layers = _onnx_matrix_bytes(spec, layout.layers, layer_params, layout.group)
         matrices += matrices - layers + layer_params * (1.0 + 8.0 / layout.group)
     return int(matrices + lookup)
 
