@@ -622,8 +622,8 @@ def write_prefill_graph(folder: Path) -> bool:
     from kiln.compress.quantize import grid
 
     def unpacked(name: str) -> np.ndarray:  # a 4-bit initializer's values, one byte each, along its rows
-        packed = numpy_helper.to_array(inits[name], str(folder))
-        return grid.unpack_int4(torch.from_numpy(packed.reshape(packed.shape[0], -1))).numpy()
+        packed = numpy_helper.to_array(inits[name], str(folder))  # read-only: torch takes a copy
+        return grid.unpack_int4(torch.tensor(packed.reshape(packed.shape[0], -1))).numpy()
 
     graph_model = onnx.load(str(folder / RUNTIME_FILE), load_external_data=False)
     graph = graph_model.graph
